@@ -1,0 +1,1 @@
+//! Track & Trace reference server (HTTP API). Not implemented yet: see issue 6.

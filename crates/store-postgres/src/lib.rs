@@ -1,0 +1,1 @@
+//! PostgreSQL-backed `EventStore` for tracktrace. Not implemented yet: see issue 4.

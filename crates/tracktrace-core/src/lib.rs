@@ -1,0 +1,80 @@
+//! The tracktrace event-sourcing kernel: an [`EventStore`] trait with version-based optimistic
+//! concurrency, idempotent appends and a gap-free global log, an [`InMemoryStore`] reference
+//! implementation, payload [`codec`]s, catch-up-then-live [`Subscription`]s, and (feature
+//! `testing`) the conformance suite every backend must pass.
+//!
+//! Backends live in their own crates (`tracktrace-store-sled`, `tracktrace-store-postgres`);
+//! this crate does no I/O of its own.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tracktrace_core::{
+//!     EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent, StreamId,
+//!     SubscribeOptions, Subscription, TenantId, Version,
+//! };
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = Arc::new(InMemoryStore::new());
+//! let tenant = TenantId::parse("acme")?;
+//! let bag = StreamId::parse("Bag-0001")?;
+//!
+//! // First append: the stream must not exist yet.
+//! let checked_in = NewEvent::json("CHECKED_IN", &serde_json::json!({"at": "MAD"}));
+//! let out = store
+//!     .append_to(&tenant, &bag, ExpectedVersion::NoStream, vec![checked_in.clone()])
+//!     .await?;
+//! assert_eq!(out.last_version(), Version::new(1));
+//!
+//! // Retrying the same event is idempotent: same reference, nothing written.
+//! let again = store
+//!     .append_to(&tenant, &bag, ExpectedVersion::NoStream, vec![checked_in])
+//!     .await?;
+//! assert!(again.duplicate && again.events == out.events);
+//!
+//! // A stale expected version is a typed conflict.
+//! let loaded = NewEvent::json("LOADED", &serde_json::json!({"flight": "IB3170"}));
+//! let err = store
+//!     .append_to(&tenant, &bag, ExpectedVersion::NoStream, vec![loaded.clone()])
+//!     .await
+//!     .unwrap_err();
+//! assert!(err.is_conflict());
+//! store
+//!     .append_to(&tenant, &bag, ExpectedVersion::Exact(Version::new(1)), vec![loaded])
+//!     .await?;
+//!
+//! // Follow the global log from the start: catch-up, then live.
+//! let mut sub = Subscription::new(store.clone(), SubscribeOptions::default());
+//! assert_eq!(sub.next().await?.event_type, "CHECKED_IN");
+//! assert_eq!(sub.next().await?.event_type, "LOADED");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Features
+//! - `testing`: [`conformance`] checks and the model-based property test for backends
+//!   (not semver-stable).
+//! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
+
+pub mod codec;
+mod error;
+mod event;
+mod id;
+mod memory;
+mod store;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
+pub use error::{BoxError, Error, Result};
+pub use event::{
+    CONTENT_TYPE_JSON, EventRef, Metadata, NewEvent, RecordedEvent, limits, validate_batch,
+};
+pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
+pub use memory::InMemoryStore;
+pub use store::{
+    AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,
+    EventStoreExt, KeyRange, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream, Snapshot, SnapshotStore, SubscribeOptions, Subscription,
+    monotonic_now, prefix_end, resolve_duplicates,
+};

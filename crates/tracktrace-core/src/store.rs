@@ -1,0 +1,592 @@
+//! The [`EventStore`] trait every backend implements, its request/response types, the
+//! [`EventStoreExt`] conveniences and the notification-driven [`Subscription`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::event::{EventRef, NewEvent, RecordedEvent};
+use crate::id::{EventId, ExpectedVersion, Position, StreamId, TenantId, Timestamp, Version};
+
+/// An atomic append of one or more events to one stream.
+#[derive(Clone, Debug)]
+pub struct AppendRequest {
+    /// Owning tenant.
+    pub tenant: TenantId,
+    /// Target stream (created by its first append).
+    pub stream: StreamId,
+    /// Optimistic-concurrency precondition.
+    pub expected: ExpectedVersion,
+    /// The events, in order. 1 ..= [`crate::limits::MAX_BATCH_EVENTS`].
+    pub events: Vec<NewEvent>,
+}
+
+/// Result of a successful append.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    /// One reference per event of the request, in request order.
+    pub events: Vec<EventRef>,
+    /// `true` when every event of the batch was already stored: nothing was written and
+    /// `events` are the references of the originals (the expected version is not checked
+    /// for such a batch, so a retried append after a lost acknowledgement succeeds).
+    pub duplicate: bool,
+}
+
+impl AppendOutcome {
+    /// Version of the stream after the append (of the last original for duplicates).
+    pub fn last_version(&self) -> Version {
+        self.events.last().map(|r| r.version).unwrap_or_default()
+    }
+
+    /// Global position of the last event.
+    pub fn last_position(&self) -> Position {
+        self.events.last().map(|r| r.position).unwrap_or_default()
+    }
+}
+
+/// Reading direction within a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Direction {
+    /// Oldest first.
+    #[default]
+    Forwards,
+    /// Newest first.
+    Backwards,
+}
+
+/// A read of one stream.
+#[derive(Clone, Debug)]
+pub struct ReadStream {
+    /// Tenant of the stream.
+    pub tenant: TenantId,
+    /// The stream.
+    pub stream: StreamId,
+    /// Direction.
+    pub direction: Direction,
+    /// First version to return, inclusive. `None`: the first event (forwards) or the last
+    /// (backwards).
+    pub from: Option<Version>,
+    /// At most this many events.
+    pub limit: usize,
+}
+
+impl ReadStream {
+    /// The whole stream, forwards.
+    pub fn forwards(tenant: TenantId, stream: StreamId) -> Self {
+        Self {
+            tenant,
+            stream,
+            direction: Direction::Forwards,
+            from: None,
+            limit: usize::MAX,
+        }
+    }
+
+    /// The whole stream, newest first.
+    pub fn backwards(tenant: TenantId, stream: StreamId) -> Self {
+        Self {
+            direction: Direction::Backwards,
+            ..Self::forwards(tenant, stream)
+        }
+    }
+
+    /// Starts at `v` (inclusive).
+    pub fn from(mut self, v: Version) -> Self {
+        self.from = Some(v);
+        self
+    }
+
+    /// Returns at most `n` events.
+    pub fn limit(mut self, n: usize) -> Self {
+        self.limit = n;
+        self
+    }
+}
+
+/// Which events of the global log a reader wants. Empty fields match everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    /// Only this tenant's events.
+    pub tenant: Option<TenantId>,
+    /// Only these event types (empty: all).
+    pub event_types: Vec<String>,
+    /// Only streams whose id starts with this prefix.
+    pub stream_prefix: Option<String>,
+}
+
+impl EventFilter {
+    /// Whether `e` passes the filter.
+    pub fn matches(&self, e: &RecordedEvent) -> bool {
+        self.tenant.as_ref().is_none_or(|t| *t == e.tenant)
+            && (self.event_types.is_empty() || self.event_types.iter().any(|t| *t == e.event_type))
+            && self
+                .stream_prefix
+                .as_ref()
+                .is_none_or(|p| e.stream.as_str().starts_with(p.as_str()))
+    }
+
+    /// Only `tenant`'s events.
+    pub fn tenant(tenant: TenantId) -> Self {
+        Self {
+            tenant: Some(tenant),
+            ..Self::default()
+        }
+    }
+}
+
+/// A read of the global log.
+#[derive(Clone, Debug)]
+pub struct ReadAll {
+    /// First position to consider, inclusive (`Position::START` reads from the beginning).
+    pub from: Position,
+    /// At most this many (matching) events.
+    pub limit: usize,
+    /// Which events.
+    pub filter: EventFilter,
+}
+
+impl ReadAll {
+    /// Up to `limit` events from `from`, unfiltered.
+    pub fn from(from: Position, limit: usize) -> Self {
+        Self {
+            from,
+            limit,
+            filter: EventFilter::default(),
+        }
+    }
+
+    /// With a filter.
+    pub fn filter(mut self, filter: EventFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+}
+
+/// One page of the global log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllPage {
+    /// Matching events in strictly increasing position order.
+    pub events: Vec<RecordedEvent>,
+    /// Where the next read should start (`from` of the next [`ReadAll`]). Everything below it
+    /// has been considered: no event committed later will ever get a position below `next`.
+    pub next: Position,
+}
+
+/// A stored snapshot of an aggregate's state at a stream version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Tenant of the stream.
+    pub tenant: TenantId,
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// Stream version the state includes.
+    pub version: Version,
+    /// Schema version of the encoded state (a mismatch makes loaders ignore the snapshot).
+    pub schema_version: u32,
+    /// Encoded state.
+    pub payload: Bytes,
+}
+
+/// Persistent snapshots, one (the latest) per stream. Optional per aggregate type.
+#[async_trait]
+pub trait SnapshotStore: Send + Sync {
+    /// The stored snapshot of a stream, if any.
+    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>>;
+    /// Stores `snapshot`, unless one of a higher version is already stored.
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
+}
+
+/// Persistent checkpoints of global-log consumers (projections, publishers), by name.
+#[async_trait]
+pub trait CheckpointStore: Send + Sync {
+    /// The last position the named consumer has fully processed.
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>>;
+    /// Records that the named consumer has processed everything up to `position`.
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()>;
+}
+
+/// One write of a [`ReadModelBatch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadModelWrite {
+    /// Sets `key` in namespace `ns` to `value`.
+    Put {
+        /// Namespace (one per read model, e.g. `"timeline"`).
+        ns: String,
+        /// Key (ordered bytewise).
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Removes `key` from `ns` (no error if absent).
+    Delete {
+        /// Namespace.
+        ns: String,
+        /// Key.
+        key: Vec<u8>,
+    },
+    /// Removes every key of `ns` (used when a projection is rebuilt from position 0).
+    Clear {
+        /// Namespace.
+        ns: String,
+    },
+}
+
+/// Read-model writes that commit atomically together with a projection checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadModelBatch {
+    /// Checkpoint name (the projection's name).
+    pub checkpoint: String,
+    /// The checkpoint the writer believes is stored (`None`: none yet). If another value is
+    /// stored the batch is rejected with [`Error::CheckpointMoved`] and nothing is written:
+    /// this fences off a second runner of the same projection.
+    pub expected_checkpoint: Option<Position>,
+    /// New checkpoint: every event up to here is reflected in the read model.
+    pub position: Position,
+    /// The writes, applied in order.
+    pub writes: Vec<ReadModelWrite>,
+}
+
+/// A bytewise key range `[start, end)` within one namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyRange {
+    /// Inclusive lower bound.
+    pub start: Vec<u8>,
+    /// Exclusive upper bound (`None`: to the end of the namespace).
+    pub end: Option<Vec<u8>>,
+}
+
+impl KeyRange {
+    /// Every key starting with `prefix`.
+    pub fn prefix(prefix: &[u8]) -> Self {
+        Self {
+            start: prefix.to_vec(),
+            end: prefix_end(prefix),
+        }
+    }
+
+    /// Whether `key` is in the range.
+    pub fn contains(&self, key: &[u8]) -> bool {
+        key >= self.start.as_slice() && self.end.as_deref().is_none_or(|e| key < e)
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix` (`None` if there is none).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Ordered key-value storage for read models living in the same store as the events, whose
+/// writes commit atomically with the projection's checkpoint: after a crash a projection
+/// resumes exactly after the last event it applied (no double application).
+///
+/// Checkpoints are shared with [`CheckpointStore`]: `commit` moves the same named checkpoint.
+#[async_trait]
+pub trait ReadModelStore: CheckpointStore {
+    /// The value of `key` in `ns`.
+    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>>;
+    /// Up to `limit` entries of `ns` within `range`, in key order (or reverse order).
+    async fn scan(
+        &self,
+        ns: &str,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>>;
+    /// Applies the batch atomically (all writes and the checkpoint, or nothing).
+    async fn commit(&self, batch: ReadModelBatch) -> Result<()>;
+}
+
+/// An event store backend.
+///
+/// Object safe: most code holds an `Arc<dyn EventStore>`. Behaviour such as retries, circuit
+/// breaking or metrics is added by wrapper stores, not by flags in backends. Every backend must
+/// pass [`crate::conformance`] (feature `testing`).
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `req.events` atomically (all or nothing) to the stream.
+    ///
+    /// Order of checks: invalid input ([`Error::InvalidInput`]); idempotency (all events already
+    /// stored for the tenant, by event id or dedup key: `Ok` with `duplicate: true`; only some:
+    /// [`Error::Duplicate`]); the expected version ([`Error::Conflict`]). Only then is anything
+    /// written. The returned `Ok` means the events are durable per the backend's documented mode.
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome>;
+
+    /// Events of one stream; an unknown stream reads as empty.
+    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>>;
+
+    /// A page of the global log in position order. Never returns an event while a
+    /// lower-positioned one may still commit.
+    async fn read_all(&self, req: ReadAll) -> Result<AllPage>;
+
+    /// Current version of a stream (`Version::ZERO` if it does not exist).
+    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version>;
+
+    /// A stored event by id, within a tenant.
+    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>>;
+
+    /// Highest position readers may read up to (no gaps below it can be filled later).
+    async fn head(&self) -> Result<Position>;
+
+    /// A channel that changes whenever new events may have become readable. Its value is a
+    /// hint (a recent head), not a promise; subscribers re-read with [`EventStore::read_all`].
+    fn watch_head(&self) -> watch::Receiver<Position>;
+}
+
+#[async_trait]
+impl<S: EventStore + ?Sized> EventStore for Arc<S> {
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
+        (**self).append(req).await
+    }
+    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
+        (**self).read_stream(req).await
+    }
+    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
+        (**self).read_all(req).await
+    }
+    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
+        (**self).stream_version(tenant, stream).await
+    }
+    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+        (**self).get_event(tenant, event_id).await
+    }
+    async fn head(&self) -> Result<Position> {
+        (**self).head().await
+    }
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        (**self).watch_head()
+    }
+}
+
+/// Conveniences over [`EventStore`], implemented for every store.
+#[async_trait]
+pub trait EventStoreExt: EventStore {
+    /// Appends `events` to `tenant`/`stream`.
+    async fn append_to(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendOutcome> {
+        self.append(AppendRequest {
+            tenant: tenant.clone(),
+            stream: stream.clone(),
+            expected,
+            events,
+        })
+        .await
+    }
+
+    /// The whole stream, oldest first.
+    async fn read_stream_forwards(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Vec<RecordedEvent>> {
+        self.read_stream(ReadStream::forwards(tenant.clone(), stream.clone()))
+            .await
+    }
+
+    /// Every event of the global log from `from` that matches `filter` (pages internally).
+    async fn read_all_to_end(&self, from: Position, filter: EventFilter) -> Result<Vec<RecordedEvent>> {
+        let mut out = Vec::new();
+        let mut next = from;
+        loop {
+            let page = self
+                .read_all(ReadAll::from(next, 1000).filter(filter.clone()))
+                .await?;
+            let full = page.events.len() == 1000;
+            out.extend(page.events);
+            next = page.next;
+            if !full {
+                return Ok(out);
+            }
+        }
+    }
+}
+
+impl<S: EventStore + ?Sized> EventStoreExt for S {}
+
+/// Where and what a [`Subscription`] reads.
+#[derive(Clone, Debug)]
+pub struct SubscribeOptions {
+    /// First position to deliver (inclusive). To resume after a checkpoint `p`, use `p.next()`.
+    pub from: Position,
+    /// Which events.
+    pub filter: EventFilter,
+    /// Events fetched per read.
+    pub batch_size: usize,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        Self {
+            from: Position::START,
+            filter: EventFilter::default(),
+            batch_size: 512,
+        }
+    }
+}
+
+/// A catch-up-then-live reader of the global log.
+///
+/// It reads pages until it reaches the head, then sleeps on the store's head notifications
+/// ([`EventStore::watch_head`]): an idle subscription costs no CPU. Each event is delivered
+/// once, in position order; the hand-over from catch-up to live cannot lose an event because
+/// the notification is marked seen *before* each read.
+pub struct Subscription {
+    store: Arc<dyn EventStore>,
+    filter: EventFilter,
+    batch_size: usize,
+    next: Position,
+    last: Option<Position>,
+    buf: VecDeque<RecordedEvent>,
+    watch: watch::Receiver<Position>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("filter", &self.filter)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscription {
+    /// Starts a subscription (no I/O until the first [`Subscription::next`]).
+    pub fn new(store: Arc<dyn EventStore>, opts: SubscribeOptions) -> Self {
+        let watch = store.watch_head();
+        Self {
+            store,
+            filter: opts.filter,
+            batch_size: opts.batch_size.max(1),
+            next: opts.from,
+            last: None,
+            buf: VecDeque::new(),
+            watch,
+        }
+    }
+
+    /// The next event, waiting for one to be committed if the subscriber is caught up.
+    pub async fn next(&mut self) -> Result<RecordedEvent> {
+        loop {
+            if let Some(e) = self.buf.pop_front() {
+                self.last = Some(e.position);
+                return Ok(e);
+            }
+            if !self.fill().await? {
+                self.watch.changed().await.map_err(|_| Error::Unavailable {
+                    reason: "the event store was closed".into(),
+                    retry_after: None,
+                    source: None,
+                })?;
+            }
+        }
+    }
+
+    /// Every event available now without waiting (possibly none), at most `max`.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<RecordedEvent>> {
+        if self.buf.is_empty() {
+            self.fill().await?;
+        }
+        let n = max.min(self.buf.len());
+        let out: Vec<_> = self.buf.drain(..n).collect();
+        if let Some(e) = out.last() {
+            self.last = Some(e.position);
+        }
+        Ok(out)
+    }
+
+    /// Waits until new events may be available (returns at once if some are buffered).
+    pub async fn wait(&mut self) -> Result<()> {
+        if !self.buf.is_empty() || self.fill().await? {
+            return Ok(());
+        }
+        self.watch.changed().await.map_err(|_| Error::Unavailable {
+            reason: "the event store was closed".into(),
+            retry_after: None,
+            source: None,
+        })
+    }
+
+    /// Position of the last event delivered, if any.
+    pub fn last_position(&self) -> Option<Position> {
+        self.last
+    }
+
+    /// Reads one page; `false` when nothing new was found.
+    async fn fill(&mut self) -> Result<bool> {
+        // Mark the current notification seen *before* reading: a commit that lands after the
+        // read will change the watch again and wake us.
+        self.watch.borrow_and_update();
+        let page = self
+            .store
+            .read_all(ReadAll {
+                from: self.next,
+                limit: self.batch_size,
+                filter: self.filter.clone(),
+            })
+            .await?;
+        if let Some(prev) = page.events.first().map(|e| e.position)
+            && prev < self.next
+        {
+            return Err(Error::corruption(
+                Some(prev),
+                format!("read_all returned position {prev} before the requested {}", self.next),
+            ));
+        }
+        self.next = self.next.max(page.next);
+        let found = !page.events.is_empty();
+        self.buf.extend(page.events);
+        Ok(found)
+    }
+}
+
+/// Shared duplicate rule for backends: given, for each event of a batch, the reference of an
+/// already stored event with the same id or dedup key (within the tenant), decides the outcome.
+///
+/// - no duplicates: `Ok(None)`, go on with the append;
+/// - all duplicates: `Ok(Some(outcome))` with `duplicate: true`, write nothing;
+/// - some duplicates: `Err(Error::Duplicate)` naming the first, write nothing.
+pub fn resolve_duplicates(
+    events: &[NewEvent],
+    existing: Vec<Option<EventRef>>,
+) -> Result<Option<AppendOutcome>> {
+    debug_assert_eq!(events.len(), existing.len());
+    let total = existing.len();
+    let dups = existing.iter().filter(|e| e.is_some()).count();
+    if total > 0 && dups == total {
+        return Ok(Some(AppendOutcome {
+            events: existing.into_iter().flatten().collect(),
+            duplicate: true,
+        }));
+    }
+    match existing
+        .into_iter()
+        .zip(events)
+        .find_map(|(r, e)| r.map(|r| (e.event_id, r)))
+    {
+        None => Ok(None),
+        Some((event_id, existing)) => Err(Error::Duplicate { event_id, existing }),
+    }
+}
+
+/// Microsecond store clock that never goes backwards within a process (backends call it
+/// under their commit lock so `recorded_at` is monotonic in position order).
+pub fn monotonic_now(last: &mut Timestamp) -> Timestamp {
+    let now = Timestamp::now().max(Timestamp::from_unix_micros(last.unix_micros()));
+    *last = now;
+    now
+}
