@@ -208,7 +208,7 @@ pub fn continuation_count(stored: &[u8]) -> u32 {
 /// overwritten.
 pub fn put_value(batch: &mut sled::Batch, primary: &[u8], value: &[u8], old_continuations: u32) {
     let mut new_continuations = 0u32;
-    if value.len() + 1 <= MAX_INLINE {
+    if value.len() < MAX_INLINE {
         let mut v = Vec::with_capacity(value.len() + 1);
         v.push(TAG_INLINE);
         v.extend_from_slice(value);
