@@ -11,15 +11,6 @@ CREATE TABLE log_meta (
 );
 INSERT INTO log_meta DEFAULT VALUES;
 
--- Stream heads: the row every append to a stream updates (compare-and-set on `version`), which
--- serialises appends per stream and is where optimistic concurrency is decided.
-CREATE TABLE streams (
-    tenant  text   NOT NULL,
-    stream  text   NOT NULL,
-    version bigint NOT NULL,
-    PRIMARY KEY (tenant, stream)
-);
-
 -- The global log. `position` = (transaction id + xid_offset) * 1024 + index in the batch: see
 -- the crate docs ("gap-free global log").
 CREATE TABLE events (
@@ -45,10 +36,11 @@ CREATE TABLE events (
 );
 -- idempotency: business dedup keys are unique per tenant
 CREATE UNIQUE INDEX events_dedup_key_idx ON events (tenant, dedup_key) WHERE dedup_key IS NOT NULL;
--- tenant-scoped subscriptions / global-log reads
-CREATE INDEX events_tenant_position_idx ON events (tenant, position);
--- tenant + time-range scans (analytics, audits)
-CREATE INDEX events_tenant_recorded_at_idx ON events (tenant, recorded_at);
+-- Time-range scans (per tenant: plus a filter on tenant; exact once partitioned by tenant).
+-- BRIN because recorded_at follows the physical order of an append-only table: a few pages of
+-- index for the whole log and next to no cost per append (a B-tree on (tenant, recorded_at)
+-- costs every append another index insertion).
+CREATE INDEX events_recorded_at_brin ON events USING brin (recorded_at);
 
 CREATE TABLE snapshots (
     tenant         text    NOT NULL,
@@ -75,10 +67,12 @@ CREATE TABLE read_models (
 --
 -- p_lock: the store's advisory-lock key. It is taken (shared) *before* the transaction gets an
 -- id, so a reader that sees no holder knows that every append that may still commit has a
--- transaction id at or above its snapshot's xmax (see `tt_horizon`).
+-- transaction id at or above its snapshot's xmax (see HORIZON_SQL in store.rs).
 -- p_expected_kind: 0 any, 1 no stream, 2 stream exists, 3 exact (p_expected).
--- p_check_dups: look up duplicates first (the retry after a unique violation); otherwise the
--- unique indexes detect them and the caller retries with p_check_dups = true.
+-- p_retry: this call follows a unique violation (a concurrent duplicate, or a concurrent append
+-- to the same stream that took the same versions): look duplicates up first, and serialise with
+-- other retrying appenders of the stream through an exclusive per-stream advisory lock.
+-- Otherwise the unique indexes detect both cases and the caller retries with p_retry = true.
 --
 -- Result rows (o_kind):
 --   0  appended: o_version = first version, o_position = first position, o_recorded_us
@@ -90,7 +84,7 @@ CREATE FUNCTION tt_append(
     p_stream          text,
     p_expected_kind   smallint,
     p_expected        bigint,
-    p_check_dups      boolean,
+    p_retry           boolean,
     p_ids             uuid[],
     p_dedup           text[],
     p_types           text[],
@@ -110,76 +104,64 @@ CREATE FUNCTION tt_append(
     o_recorded_us bigint
 ) LANGUAGE plpgsql AS $fn$
 DECLARE
-    n       integer     := cardinality(p_ids);
-    v_new   bigint;
-    v_base  bigint;
-    v_now   timestamptz := now();
-    v_found boolean     := false;
+    n        integer     := cardinality(p_ids);
+    v_actual bigint;
+    v_base   bigint;
+    v_now    timestamptz := now();
+    v_ok     boolean;
+    v_dup    boolean     := false;
 BEGIN
     PERFORM pg_advisory_xact_lock_shared(p_lock, 1953759233);
 
-    IF p_check_dups THEN
-        v_found := EXISTS (
-            SELECT 1 FROM events e
-            WHERE e.tenant = p_tenant
-              AND (e.event_id = ANY (p_ids) OR e.dedup_key = ANY (p_dedup)));
+    IF p_retry THEN
+        PERFORM pg_advisory_xact_lock(p_lock, hashtext(p_tenant || '/' || p_stream));
+        v_dup := EXISTS (SELECT 1 FROM events e
+                         WHERE e.tenant = p_tenant
+                           AND (e.event_id = ANY (p_ids) OR e.dedup_key = ANY (p_dedup)));
     END IF;
 
-    IF NOT v_found THEN
-        IF p_expected_kind = 3 AND p_expected > 0 THEN
-            UPDATE streams s SET version = s.version + n
-            WHERE s.tenant = p_tenant AND s.stream = p_stream AND s.version = p_expected
-            RETURNING s.version INTO v_new;
-        ELSIF p_expected_kind IN (1, 3) THEN
-            INSERT INTO streams AS s (tenant, stream, version) VALUES (p_tenant, p_stream, n)
-            ON CONFLICT (tenant, stream) DO NOTHING
-            RETURNING s.version INTO v_new;
-        ELSIF p_expected_kind = 2 THEN
-            UPDATE streams s SET version = s.version + n
-            WHERE s.tenant = p_tenant AND s.stream = p_stream
-            RETURNING s.version INTO v_new;
-        ELSE
-            INSERT INTO streams AS s (tenant, stream, version) VALUES (p_tenant, p_stream, n)
-            ON CONFLICT (tenant, stream) DO UPDATE SET version = s.version + n
-            RETURNING s.version INTO v_new;
-        END IF;
-
-        IF v_new IS NOT NULL THEN
-            -- The head update above gave this transaction its id (after the lock).
+    IF NOT v_dup THEN
+        SELECT COALESCE(max(e.version), 0) INTO v_actual
+        FROM events e WHERE e.tenant = p_tenant AND e.stream = p_stream;
+        v_ok := CASE p_expected_kind
+                    WHEN 0 THEN true
+                    WHEN 1 THEN v_actual = 0
+                    WHEN 2 THEN v_actual > 0
+                    ELSE v_actual = p_expected
+                END;
+        IF v_ok THEN
+            -- Gives this transaction its id (after the shared lock above).
             v_base := (pg_current_xact_id()::text::bigint
                        + (SELECT m.xid_offset FROM log_meta m)) * 1024;
             INSERT INTO events (position, tenant, stream, version, event_id, dedup_key,
                                 event_type, schema_version, content_type, payload,
                                 correlation_id, causation_id, headers, recorded_at)
-            SELECT v_base + u.i - 1, p_tenant, p_stream, v_new - n + u.i, u.id, u.dk,
-                   u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb, v_now
+            SELECT v_base + u.i - 1, p_tenant, p_stream, v_actual + u.i, u.id, u.dk, u.ty,
+                   u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb, v_now
             FROM unnest(p_ids, p_dedup, p_types, p_schema_versions, p_content_types,
                         p_payloads, p_correlation, p_causation, p_headers)
                  WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i);
-            RETURN QUERY SELECT 0::smallint, n, NULL::uuid, NULL::text, v_new - n + 1, v_base,
+            RETURN QUERY SELECT 0::smallint, n, NULL::uuid, NULL::text, v_actual + 1, v_base,
                                 (extract(epoch FROM v_now) * 1000000)::bigint;
             RETURN;
         END IF;
-
         -- Precondition failed: duplicates take precedence over the conflict.
-        IF NOT p_check_dups THEN
-            v_found := EXISTS (
-                SELECT 1 FROM events e
-                WHERE e.tenant = p_tenant
-                  AND (e.event_id = ANY (p_ids) OR e.dedup_key = ANY (p_dedup)));
+        IF NOT p_retry THEN
+            v_dup := EXISTS (SELECT 1 FROM events e
+                             WHERE e.tenant = p_tenant
+                               AND (e.event_id = ANY (p_ids) OR e.dedup_key = ANY (p_dedup)));
         END IF;
-        IF NOT v_found THEN
-            RETURN QUERY SELECT 2::smallint, 0, NULL::uuid, NULL::text,
-                                COALESCE((SELECT s.version FROM streams s
-                                          WHERE s.tenant = p_tenant AND s.stream = p_stream), 0),
-                                NULL::bigint, NULL::bigint;
+        IF NOT v_dup THEN
+            RETURN QUERY SELECT 2::smallint, 0, NULL::uuid, NULL::text, v_actual, NULL::bigint,
+                                NULL::bigint;
             RETURN;
         END IF;
     END IF;
 
     -- Some events are already stored: report, per event, the original (by id, then dedup key).
     RETURN QUERY
-        SELECT 1::smallint, u.i::integer, x.event_id, x.stream, x.version, x.position, NULL::bigint
+        SELECT 1::smallint, u.i::integer, x.event_id, x.stream, x.version, x.position,
+               NULL::bigint
         FROM unnest(p_ids, p_dedup) WITH ORDINALITY AS u(id, dk, i)
         LEFT JOIN LATERAL (
             (SELECT e.event_id, e.stream, e.version, e.position FROM events e

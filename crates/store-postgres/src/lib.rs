@@ -45,16 +45,22 @@
 //! `search_path`, which is easy to get wrong with one schema per store.) Every connection of the
 //! pool sets `search_path` to the store's schema.
 //!
-//! Tables: `events` (the global log; unique `(tenant, stream, version)`, `(tenant, event_id)`,
-//! `(tenant, dedup_key)`; indexes for position scans, tenant + position and tenant + time
-//! range), `streams` (stream heads), `snapshots`, `checkpoints`, `read_models`.
+//! Tables: `events` (the global log: primary key `position`; unique `(tenant, stream, version)`
+//! for stream reads and versions, `(tenant, event_id)` and `(tenant, dedup_key)` for
+//! idempotency; a BRIN index on `recorded_at` for time-range scans), `snapshots`,
+//! `checkpoints`, `read_models`, and the one-row `log_meta`.
 //!
 //! # Appends
 //! One append is one statement (function `tt_append`: one round trip, one implicit
-//! transaction): a compare-and-set on the stream-head row decides optimistic concurrency in the
-//! database, then all events are inserted with one `UNNEST`. Duplicates are found by the unique
-//! indexes; after a unique violation the append is retried with an explicit lookup by event id,
-//! then dedup key, so concurrent duplicates end exactly as the kernel's rule says.
+//! transaction): it reads the stream's version from the unique `(tenant, stream, version)`
+//! index, checks the expected version and inserts all events with one `UNNEST`. The database
+//! enforces optimistic concurrency: two appends that both read version `v` both try to insert
+//! `v + 1`, the unique index lets one commit and fails the other, which is re-run with a
+//! per-stream lock and ends as a conflict (expected version) or succeeds (`Any`). Duplicates are
+//! found the same way: a unique violation on the event id or dedup key makes the append re-run
+//! with an explicit lookup by event id, then dedup key, so concurrent duplicates end exactly as
+//! the kernel's rule says. There is no separate stream-head table to update: one heap insert per
+//! event is all an append writes.
 //!
 //! # Gap-free global log
 //! A sequence hands out numbers in one order while transactions commit in another, so a

@@ -17,7 +17,8 @@ use crate::error::{is_unique_violation, map_err};
 use crate::rows::{EVENT_COLUMNS, decode_event, decode_event_with_ids, position, to_i64};
 
 /// How often an append is re-run after losing a race (unique violation from a concurrent
-/// duplicate, or a stream created between check and write) before giving up as `Unavailable`.
+/// duplicate, or a concurrent append that took the same versions) before giving up as
+/// `Unavailable`. Retries serialise per stream, so more than two are rare.
 const MAX_APPEND_ATTEMPTS: usize = 16;
 
 /// Second half of the append advisory-lock key (see `tt_append` and [`horizon`]).
@@ -98,7 +99,7 @@ impl PgStore {
     async fn append_once(
         &self,
         req: &AppendRequest,
-        check_dups: bool,
+        retry: bool,
     ) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
         let ev = &req.events;
         let (kind, expected) = expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
@@ -119,7 +120,7 @@ impl PgStore {
             .bind(req.stream.as_str())
             .bind(kind)
             .bind(expected)
-            .bind(check_dups)
+            .bind(retry)
             .bind(ev.iter().map(|e| e.event_id.as_uuid()).collect::<Vec<Uuid>>())
             .bind(ev.iter().map(|e| e.dedup_key.as_deref()).collect::<Vec<_>>())
             .bind(ev.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
@@ -167,14 +168,14 @@ impl EventStore for PgStore {
                 "must fit in a signed 32-bit integer",
             ));
         }
-        let mut check_dups = false;
+        let mut retry = false;
         for _ in 0..MAX_APPEND_ATTEMPTS {
-            let rows = match self.append_once(&req, check_dups).await {
+            let rows = match self.append_once(&req, retry).await {
                 Ok(rows) => rows,
                 // A concurrent append stored one of our ids / dedup keys between our check and
                 // our insert: look the originals up and decide again.
                 Err(e) if is_unique_violation(&e) => {
-                    check_dups = true;
+                    retry = true;
                     continue;
                 }
                 Err(e) => {
@@ -218,7 +219,6 @@ impl EventStore for PgStore {
                         return Ok(outcome);
                     }
                     // The originals vanished (cannot happen: events are never deleted); retry.
-                    check_dups = false;
                 }
                 2 => {
                     let actual: i64 = first.try_get(4).map_err(|e| map_err("append", e))?;
@@ -231,8 +231,7 @@ impl EventStore for PgStore {
                             actual,
                         });
                     }
-                    // The stream changed between the compare-and-set and the read of the actual
-                    // version (e.g. created concurrently): try again.
+                    // Unreachable in practice: the version was checked and read in one place.
                 }
                 k => {
                     return Err(Error::corruption(None, format!("tt_append returned kind {k}")));
@@ -344,10 +343,10 @@ impl EventStore for PgStore {
 
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
         let v: Option<i64> =
-            sqlx::query_scalar("SELECT version FROM streams WHERE tenant = $1 AND stream = $2")
+            sqlx::query_scalar("SELECT max(version) FROM events WHERE tenant = $1 AND stream = $2")
                 .bind(tenant.as_str())
                 .bind(stream.as_str())
-                .fetch_optional(&self.inner.pool)
+                .fetch_one(&self.inner.pool)
                 .await
                 .map_err(|e| map_err("stream version", e))?;
         Ok(Version::new(v.map_or(0, |v| u64::try_from(v).unwrap_or_default())))
