@@ -56,8 +56,10 @@ pub trait Codec: Send + Sync + 'static {
         schema_version: u32,
         value: &T,
     ) -> Result<NewEvent, CodecError> {
-        Ok(NewEvent::new(event_type, Self::CONTENT_TYPE, Self::encode(value)?)
-            .with_schema_version(schema_version))
+        Ok(
+            NewEvent::new(event_type, Self::CONTENT_TYPE, Self::encode(value)?)
+                .with_schema_version(schema_version),
+        )
     }
 
     /// Decodes a recorded event's payload, checking its content type first.
@@ -135,12 +137,13 @@ impl Codec for BincodeCodec {
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-        let (v, used) = bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| {
-            CodecError::Decode {
-                content_type: Self::CONTENT_TYPE,
-                reason: e.to_string(),
-            }
-        })?;
+        let (v, used) =
+            bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| {
+                CodecError::Decode {
+                    content_type: Self::CONTENT_TYPE,
+                    reason: e.to_string(),
+                }
+            })?;
         if used != bytes.len() {
             return Err(CodecError::Decode {
                 content_type: Self::CONTENT_TYPE,
@@ -415,7 +418,10 @@ mod tests {
     #[test]
     fn payload_codecs_roundtrip() {
         let s = sample();
-        assert_eq!(JsonCodec::decode::<Sample>(&JsonCodec::encode(&s).unwrap()).unwrap(), s);
+        assert_eq!(
+            JsonCodec::decode::<Sample>(&JsonCodec::encode(&s).unwrap()).unwrap(),
+            s
+        );
         assert_eq!(
             PostcardCodec::decode::<Sample>(&PostcardCodec::encode(&s).unwrap()).unwrap(),
             s
