@@ -121,8 +121,11 @@ BEGIN
     END IF;
 
     IF NOT v_dup THEN
-        SELECT COALESCE(max(e.version), 0) INTO v_actual
-        FROM events e WHERE e.tenant = p_tenant AND e.stream = p_stream;
+        -- ORDER BY/LIMIT rather than max(): one backward index probe whatever the planner
+        -- believes about the table's size.
+        v_actual := COALESCE((SELECT e.version FROM events e
+                              WHERE e.tenant = p_tenant AND e.stream = p_stream
+                              ORDER BY e.version DESC LIMIT 1), 0);
         v_ok := CASE p_expected_kind
                     WHEN 0 THEN true
                     WHEN 1 THEN v_actual = 0

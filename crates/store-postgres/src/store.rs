@@ -54,8 +54,9 @@ WITH l AS MATERIALIZED (
     FROM s
 )
 SELECT h.hx * 1024,
-       COALESCE((SELECT max(e.position) FROM events e WHERE e.position < h.hx * 1024), 0),
-       COALESCE((SELECT max(e.position) FROM events e), 0)
+       COALESCE((SELECT e.position FROM events e WHERE e.position < h.hx * 1024
+                 ORDER BY e.position DESC LIMIT 1), 0),
+       COALESCE((SELECT e.position FROM events e ORDER BY e.position DESC LIMIT 1), 0)
 FROM h";
 
 /// Result of [`horizon`].
@@ -343,10 +344,13 @@ impl EventStore for PgStore {
 
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
         let v: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM events WHERE tenant = $1 AND stream = $2")
-                .bind(tenant.as_str())
-                .bind(stream.as_str())
-                .fetch_one(&self.inner.pool)
+            sqlx::query_scalar(
+                "SELECT version FROM events WHERE tenant = $1 AND stream = $2 \
+                 ORDER BY version DESC LIMIT 1",
+            )
+            .bind(tenant.as_str())
+            .bind(stream.as_str())
+            .fetch_optional(&self.inner.pool)
                 .await
                 .map_err(|e| map_err("stream version", e))?;
         Ok(Version::new(v.map_or(0, |v| u64::try_from(v).unwrap_or_default())))

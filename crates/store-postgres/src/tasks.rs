@@ -95,16 +95,23 @@ pub(crate) fn spawn(
     TaskGuard(tasks)
 }
 
-/// Sends coalesced `NOTIFY`s: at most one in flight; a burst of commits costs one or two.
+/// Least time between two `NOTIFY`s of one store. Each `NOTIFY` is a transaction with a commit
+/// record (PostgreSQL needs a transaction id for it), so under a steady stream of appends this
+/// caps the extra commits at 1,000/s; subscribers in *other* processes see new events at most
+/// this much later (local subscribers are woken at once).
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
+
+/// Sends coalesced `NOTIFY`s: at most one in flight and one per [`NOTIFY_INTERVAL`]; a burst of
+/// commits costs one or two.
 async fn notifier(shared: Arc<Shared>, pool: PgPool) {
     loop {
         shared.out_wake.notified().await;
+        tokio::time::sleep(NOTIFY_INTERVAL).await;
         let pos = shared.out_pos.load(Ordering::Relaxed);
-        // Asynchronous commit: the events themselves are already durable; the notification
-        // transaction need not wait for a WAL flush.
-        let res = sqlx::query(
-            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)",
-        )
+        // A plain (synchronous) commit. `synchronous_commit = off` for this transaction looks
+        // cheaper but measured 4x slower appends: every asynchronous commit wakes the WAL
+        // writer, whose extra flushes then compete with the appends' own commit flushes.
+        let res = sqlx::query("SELECT pg_notify($1, $2)")
         .bind(&shared.channel)
         .bind(pos.to_string())
         .execute(&pool)
