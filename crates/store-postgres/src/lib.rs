@@ -119,12 +119,14 @@ pub const MAX_SCHEMA_LEN: usize = 48;
 #[derive(Clone, Debug)]
 pub struct PgStoreOptions {
     url: String,
+    connect: Option<PgConnectOptions>,
     schema: String,
     max_connections: u32,
     acquire_timeout: Duration,
     connect_timeout: Duration,
     application_name: String,
     listen: bool,
+    notify: bool,
 }
 
 impl PgStoreOptions {
@@ -133,13 +135,22 @@ impl PgStoreOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            connect: None,
             schema: DEFAULT_SCHEMA.to_owned(),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(5),
             application_name: "tracktrace".to_owned(),
             listen: true,
+            notify: true,
         }
+    }
+
+    /// Connection settings built in code (host, credentials, TLS, ...) instead of the URL given
+    /// to [`PgStoreOptions::new`]. The store still sets `search_path` and `application_name`.
+    pub fn connect_options(mut self, opts: PgConnectOptions) -> Self {
+        self.connect = Some(opts);
+        self
     }
 
     /// The schema holding every table of the store (`[a-z_][a-z0-9_]*`, at most
@@ -172,6 +183,14 @@ impl PgStoreOptions {
     /// `<name>-listener`).
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
+        self
+    }
+
+    /// Whether commits are announced with `NOTIFY` to other processes (default `true`). A bulk
+    /// loader may turn it off: other processes then see its events with the next notification
+    /// of any other writer (or after their listener reconnects).
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
         self
     }
 
@@ -248,10 +267,13 @@ impl PgStore {
     /// notification tasks. Must be called within a Tokio runtime.
     pub async fn connect_with(opts: PgStoreOptions) -> Result<Self> {
         validate_schema(&opts.schema)?;
-        let base: PgConnectOptions = opts
-            .url
-            .parse()
-            .map_err(|e: sqlx::Error| Error::invalid("url", e.to_string()))?;
+        let base: PgConnectOptions = match &opts.connect {
+            Some(c) => c.clone(),
+            None => opts
+                .url
+                .parse()
+                .map_err(|e: sqlx::Error| Error::invalid("url", e.to_string()))?,
+        };
         let conn_opts = base
             .clone()
             .options([("search_path", opts.schema.as_str())])
@@ -287,7 +309,7 @@ impl PgStore {
             .connect_lazy_with(conn_opts.clone());
 
         let channel = format!("{}_log", opts.schema);
-        let shared = Arc::new(tasks::Shared::new(channel));
+        let shared = Arc::new(tasks::Shared::new(channel, opts.notify));
         let listener_opts = conn_opts.application_name(&format!("{}-listener", opts.application_name));
         let guard = tasks::spawn(
             shared.clone(),
