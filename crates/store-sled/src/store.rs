@@ -171,15 +171,21 @@ impl SledStore {
         let mut clock = Timestamp::default();
         if let Some(item) = log.scan_prefix(b"E").next_back() {
             let (k, v) = item.map_err(sled_open)?;
-            head = layout::event_key_position(&k).ok_or_else(|| OpenError::Format {
+            let first = layout::page_key_position(&k).ok_or_else(|| OpenError::Format {
                 path: path.clone(),
-                detail: "malformed event key".into(),
+                detail: "malformed page key".into(),
             })?;
+            let damaged = |detail: String| OpenError::Corruption {
+                path: path.clone(),
+                position: first,
+                detail,
+            };
+            let bytes = layout::get_value(&log, &k, v).map_err(damaged)?;
+            let page = layout::Page::parse(bytes.as_ref()).map_err(damaged)?;
+            head = first + page.len() as u64 - 1;
             // A damaged last event is reported when it is read; here it only costs clock
             // monotonicity across the restart.
-            if let Ok(bytes) = layout::get_value(&log, &k, v)
-                && let Ok(e) = envelope::decode(bytes.as_ref())
-            {
+            if let Ok(e) = envelope::decode(page.event(page.len() - 1)) {
                 clock = e.recorded_at;
             }
         }
@@ -201,6 +207,7 @@ impl SledStore {
             next_position: head + 1,
             clock,
             barrier: Barrier::new(opts.durability, db_file, path.join("blobs")),
+            versions: Default::default(),
         };
         let writer = std::thread::Builder::new()
             .name("tracktrace-sled-writer".into())
@@ -264,8 +271,8 @@ impl SledStore {
         rx.await.map_err(|_| closed())?
     }
 
-    /// Reads the events of one run between versions `v0` and `v1` (inclusive), in `direction`,
-    /// into `out` until it holds `limit` events.
+    /// Reads the events of one run between versions `v0` and `v1` (inclusive), in the request's
+    /// direction, into `out` until it holds `req.limit` events.
     fn read_run(
         &self,
         req: &ReadStream,
@@ -273,58 +280,37 @@ impl SledStore {
         (v0, v1): (u64, u64),
         out: &mut Vec<RecordedEvent>,
     ) -> Result<()> {
-        let shared = self.shared();
         let (p0, p1) = (run.position_of(v0), run.position_of(v1));
-        let range = shared
-            .log
-            .range(layout::event_key(p0)..=layout::event_key(p1));
-        let mut expect = match req.direction {
-            Direction::Forwards => p0,
-            Direction::Backwards => p1,
-        };
-        let mut take = |item: sled::Result<(IVec, IVec)>| -> Result<bool> {
-            let (k, v) = item.map_err(sled_err)?;
-            let e = shared.decode_event_kv(&k, v)?;
-            let pos = e.position.get();
-            if pos != expect
-                || e.tenant != req.tenant
+        self.shared().walk(p0, p1, req.direction, |pos, bytes| {
+            let e = decode_event(pos, bytes)?;
+            if e.tenant != req.tenant
                 || e.stream != req.stream
                 || e.version.get() != run.first_version + (pos - run.first_position)
             {
                 return Err(corrupt(
-                    expect,
+                    pos,
                     format!(
-                        "stream index of {}/{} points to event {} (version {}) of {}/{}",
-                        req.tenant, req.stream, pos, e.version, e.tenant, e.stream
+                        "the stream index of {}/{} points to version {} of {}/{}",
+                        req.tenant, req.stream, e.version, e.tenant, e.stream
                     ),
                 ));
             }
             out.push(e);
-            expect = match req.direction {
-                Direction::Forwards => expect + 1,
-                Direction::Backwards => expect.wrapping_sub(1),
-            };
             Ok(out.len() >= req.limit)
-        };
-        let full = match req.direction {
-            Direction::Forwards => range.map(&mut take).find(|r| !matches!(r, Ok(false))),
-            Direction::Backwards => range.rev().map(&mut take).find(|r| !matches!(r, Ok(false))),
-        };
-        match full {
-            Some(r) => r.map(drop),
-            None => {
-                let done = match req.direction {
-                    Direction::Forwards => expect == p1 + 1,
-                    Direction::Backwards => expect == p0.wrapping_sub(1),
-                };
-                if done {
-                    Ok(())
-                } else {
-                    Err(corrupt(expect, "event missing from the log"))
-                }
-            }
-        }
+        })
     }
+}
+
+/// Decodes the encoded event found at `pos`.
+fn decode_event(pos: u64, bytes: &[u8]) -> Result<RecordedEvent> {
+    let e = envelope::decode(bytes).map_err(|d| corrupt(pos, d.to_string()))?;
+    if e.position.get() != pos {
+        return Err(corrupt(
+            pos,
+            format!("the record stored here claims position {}", e.position),
+        ));
+    }
+    Ok(e)
 }
 
 impl Shared {
@@ -338,27 +324,107 @@ impl Shared {
         }
     }
 
-    /// Decodes a stored event from its `E` key and value.
-    pub(crate) fn decode_event_kv(&self, key: &[u8], value: IVec) -> Result<RecordedEvent> {
-        let pos = layout::event_key_position(key)
-            .ok_or_else(|| Error::corruption(None, "malformed event key"))?;
-        let bytes = layout::get_value(&self.log, key, value).map_err(|d| corrupt(pos, d))?;
-        let e = envelope::decode(bytes.as_ref()).map_err(|d| corrupt(pos, d.to_string()))?;
-        if e.position.get() != pos {
-            return Err(corrupt(
-                pos,
-                format!("the record stored here claims position {}", e.position),
-            ));
-        }
-        Ok(e)
+    /// Loads the page stored under `key`; returns its first position and its bytes.
+    fn load_page(&self, key: &[u8], value: IVec) -> Result<(u64, layout::ValueBytes)> {
+        let first = layout::page_key_position(key)
+            .ok_or_else(|| Error::corruption(None, "malformed page key"))?;
+        let bytes = layout::get_value(&self.log, key, value).map_err(|d| corrupt(first, d))?;
+        Ok((first, bytes))
     }
 
-    /// The event at `pos`, whether or not it is visible yet.
-    pub(crate) fn read_event(&self, pos: u64) -> Result<Option<RecordedEvent>> {
-        let key = layout::event_key(pos);
-        match self.log.get(key).map_err(sled_err)? {
-            Some(v) => self.decode_event_kv(&key, v).map(Some),
-            None => Ok(None),
+    /// The event an index entry points to, whether or not it is visible yet.
+    pub(crate) fn read_event(&self, entry: layout::IndexEntry) -> Result<RecordedEvent> {
+        let key = layout::page_key(entry.page);
+        let missing = || corrupt(entry.position, "an index entry points to a missing event");
+        let v = self.log.get(key).map_err(sled_err)?.ok_or_else(missing)?;
+        let (first, bytes) = self.load_page(&key, v)?;
+        let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+        let i = (entry.position - first) as usize;
+        if i >= page.len() {
+            return Err(missing());
+        }
+        decode_event(entry.position, page.event(i))
+    }
+
+    /// Calls `f` with each position from `p0` to `p1` (inclusive, `1 <= p0 <= p1`) and its
+    /// encoded event, in `direction`, until `f` returns `true`. A position missing from the log
+    /// is a corruption error.
+    pub(crate) fn walk(
+        &self,
+        p0: u64,
+        p1: u64,
+        direction: Direction,
+        mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let missing = |p: u64| corrupt(p, "event missing from the log");
+        let parse = |item: sled::Result<(IVec, IVec)>| -> Result<(u64, layout::ValueBytes)> {
+            let (k, v) = item.map_err(sled_err)?;
+            self.load_page(&k, v)
+        };
+        match direction {
+            Direction::Forwards => {
+                let start = match self
+                    .log
+                    .range(layout::page_key(0)..=layout::page_key(p0))
+                    .next_back()
+                {
+                    Some(item) => parse(item)?.0,
+                    None => p0,
+                };
+                let mut expect = p0;
+                for item in self
+                    .log
+                    .range(layout::page_key(start)..=layout::page_key(p1))
+                {
+                    let (first, bytes) = parse(item)?;
+                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    for i in 0..page.len() {
+                        let pos = first + i as u64;
+                        if pos < p0 {
+                            continue;
+                        }
+                        if pos > p1 {
+                            return Ok(());
+                        }
+                        if pos != expect {
+                            return Err(missing(expect));
+                        }
+                        expect += 1;
+                        if f(pos, page.event(i))? {
+                            return Ok(());
+                        }
+                    }
+                }
+                if expect == p1 + 1 { Ok(()) } else { Err(missing(expect)) }
+            }
+            Direction::Backwards => {
+                let mut expect = p1;
+                for item in self
+                    .log
+                    .range(layout::page_key(0)..=layout::page_key(p1))
+                    .rev()
+                {
+                    let (first, bytes) = parse(item)?;
+                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    for i in (0..page.len()).rev() {
+                        let pos = first + i as u64;
+                        if pos > p1 {
+                            continue;
+                        }
+                        if pos < p0 {
+                            return Ok(());
+                        }
+                        if pos != expect {
+                            return Err(missing(expect));
+                        }
+                        expect -= 1;
+                        if f(pos, page.event(i))? {
+                            return Ok(());
+                        }
+                    }
+                }
+                if expect + 1 == p0 { Ok(()) } else { Err(missing(expect)) }
+            }
         }
     }
 
@@ -511,24 +577,23 @@ impl EventStore for SledStore {
         let from = req.from.get().max(1);
         let mut next = Position::new(head + 1).max(req.from);
         let mut events = Vec::new();
-        if from <= head {
-            let shared = self.shared();
-            for item in shared
-                .log
-                .range(layout::event_key(from)..=layout::event_key(head))
-            {
-                let (k, v) = item.map_err(sled_err)?;
-                if events.len() >= req.limit {
-                    let pos = layout::event_key_position(&k)
-                        .ok_or_else(|| Error::corruption(None, "malformed event key"))?;
-                    next = Position::new(pos);
-                    break;
-                }
-                let e = shared.decode_event_kv(&k, v)?;
-                if req.filter.matches(&e) {
-                    events.push(e);
-                }
-            }
+        if req.limit == 0 {
+            next = next.min(Position::new(from));
+        } else if from <= head {
+            // Positions are contiguous, so the page ends right after the last event considered
+            // (no need to look at the next one).
+            self.shared()
+                .walk(from, head, Direction::Forwards, |pos, bytes| {
+                    let e = decode_event(pos, bytes)?;
+                    if req.filter.matches(&e) {
+                        events.push(e);
+                    }
+                    if events.len() >= req.limit {
+                        next = Position::new(pos + 1);
+                        return Ok(true);
+                    }
+                    Ok(false)
+                })?;
         }
         Ok(AllPage { events, next })
     }
@@ -548,19 +613,19 @@ impl EventStore for SledStore {
         let Some(v) = shared.log.get(key).map_err(sled_err)? else {
             return Ok(None);
         };
-        let pos = layout::decode_u64(&v)
+        let entry = layout::IndexEntry::decode(&v)
             .ok_or_else(|| Error::corruption(None, "malformed event-id index entry"))?;
-        if pos > self.visible_head() {
+        if entry.position > self.visible_head() {
             return Ok(None);
         }
-        match shared.read_event(pos)? {
-            Some(e) if e.tenant == *tenant && e.event_id == event_id => Ok(Some(e)),
-            Some(e) => Err(corrupt(
-                pos,
-                format!("event-id index of {event_id} points to event {}", e.event_id),
-            )),
-            None => Err(corrupt(pos, "event-id index points to a missing event")),
+        let e = shared.read_event(entry)?;
+        if e.tenant != *tenant || e.event_id != event_id {
+            return Err(corrupt(
+                entry.position,
+                format!("the event-id index of {event_id} points to event {}", e.event_id),
+            ));
         }
+        Ok(Some(e))
     }
 
     async fn head(&self) -> Result<Position> {
