@@ -19,7 +19,7 @@ use tracktrace_core::{
 
 use crate::layout::{self, Run};
 use crate::options::{Durability, OpenError, SledOptions};
-use crate::writer::{Barrier, Request, Writer};
+use crate::writer::{Barrier, Request, Writer, sync_loop};
 
 /// Longest read-model namespace, in bytes.
 pub const MAX_NAMESPACE_LEN: usize = 256;
@@ -41,7 +41,8 @@ pub struct SledStore {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
+    /// `None` only while dropping.
+    shared: Option<Arc<Shared>>,
     tx: Option<mpsc::UnboundedSender<Request>>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
@@ -52,8 +53,25 @@ impl Drop for Inner {
     fn drop(&mut self) {
         drop(self.tx.take());
         if let Some(w) = self.writer.take() {
-            // The writer finishes the requests already queued, then exits.
+            // The writer finishes the requests already queued, then stops the sync thread.
             let _ = w.join();
+        }
+        drop(self.shared.take());
+        // sled's background threads may hold its locked `db` file a little longer than the
+        // `Db`; wait (briefly) until it is released, so that a store dropped in this process
+        // can be reopened right away.
+        let db = self.path.join("db");
+        for _ in 0..2000 {
+            match File::open(&db) {
+                Ok(f) => {
+                    if fs2::FileExt::try_lock_exclusive(&f).is_ok() {
+                        let _ = fs2::FileExt::unlock(&f);
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -78,7 +96,7 @@ impl std::fmt::Debug for SledStore {
         f.debug_struct("SledStore")
             .field("path", &self.inner.path)
             .field("durability", &self.inner.durability)
-            .field("head", &self.inner.shared.head.load(Ordering::Relaxed))
+            .field("head", &self.shared().head.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -201,12 +219,22 @@ impl SledStore {
             poisoned: OnceLock::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let barrier = Barrier::new(opts.durability, db_file, path.join("blobs"));
+        let syncer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("tracktrace-sled-sync".into())
+                .spawn(move || sync_loop(shared, sync_rx, barrier))
+                .map_err(io("starting the sync thread"))?
+        };
         let writer = Writer {
             shared: shared.clone(),
             rx,
             next_position: head + 1,
             clock,
-            barrier: Barrier::new(opts.durability, db_file, path.join("blobs")),
+            sync_tx,
+            syncer: Some(syncer),
             versions: Default::default(),
         };
         let writer = std::thread::Builder::new()
@@ -215,7 +243,7 @@ impl SledStore {
             .map_err(io("starting the writer thread"))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                shared,
+                shared: Some(shared),
                 tx: Some(tx),
                 writer: Some(writer),
                 path,
@@ -240,7 +268,10 @@ impl SledStore {
     }
 
     fn shared(&self) -> &Shared {
-        &self.inner.shared
+        self.inner
+            .shared
+            .as_deref()
+            .expect("only taken while the last handle is dropped")
     }
 
     fn check(&self) -> Result<()> {
@@ -314,6 +345,12 @@ fn decode_event(pos: u64, bytes: &[u8]) -> Result<RecordedEvent> {
 }
 
 impl Shared {
+    /// Marks the store as failed (the first reason wins).
+    pub(crate) fn poison(&self, reason: &str) {
+        tracing::error!(%reason, "sled event store failed; every later call returns an error");
+        let _ = self.poisoned.set(reason.to_owned());
+    }
+
     pub(crate) fn poison_error(reason: &str) -> Error {
         Error::Backend {
             message: format!(

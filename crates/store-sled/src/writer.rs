@@ -1,5 +1,8 @@
-//! The single writer thread: owns every write, groups concurrent requests, commits each group
-//! with one sled batch and one durability barrier, then publishes the new head.
+//! The write path: one writer thread owns every write; it groups the requests queued meanwhile,
+//! checks and stages them, and applies each group's events with one sled batch. It then hands
+//! the group to the sync thread and goes on with the next group. The sync thread runs one
+//! durability barrier for every group applied since its last barrier (group commit, pipelined
+//! with the writer), then publishes the new head to readers and answers the requests, in order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -44,7 +47,7 @@ pub(crate) enum Request {
     },
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Append(oneshot::Sender<Result<AppendOutcome>>, Result<AppendOutcome>),
     Unit(oneshot::Sender<Result<()>>, Result<()>),
 }
@@ -160,6 +163,56 @@ impl Barrier {
     }
 }
 
+/// A group written to sled (visible to the writer, not yet to readers) that waits for its
+/// barrier.
+pub(crate) struct Applied {
+    replies: Vec<Reply>,
+    /// Last position the group (and every group before it) assigned.
+    head: u64,
+    /// Whether the group wrote anything (otherwise it needs no barrier of its own).
+    dirty: bool,
+}
+
+/// The sync thread: runs one barrier for everything applied since the last one, then
+/// publishes the new head and answers the groups it covers, in order.
+pub(crate) fn sync_loop(
+    shared: Arc<Shared>,
+    rx: std::sync::mpsc::Receiver<Applied>,
+    mut barrier: Barrier,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        groups.extend(rx.try_iter());
+        let mut result = match shared.poisoned.get() {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
+        };
+        if result.is_ok() && groups.iter().any(|g| g.dirty) {
+            result = barrier.run(&shared.db);
+            if let Err(reason) = &result {
+                shared.poison(reason);
+            }
+        }
+        match result {
+            Ok(()) => {
+                let head = groups.last().map_or(0, |g| g.head);
+                if head != shared.head.load(Ordering::Acquire) {
+                    shared.head.store(head, Ordering::Release);
+                    shared.head_tx.send_replace(Position::new(head));
+                }
+                for r in groups.into_iter().flat_map(|g| g.replies) {
+                    r.send();
+                }
+            }
+            Err(reason) => {
+                for r in groups.into_iter().flat_map(|g| g.replies) {
+                    r.fail(Shared::poison_error(&reason));
+                }
+            }
+        }
+    }
+}
+
 /// State of the writer thread.
 pub(crate) struct Writer {
     pub(crate) shared: Arc<Shared>,
@@ -167,7 +220,10 @@ pub(crate) struct Writer {
     /// Position the next event gets (positions are contiguous).
     pub(crate) next_position: u64,
     pub(crate) clock: Timestamp,
-    pub(crate) barrier: Barrier,
+    /// Applied groups go to the sync thread.
+    pub(crate) sync_tx: std::sync::mpsc::Sender<Applied>,
+    /// The sync thread, joined when the writer stops.
+    pub(crate) syncer: Option<std::thread::JoinHandle<()>>,
     /// Committed versions of recently appended streams, by stream prefix (saves a reverse
     /// index scan per append; the writer is the only writer, so the cache cannot go stale).
     pub(crate) versions: HashMap<Vec<u8>, u64>,
@@ -239,6 +295,12 @@ impl Writer {
             }
             self.process(group);
         }
+        // Let the syncer finish the groups already applied, then stop it.
+        let Writer { sync_tx, syncer, .. } = self;
+        drop(sync_tx);
+        if let Some(s) = syncer {
+            let _ = s.join();
+        }
     }
 
     fn process(&mut self, requests: Vec<Request>) {
@@ -279,18 +341,15 @@ impl Writer {
             };
             replies.push(reply);
         }
-        if fatal.is_none() && g.dirty {
+        if fatal.is_none() && !g.events.is_empty() {
             g.write_pages();
             let batch = std::mem::take(&mut g.batch);
             if let Err(e) = self.shared.log.apply_batch(batch) {
                 fatal = Some(format!("writing an append group failed: {e}"));
-            } else if let Err(e) = self.barrier.run(&self.shared.db) {
-                fatal = Some(e);
             }
         }
         if let Some(reason) = fatal {
-            tracing::error!(%reason, "sled event store poisoned");
-            let _ = self.shared.poisoned.set(reason.clone());
+            self.shared.poison(&reason);
             for r in replies {
                 r.fail(Shared::poison_error(&reason));
             }
@@ -302,13 +361,17 @@ impl Writer {
             }
             self.versions.insert(k, v);
         }
-        let head = self.next_position - 1;
-        if head != self.shared.head.load(Ordering::Acquire) {
-            self.shared.head.store(head, Ordering::Release);
-            self.shared.head_tx.send_replace(Position::new(head));
-        }
-        for r in replies {
-            r.send();
+        // The syncer makes the group durable, publishes the head and answers; meanwhile this
+        // thread goes on with the next group (pipelining).
+        let applied = Applied {
+            replies,
+            head: self.next_position - 1,
+            dirty: g.dirty,
+        };
+        if let Err(std::sync::mpsc::SendError(applied)) = self.sync_tx.send(applied) {
+            for r in applied.replies {
+                r.fail(Shared::poison_error("the sync thread stopped"));
+            }
         }
     }
 
