@@ -47,6 +47,8 @@ struct Inner {
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
     durability: Durability,
+    /// Delete the directory on drop ([`SledStore::temporary`]).
+    temporary: bool,
 }
 
 impl Drop for Inner {
@@ -66,12 +68,21 @@ impl Drop for Inner {
                 Ok(f) => {
                     if fs2::FileExt::try_lock_exclusive(&f).is_ok() {
                         let _ = fs2::FileExt::unlock(&f);
-                        return;
+                        break;
                     }
                 }
-                Err(_) => return,
+                Err(_) => break,
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.remove_if_temporary();
+    }
+}
+
+impl Inner {
+    fn remove_if_temporary(&self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
         }
     }
 }
@@ -248,8 +259,51 @@ impl SledStore {
                 writer: Some(writer),
                 path,
                 durability: opts.durability,
+                temporary: false,
             }),
         })
+    }
+
+    /// Opens a fresh, empty store in a new directory under the system's temporary directory,
+    /// deleted when the last clone is dropped. For tests and examples.
+    pub fn temporary(durability: Durability) -> std::result::Result<Self, OpenError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        loop {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!(
+                "tracktrace-sled-{}-{n}-{nanos:x}",
+                std::process::id()
+            ));
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    let store = Self::open(SledOptions::new(&path).durability(durability));
+                    return match store {
+                        Ok(mut store) => {
+                            if let Some(inner) = Arc::get_mut(&mut store.inner) {
+                                inner.temporary = true;
+                            }
+                            Ok(store)
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_dir_all(&path);
+                            Err(e)
+                        }
+                    };
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(OpenError::Io {
+                        path,
+                        what: "creating a temporary directory",
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     /// Opens the store in `path` with the default options ([`Durability::Fsync`]).

@@ -328,3 +328,19 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
     assert_eq!(positions, (1..=320).collect::<Vec<_>>());
     Ok(())
 }
+
+#[tokio::test]
+async fn temporary_stores_delete_their_directory_with_the_last_clone() -> Result<(), Error> {
+    let store = SledStore::temporary(Durability::Fsync)?;
+    let path = store.path().to_path_buf();
+    let (t, s) = ids();
+    store.append_to(&t, &s, ExpectedVersion::Any, vec![ev(0)]).await?;
+    assert!(path.join("db").exists());
+    let clone = store.clone();
+    drop(store);
+    assert!(path.exists(), "a clone is still alive");
+    assert_eq!(clone.stream_version(&t, &s).await?, Version::new(1));
+    drop(clone);
+    assert!(!path.exists());
+    Ok(())
+}
