@@ -230,7 +230,10 @@ impl SledStore {
             poisoned: OnceLock::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        // A rendezvous channel: the writer applies the next group while the current one is
+        // being synced, but no further, so groups grow with the barrier time instead of
+        // splitting into many small batches.
+        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(0);
         let barrier = Barrier::new(opts.durability, db_file, path.join("blobs"));
         let syncer = {
             let shared = shared.clone();

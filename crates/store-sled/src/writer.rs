@@ -221,7 +221,7 @@ pub(crate) struct Writer {
     pub(crate) next_position: u64,
     pub(crate) clock: Timestamp,
     /// Applied groups go to the sync thread.
-    pub(crate) sync_tx: std::sync::mpsc::Sender<Applied>,
+    pub(crate) sync_tx: std::sync::mpsc::SyncSender<Applied>,
     /// The sync thread, joined when the writer stops.
     pub(crate) syncer: Option<std::thread::JoinHandle<()>>,
     /// Committed versions of recently appended streams, by stream prefix (saves a reverse
