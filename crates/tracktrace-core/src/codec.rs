@@ -56,8 +56,10 @@ pub trait Codec: Send + Sync + 'static {
         schema_version: u32,
         value: &T,
     ) -> Result<NewEvent, CodecError> {
-        Ok(NewEvent::new(event_type, Self::CONTENT_TYPE, Self::encode(value)?)
-            .with_schema_version(schema_version))
+        Ok(
+            NewEvent::new(event_type, Self::CONTENT_TYPE, Self::encode(value)?)
+                .with_schema_version(schema_version),
+        )
     }
 
     /// Decodes a recorded event's payload, checking its content type first.
@@ -135,12 +137,13 @@ impl Codec for BincodeCodec {
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-        let (v, used) = bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| {
-            CodecError::Decode {
-                content_type: Self::CONTENT_TYPE,
-                reason: e.to_string(),
-            }
-        })?;
+        let (v, used) =
+            bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| {
+                CodecError::Decode {
+                    content_type: Self::CONTENT_TYPE,
+                    reason: e.to_string(),
+                }
+            })?;
         if used != bytes.len() {
             return Err(CodecError::Decode {
                 content_type: Self::CONTENT_TYPE,
@@ -243,6 +246,10 @@ pub mod envelope {
         for _ in 0..n {
             let k = r.string()?;
             let v = r.string()?;
+            // Headers are written in key order; anything else is not our encoding.
+            if headers.last_key_value().is_some_and(|(last, _)| *last >= k) {
+                return Err(err(format!("header {k:?} out of order or repeated")));
+            }
             headers.insert(k, v);
         }
         let len = r.len()?;
@@ -277,7 +284,7 @@ pub mod envelope {
         }
     }
 
-    pub(super) fn put_var(out: &mut Vec<u8>, mut v: u64) {
+    fn put_var(out: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
             out.push((v as u8) | 0x80);
             v >>= 7;
@@ -324,6 +331,10 @@ pub mod envelope {
                 }
                 v |= bits << shift;
                 if b & 0x80 == 0 {
+                    // One encoding per value: a trailing zero group is rejected.
+                    if b == 0 && shift > 0 {
+                        return Err(err("non-canonical varint".into()));
+                    }
                     return Ok(v);
                 }
             }
@@ -415,7 +426,10 @@ mod tests {
     #[test]
     fn payload_codecs_roundtrip() {
         let s = sample();
-        assert_eq!(JsonCodec::decode::<Sample>(&JsonCodec::encode(&s).unwrap()).unwrap(), s);
+        assert_eq!(
+            JsonCodec::decode::<Sample>(&JsonCodec::encode(&s).unwrap()).unwrap(),
+            s
+        );
         assert_eq!(
             PostcardCodec::decode::<Sample>(&PostcardCodec::encode(&s).unwrap()).unwrap(),
             s

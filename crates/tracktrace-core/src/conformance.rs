@@ -1,1 +1,1599 @@
-//! Conformance suite (in progress).
+//! The backend conformance suite (feature `testing`; **not semver-stable**).
+//!
+//! Every check is a plain `async fn` over a fresh store that returns `Err(CheckFailure)` when
+//! the store misbehaves, so the suite itself can be tested against deliberately broken stores.
+//! Backends run all of them with one macro in an integration test:
+//!
+//! ```text
+//! async fn make_store() -> Arc<dyn EventStore> { /* fresh, isolated store */ }
+//! tracktrace_core::conformance_tests!(make_store);
+//! async fn make_read_model_store() -> Arc<dyn ReadModelStore> { /* fresh */ }
+//! tracktrace_core::read_model_tests!(make_read_model_store);
+//! async fn make_snapshot_store() -> Arc<dyn SnapshotStore> { /* fresh */ }
+//! tracktrace_core::snapshot_tests!(make_snapshot_store);
+//! ```
+//!
+//! The macros generate one `#[test]` per check (each with its own multi-threaded runtime) and a
+//! model-based property test ([`model_test`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::{
+    Direction, Error, EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, KeyRange,
+    Metadata, NewEvent, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite,
+    ReadStream, RecordedEvent, Snapshot, SnapshotStore, StreamId, SubscribeOptions, Subscription,
+    TenantId, Timestamp, Version, limits,
+};
+
+mod model;
+pub use model::model_test;
+
+/// A conformance violation, with a description of what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckFailure(pub String);
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CheckFailure {}
+
+/// Result of one check.
+pub type CheckResult = Result<(), CheckFailure>;
+
+macro_rules! ensure {
+    ($cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err(CheckFailure(format!($($fmt)+)));
+        }
+    };
+}
+
+macro_rules! ensure_eq {
+    ($a:expr, $b:expr, $($fmt:tt)+) => {{
+        let (a, b) = (&$a, &$b);
+        if a != b {
+            return Err(CheckFailure(format!("{}: left {:?} != right {:?}", format!($($fmt)+), a, b)));
+        }
+    }};
+}
+
+/// Turns a store error into a check failure with context.
+fn ok<T>(r: crate::Result<T>, what: &str) -> Result<T, CheckFailure> {
+    r.map_err(|e| CheckFailure(format!("{what}: unexpected error: {e}")))
+}
+
+/// Runs `fut` on a fresh multi-threaded tokio runtime (used by the generated tests).
+pub fn run<F: Future>(fut: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime for the conformance tests")
+        .block_on(fut)
+}
+
+fn t(s: &str) -> TenantId {
+    TenantId::parse(s).expect("valid tenant literal")
+}
+
+fn s(s: &str) -> StreamId {
+    StreamId::parse(s).expect("valid stream literal")
+}
+
+fn ev(ty: &str, n: u64) -> NewEvent {
+    NewEvent::new(
+        ty,
+        crate::CONTENT_TYPE_JSON,
+        format!("{{\"n\":{n}}}").into_bytes(),
+    )
+}
+
+fn evs(ty: &str, n: usize) -> Vec<NewEvent> {
+    (0..n).map(|i| ev(ty, i as u64)).collect()
+}
+
+async fn all_events(store: &dyn EventStore) -> Result<Vec<RecordedEvent>, CheckFailure> {
+    ok(
+        store
+            .read_all_to_end(Position::START, EventFilter::default())
+            .await,
+        "read_all to end",
+    )
+}
+
+/// Reads the whole log page by page, checking the paging contract on the way.
+async fn page_all(
+    store: &dyn EventStore,
+    filter: EventFilter,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, CheckFailure> {
+    let mut got: Vec<RecordedEvent> = Vec::new();
+    let mut next = Position::START;
+    for _ in 0..100_000 {
+        let page = ok(
+            store
+                .read_all(ReadAll::from(next, limit).filter(filter.clone()))
+                .await,
+            "read_all page",
+        )?;
+        ensure!(
+            page.events.len() <= limit,
+            "page of {} events with limit {limit}",
+            page.events.len()
+        );
+        ensure!(
+            page.next >= next,
+            "next went backwards from {next} to {}",
+            page.next
+        );
+        if let (Some(first), Some(prev)) = (page.events.first(), got.last()) {
+            ensure!(
+                first.position > prev.position,
+                "page starts at {} after {}",
+                first.position,
+                prev.position
+            );
+        }
+        if let Some(last) = page.events.last() {
+            ensure!(
+                page.next > last.position,
+                "next {} must be past the last returned event {}",
+                page.next,
+                last.position
+            );
+        }
+        let short = page.events.len() < limit;
+        got.extend(page.events);
+        next = page.next;
+        if short {
+            return Ok(got);
+        }
+    }
+    Err(CheckFailure(
+        "paging through read_all did not terminate".into(),
+    ))
+}
+
+fn ids(events: &[RecordedEvent]) -> Vec<EventId> {
+    events.iter().map(|e| e.event_id).collect()
+}
+
+fn check_conflict(
+    r: crate::Result<crate::AppendOutcome>,
+    expected: ExpectedVersion,
+    actual: Version,
+) -> CheckResult {
+    match r {
+        Err(Error::Conflict {
+            expected: e,
+            actual: a,
+            ..
+        }) => {
+            ensure_eq!(e, expected, "conflict must carry the expected version");
+            ensure_eq!(a, actual, "conflict must carry the actual version");
+            Ok(())
+        }
+        other => Err(CheckFailure(format!(
+            "append with {expected} on a stream at {actual} must be a Conflict, got {other:?}"
+        ))),
+    }
+}
+
+/// Appends `events` and checks they were all written, returning the outcome.
+async fn must_append(
+    store: &dyn EventStore,
+    tenant: &TenantId,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+) -> Result<crate::AppendOutcome, CheckFailure> {
+    let n = events.len();
+    let out = ok(
+        store.append_to(tenant, stream, expected, events).await,
+        &format!("append of {n} events to {stream} with {expected}"),
+    )?;
+    ensure!(!out.duplicate, "a new batch was reported as duplicate");
+    ensure_eq!(out.events.len(), n, "one reference per appended event");
+    Ok(out)
+}
+
+async fn stream_len(
+    store: &dyn EventStore,
+    tenant: &TenantId,
+    stream: &StreamId,
+) -> Result<usize, CheckFailure> {
+    Ok(ok(
+        store.read_stream_forwards(tenant, stream).await,
+        "read_stream",
+    )?
+    .len())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expected versions
+
+/// `Any` appends to new and existing streams.
+pub async fn expected_version_any(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("any-1"));
+    must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("A", 2)).await?;
+    let out = must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("A", 1)).await?;
+    ensure_eq!(
+        out.last_version(),
+        Version::new(3),
+        "version after 3 events"
+    );
+    ensure_eq!(
+        ok(store.stream_version(&tn, &st).await, "stream_version")?,
+        Version::new(3),
+        "stream_version"
+    );
+    Ok(())
+}
+
+/// `NoStream` creates a stream and conflicts (writing nothing) once it exists.
+pub async fn expected_version_no_stream(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("nostream-1"));
+    must_append(&*store, &tn, &st, ExpectedVersion::NoStream, evs("A", 1)).await?;
+    let r = store
+        .append_to(&tn, &st, ExpectedVersion::NoStream, evs("A", 2))
+        .await;
+    check_conflict(r, ExpectedVersion::NoStream, Version::new(1))?;
+    ensure_eq!(
+        stream_len(&*store, &tn, &st).await?,
+        1,
+        "a conflict must write nothing"
+    );
+    ensure_eq!(
+        all_events(&*store).await?.len(),
+        1,
+        "a conflict must write nothing to the log"
+    );
+    Ok(())
+}
+
+/// `StreamExists` conflicts on a missing stream and appends to an existing one.
+pub async fn expected_version_stream_exists(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("exists-1"));
+    let r = store
+        .append_to(&tn, &st, ExpectedVersion::StreamExists, evs("A", 1))
+        .await;
+    check_conflict(r, ExpectedVersion::StreamExists, Version::ZERO)?;
+    ensure_eq!(
+        stream_len(&*store, &tn, &st).await?,
+        0,
+        "a conflict must write nothing"
+    );
+    must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("A", 1)).await?;
+    let out = must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::StreamExists,
+        evs("A", 1),
+    )
+    .await?;
+    ensure_eq!(out.last_version(), Version::new(2), "version");
+    Ok(())
+}
+
+/// `Exact(v)` appends only at exactly `v`, `Exact(0)` behaves as `NoStream`, and conflicts
+/// report the actual version and write nothing.
+pub async fn expected_version_exact(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("exact-1"));
+    must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Exact(Version::ZERO),
+        evs("A", 2),
+    )
+    .await?;
+    for wrong in [0, 1, 3, 99] {
+        let exp = ExpectedVersion::Exact(Version::new(wrong));
+        let r = store.append_to(&tn, &st, exp, evs("B", 3)).await;
+        check_conflict(r, exp, Version::new(2))?;
+    }
+    ensure_eq!(
+        stream_len(&*store, &tn, &st).await?,
+        2,
+        "conflicts must write nothing"
+    );
+    let out = must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Exact(Version::new(2)),
+        evs("C", 1),
+    )
+    .await?;
+    ensure_eq!(out.last_version(), Version::new(3), "version");
+    let types: Vec<_> = ok(store.read_stream_forwards(&tn, &st).await, "read")?
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    ensure_eq!(types, vec!["A", "A", "C"], "stream content after conflicts");
+    Ok(())
+}
+
+/// Versions start at 1 and are contiguous across batches; positions strictly increase.
+pub async fn versions_start_at_one(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("ver-1"));
+    let a = must_append(&*store, &tn, &st, ExpectedVersion::NoStream, evs("A", 3)).await?;
+    let b = must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Exact(Version::new(3)),
+        evs("A", 2),
+    )
+    .await?;
+    let versions: Vec<u64> = a
+        .events
+        .iter()
+        .chain(&b.events)
+        .map(|r| r.version.get())
+        .collect();
+    ensure_eq!(versions, vec![1, 2, 3, 4, 5], "versions of the outcome");
+    let read = ok(store.read_stream_forwards(&tn, &st).await, "read")?;
+    let rv: Vec<u64> = read.iter().map(|e| e.version.get()).collect();
+    ensure_eq!(rv, versions, "versions read back");
+    let positions: Vec<Position> = a
+        .events
+        .iter()
+        .chain(&b.events)
+        .map(|r| r.position)
+        .collect();
+    ensure!(
+        positions[0] > Position::START,
+        "positions start above Position::START"
+    );
+    ensure!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "positions must strictly increase: {positions:?}"
+    );
+    let rp: Vec<Position> = read.iter().map(|e| e.position).collect();
+    ensure_eq!(rp, positions, "positions read back");
+    Ok(())
+}
+
+/// A batch is atomic: it is written whole, read back in order, and a failing batch (conflict,
+/// invalid event anywhere in it) writes none of its events.
+pub async fn atomic_batches(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("atomic-1"));
+    let batch = evs("A", 50);
+    let want = batch.iter().map(|e| e.event_id).collect::<Vec<_>>();
+    must_append(&*store, &tn, &st, ExpectedVersion::NoStream, batch).await?;
+    ensure_eq!(
+        ids(&ok(store.read_stream_forwards(&tn, &st).await, "read")?),
+        want,
+        "batch order"
+    );
+
+    let mut bad = evs("B", 5);
+    bad[3].event_type = String::new();
+    let r = store.append_to(&tn, &st, ExpectedVersion::Any, bad).await;
+    ensure!(
+        matches!(r, Err(Error::InvalidInput { .. })),
+        "a batch with an invalid event must be InvalidInput, got {r:?}"
+    );
+    let r = store
+        .append_to(
+            &tn,
+            &st,
+            ExpectedVersion::Exact(Version::new(7)),
+            evs("C", 5),
+        )
+        .await;
+    check_conflict(r, ExpectedVersion::Exact(Version::new(7)), Version::new(50))?;
+    ensure_eq!(
+        stream_len(&*store, &tn, &st).await?,
+        50,
+        "failed batches must write nothing"
+    );
+    ensure_eq!(
+        all_events(&*store).await?.len(),
+        50,
+        "failed batches must write nothing to the log"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency
+
+/// Re-appending events with already stored ids returns the original references, writes
+/// nothing, and does not check the expected version.
+pub async fn idempotent_by_event_id(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("idem-1"));
+    let batch = evs("A", 3);
+    let first = must_append(&*store, &tn, &st, ExpectedVersion::NoStream, batch.clone()).await?;
+    must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("B", 1)).await?;
+    for exp in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Any,
+        ExpectedVersion::Exact(Version::new(1)),
+    ] {
+        let again = ok(
+            store.append_to(&tn, &st, exp, batch.clone()).await,
+            "duplicate re-append",
+        )?;
+        ensure!(
+            again.duplicate,
+            "a fully duplicate batch must be reported as duplicate"
+        );
+        ensure_eq!(
+            again.events,
+            first.events,
+            "a duplicate returns the original references"
+        );
+    }
+    // Also when retried against another stream: the original reference wins.
+    let other = ok(
+        store
+            .append_to(
+                &tn,
+                &s("idem-2"),
+                ExpectedVersion::Any,
+                batch[1..2].to_vec(),
+            )
+            .await,
+        "dup on other stream",
+    )?;
+    ensure!(
+        other.duplicate,
+        "duplicate detection is per tenant, not per stream"
+    );
+    ensure_eq!(
+        other.events,
+        first.events[1..2].to_vec(),
+        "original reference"
+    );
+    ensure_eq!(
+        all_events(&*store).await?.len(),
+        4,
+        "duplicates must write nothing"
+    );
+    let got = ok(store.get_event(&tn, batch[0].event_id).await, "get_event")?;
+    ensure!(
+        got.is_some_and(|e| e.version == Version::new(1)),
+        "get_event finds the original"
+    );
+    Ok(())
+}
+
+/// Events with an already stored dedup key (per tenant) are duplicates, even with a new id.
+pub async fn idempotent_by_dedup_key(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("dedup-1"));
+    let first = must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Any,
+        vec![ev("A", 1).with_dedup_key("bag-1/loaded")],
+    )
+    .await?;
+    let again = ok(
+        store
+            .append_to(
+                &tn,
+                &s("dedup-2"),
+                ExpectedVersion::Any,
+                vec![ev("A", 2).with_dedup_key("bag-1/loaded")],
+            )
+            .await,
+        "re-append by dedup key",
+    )?;
+    ensure!(again.duplicate, "same dedup key must be a duplicate");
+    ensure_eq!(again.events, first.events, "original reference");
+    ensure_eq!(all_events(&*store).await?.len(), 1, "nothing written");
+    // Dedup keys are per tenant.
+    must_append(
+        &*store,
+        &t("other"),
+        &st,
+        ExpectedVersion::Any,
+        vec![ev("A", 3).with_dedup_key("bag-1/loaded")],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The documented rule for a batch where some events are already stored and some are new:
+/// the whole batch is rejected with `Error::Duplicate` naming the first stored one, and
+/// nothing is written.
+pub async fn partial_duplicate_batch_rejected(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("partial-1"));
+    let old = evs("A", 2);
+    let first = must_append(&*store, &tn, &st, ExpectedVersion::Any, old.clone()).await?;
+    let mut mixed = evs("B", 2);
+    mixed.push(old[1].clone());
+    mixed.push(ev("B", 9));
+    match store.append_to(&tn, &st, ExpectedVersion::Any, mixed).await {
+        Err(Error::Duplicate { event_id, existing }) => {
+            ensure_eq!(
+                event_id,
+                old[1].event_id,
+                "Duplicate names the stored event"
+            );
+            ensure_eq!(
+                existing,
+                first.events[1],
+                "Duplicate carries the original reference"
+            );
+        }
+        other => {
+            return Err(CheckFailure(format!(
+                "a partly duplicate batch must be Error::Duplicate, got {other:?}"
+            )));
+        }
+    }
+    let mixed_key = vec![ev("C", 1), ev("C", 2).with_dedup_key("k")];
+    must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Any,
+        vec![ev("D", 0).with_dedup_key("k")],
+    )
+    .await?;
+    let r = store
+        .append_to(&tn, &st, ExpectedVersion::Any, mixed_key)
+        .await;
+    ensure!(
+        matches!(r, Err(Error::Duplicate { .. })),
+        "partly duplicate by dedup key must be Duplicate, got {r:?}"
+    );
+    ensure_eq!(
+        stream_len(&*store, &tn, &st).await?,
+        3,
+        "a rejected batch writes nothing"
+    );
+    Ok(())
+}
+
+/// The same event id in another tenant is a different event (uniqueness is per tenant).
+pub async fn event_ids_are_per_tenant(store: Arc<dyn EventStore>) -> CheckResult {
+    let e = ev("A", 1);
+    must_append(
+        &*store,
+        &t("t1"),
+        &s("x"),
+        ExpectedVersion::Any,
+        vec![e.clone()],
+    )
+    .await?;
+    must_append(
+        &*store,
+        &t("t2"),
+        &s("x"),
+        ExpectedVersion::Any,
+        vec![e.clone()],
+    )
+    .await?;
+    let a = ok(store.get_event(&t("t1"), e.event_id).await, "get")?;
+    let b = ok(store.get_event(&t("t2"), e.event_id).await, "get")?;
+    ensure!(a.is_some() && b.is_some(), "both tenants store their event");
+    ensure!(
+        a.map(|e| e.tenant) == Some(t("t1")),
+        "get_event is tenant-scoped"
+    );
+    ensure!(
+        ok(store.get_event(&t("t3"), e.event_id).await, "get")?.is_none(),
+        "unknown tenant sees nothing"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+/// `read_stream` forwards and backwards, with `from` and `limit`; unknown streams read empty.
+pub async fn read_stream_directions(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("rs-1"));
+    must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("A", 10)).await?;
+    must_append(&*store, &tn, &s("rs-2"), ExpectedVersion::Any, evs("Z", 3)).await?;
+    let v = |r: Vec<RecordedEvent>| r.into_iter().map(|e| e.version.get()).collect::<Vec<_>>();
+    let rs = |d: Direction, from: Option<u64>, limit: usize| ReadStream {
+        tenant: tn.clone(),
+        stream: st.clone(),
+        direction: d,
+        from: from.map(Version::new),
+        limit,
+    };
+    use Direction::*;
+    let cases: Vec<(ReadStream, Vec<u64>)> = vec![
+        (rs(Forwards, None, usize::MAX), (1..=10).collect()),
+        (rs(Forwards, Some(4), 3), vec![4, 5, 6]),
+        (rs(Forwards, Some(9), 5), vec![9, 10]),
+        (rs(Forwards, Some(11), 5), vec![]),
+        (rs(Forwards, None, 0), vec![]),
+        (rs(Backwards, None, usize::MAX), (1..=10).rev().collect()),
+        (rs(Backwards, None, 2), vec![10, 9]),
+        (rs(Backwards, Some(5), 3), vec![5, 4, 3]),
+        (rs(Backwards, Some(2), 10), vec![2, 1]),
+        (rs(Backwards, Some(50), 2), vec![10, 9]),
+    ];
+    for (req, want) in cases {
+        let desc = format!(
+            "{:?} from {:?} limit {}",
+            req.direction, req.from, req.limit
+        );
+        let got = ok(store.read_stream(req).await, &desc)?;
+        ensure!(
+            got.iter().all(|e| e.stream == st && e.tenant == tn),
+            "{desc}: events of another stream"
+        );
+        ensure_eq!(v(got), want, "{desc}");
+    }
+    ensure!(
+        ok(store.read_stream_forwards(&tn, &s("missing")).await, "read")?.is_empty(),
+        "unknown stream reads empty"
+    );
+    ensure_eq!(
+        ok(store.stream_version(&tn, &s("missing")).await, "version")?,
+        Version::ZERO,
+        "unknown stream version"
+    );
+    Ok(())
+}
+
+/// `read_all` returns events in position order, pages with `limit`/`next` without loss or
+/// repetition, and filters by tenant, event type and stream prefix.
+pub async fn read_all_order_and_filters(store: Arc<dyn EventStore>) -> CheckResult {
+    let mut expected = Vec::new();
+    for i in 0..30u64 {
+        let tn = if i % 3 == 0 { t("t1") } else { t("t2") };
+        let st = if i % 2 == 0 {
+            s(&format!("Bag-{}", i % 4))
+        } else {
+            s(&format!("Uld-{}", i % 5))
+        };
+        let e = ev(if i % 5 == 0 { "LOADED" } else { "SCANNED" }, i);
+        expected.push((tn.clone(), st.clone(), e.event_type.clone(), e.event_id));
+        must_append(&*store, &tn, &st, ExpectedVersion::Any, vec![e]).await?;
+    }
+    let all = all_events(&*store).await?;
+    ensure_eq!(
+        ids(&all),
+        expected.iter().map(|x| x.3).collect::<Vec<_>>(),
+        "read_all returns events in append order"
+    );
+    ensure!(
+        all.windows(2).all(|w| w[0].position < w[1].position),
+        "positions strictly increase"
+    );
+    // Paging with small limits: the concatenation equals the full read.
+    for limit in [1usize, 7] {
+        let got = page_all(&*store, EventFilter::default(), limit).await?;
+        ensure_eq!(ids(&got), ids(&all), "paging with limit {limit}");
+    }
+    // Starting in the middle.
+    let mid = all[10].position;
+    let tail = ok(
+        store.read_all(ReadAll::from(mid, 1000)).await,
+        "read_all from middle",
+    )?;
+    ensure_eq!(
+        ids(&tail.events),
+        ids(&all[10..]),
+        "read_all from a position is inclusive"
+    );
+    // Filters.
+    let f = |tenant: Option<&str>, types: &[&str], prefix: Option<&str>| EventFilter {
+        tenant: tenant.map(t),
+        event_types: types.iter().map(|s| s.to_string()).collect(),
+        stream_prefix: prefix.map(str::to_string),
+    };
+    for filter in [
+        f(Some("t1"), &[], None),
+        f(None, &["LOADED"], None),
+        f(None, &["LOADED", "SCANNED"], Some("Bag-")),
+        f(Some("t2"), &["SCANNED"], Some("Uld-")),
+        f(Some("nobody"), &[], None),
+    ] {
+        let want: Vec<EventId> = all
+            .iter()
+            .filter(|e| filter.matches(e))
+            .map(|e| e.event_id)
+            .collect();
+        let got = ok(
+            store.read_all_to_end(Position::START, filter.clone()).await,
+            "filtered read_all",
+        )?;
+        ensure!(
+            got.iter().all(|e| filter.matches(e)),
+            "filter {filter:?} let a non-matching event through"
+        );
+        ensure_eq!(ids(&got), want, "filter {filter:?}");
+        // Filtered paging with limit 2 must also see everything.
+        let paged = page_all(&*store, filter.clone(), 2).await?;
+        ensure_eq!(ids(&paged), want, "filter {filter:?} paged by 2");
+    }
+    ensure_eq!(
+        ok(store.head().await, "head")?,
+        all.last().map_or(Position::START, |e| e.position),
+        "head is the position of the last event"
+    );
+    Ok(())
+}
+
+/// Tenants are isolated: same stream ids are different streams, and tenant-scoped reads
+/// never return another tenant's events.
+pub async fn tenant_isolation(store: Arc<dyn EventStore>) -> CheckResult {
+    let st = s("Bag-1");
+    must_append(
+        &*store,
+        &t("t1"),
+        &st,
+        ExpectedVersion::NoStream,
+        evs("A", 2),
+    )
+    .await?;
+    must_append(
+        &*store,
+        &t("t2"),
+        &st,
+        ExpectedVersion::NoStream,
+        evs("B", 3),
+    )
+    .await?;
+    let a = ok(store.read_stream_forwards(&t("t1"), &st).await, "read t1")?;
+    let b = ok(store.read_stream_forwards(&t("t2"), &st).await, "read t2")?;
+    ensure!(
+        a.len() == 2 && a.iter().all(|e| e.tenant == t("t1") && e.event_type == "A"),
+        "t1 sees only its events"
+    );
+    ensure!(
+        b.len() == 3 && b.iter().all(|e| e.tenant == t("t2") && e.event_type == "B"),
+        "t2 sees only its events"
+    );
+    ensure_eq!(
+        ok(store.stream_version(&t("t1"), &st).await, "v")?,
+        Version::new(2),
+        "t1 version"
+    );
+    let only_t2 = ok(
+        store
+            .read_all_to_end(Position::START, EventFilter::tenant(t("t2")))
+            .await,
+        "read_all t2",
+    )?;
+    ensure!(
+        only_t2.len() == 3 && only_t2.iter().all(|e| e.tenant == t("t2")),
+        "tenant filter of read_all"
+    );
+    ensure!(
+        ok(store.get_event(&t("t2"), a[0].event_id).await, "get")?.is_none(),
+        "get_event across tenants must find nothing"
+    );
+    Ok(())
+}
+
+/// All metadata round-trips: ids, dedup key, type, schema version, content type, payload,
+/// correlation, causation, headers; `recorded_at` comes from the store clock.
+pub async fn metadata_roundtrip(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("meta-1"));
+    let mut headers = BTreeMap::new();
+    headers.insert("source".to_string(), "BRS-MAD".to_string());
+    headers.insert("ü-key".to_string(), String::new());
+    let e = NewEvent::new("BagLoaded", "application/x-postcard", vec![0u8, 255, 1, 2])
+        .with_dedup_key("dk-1")
+        .with_schema_version(3)
+        .with_metadata(Metadata {
+            correlation_id: Some("corr-1".into()),
+            causation_id: Some("cause-1".into()),
+            headers,
+        });
+    let before = Timestamp::now();
+    must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Any,
+        vec![e.clone(), ev("Plain", 1)],
+    )
+    .await?;
+    let after = Timestamp::now();
+    let got = ok(store.read_stream_forwards(&tn, &st).await, "read")?;
+    let r = &got[0];
+    ensure_eq!(r.event_id, e.event_id, "event id");
+    ensure_eq!(r.dedup_key, e.dedup_key, "dedup key");
+    ensure_eq!(r.event_type, e.event_type, "event type");
+    ensure_eq!(r.schema_version, 3, "schema version");
+    ensure_eq!(r.content_type, e.content_type, "content type");
+    ensure_eq!(r.payload, e.payload, "payload");
+    ensure_eq!(r.metadata, e.metadata, "metadata");
+    ensure_eq!(got[1].metadata, Metadata::default(), "empty metadata");
+    ensure!(got[1].dedup_key.is_none(), "no dedup key");
+    let slack = 2_000_000; // 2 s of clock skew between the store and this process
+    ensure!(
+        r.recorded_at.unix_micros() >= before.unix_micros() - slack
+            && r.recorded_at.unix_micros() <= after.unix_micros() + slack,
+        "recorded_at {:?} not between {:?} and {:?}",
+        r.recorded_at,
+        before,
+        after
+    );
+    let by_id = ok(store.get_event(&tn, e.event_id).await, "get_event")?;
+    ensure_eq!(by_id.as_ref(), Some(r), "get_event returns the same event");
+    Ok(())
+}
+
+/// Payloads up to [`limits::MAX_PAYLOAD_BYTES`] are stored intact; larger ones are
+/// rejected with `InvalidInput` and nothing is written.
+pub async fn payload_size_limit(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("big-1"));
+    let big: Vec<u8> = (0..limits::MAX_PAYLOAD_BYTES)
+        .map(|i| (i * 31 % 251) as u8)
+        .collect();
+    let e = NewEvent::new("Big", "application/octet-stream", big.clone());
+    must_append(&*store, &tn, &st, ExpectedVersion::Any, vec![e]).await?;
+    let got = ok(store.read_stream_forwards(&tn, &st).await, "read")?;
+    ensure!(
+        got.len() == 1 && got[0].payload == big,
+        "max-size payload read back intact"
+    );
+    let mut too_big = vec![0u8; limits::MAX_PAYLOAD_BYTES + 1];
+    too_big[0] = 1;
+    let r = store
+        .append_to(
+            &tn,
+            &st,
+            ExpectedVersion::Any,
+            vec![ev("ok", 1), NewEvent::new("Big", "x", too_big)],
+        )
+        .await;
+    ensure!(
+        matches!(r, Err(Error::InvalidInput { .. })),
+        "oversized payload must be InvalidInput, got {r:?}"
+    );
+    ensure_eq!(all_events(&*store).await?.len(), 1, "nothing written");
+    Ok(())
+}
+
+/// Invalid requests are rejected with `InvalidInput` and write nothing.
+pub async fn invalid_input_rejected(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("inv-1"));
+    let e = ev("A", 1);
+    let mut bad_header = ev("A", 2);
+    bad_header
+        .metadata
+        .headers
+        .insert("h".into(), "v".repeat(limits::MAX_HEADER_VALUE_LEN + 1));
+    let cases: Vec<(&str, Vec<NewEvent>)> = vec![
+        ("empty batch", vec![]),
+        (
+            "empty event type",
+            vec![NewEvent::new("", "x", Bytes::new())],
+        ),
+        (
+            "control char in type",
+            vec![NewEvent::new("A\u{0}", "x", Bytes::new())],
+        ),
+        ("schema version 0", vec![ev("A", 1).with_schema_version(0)]),
+        ("same id twice", vec![e.clone(), e]),
+        (
+            "same dedup key twice",
+            vec![
+                ev("A", 1).with_dedup_key("k"),
+                ev("A", 2).with_dedup_key("k"),
+            ],
+        ),
+        ("oversized header", vec![bad_header]),
+        ("too many events", evs("A", limits::MAX_BATCH_EVENTS + 1)),
+    ];
+    for (what, events) in cases {
+        let r = store
+            .append_to(&tn, &st, ExpectedVersion::Any, events)
+            .await;
+        ensure!(
+            matches!(r, Err(Error::InvalidInput { .. })),
+            "{what}: expected InvalidInput, got {r:?}"
+        );
+    }
+    ensure_eq!(
+        all_events(&*store).await?.len(),
+        0,
+        "invalid input writes nothing"
+    );
+    ensure_eq!(
+        ok(store.head().await, "head")?,
+        Position::START,
+        "empty store head"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrency and subscriptions
+
+/// Many tasks append to one stream with `Exact` at the same moment, round after round:
+/// exactly one winner per version, every loser gets a conflict carrying the new version, and
+/// nothing is lost or doubled.
+pub async fn concurrent_exact_appends(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("race-1"));
+    const TASKS: usize = 8;
+    const ROUNDS: usize = 12;
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let mut handles = Vec::new();
+    for task in 0..TASKS {
+        let (store, tn, st, barrier) = (store.clone(), tn.clone(), st.clone(), barrier.clone());
+        handles.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            for _ in 0..ROUNDS {
+                barrier.wait().await;
+                let v = store.stream_version(&tn, &st).await;
+                // Everyone has read the version before anyone appends.
+                barrier.wait().await;
+                let v = v?;
+                let e = ev("Race", task as u64);
+                let id = e.event_id;
+                let r = store
+                    .append_to(&tn, &st, ExpectedVersion::Exact(v), vec![e])
+                    .await;
+                results.push((v, id, r));
+            }
+            Ok::<_, Error>(results)
+        }));
+    }
+    let mut rounds: HashMap<Version, Vec<(EventId, crate::Result<crate::AppendOutcome>)>> =
+        HashMap::new();
+    for h in handles {
+        let results = ok(
+            h.await
+                .map_err(|e| Error::invalid("task", e.to_string()))
+                .and_then(|r| r),
+            "racing appender",
+        )?;
+        for (v, id, r) in results {
+            rounds.entry(v).or_default().push((id, r));
+        }
+    }
+    ensure_eq!(
+        rounds.len(),
+        ROUNDS,
+        "every round starts from the version the previous one produced"
+    );
+    let mut winners = HashMap::new();
+    for (v, results) in rounds {
+        let mut won = 0;
+        for (id, r) in results {
+            match r {
+                Ok(out) => {
+                    ensure!(
+                        !out.duplicate && out.last_version() == v.next(),
+                        "winner at {v} got {out:?}"
+                    );
+                    winners.insert(v.next(), id);
+                    won += 1;
+                }
+                Err(Error::Conflict { actual, .. }) => {
+                    ensure_eq!(
+                        actual,
+                        v.next(),
+                        "a loser's conflict carries the winner's version"
+                    )
+                }
+                Err(e) => {
+                    return Err(CheckFailure(format!(
+                        "racing append at {v}: unexpected error {e}"
+                    )));
+                }
+            }
+        }
+        ensure_eq!(won, 1, "winners of the append at version {v}");
+    }
+    let events = ok(store.read_stream_forwards(&tn, &st).await, "read")?;
+    ensure_eq!(events.len(), ROUNDS, "every won append stored exactly once");
+    for e in &events {
+        ensure_eq!(
+            winners.get(&e.version),
+            Some(&e.event_id),
+            "the stored event at {} is its winner",
+            e.version
+        );
+    }
+    Ok(())
+}
+
+/// Many tasks append to many streams while a subscriber follows the global log: it sees every
+/// event exactly once, in strictly increasing positions, and never finds a committed event
+/// below a position it already passed (compared with a full read afterwards).
+pub async fn concurrent_writers_with_subscriber(store: Arc<dyn EventStore>) -> CheckResult {
+    const WRITERS: usize = 8;
+    const APPENDS: usize = 40;
+    let total = WRITERS * APPENDS * 2;
+    let sub_store = store.clone();
+    let subscriber = tokio::spawn(async move {
+        let mut sub = Subscription::new(
+            sub_store,
+            SubscribeOptions {
+                batch_size: 7,
+                ..Default::default()
+            },
+        );
+        let mut seen = Vec::with_capacity(total);
+        while seen.len() < total {
+            let e = tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .map_err(|_| {
+                    Error::invalid("subscriber", format!("stalled after {} events", seen.len()))
+                })??;
+            seen.push(e);
+        }
+        Ok::<_, Error>(seen)
+    });
+    // A reader that follows `next` pointers by hand, concurrently with the writers.
+    let pager_store = store.clone();
+    let pager = tokio::spawn(async move {
+        let mut seen = Vec::with_capacity(total);
+        let mut next = Position::START;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.len() < total && tokio::time::Instant::now() < deadline {
+            let page = pager_store.read_all(ReadAll::from(next, 5)).await?;
+            if page.events.is_empty() {
+                tokio::task::yield_now().await;
+            }
+            seen.extend(page.events);
+            next = page.next;
+        }
+        Ok::<_, Error>(seen)
+    });
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let tn = t(if w % 2 == 0 { "t1" } else { "t2" });
+            for i in 0..APPENDS {
+                let st = s(&format!("w{w}-s{}", i % 3));
+                store
+                    .append_to(&tn, &st, ExpectedVersion::Any, evs("Tick", 2))
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for h in writers {
+        ok(
+            h.await
+                .map_err(|e| Error::invalid("task", e.to_string()))
+                .and_then(|r| r),
+            "writer",
+        )?;
+    }
+    let seen = ok(
+        subscriber
+            .await
+            .map_err(|e| Error::invalid("task", e.to_string()))
+            .and_then(|r| r),
+        "subscriber",
+    )?;
+    let paged = ok(
+        pager
+            .await
+            .map_err(|e| Error::invalid("task", e.to_string()))
+            .and_then(|r| r),
+        "pager",
+    )?;
+    let all = all_events(&*store).await?;
+    ensure_eq!(all.len(), total, "every appended event is in the log");
+    ensure!(
+        all.windows(2).all(|w| w[0].position < w[1].position),
+        "log positions strictly increase"
+    );
+    ensure!(
+        seen.windows(2).all(|w| w[0].position < w[1].position),
+        "subscriber positions strictly increase"
+    );
+    let unique: HashSet<EventId> = seen.iter().map(|e| e.event_id).collect();
+    ensure_eq!(unique.len(), seen.len(), "subscriber saw an event twice");
+    ensure_eq!(
+        ids(&seen),
+        ids(&all),
+        "the subscriber's sequence equals the final log (an event committed below a passed position would be missing)"
+    );
+    ensure_eq!(
+        ids(&paged),
+        ids(&all),
+        "a concurrent pager following `next` equals the final log"
+    );
+    // Per-stream versions are contiguous.
+    let mut per_stream: HashMap<(TenantId, StreamId), Vec<u64>> = HashMap::new();
+    for e in &all {
+        per_stream
+            .entry((e.tenant.clone(), e.stream.clone()))
+            .or_default()
+            .push(e.version.get());
+    }
+    for (k, v) in per_stream {
+        ensure_eq!(
+            v,
+            (1..=v.len() as u64).collect::<Vec<_>>(),
+            "versions of {k:?} in log order"
+        );
+    }
+    Ok(())
+}
+
+/// The next event of `sub`, failing the check if none arrives within 10 s.
+async fn next_within(sub: &mut Subscription, what: &str) -> Result<RecordedEvent, CheckFailure> {
+    match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+        Ok(r) => ok(r, what),
+        Err(_) => Err(CheckFailure(format!(
+            "{what}: no event delivered within 10 s"
+        ))),
+    }
+}
+
+/// A subscription catches up from a position, then hands over to live delivery without loss
+/// or duplication, honours filters, and an idle subscription waits instead of returning.
+pub async fn subscription_catch_up_then_live(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("sub-1"));
+    let first = must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("Old", 10)).await?;
+    let mut sub = Subscription::new(
+        store.clone(),
+        SubscribeOptions {
+            batch_size: 3,
+            ..Default::default()
+        },
+    );
+    let mut from_mid = Subscription::new(
+        store.clone(),
+        SubscribeOptions {
+            from: first.events[6].position,
+            ..Default::default()
+        },
+    );
+    let mut filtered = Subscription::new(
+        store.clone(),
+        SubscribeOptions {
+            filter: EventFilter {
+                event_types: vec!["New".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    );
+    let mut got = Vec::new();
+    for _ in 0..10 {
+        got.push(next_within(&mut sub, "catch-up").await?.event_id);
+    }
+    ensure_eq!(
+        got,
+        first.events.iter().map(|r| r.event_id).collect::<Vec<_>>(),
+        "catch-up order"
+    );
+    let e = next_within(&mut from_mid, "from middle").await?;
+    ensure_eq!(
+        e.position,
+        first.events[6].position,
+        "subscription from a position is inclusive"
+    );
+    // Caught up: next() must wait.
+    ensure!(
+        tokio::time::timeout(Duration::from_millis(150), sub.next())
+            .await
+            .is_err(),
+        "a caught-up subscription must wait for new events"
+    );
+    // Live: events appended while the subscriber waits are delivered.
+    let waiter = tokio::spawn(async move {
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            out.push(
+                tokio::time::timeout(Duration::from_secs(10), sub.next())
+                    .await
+                    .map_err(|_| Error::invalid("sub", "live event not delivered"))??,
+            );
+        }
+        Ok::<_, Error>(out)
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut live_ids = Vec::new();
+    for i in 0..3 {
+        let out = must_append(
+            &*store,
+            &tn,
+            &st,
+            ExpectedVersion::Any,
+            vec![ev("New", i), ev("Other", i)],
+        )
+        .await?;
+        live_ids.extend(out.events.iter().map(|r| r.event_id));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let live = ok(
+        waiter
+            .await
+            .map_err(|e| Error::invalid("task", e.to_string()))
+            .and_then(|r| r),
+        "live",
+    )?;
+    ensure_eq!(
+        ids(&live),
+        live_ids,
+        "live delivery after catch-up, no loss or duplicate"
+    );
+    for i in 0..3 {
+        let e = next_within(&mut filtered, "filtered").await?;
+        ensure!(
+            e.event_type == "New",
+            "filtered subscription delivered {}",
+            e.event_type
+        );
+        ensure_eq!(e.event_id, live_ids[i * 2], "filtered order");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Read models, checkpoints, snapshots
+
+/// `ReadModelStore`: puts, deletes, clears, ordered scans, and the checkpoint moved atomically
+/// with the writes, fenced by the expected checkpoint.
+pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
+    let put = |ns: &str, k: &str, v: &str| ReadModelWrite::Put {
+        ns: ns.into(),
+        key: k.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+    };
+    ensure_eq!(
+        ok(store.load_checkpoint("p").await, "load")?,
+        None,
+        "no checkpoint yet"
+    );
+    ok(
+        store
+            .commit(ReadModelBatch {
+                checkpoint: "p".into(),
+                expected_checkpoint: None,
+                position: Position::new(5),
+                writes: vec![
+                    put("tl", "a/1", "x"),
+                    put("tl", "a/2", "y"),
+                    put("tl", "b/1", "z"),
+                    put("other", "a/1", "o"),
+                    put("tl", "a/3", "w"),
+                ],
+            })
+            .await,
+        "first commit",
+    )?;
+    ensure_eq!(
+        ok(store.load_checkpoint("p").await, "load")?,
+        Some(Position::new(5)),
+        "checkpoint moved"
+    );
+    ensure_eq!(
+        ok(store.get("tl", b"a/2").await, "get")?,
+        Some(Bytes::from_static(b"y")),
+        "get"
+    );
+    ensure_eq!(
+        ok(store.get("tl", b"zz").await, "get")?,
+        None,
+        "missing key"
+    );
+    let keys = |v: Vec<(Bytes, Bytes)>| {
+        v.into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+            .collect::<Vec<_>>()
+    };
+    ensure_eq!(
+        keys(ok(
+            store
+                .scan("tl", KeyRange::prefix(b"a/"), Direction::Forwards, 10)
+                .await,
+            "scan"
+        )?),
+        vec!["a/1", "a/2", "a/3"],
+        "prefix scan"
+    );
+    ensure_eq!(
+        keys(ok(
+            store
+                .scan("tl", KeyRange::prefix(b"a/"), Direction::Backwards, 2)
+                .await,
+            "scan"
+        )?),
+        vec!["a/3", "a/2"],
+        "reverse scan with limit"
+    );
+    ensure_eq!(
+        keys(ok(
+            store
+                .scan(
+                    "tl",
+                    KeyRange {
+                        start: b"a/2".to_vec(),
+                        end: Some(b"b/1".to_vec())
+                    },
+                    Direction::Forwards,
+                    10
+                )
+                .await,
+            "scan"
+        )?),
+        vec!["a/2", "a/3"],
+        "range scan is [start, end)"
+    );
+    ensure_eq!(
+        keys(ok(
+            store
+                .scan("tl", KeyRange::default(), Direction::Forwards, 10)
+                .await,
+            "scan"
+        )?),
+        vec!["a/1", "a/2", "a/3", "b/1"],
+        "full scan"
+    );
+    // Fenced: a stale expected checkpoint writes nothing.
+    let r = store
+        .commit(ReadModelBatch {
+            checkpoint: "p".into(),
+            expected_checkpoint: Some(Position::new(4)),
+            position: Position::new(9),
+            writes: vec![put("tl", "c/1", "bad")],
+        })
+        .await;
+    ensure!(
+        matches!(r, Err(Error::CheckpointMoved { .. })),
+        "stale expected checkpoint must be CheckpointMoved, got {r:?}"
+    );
+    ensure_eq!(
+        ok(store.get("tl", b"c/1").await, "get")?,
+        None,
+        "a fenced commit writes nothing"
+    );
+    ensure_eq!(
+        ok(store.load_checkpoint("p").await, "load")?,
+        Some(Position::new(5)),
+        "a fenced commit keeps the checkpoint"
+    );
+    // Delete, overwrite, clear.
+    ok(
+        store
+            .commit(ReadModelBatch {
+                checkpoint: "p".into(),
+                expected_checkpoint: Some(Position::new(5)),
+                position: Position::new(8),
+                writes: vec![
+                    ReadModelWrite::Delete {
+                        ns: "tl".into(),
+                        key: b"a/1".to_vec(),
+                    },
+                    put("tl", "a/2", "y2"),
+                    ReadModelWrite::Clear { ns: "other".into() },
+                    put("other", "n", "1"),
+                ],
+            })
+            .await,
+        "second commit",
+    )?;
+    ensure_eq!(ok(store.get("tl", b"a/1").await, "get")?, None, "deleted");
+    ensure_eq!(
+        ok(store.get("tl", b"a/2").await, "get")?,
+        Some(Bytes::from_static(b"y2")),
+        "overwritten"
+    );
+    ensure_eq!(
+        keys(ok(
+            store
+                .scan("other", KeyRange::default(), Direction::Forwards, 10)
+                .await,
+            "scan"
+        )?),
+        vec!["n"],
+        "clear then put"
+    );
+    // Plain checkpoints share the namespace of names.
+    ok(store.save_checkpoint("q", Position::new(3)).await, "save")?;
+    ensure_eq!(
+        ok(store.load_checkpoint("q").await, "load")?,
+        Some(Position::new(3)),
+        "save/load checkpoint"
+    );
+    ok(store.save_checkpoint("q", Position::new(7)).await, "save")?;
+    ensure_eq!(
+        ok(store.load_checkpoint("q").await, "load")?,
+        Some(Position::new(7)),
+        "checkpoint overwritten"
+    );
+    ensure_eq!(
+        ok(store.load_checkpoint("p").await, "load")?,
+        Some(Position::new(8)),
+        "checkpoints independent"
+    );
+    Ok(())
+}
+
+/// `SnapshotStore`: latest snapshot per stream; an older one never replaces a newer one.
+pub async fn snapshot_store(store: Arc<dyn SnapshotStore>) -> CheckResult {
+    let snap = |tn: &str, st: &str, v: u64, p: &'static [u8]| Snapshot {
+        tenant: t(tn),
+        stream: s(st),
+        version: Version::new(v),
+        schema_version: 1,
+        payload: Bytes::from_static(p),
+    };
+    ensure_eq!(
+        ok(store.load_snapshot(&t("a"), &s("x")).await, "load")?,
+        None,
+        "no snapshot"
+    );
+    ok(
+        store.save_snapshot(snap("a", "x", 10, b"ten")).await,
+        "save",
+    )?;
+    ok(
+        store
+            .save_snapshot(snap("b", "x", 3, b"other tenant"))
+            .await,
+        "save",
+    )?;
+    ensure_eq!(
+        ok(store.load_snapshot(&t("a"), &s("x")).await, "load")?,
+        Some(snap("a", "x", 10, b"ten")),
+        "load"
+    );
+    ok(
+        store.save_snapshot(snap("a", "x", 4, b"older")).await,
+        "save older",
+    )?;
+    ensure_eq!(
+        ok(store.load_snapshot(&t("a"), &s("x")).await, "load")?.map(|s| s.version),
+        Some(Version::new(10)),
+        "an older snapshot never replaces a newer one"
+    );
+    ok(
+        store.save_snapshot(snap("a", "x", 20, b"twenty")).await,
+        "save newer",
+    )?;
+    ensure_eq!(
+        ok(store.load_snapshot(&t("a"), &s("x")).await, "load")?,
+        Some(snap("a", "x", 20, b"twenty")),
+        "newer replaces"
+    );
+    ensure_eq!(
+        ok(store.load_snapshot(&t("b"), &s("x")).await, "load")?.map(|s| s.payload),
+        Some(Bytes::from_static(b"other tenant")),
+        "per tenant"
+    );
+    ensure_eq!(
+        ok(store.load_snapshot(&t("a"), &s("y")).await, "load")?,
+        None,
+        "per stream"
+    );
+    Ok(())
+}
+
+/// Generates one test per event-store conformance check plus the model-based property test.
+/// `$make` is the path of an `async fn() -> Arc<dyn EventStore>` returning a fresh store.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:path) => {
+        $crate::__conformance_tests!($make;
+            expected_version_any, expected_version_no_stream, expected_version_stream_exists,
+            expected_version_exact, versions_start_at_one, atomic_batches, idempotent_by_event_id,
+            idempotent_by_dedup_key, partial_duplicate_batch_rejected, event_ids_are_per_tenant,
+            read_stream_directions, read_all_order_and_filters, tenant_isolation,
+            metadata_roundtrip, payload_size_limit, invalid_input_rejected,
+            concurrent_exact_appends, concurrent_writers_with_subscriber,
+            subscription_catch_up_then_live);
+
+        #[test]
+        fn conformance_model_based_proptest() {
+            if let Err(e) = $crate::conformance::model_test(|| $make(), 24) {
+                panic!("model-based test failed: {e}");
+            }
+        }
+    };
+}
+
+/// Generates the `ReadModelStore` conformance test (`$make`: `async fn() -> Arc<dyn ReadModelStore>`).
+#[macro_export]
+macro_rules! read_model_tests {
+    ($make:path) => {
+        $crate::__conformance_tests!($make; read_model_store);
+    };
+}
+
+/// Generates the `SnapshotStore` conformance test (`$make`: `async fn() -> Arc<dyn SnapshotStore>`).
+#[macro_export]
+macro_rules! snapshot_tests {
+    ($make:path) => {
+        $crate::__conformance_tests!($make; snapshot_store);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tests {
+    ($make:path; $($check:ident),+ $(,)?) => {
+        $(
+            #[test]
+            fn $check() {
+                $crate::conformance::run(async {
+                    let store = $make().await;
+                    if let Err(e) = $crate::conformance::$check(store).await {
+                        panic!("conformance check `{}` failed: {e}", stringify!($check));
+                    }
+                });
+            }
+        )+
+    };
+}
+
+pub mod fuzz {
+    //! Bodies of the cargo-fuzz targets in `fuzz/`, shared with the ordinary test that replays
+    //! their checked-in seed corpora (so CI exercises them on stable without cargo-fuzz).
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::codec::{Codec, JsonCodec, PostcardCodec, envelope};
+
+    /// A payload shape with nested containers, strings and numbers for the codec targets.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    pub struct FuzzPayload {
+        /// A number.
+        pub n: u64,
+        /// A signed number.
+        pub i: i32,
+        /// A string.
+        pub s: String,
+        /// A list of strings.
+        pub tags: Vec<String>,
+        /// An optional nested value.
+        pub nested: Option<Box<FuzzPayload>>,
+        /// Raw bytes.
+        pub bytes: Vec<u8>,
+    }
+
+    /// Envelope decoder target: decoding arbitrary bytes never panics, and whatever decodes
+    /// re-encodes to the same bytes (the format has one encoding per event).
+    pub fn envelope_target(data: &[u8]) {
+        if let Ok(e) = envelope::decode(data) {
+            let again = envelope::encode(&e);
+            assert_eq!(again, data, "envelope decode/encode is not canonical");
+        }
+    }
+
+    /// Payload codec target: JSON, postcard (and bincode with that feature) decoders never
+    /// panic, and decoded values round-trip.
+    pub fn codecs_target(data: &[u8]) {
+        if let Ok(v) = JsonCodec::decode::<FuzzPayload>(data) {
+            let bytes = JsonCodec::encode(&v).expect("a decoded value encodes");
+            assert_eq!(
+                JsonCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
+                Some(&v)
+            );
+        }
+        if let Ok(v) = PostcardCodec::decode::<FuzzPayload>(data) {
+            let bytes = PostcardCodec::encode(&v).expect("a decoded value encodes");
+            assert_eq!(
+                PostcardCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
+                Some(&v)
+            );
+        }
+        let _ = PostcardCodec::decode::<Vec<(String, u64)>>(data);
+        #[cfg(feature = "bincode")]
+        {
+            use crate::codec::BincodeCodec;
+            if let Ok(v) = BincodeCodec::decode::<FuzzPayload>(data) {
+                let bytes = BincodeCodec::encode(&v).expect("a decoded value encodes");
+                assert_eq!(
+                    BincodeCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
+                    Some(&v)
+                );
+            }
+        }
+    }
+}

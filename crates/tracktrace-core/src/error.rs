@@ -33,7 +33,9 @@ pub enum Error {
     /// Part of a batch duplicated already stored events while another part was new;
     /// the whole batch was rejected and nothing was written. (A batch whose events are
     /// *all* already stored is not an error: see `AppendOutcome::duplicate`.)
-    #[error("event {event_id} is already stored as {existing:?}, but other events of the batch are new; nothing was written")]
+    #[error(
+        "event {event_id} is already stored as {existing:?}, but other events of the batch are new; nothing was written"
+    )]
     Duplicate {
         /// The event of the batch that was already stored.
         event_id: EventId,
@@ -107,10 +109,7 @@ impl Error {
     }
 
     /// Shorthand for [`Error::Unavailable`] with a source.
-    pub fn unavailable(
-        reason: impl Into<String>,
-        source: impl Into<BoxError>,
-    ) -> Self {
+    pub fn unavailable(reason: impl Into<String>, source: impl Into<BoxError>) -> Self {
         Error::Unavailable {
             reason: reason.into(),
             retry_after: None,

@@ -212,7 +212,10 @@ fn check_short(field: String, s: &str, max: usize) -> Result<()> {
 pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
     use limits::*;
     if events.is_empty() {
-        return Err(Error::invalid("events", "an append needs at least one event"));
+        return Err(Error::invalid(
+            "events",
+            "an append needs at least one event",
+        ));
     }
     if events.len() > MAX_BATCH_EVENTS {
         return Err(Error::invalid(
@@ -276,7 +279,10 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
         if m.headers.len() > MAX_HEADERS {
             return Err(Error::invalid(
                 f("metadata.headers"),
-                format!("{} headers; at most {MAX_HEADERS} are allowed", m.headers.len()),
+                format!(
+                    "{} headers; at most {MAX_HEADERS} are allowed",
+                    m.headers.len()
+                ),
             ));
         }
         for (k, v) in &m.headers {
@@ -284,7 +290,10 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
             if v.len() > MAX_HEADER_VALUE_LEN {
                 return Err(Error::invalid(
                     f(&format!("metadata.headers.{k}")),
-                    format!("value is {} bytes; at most {MAX_HEADER_VALUE_LEN} are allowed", v.len()),
+                    format!(
+                        "value is {} bytes; at most {MAX_HEADER_VALUE_LEN} are allowed",
+                        v.len()
+                    ),
                 ));
             }
         }
@@ -305,7 +314,9 @@ mod tests {
         assert!(validate_batch(&[ev(), ev()]).is_ok());
         assert!(validate_batch(&[]).is_err());
         let big = NewEvent::new("T", "x", vec![0u8; limits::MAX_PAYLOAD_BYTES + 1]);
-        assert!(matches!(validate_batch(&[big]), Err(Error::InvalidInput { field, .. }) if field == "events[0].payload"));
+        assert!(
+            matches!(validate_batch(&[big]), Err(Error::InvalidInput { field, .. }) if field == "events[0].payload")
+        );
         let e = ev();
         assert!(validate_batch(&[e.clone(), e]).is_err());
         let k1 = ev().with_dedup_key("k");

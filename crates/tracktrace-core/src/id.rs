@@ -380,7 +380,9 @@ mod tests {
     fn expected_version_semantics() {
         let (zero, three) = (Version::ZERO, Version::new(3));
         assert!(ExpectedVersion::Any.accepts(zero) && ExpectedVersion::Any.accepts(three));
-        assert!(ExpectedVersion::NoStream.accepts(zero) && !ExpectedVersion::NoStream.accepts(three));
+        assert!(
+            ExpectedVersion::NoStream.accepts(zero) && !ExpectedVersion::NoStream.accepts(three)
+        );
         assert!(!ExpectedVersion::StreamExists.accepts(zero));
         assert!(ExpectedVersion::StreamExists.accepts(three));
         assert!(ExpectedVersion::Exact(three).accepts(three));

@@ -75,6 +75,7 @@ pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Ti
 pub use memory::InMemoryStore;
 pub use store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,
-    EventStoreExt, KeyRange, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream, Snapshot, SnapshotStore, SubscribeOptions, Subscription,
-    monotonic_now, prefix_end, resolve_duplicates,
+    EventStoreExt, KeyRange, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream,
+    Snapshot, SnapshotStore, SubscribeOptions, Subscription, monotonic_now, prefix_end,
+    resolve_duplicates,
 };

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::Error;
 use crate::error::Result;
 use crate::event::{EventRef, RecordedEvent, validate_batch};
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
@@ -17,7 +18,6 @@ use crate::store::{
     ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream, Snapshot, SnapshotStore,
     monotonic_now, resolve_duplicates,
 };
-use crate::Error;
 
 /// A non-durable event store held in memory: the reference model for every backend, and a
 /// fast store for tests and examples.
@@ -199,7 +199,11 @@ impl EventStore for InMemoryStore {
         Ok(self.lock().version(tenant, stream))
     }
 
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         let st = self.lock();
         Ok(st
             .by_id
@@ -218,7 +222,11 @@ impl EventStore for InMemoryStore {
 
 #[async_trait]
 impl SnapshotStore for InMemoryStore {
-    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
         Ok(self
             .lock()
             .snapshots

@@ -122,7 +122,7 @@ impl EventFilter {
     /// Whether `e` passes the filter.
     pub fn matches(&self, e: &RecordedEvent) -> bool {
         self.tenant.as_ref().is_none_or(|t| *t == e.tenant)
-            && (self.event_types.is_empty() || self.event_types.iter().any(|t| *t == e.event_type))
+            && (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
             && self
                 .stream_prefix
                 .as_ref()
@@ -173,6 +173,8 @@ pub struct AllPage {
     pub events: Vec<RecordedEvent>,
     /// Where the next read should start (`from` of the next [`ReadAll`]). Everything below it
     /// has been considered: no event committed later will ever get a position below `next`.
+    ///
+    /// A page with fewer than `limit` events means the read reached the head.
     pub next: Position,
 }
 
@@ -195,7 +197,8 @@ pub struct Snapshot {
 #[async_trait]
 pub trait SnapshotStore: Send + Sync {
     /// The stored snapshot of a stream, if any.
-    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>>;
+    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId)
+    -> Result<Option<Snapshot>>;
     /// Stores `snapshot`, unless one of a higher version is already stored.
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()>;
 }
@@ -333,7 +336,11 @@ pub trait EventStore: Send + Sync + 'static {
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version>;
 
     /// A stored event by id, within a tenant.
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>>;
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>>;
 
     /// Highest position readers may read up to (no gaps below it can be filled later).
     async fn head(&self) -> Result<Position>;
@@ -357,7 +364,11 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
         (**self).stream_version(tenant, stream).await
     }
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         (**self).get_event(tenant, event_id).await
     }
     async fn head(&self) -> Result<Position> {
@@ -399,7 +410,11 @@ pub trait EventStoreExt: EventStore {
     }
 
     /// Every event of the global log from `from` that matches `filter` (pages internally).
-    async fn read_all_to_end(&self, from: Position, filter: EventFilter) -> Result<Vec<RecordedEvent>> {
+    async fn read_all_to_end(
+        &self,
+        from: Position,
+        filter: EventFilter,
+    ) -> Result<Vec<RecordedEvent>> {
         let mut out = Vec::new();
         let mut next = from;
         loop {
@@ -544,7 +559,10 @@ impl Subscription {
         {
             return Err(Error::corruption(
                 Some(prev),
-                format!("read_all returned position {prev} before the requested {}", self.next),
+                format!(
+                    "read_all returned position {prev} before the requested {}",
+                    self.next
+                ),
             ));
         }
         self.next = self.next.max(page.next);

@@ -1,0 +1,209 @@
+//! The conformance suite has teeth: it fails against deliberately broken stores.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tracktrace_core::conformance::{self, CheckResult};
+use tracktrace_core::{
+    AllPage, AppendOutcome, AppendRequest, EventId, EventStore, ExpectedVersion, InMemoryStore,
+    Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId, Version,
+};
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// No fault: the wrapper just delegates.
+    None,
+    /// Appends as if every expected version were `Any`.
+    IgnoreExpectedVersion,
+    /// Swaps the first two events of every `read_all` page.
+    ReorderReadAll,
+    /// Drops every event whose position is 3 modulo 5 from `read_all` pages.
+    DropFromReadAll,
+    /// Gives every appended event a fresh id and no dedup key, so duplicates get stored.
+    LetDuplicatesThrough,
+}
+
+struct Broken {
+    inner: InMemoryStore,
+    fault: Fault,
+}
+
+#[async_trait]
+impl EventStore for Broken {
+    async fn append(&self, mut req: AppendRequest) -> Result<AppendOutcome> {
+        match self.fault {
+            Fault::IgnoreExpectedVersion => req.expected = ExpectedVersion::Any,
+            Fault::LetDuplicatesThrough => {
+                for e in &mut req.events {
+                    e.event_id = EventId::new();
+                    e.dedup_key = None;
+                }
+            }
+            _ => {}
+        }
+        self.inner.append(req).await
+    }
+
+    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(req).await
+    }
+
+    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
+        let mut page = self.inner.read_all(req).await?;
+        match self.fault {
+            Fault::ReorderReadAll if page.events.len() >= 2 => page.events.swap(0, 1),
+            Fault::DropFromReadAll => page.events.retain(|e| e.position.get() % 5 != 3),
+            _ => {}
+        }
+        Ok(page)
+    }
+
+    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
+        self.inner.stream_version(tenant, stream).await
+    }
+
+    async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
+        self.inner.get_event(tenant, id).await
+    }
+
+    async fn head(&self) -> Result<Position> {
+        self.inner.head().await
+    }
+
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.inner.watch_head()
+    }
+}
+
+fn broken(fault: Fault) -> Arc<dyn EventStore> {
+    Arc::new(Broken {
+        inner: InMemoryStore::new(),
+        fault,
+    })
+}
+
+/// Runs `check` against a store with `fault` and asserts it fails.
+fn must_fail<F, Fut>(fault: Fault, name: &str, check: F)
+where
+    F: FnOnce(Arc<dyn EventStore>) -> Fut,
+    Fut: std::future::Future<Output = CheckResult>,
+{
+    let r = conformance::run(check(broken(fault)));
+    let Err(failure) = r else {
+        panic!("check `{name}` passed against a store with fault {fault:?}");
+    };
+    eprintln!("{fault:?} / {name}: caught: {failure}");
+}
+
+fn model_must_fail(fault: Fault) {
+    let r = conformance::model_test(|| async move { broken(fault) }, 64);
+    let Err(failure) = r else {
+        panic!("the model-based test passed against a store with fault {fault:?}");
+    };
+    eprintln!(
+        "{fault:?} / model: caught: {}",
+        failure.0.lines().next().unwrap_or("")
+    );
+}
+
+#[test]
+fn the_wrapper_without_a_fault_passes() {
+    // Guards against the wrapper itself being what fails the checks below.
+    let store = broken(Fault::None);
+    conformance::run(conformance::concurrent_writers_with_subscriber(store)).unwrap();
+    conformance::run(conformance::read_all_order_and_filters(broken(Fault::None))).unwrap();
+    conformance::run(conformance::idempotent_by_event_id(broken(Fault::None))).unwrap();
+    conformance::run(conformance::expected_version_exact(broken(Fault::None))).unwrap();
+    conformance::model_test(|| async { broken(Fault::None) }, 16).unwrap();
+}
+
+#[test]
+fn ignoring_the_expected_version_is_caught() {
+    let f = Fault::IgnoreExpectedVersion;
+    must_fail(
+        f,
+        "expected_version_no_stream",
+        conformance::expected_version_no_stream,
+    );
+    must_fail(
+        f,
+        "expected_version_exact",
+        conformance::expected_version_exact,
+    );
+    must_fail(
+        f,
+        "expected_version_stream_exists",
+        conformance::expected_version_stream_exists,
+    );
+    must_fail(f, "atomic_batches", conformance::atomic_batches);
+    must_fail(
+        f,
+        "concurrent_exact_appends",
+        conformance::concurrent_exact_appends,
+    );
+    model_must_fail(f);
+}
+
+#[test]
+fn reordering_read_all_is_caught() {
+    let f = Fault::ReorderReadAll;
+    must_fail(
+        f,
+        "read_all_order_and_filters",
+        conformance::read_all_order_and_filters,
+    );
+    must_fail(
+        f,
+        "concurrent_writers_with_subscriber",
+        conformance::concurrent_writers_with_subscriber,
+    );
+    must_fail(
+        f,
+        "subscription_catch_up_then_live",
+        conformance::subscription_catch_up_then_live,
+    );
+    model_must_fail(f);
+}
+
+#[test]
+fn dropping_from_read_all_is_caught() {
+    let f = Fault::DropFromReadAll;
+    must_fail(
+        f,
+        "read_all_order_and_filters",
+        conformance::read_all_order_and_filters,
+    );
+    must_fail(
+        f,
+        "concurrent_writers_with_subscriber",
+        conformance::concurrent_writers_with_subscriber,
+    );
+    must_fail(
+        f,
+        "subscription_catch_up_then_live",
+        conformance::subscription_catch_up_then_live,
+    );
+    model_must_fail(f);
+}
+
+#[test]
+fn letting_duplicates_through_is_caught() {
+    let f = Fault::LetDuplicatesThrough;
+    must_fail(
+        f,
+        "idempotent_by_event_id",
+        conformance::idempotent_by_event_id,
+    );
+    must_fail(
+        f,
+        "idempotent_by_dedup_key",
+        conformance::idempotent_by_dedup_key,
+    );
+    must_fail(
+        f,
+        "partial_duplicate_batch_rejected",
+        conformance::partial_duplicate_batch_rejected,
+    );
+    model_must_fail(f);
+}
