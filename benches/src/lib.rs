@@ -138,7 +138,9 @@ pub async fn read_all(store: &dyn EventStore, from: Position, len: usize) -> Res
     let mut next = from;
     let mut n = 0;
     while n < len {
-        let page = store.read_all(ReadAll::from(next, (len - n).min(1000))).await?;
+        let page = store
+            .read_all(ReadAll::from(next, (len - n).min(1000)))
+            .await?;
         if page.events.is_empty() {
             break;
         }
@@ -158,7 +160,6 @@ pub fn configure(group: &mut BenchmarkGroup<'_, WallTime>, events_per_iter: u64)
 /// Each workload is a criterion group (`append_1`, `append_batch_100`, ...), so backends land
 /// side by side in the report.
 pub fn bench_store(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn EventStore>) {
-
     let mut g = c.benchmark_group("append_1");
     configure(&mut g, 1);
     let stream = fresh_stream("one");
@@ -196,7 +197,10 @@ pub fn bench_store(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn E
         configure(&mut g, writers as u64);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                ok(name, rt.block_on(concurrent_appends(&store, writers, iters)))
+                ok(
+                    name,
+                    rt.block_on(concurrent_appends(&store, writers, iters)),
+                )
             })
         });
         g.finish();

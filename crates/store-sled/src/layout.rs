@@ -423,7 +423,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let t = db.open_tree("t").unwrap();
-        for len in [0, 1, MAX_INLINE - 1, MAX_INLINE, MAX_INLINE * 3 + 17, 1 << 20] {
+        for len in [
+            0,
+            1,
+            MAX_INLINE - 1,
+            MAX_INLINE,
+            MAX_INLINE * 3 + 17,
+            1 << 20,
+        ] {
             let value: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let old = t.get(b"Rk").unwrap().map_or(0, |v| continuation_count(&v));
             let mut b = sled::Batch::default();
@@ -434,7 +441,11 @@ mod tests {
             let got = get_value(&t, b"Rk", stored).unwrap();
             assert_eq!(got.as_ref(), &value[..], "len {len}");
             let expected_chunks = u64::from(continuation_count(&t.get(b"Rk").unwrap().unwrap()));
-            assert_eq!(t.len() as u64, 1 + expected_chunks, "stale chunks left, len {len}");
+            assert_eq!(
+                t.len() as u64,
+                1 + expected_chunks,
+                "stale chunks left, len {len}"
+            );
         }
         let old = continuation_count(&t.get(b"Rk").unwrap().unwrap());
         let mut b = sled::Batch::default();
@@ -461,7 +472,10 @@ mod tests {
         assert_eq!(page.len(), page_size([2, 0, 3]));
         let p = Page::parse(&page).unwrap();
         assert_eq!(p.len(), 3);
-        assert_eq!((p.event(0), p.event(1), p.event(2)), (&b"ab"[..], &b""[..], &b"cde"[..]));
+        assert_eq!(
+            (p.event(0), p.event(1), p.event(2)),
+            (&b"ab"[..], &b""[..], &b"cde"[..])
+        );
         assert!(Page::parse(&page[..page.len() - 1]).is_err());
         assert!(Page::parse(&[0, 0, 0, 0]).is_err());
         assert!(Page::parse(&[0, 0, 0, 9, 1]).is_err());
@@ -469,7 +483,10 @@ mod tests {
         let mut bad = page.clone();
         bad[7] = 200; // first end offset beyond the data
         assert!(Page::parse(&bad).is_err());
-        let e = IndexEntry { page: 3, position: 5 };
+        let e = IndexEntry {
+            page: 3,
+            position: 5,
+        };
         assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
         assert_eq!(IndexEntry::decode(&e.encode()[..9]), None);
     }
@@ -483,7 +500,10 @@ mod tests {
             first_position: 40,
             count: 2,
         };
-        assert_eq!(Run::decode(p.len(), &run_key(&p, 3), &r.encode_value()), Some(r));
+        assert_eq!(
+            Run::decode(p.len(), &run_key(&p, 3), &r.encode_value()),
+            Some(r)
+        );
         assert_eq!(r.last_version(), 4);
         assert_eq!(r.position_of(4), 41);
         assert_eq!(Run::decode(p.len(), &run_key(&p, 3), b"short"), None);

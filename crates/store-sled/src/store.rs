@@ -133,6 +133,15 @@ impl SledStore {
     /// Blocks for sled's recovery. Fails with [`OpenError::Locked`] when another process (or
     /// another open store in this process) holds the directory.
     pub fn open(opts: SledOptions) -> std::result::Result<Self, OpenError> {
+        Self::open_with(opts, None)
+    }
+
+    /// [`SledStore::open`], with the barrier syncing `barrier_file` instead of `db` (tests use
+    /// a file whose sync fails).
+    fn open_with(
+        opts: SledOptions,
+        barrier_file: Option<&Path>,
+    ) -> std::result::Result<Self, OpenError> {
         let path = opts.path.clone();
         let io = |what: &'static str| {
             let path = path.clone();
@@ -234,7 +243,11 @@ impl SledStore {
         // being synced, but no further, so groups grow with the barrier time instead of
         // splitting into many small batches.
         let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(0);
-        let barrier = Barrier::new(opts.durability, db_file, path.join("blobs"));
+        let barrier_file = match barrier_file {
+            Some(p) => File::open(p).map_err(io("opening the barrier file"))?,
+            None => db_file,
+        };
+        let barrier = Barrier::new(opts.durability, barrier_file, path.join("blobs"));
         let syncer = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -471,7 +484,8 @@ impl Shared {
                     .range(layout::page_key(start)..=layout::page_key(p1))
                 {
                     let (first, bytes) = parse(item)?;
-                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    let page =
+                        layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
                     for i in 0..page.len() {
                         let pos = first + i as u64;
                         if pos < p0 {
@@ -489,7 +503,11 @@ impl Shared {
                         }
                     }
                 }
-                if expect == p1 + 1 { Ok(()) } else { Err(missing(expect)) }
+                if expect == p1 + 1 {
+                    Ok(())
+                } else {
+                    Err(missing(expect))
+                }
             }
             Direction::Backwards => {
                 let mut expect = p1;
@@ -499,7 +517,8 @@ impl Shared {
                     .rev()
                 {
                     let (first, bytes) = parse(item)?;
-                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    let page =
+                        layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
                     for i in (0..page.len()).rev() {
                         let pos = first + i as u64;
                         if pos > p1 {
@@ -517,7 +536,11 @@ impl Shared {
                         }
                     }
                 }
-                if expect + 1 == p0 { Ok(()) } else { Err(missing(expect)) }
+                if expect + 1 == p0 {
+                    Ok(())
+                } else {
+                    Err(missing(expect))
+                }
             }
         }
     }
@@ -552,7 +575,8 @@ impl Shared {
         tenant: &TenantId,
         stream: &StreamId,
     ) -> Result<Snapshot> {
-        let bad = |d: String| Error::corruption(None, format!("snapshot of {tenant}/{stream}: {d}"));
+        let bad =
+            |d: String| Error::corruption(None, format!("snapshot of {tenant}/{stream}: {d}"));
         let v = layout::get_value(&self.snapshots, key, stored).map_err(bad)?;
         let v = v.as_ref();
         if v.len() < 12 {
@@ -574,7 +598,10 @@ pub(crate) fn check_namespace(i: usize, ns: &str) -> Result<()> {
     if ns.len() > MAX_NAMESPACE_LEN {
         return Err(Error::invalid(
             format!("writes[{i}].ns"),
-            format!("is {} bytes long; at most {MAX_NAMESPACE_LEN} are allowed", ns.len()),
+            format!(
+                "is {} bytes long; at most {MAX_NAMESPACE_LEN} are allowed",
+                ns.len()
+            ),
         ));
     }
     Ok(())
@@ -622,7 +649,10 @@ impl EventStore for SledStore {
                 let from = req.from.map_or(1, |v| v.get().max(1));
                 let from_key = layout::run_key(&prefix, from);
                 // The run holding `from` is the last one starting at or before it.
-                let start = match log.range(prefix.as_slice()..=from_key.as_slice()).next_back() {
+                let start = match log
+                    .range(prefix.as_slice()..=from_key.as_slice())
+                    .next_back()
+                {
                     Some(item) => item.map_err(sled_err)?.0.to_vec(),
                     None => from_key,
                 };
@@ -700,7 +730,11 @@ impl EventStore for SledStore {
             .map(Version::new)
     }
 
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         self.check()?;
         let shared = self.shared();
         let key = layout::id_key(tenant.as_str(), &event_id.to_bytes());
@@ -716,7 +750,10 @@ impl EventStore for SledStore {
         if e.tenant != *tenant || e.event_id != event_id {
             return Err(corrupt(
                 entry.position,
-                format!("the event-id index of {event_id} points to event {}", e.event_id),
+                format!(
+                    "the event-id index of {event_id} points to event {}",
+                    e.event_id
+                ),
             ));
         }
         Ok(Some(e))
@@ -734,11 +771,18 @@ impl EventStore for SledStore {
 
 #[async_trait]
 impl SnapshotStore for SledStore {
-    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
         self.check()?;
         let key = layout::snapshot_key(tenant.as_str(), stream.as_str());
         match self.shared().snapshots.get(&key).map_err(sled_err)? {
-            Some(v) => self.shared().decode_snapshot(&key, v, tenant, stream).map(Some),
+            Some(v) => self
+                .shared()
+                .decode_snapshot(&key, v, tenant, stream)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -823,5 +867,49 @@ impl ReadModelStore for SledStore {
 
     async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
         self.send(|reply| Request::Commit { batch, reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracktrace_core::{EventStoreExt, ExpectedVersion, NewEvent};
+
+    #[tokio::test]
+    async fn a_failed_barrier_poisons_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        // fdatasync of /dev/null fails with EINVAL: the barrier fails like a dying disk would.
+        let store =
+            SledStore::open_with(SledOptions::new(dir.path()), Some(Path::new("/dev/null")))
+                .unwrap();
+        let t = TenantId::parse("t").unwrap();
+        let s = StreamId::parse("s").unwrap();
+        let ev = || NewEvent::new("E", "text/plain", &b"x"[..]);
+        let err = store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Backend { message, .. } if message.contains("fdatasync")),
+            "{err:?}"
+        );
+        // Nothing was published, and every later call fails.
+        assert_eq!(store.watch_head().borrow().get(), 0);
+        assert!(
+            store
+                .append_to(&t, &s, ExpectedVersion::Any, vec![ev()])
+                .await
+                .is_err()
+        );
+        assert!(store.head().await.is_err());
+        assert!(
+            store
+                .read_all(ReadAll::from(Position::START, 10))
+                .await
+                .is_err()
+        );
+        assert!(store.stream_version(&t, &s).await.is_err());
+        assert!(store.save_checkpoint("c", Position::new(1)).await.is_err());
+        assert!(store.load_checkpoint("c").await.is_err());
     }
 }

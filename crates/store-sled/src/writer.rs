@@ -48,7 +48,10 @@ pub(crate) enum Request {
 }
 
 pub(crate) enum Reply {
-    Append(oneshot::Sender<Result<AppendOutcome>>, Result<AppendOutcome>),
+    Append(
+        oneshot::Sender<Result<AppendOutcome>>,
+        Result<AppendOutcome>,
+    ),
     Unit(oneshot::Sender<Result<()>>, Result<()>),
 }
 
@@ -266,7 +269,8 @@ impl Group {
                 end += 1;
             }
             let first = events[start].position;
-            let page = layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
+            let page =
+                layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
             layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
             for e in &events[start..end] {
                 let entry = layout::IndexEntry {
@@ -296,7 +300,9 @@ impl Writer {
             self.process(group);
         }
         // Let the syncer finish the groups already applied, then stop it.
-        let Writer { sync_tx, syncer, .. } = self;
+        let Writer {
+            sync_tx, syncer, ..
+        } = self;
         drop(sync_tx);
         if let Some(s) = syncer {
             let _ = s.join();
@@ -430,7 +436,11 @@ impl Writer {
             return Ok(dup);
         }
         let prefix = layout::stream_prefix(tenant, req.stream.as_str());
-        let actual = match g.versions.get(&prefix).or_else(|| self.versions.get(&prefix)) {
+        let actual = match g
+            .versions
+            .get(&prefix)
+            .or_else(|| self.versions.get(&prefix))
+        {
             Some(v) => *v,
             None => self.shared.stream_version_of(&prefix, u64::MAX)?,
         };
@@ -547,12 +557,7 @@ impl Writer {
         self.apply(tree, b, g, fatal)
     }
 
-    fn save_snapshot(
-        &self,
-        s: Snapshot,
-        g: &mut Group,
-        fatal: &mut Option<String>,
-    ) -> Result<()> {
+    fn save_snapshot(&self, s: Snapshot, g: &mut Group, fatal: &mut Option<String>) -> Result<()> {
         let tree = &self.shared.snapshots;
         let key = layout::snapshot_key(s.tenant.as_str(), s.stream.as_str());
         let old = tree.get(&key).map_err(sled_err)?;

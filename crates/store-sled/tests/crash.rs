@@ -286,7 +286,12 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
         .await
         .unwrap_or_else(|e| panic!("{}", ctx(format!("read_all failed: {e}"))));
     for (i, e) in all.iter().enumerate() {
-        assert_eq!(e.position.get(), i as u64 + 1, "{}", ctx("gap in the global log".into()));
+        assert_eq!(
+            e.position.get(),
+            i as u64 + 1,
+            "{}",
+            ctx("gap in the global log".into())
+        );
     }
     assert_eq!(store.head().await.unwrap().get(), all.len() as u64);
 
@@ -323,7 +328,12 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
         let evs = store.read_stream_forwards(&t, s).await.unwrap();
         assert_eq!(evs.len(), *count, "{}", ctx(format!("stream {s}")));
         for (i, e) in evs.iter().enumerate() {
-            assert_eq!(e.version.get(), i as u64 + 1, "{}", ctx(format!("stream {s}")));
+            assert_eq!(
+                e.version.get(),
+                i as u64 + 1,
+                "{}",
+                ctx(format!("stream {s}"))
+            );
         }
         assert_eq!(
             store.stream_version(&t, s).await.unwrap().get(),
@@ -339,10 +349,18 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
                 .await
                 .unwrap()
                 .unwrap_or_else(|| panic!("{}", ctx(format!("acknowledged event {id} lost"))));
-            assert_eq!(e.stream.as_str(), a.stream, "{}", ctx(format!("event {id}")));
+            assert_eq!(
+                e.stream.as_str(),
+                a.stream,
+                "{}",
+                ctx(format!("event {id}"))
+            );
             assert_eq!(e.version.get(), a.first_version + i as u64);
             assert_eq!(e.position.get(), a.positions[i]);
-            assert_eq!(std::str::from_utf8(&e.payload).unwrap(), payload(a.batch, i, a.n));
+            assert_eq!(
+                std::str::from_utf8(&e.payload).unwrap(),
+                payload(a.batch, i, a.n)
+            );
         }
     }
 
@@ -358,7 +376,11 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
             .append_to(&t, &stream, ExpectedVersion::Any, again)
             .await
             .unwrap();
-        assert!(out.duplicate, "{}", ctx("re-append of an acked batch".into()));
+        assert!(
+            out.duplicate,
+            "{}",
+            ctx("re-append of an acked batch".into())
+        );
         let positions: Vec<u64> = out.events.iter().map(|r| r.position.get()).collect();
         assert_eq!(positions, a.positions);
     }
@@ -370,7 +392,11 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
             &t,
             &check,
             ExpectedVersion::NoStream,
-            vec![NewEvent::new("Check", "text/plain", payload(u64::from(round as u32), 0, 1))],
+            vec![NewEvent::new(
+                "Check",
+                "text/plain",
+                payload(u64::from(round as u32), 0, 1),
+            )],
         )
         .await
         .unwrap();
