@@ -243,6 +243,8 @@ struct Group {
     refs: HashMap<Vec<u8>, EventRef>,
     /// The group's encoded events in position order, packed into pages at the end.
     events: Vec<PendingEvent>,
+    /// The group's stream-index runs, written with the pages.
+    runs: Vec<(Vec<u8>, Run)>,
 }
 
 struct PendingEvent {
@@ -259,6 +261,7 @@ impl Group {
     /// Packs the staged events into pages and adds them and their index entries to the batch.
     fn write_pages(&mut self) {
         let events = std::mem::take(&mut self.events);
+        let mut page_starts = Vec::new();
         let mut start = 0;
         while start < events.len() {
             let mut size = layout::page_size([events[start].envelope.len()]);
@@ -269,6 +272,7 @@ impl Group {
                 end += 1;
             }
             let first = events[start].position;
+            page_starts.push(first);
             let page =
                 layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
             layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
@@ -283,6 +287,12 @@ impl Group {
                 }
             }
             start = end;
+        }
+        for (key, mut run) in std::mem::take(&mut self.runs) {
+            // The page holding the run's first event: the last one starting at or before it.
+            let i = page_starts.partition_point(|&p| p <= run.first_position);
+            run.first_page = page_starts[i.saturating_sub(1)];
+            self.batch.insert(key, &run.encode_value());
         }
     }
 }
@@ -484,13 +494,16 @@ impl Writer {
             });
             refs.push(r);
         }
-        let run = Run {
-            first_version: actual + 1,
-            first_position,
-            count: u32::try_from(count).unwrap_or(u32::MAX),
-        };
-        g.batch
-            .insert(layout::run_key(&prefix, actual + 1), &run.encode_value());
+        // Written with the pages, which decide `first_page`.
+        g.runs.push((
+            layout::run_key(&prefix, actual + 1),
+            Run {
+                first_version: actual + 1,
+                first_position,
+                count: u32::try_from(count).unwrap_or(u32::MAX),
+                first_page: first_position,
+            },
+        ));
         g.versions.insert(prefix, actual + count);
         g.dirty = true;
         self.next_position += count;
