@@ -25,6 +25,8 @@ use crate::store::{Shared, sled_err};
 
 /// Most requests committed together in one group.
 const MAX_GROUP_REQUESTS: usize = 1024;
+/// A group stops taking appends once it holds this many events (bounds its memory).
+const MAX_GROUP_EVENTS: usize = 20_000;
 
 /// A write for the writer thread.
 pub(crate) enum Request {
@@ -45,6 +47,15 @@ pub(crate) enum Request {
         snapshot: Snapshot,
         reply: oneshot::Sender<Result<()>>,
     },
+}
+
+impl Request {
+    fn event_count(&self) -> usize {
+        match self {
+            Request::Append { req, .. } => req.events.len(),
+            _ => 1,
+        }
+    }
 }
 
 pub(crate) enum Reply {
@@ -291,7 +302,10 @@ impl Group {
         for (key, mut run) in std::mem::take(&mut self.runs) {
             // The page holding the run's first event: the last one starting at or before it.
             let i = page_starts.partition_point(|&p| p <= run.first_position);
-            run.first_page = page_starts[i.saturating_sub(1)];
+            run.first_page = page_starts
+                .get(i.wrapping_sub(1))
+                .copied()
+                .unwrap_or(run.first_position);
             self.batch.insert(key, &run.encode_value());
         }
     }
@@ -300,10 +314,14 @@ impl Group {
 impl Writer {
     pub(crate) fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
+            let mut events = first.event_count();
             let mut group = vec![first];
-            while group.len() < MAX_GROUP_REQUESTS {
+            while group.len() < MAX_GROUP_REQUESTS && events < MAX_GROUP_EVENTS {
                 match self.rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(r) => {
+                        events += r.event_count();
+                        group.push(r);
+                    }
                     Err(_) => break,
                 }
             }
