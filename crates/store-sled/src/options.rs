@@ -36,8 +36,9 @@ pub enum Durability {
 /// Default size of sled's page cache: 256 MiB.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 256 * 1024 * 1024;
 
-/// How to open a [`crate::SledStore`].
+/// How to open a [`crate::SledStore`]: `SledOptions::new(path)` plus the builder methods.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SledOptions {
     /// Directory of the store (created if missing). One process at a time may hold it.
     pub path: PathBuf,
@@ -106,6 +107,17 @@ pub enum OpenError {
         /// sled's error.
         #[source]
         source: sled::Error,
+    },
+    /// The last page of the log is damaged, so the next position cannot be known safely.
+    /// (Damage elsewhere is reported by the reads that meet it.)
+    #[error("the event store at {} is damaged: the last page of the log (position {position}) {detail}", path.display())]
+    Corruption {
+        /// The store directory.
+        path: PathBuf,
+        /// First position of the damaged page.
+        position: u64,
+        /// What is wrong.
+        detail: String,
     },
     /// The directory holds a database this version does not understand.
     #[error("{} is not a tracktrace sled store of format 1: {detail}", path.display())]

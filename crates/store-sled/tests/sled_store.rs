@@ -47,12 +47,20 @@ async fn events_survive_reopen_and_positions_continue() -> Result<(), Error> {
     assert_eq!(versions, [1, 2, 3, 4, 5]);
     // Runs are split across appends; reads in both directions cross them.
     let back = store
-        .read_stream(ReadStream::backwards(t.clone(), s.clone()).from(Version::new(4)).limit(3))
+        .read_stream(
+            ReadStream::backwards(t.clone(), s.clone())
+                .from(Version::new(4))
+                .limit(3),
+        )
         .await?;
     let versions: Vec<u64> = back.iter().map(|e| e.version.get()).collect();
     assert_eq!(versions, [4, 3, 2]);
     let fwd = store
-        .read_stream(ReadStream::forwards(t.clone(), s.clone()).from(Version::new(3)).limit(2))
+        .read_stream(
+            ReadStream::forwards(t.clone(), s.clone())
+                .from(Version::new(3))
+                .limit(2),
+        )
         .await?;
     let versions: Vec<u64> = fwd.iter().map(|e| e.version.get()).collect();
     assert_eq!(versions, [3, 4]);
@@ -101,7 +109,10 @@ async fn large_events_and_values_roundtrip_through_chunks() -> Result<(), Error>
     let all = store.read_all(ReadAll::from(Position::START, 10)).await?;
     assert_eq!(all.events.len(), 3);
     assert_eq!(all.events[1].payload.as_ref(), big.as_slice());
-    assert_eq!(store.get("ns", b"k").await?.unwrap().as_ref(), big.as_slice());
+    assert_eq!(
+        store.get("ns", b"k").await?.unwrap().as_ref(),
+        big.as_slice()
+    );
     let snap = store.load_snapshot(&t, &s).await?.unwrap();
     assert_eq!((snap.version, snap.schema_version), (Version::new(3), 2));
     assert_eq!(snap.payload.as_ref(), big.as_slice());
@@ -140,17 +151,33 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
     let first_id = first.event_id;
     {
         let store = SledStore::open_path(dir.path())?;
+        // One append: positions 1..=3 share the page keyed by position 1.
         store
             .append_to(&t, &s, ExpectedVersion::Any, vec![first, ev(1), ev(2)])
             .await?;
+        // Two more appends: positions 4 and 5 get a page each.
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev(3)])
+            .await?;
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev(4)])
+            .await?;
     }
     {
-        // Damage the record at position 2 behind the store's back, through sled itself.
+        // Damage records behind the store's back, through sled itself.
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let log = db.open_tree(layout::LOG_TREE).unwrap();
-        log.insert(layout::event_key(2), &b"\x00\x01garbage\xff\xff"[..]).unwrap();
-        // And a record whose framing itself is broken, at position 3.
-        log.insert(layout::event_key(3), &b"\x07"[..]).unwrap();
+        let stored = log.get(layout::page_key(1)).unwrap().unwrap();
+        let bytes = layout::get_value(&log, &layout::page_key(1), stored).unwrap();
+        let page = layout::Page::parse(bytes.as_ref()).unwrap();
+        assert_eq!(page.len(), 3);
+        // The event at position 2 becomes garbage inside an intact page...
+        let damaged = layout::encode_page([page.event(0), &b"\x01garbage\xff"[..], page.event(2)]);
+        let mut batch = sled::Batch::default();
+        layout::put_value(&mut batch, &layout::page_key(1), &damaged, 0);
+        // ...and the page holding position 4 loses its framing.
+        batch.insert(&layout::page_key(4), &b"\x00\x07"[..]);
+        log.apply_batch(batch).unwrap();
         db.flush().unwrap();
     }
     let store = SledStore::open_path(dir.path())?;
@@ -161,6 +188,11 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
     let err = store.read_stream_forwards(&t, &s).await.unwrap_err();
     assert_eq!(at(err), Some(Position::new(2)));
     let err = store
+        .read_stream(ReadStream::backwards(t.clone(), s.clone()).from(Version::new(3)))
+        .await
+        .unwrap_err();
+    assert_eq!(at(err), Some(Position::new(2)));
+    let err = store
         .read_all(ReadAll::from(Position::START, 10))
         .await
         .unwrap_err();
@@ -169,13 +201,31 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
         .read_all(ReadAll::from(Position::new(3), 10))
         .await
         .unwrap_err();
-    assert_eq!(at(err), Some(Position::new(3)));
+    assert_eq!(at(err), Some(Position::new(4)));
     // Undamaged records still read fine.
     assert!(store.get_event(&t, first_id).await?.is_some());
     let one = store
         .read_stream(ReadStream::forwards(t.clone(), s.clone()).limit(1))
         .await?;
     assert_eq!(one.len(), 1);
+    let page = store.read_all(ReadAll::from(Position::new(3), 1)).await?;
+    assert_eq!(page.events[0].position, Position::new(3));
+    let page = store.read_all(ReadAll::from(Position::new(5), 10)).await?;
+    assert_eq!(page.events[0].position, Position::new(5));
+    drop(store);
+
+    // A damaged *last* page makes the next position unknowable: opening refuses, clearly.
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let log = db.open_tree(layout::LOG_TREE).unwrap();
+        log.insert(layout::page_key(5), &b"\x00\x01"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open_path(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, OpenError::Corruption { position: 5, .. }),
+        "{err:?}"
+    );
     Ok(())
 }
 
@@ -225,7 +275,9 @@ async fn read_models_commit_with_their_checkpoint_and_survive_reopen() -> Result
             })
             .await
             .unwrap_err();
-        assert!(matches!(stale, Error::CheckpointMoved { actual: Some(p), .. } if p == Position::new(9)));
+        assert!(
+            matches!(stale, Error::CheckpointMoved { actual: Some(p), .. } if p == Position::new(9))
+        );
     }
     let store = SledStore::open_path(dir.path())?;
     assert_eq!(store.load_checkpoint("tl").await?, Some(Position::new(9)));
@@ -235,7 +287,10 @@ async fn read_models_commit_with_their_checkpoint_and_survive_reopen() -> Result
     assert_eq!(all, vec![(Bytes::from("e"), Bytes::from("5"))]);
     assert_eq!(store.get("timeline", b"x").await?, None);
     store.save_checkpoint("other", Position::new(3)).await?;
-    assert_eq!(store.load_checkpoint("other").await?, Some(Position::new(3)));
+    assert_eq!(
+        store.load_checkpoint("other").await?,
+        Some(Position::new(3))
+    );
     Ok(())
 }
 
@@ -252,12 +307,18 @@ async fn every_durability_mode_keeps_a_clean_reopen() -> Result<(), Error> {
             let store = SledStore::open(SledOptions::new(dir.path()).durability(mode))?;
             assert_eq!(store.durability(), mode);
             for i in 0..10 {
-                store.append_to(&t, &s, ExpectedVersion::Any, vec![ev(i)]).await?;
+                store
+                    .append_to(&t, &s, ExpectedVersion::Any, vec![ev(i)])
+                    .await?;
             }
         }
         // A clean shutdown (drop) flushes in every mode.
         let store = SledStore::open_path(dir.path())?;
-        assert_eq!(store.stream_version(&t, &s).await?, Version::new(10), "{mode:?}");
+        assert_eq!(
+            store.stream_version(&t, &s).await?,
+            Version::new(10),
+            "{mode:?}"
+        );
     }
     Ok(())
 }
@@ -275,7 +336,12 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
             let s = StreamId::parse(format!("s-{w}")).unwrap();
             for i in 0..20 {
                 store
-                    .append_to(&t, &s, ExpectedVersion::Exact(Version::new(i)), vec![ev(i as usize)])
+                    .append_to(
+                        &t,
+                        &s,
+                        ExpectedVersion::Exact(Version::new(i)),
+                        vec![ev(i as usize)],
+                    )
                     .await?;
             }
             Ok::<_, Error>(())
@@ -284,8 +350,28 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
     for task in tasks {
         task.await.unwrap()?;
     }
-    let all = store.read_all_to_end(Position::START, Default::default()).await?;
+    let all = store
+        .read_all_to_end(Position::START, Default::default())
+        .await?;
     let positions: Vec<u64> = all.iter().map(|e| e.position.get()).collect();
     assert_eq!(positions, (1..=320).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn temporary_stores_delete_their_directory_with_the_last_clone() -> Result<(), Error> {
+    let store = SledStore::temporary(Durability::Fsync)?;
+    let path = store.path().to_path_buf();
+    let (t, s) = ids();
+    store
+        .append_to(&t, &s, ExpectedVersion::Any, vec![ev(0)])
+        .await?;
+    assert!(path.join("db").exists());
+    let clone = store.clone();
+    drop(store);
+    assert!(path.exists(), "a clone is still alive");
+    assert_eq!(clone.stream_version(&t, &s).await?, Version::new(1));
+    drop(clone);
+    assert!(!path.exists());
     Ok(())
 }
