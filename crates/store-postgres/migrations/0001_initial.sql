@@ -63,7 +63,9 @@ CREATE TABLE read_models (
     PRIMARY KEY (ns, key)
 );
 
--- Appends a batch to one stream in one statement (one round trip, one implicit transaction).
+-- Appends a batch to one stream: the careful path. The store's first attempt is a plain
+-- statement (FAST_APPEND_SQL in store.rs) with the same effect when nothing goes wrong; this
+-- function runs after that attempt reports a failed precondition or hits a unique violation.
 --
 -- p_lock: the store's advisory-lock key. It is taken (shared) *before* the transaction gets an
 -- id, so a reader that sees no holder knows that every append that may still commit has a

@@ -24,8 +24,45 @@ const MAX_APPEND_ATTEMPTS: usize = 16;
 /// Second half of the append advisory-lock key (see `tt_append` and [`horizon`]).
 const APPEND_LOCK: i32 = 1_953_759_233;
 
+/// The careful path (`tt_append`, PL/pgSQL): duplicates looked up first, then the version;
+/// used after the fast path reports a failed precondition or hits a unique violation.
 const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version, o_position, \
      o_recorded_us FROM tt_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+
+/// The fast path: one plain statement, same parameters and result shape as [`APPEND_SQL`]
+/// (`$6`, "retry", is always false here). Kind 3 means "precondition failed: take the careful
+/// path", which decides between duplicate and conflict.
+///
+/// Order is forced by data dependencies: the rows the `INSERT` consumes come from `ok`, which
+/// needs `cur`, whose `FROM` takes the store's shared advisory lock. The transaction id is
+/// assigned by `pg_current_xact_id()` / the first heap insert, both evaluated on those rows, so
+/// strictly after the lock (the invariant `HORIZON_SQL` relies on).
+const FAST_APPEND_SQL: &str = "
+WITH cur AS MATERIALIZED (
+    SELECT COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2 AND e.stream = $3
+                     ORDER BY e.version DESC LIMIT 1), 0) AS v
+    FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+), ok AS MATERIALIZED (
+    SELECT cur.v FROM cur
+    WHERE NOT $6::boolean
+      AND CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
+                            ELSE cur.v = $5::bigint END
+), ins AS (
+    INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
+                        schema_version, content_type, payload, correlation_id, causation_id,
+                        headers, recorded_at)
+    SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024 + u.i - 1,
+           $2, $3, ok.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb, now()
+    FROM ok, log_meta m,
+         unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
+                $13::text[], $14::text[], $15::text[])
+         WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
+    RETURNING position
+)
+SELECT (CASE WHEN p.first IS NULL THEN 3 ELSE 0 END)::smallint, cardinality($7::uuid[]),
+       NULL::uuid, NULL::text, cur.v + 1, p.first,
+       (extract(epoch FROM now()) * 1000000)::bigint
+FROM cur, (SELECT min(ins.position) AS first FROM ins) p";
 
 /// The read horizon: positions below it are final.
 ///
@@ -148,7 +185,7 @@ impl PgStore {
             .iter()
             .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
             .collect();
-        sqlx::query(APPEND_SQL)
+        sqlx::query(if retry { APPEND_SQL } else { FAST_APPEND_SQL })
             .bind(self.inner.lock_key)
             .bind(req.tenant.as_str())
             .bind(req.stream.as_str())
@@ -296,11 +333,11 @@ impl EventStore for PgStore {
                     }
                     // Unreachable in practice: the version was checked and read in one place.
                 }
+                // Fast path: the precondition failed; the careful path tells duplicates (which
+                // take precedence) from conflicts.
+                3 => retry = true,
                 k => {
-                    return Err(Error::corruption(
-                        None,
-                        format!("tt_append returned kind {k}"),
-                    ));
+                    return Err(Error::corruption(None, format!("append returned kind {k}")));
                 }
             }
         }
