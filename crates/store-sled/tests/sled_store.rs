@@ -355,6 +355,15 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
         .await?;
     let positions: Vec<u64> = all.iter().map(|e| e.position.get()).collect();
     assert_eq!(positions, (1..=320).collect::<Vec<_>>());
+    // Group commit: concurrent appends shared barriers.
+    let stats = store.stats();
+    assert_eq!((stats.appends, stats.events), (320, 320));
+    assert!(stats.groups <= stats.appends && stats.barriers <= stats.groups);
+    assert!(
+        stats.barriers < stats.appends,
+        "16 concurrent appenders never shared a barrier: {stats:?}"
+    );
+    eprintln!("{stats:?}");
     Ok(())
 }
 
