@@ -191,11 +191,12 @@ struct RepoInner<A: Aggregate> {
 
 /// Loads and saves aggregates of type `A`. Cheap to clone (shared state).
 ///
-/// Loading = latest snapshot (if enabled and of the current [`Aggregate::SNAPSHOT_VERSION`])
-/// + the events after it, each upcast then decoded with [`Aggregate::Codec`]; the result equals
-/// a full replay. With [`Repository::with_cache`] the command path keeps recently used
-/// aggregates in memory and trusts them optimistically: the append's `Exact(version)` check
-/// detects a stale entry (another writer or process), which is then refreshed from its tail.
+/// Loading = the latest snapshot (if enabled and of the current
+/// [`Aggregate::SNAPSHOT_VERSION`]) plus the events after it, each upcast then decoded with
+/// [`Aggregate::Codec`]; the result equals a full replay. With [`Repository::with_cache`] the
+/// command path keeps recently used aggregates in memory and trusts them optimistically: the
+/// append's `Exact(version)` check detects a stale entry (another writer or process), which is
+/// then refreshed from its tail.
 pub struct Repository<A: Aggregate> {
     inner: Arc<RepoInner<A>>,
 }
@@ -213,7 +214,10 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
         f.debug_struct("Repository")
             .field("aggregate", &A::TYPE)
             .field("upcasters", &self.inner.upcasters)
-            .field("snapshot_every", &self.inner.snapshots.as_ref().map(|s| s.every))
+            .field(
+                "snapshot_every",
+                &self.inner.snapshots.as_ref().map(|s| s.every),
+            )
             .field("cache", &self.inner.cache.is_some())
             .finish()
     }
@@ -336,17 +340,28 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Applies the stored events after `loaded.version` to it.
-    async fn catch_up(&self, tenant: &TenantId, stream: &StreamId, loaded: &mut Loaded<A>) -> Result<()> {
+    async fn catch_up(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        loaded: &mut Loaded<A>,
+    ) -> Result<()> {
         let events = self
             .inner
             .store
-            .read_stream(ReadStream::forwards(tenant.clone(), stream.clone()).from(loaded.version.next()))
+            .read_stream(
+                ReadStream::forwards(tenant.clone(), stream.clone()).from(loaded.version.next()),
+            )
             .await?;
         for e in events {
             if e.version != loaded.version.next() {
                 return Err(Error::corruption(
                     Some(e.position),
-                    format!("{stream}: expected version {} but read {}", loaded.version.next(), e.version),
+                    format!(
+                        "{stream}: expected version {} but read {}",
+                        loaded.version.next(),
+                        e.version
+                    ),
                 ));
             }
             let v = e.version;
@@ -371,12 +386,19 @@ impl<A: Aggregate> Repository<A> {
     /// The current state of aggregate `id`: cache or snapshot, plus the stored tail.
     pub async fn load(&self, tenant: &TenantId, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream_id(id)?;
-        self.load_stream(tenant, &stream, true).await.map(|(l, _)| l)
+        self.load_stream(tenant, &stream, true)
+            .await
+            .map(|(l, _)| l)
     }
 
     /// Loads; with `verify == false` a cached entry is returned without reading the store
     /// (second value `true`: unverified).
-    async fn load_stream(&self, tenant: &TenantId, stream: &StreamId, verify: bool) -> Result<(Loaded<A>, bool)> {
+    async fn load_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        verify: bool,
+    ) -> Result<(Loaded<A>, bool)> {
         let key = (tenant.clone(), stream.clone());
         let cached = self.inner.cache.as_ref().and_then(|c| {
             lock(c).map.get(&key).map(|(v, a)| Loaded {
@@ -409,16 +431,18 @@ impl<A: Aggregate> Repository<A> {
             return empty;
         };
         match s.store.load_snapshot(tenant, stream).await {
-            Ok(Some(snap)) if snap.schema_version == A::SNAPSHOT_VERSION => match (s.decode)(&snap.payload) {
-                Ok(state) => Loaded {
-                    state,
-                    version: snap.version,
-                },
-                Err(e) => {
-                    tracing::warn!(%stream, error = %e, "ignoring undecodable snapshot");
-                    empty
+            Ok(Some(snap)) if snap.schema_version == A::SNAPSHOT_VERSION => {
+                match (s.decode)(&snap.payload) {
+                    Ok(state) => Loaded {
+                        state,
+                        version: snap.version,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%stream, error = %e, "ignoring undecodable snapshot");
+                        empty
+                    }
                 }
-            },
+            }
             Ok(_) => empty,
             Err(e) => {
                 tracing::warn!(%stream, error = %e, "cannot load snapshot; replaying");
@@ -437,7 +461,8 @@ impl<A: Aggregate> Repository<A> {
                     c.map.remove(&k);
                 }
             }
-            c.map.insert(key.clone(), (loaded.version, loaded.state.clone()));
+            c.map
+                .insert(key.clone(), (loaded.version, loaded.state.clone()));
         }
     }
 
@@ -447,7 +472,12 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
-    fn to_new_events(&self, stream: &StreamId, events: &[A::Event], meta: &CommandMeta) -> Result<Vec<NewEvent>> {
+    fn to_new_events(
+        &self,
+        stream: &StreamId,
+        events: &[A::Event],
+        meta: &CommandMeta,
+    ) -> Result<Vec<NewEvent>> {
         let metadata = Metadata {
             correlation_id: meta.correlation_id.clone(),
             causation_id: meta
@@ -460,7 +490,9 @@ impl<A: Aggregate> Repository<A> {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let payload = A::Codec::encode(e).map_err(|err| Error::invalid(format!("events[{i}].payload"), err.to_string()))?;
+                let payload = A::Codec::encode(e).map_err(|err| {
+                    Error::invalid(format!("events[{i}].payload"), err.to_string())
+                })?;
                 let event_id = e.event_id().unwrap_or_else(|| match meta.command_id {
                     Some(c) => derived_event_id(c, stream, i),
                     None => EventId::new(),
@@ -528,7 +560,13 @@ impl<A: Aggregate> Repository<A> {
         Ok((out, after))
     }
 
-    async fn save_snapshot(&self, s: &Snapshots<A>, tenant: &TenantId, stream: &StreamId, l: &Loaded<A>) {
+    async fn save_snapshot(
+        &self,
+        s: &Snapshots<A>,
+        tenant: &TenantId,
+        stream: &StreamId,
+        l: &Loaded<A>,
+    ) {
         let payload = match (s.encode)(&l.state) {
             Ok(p) => p,
             Err(e) => {
@@ -621,7 +659,8 @@ impl<A: Aggregate> CommandBus<A> {
         id: &str,
         command: A::Command,
     ) -> Result<CommandOutcome, CommandError<A::Error>> {
-        self.execute_with(tenant, id, command, CommandMeta::default()).await
+        self.execute_with(tenant, id, command, CommandMeta::default())
+            .await
     }
 
     /// Executes `command` with metadata (idempotency key, correlation, headers).
@@ -663,11 +702,19 @@ impl<A: Aggregate> CommandBus<A> {
                     attempts: attempt,
                 });
             }
-            match self.repo.save(tenant, &stream, loaded, &events, &meta).await {
+            match self
+                .repo
+                .save(tenant, &stream, loaded, &events, &meta)
+                .await
+            {
                 Ok((out, after)) => {
                     return Ok(CommandOutcome {
                         stream,
-                        version: if out.duplicate { out.last_version() } else { after.version },
+                        version: if out.duplicate {
+                            out.last_version()
+                        } else {
+                            after.version
+                        },
                         events: out.events,
                         duplicate: out.duplicate,
                         attempts: attempt,

@@ -63,7 +63,9 @@ mod error;
 mod event;
 mod id;
 mod memory;
+pub mod projection;
 pub mod resilience;
+pub mod saga;
 mod store;
 pub mod upcast;
 
@@ -71,21 +73,25 @@ pub mod upcast;
 pub mod conformance;
 
 pub use aggregate::{Aggregate, DomainEvent, FieldError, Validator};
+pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use command::{
     CommandBus, CommandError, CommandMeta, CommandOutcome, Loaded, Repository, derived_event_id,
 };
-pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
-pub use upcast::{Upcaster, Upcasters};
-pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use error::{BoxError, Error, Result};
 pub use event::{
     CONTENT_TYPE_JSON, EventRef, Metadata, NewEvent, RecordedEvent, limits, validate_batch,
 };
 pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
 pub use memory::InMemoryStore;
+pub use projection::{Lag, LagHandle, Projection, ProjectionError, ProjectionRunner, ReadModelTx};
+pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
+pub use saga::{
+    CommandDispatcher, DispatchError, Reaction, Saga, SagaProgress, SagaRecord, SagaRunner,
+};
 pub use store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,
     EventStoreExt, KeyRange, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream,
     Snapshot, SnapshotStore, SubscribeOptions, Subscription, monotonic_now, prefix_end,
     resolve_duplicates,
 };
+pub use upcast::{Upcaster, Upcasters};
