@@ -71,6 +71,8 @@ pub mod upcast;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+#[cfg(feature = "testing")]
+pub mod runtime_checks;
 
 pub use aggregate::{Aggregate, DomainEvent, FieldError, Validator};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
