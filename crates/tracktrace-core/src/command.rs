@@ -80,7 +80,9 @@ pub fn derived_event_id(command_id: Uuid, stream: &StreamId, index: usize) -> Ev
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommandMeta {
     /// Idempotency key of the command: event ids are derived from it (unless the event
-    /// supplies its own), so executing the same command twice stores its events once.
+    /// supplies its own), so executing the same command twice stores its events once. A
+    /// command whose events are already stored is answered with the earlier outcome
+    /// (`duplicate: true`) without running the handler again (one extra read by id).
     pub command_id: Option<Uuid>,
     /// Correlation id for every event.
     pub correlation_id: Option<String>,
@@ -588,6 +590,46 @@ impl<A: Aggregate> Repository<A> {
     }
 }
 
+impl<A: Aggregate> CommandBus<A> {
+    /// If the command `command_id` already stored its events in `stream` (its first derived
+    /// event id exists), the outcome of that earlier execution, marked duplicate: a retried
+    /// command is answered without re-running the handler against the newer state.
+    async fn already_executed(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        command_id: Uuid,
+    ) -> Result<Option<CommandOutcome>> {
+        let store = self.repo.store();
+        let Some(first) = store
+            .get_event(tenant, derived_event_id(command_id, stream, 0))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if first.stream != *stream {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        let tail = store
+            .read_stream(ReadStream::forwards(tenant.clone(), stream.clone()).from(first.version))
+            .await?;
+        for (i, e) in tail.iter().enumerate() {
+            if e.event_id != derived_event_id(command_id, stream, i) {
+                break;
+            }
+            events.push(e.to_ref());
+        }
+        Ok(Some(CommandOutcome {
+            stream: stream.clone(),
+            version: events.last().map_or(first.version, |r| r.version),
+            events,
+            duplicate: true,
+            attempts: 1,
+        }))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Cache updates are single assignments: a poisoned lock still holds consistent data.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -680,6 +722,11 @@ impl<A: Aggregate> CommandBus<A> {
         let stream = Repository::<A>::stream_id(id).map_err(|e| CommandError::Validation {
             errors: vec![FieldError::new("id", e.to_string())],
         })?;
+        if let Some(command_id) = meta.command_id
+            && let Some(done) = self.already_executed(tenant, &stream, command_id).await?
+        {
+            return Ok(done);
+        }
         let max = self.retry.max_attempts.max(1);
         let mut attempt = 1;
         let mut verify = false;

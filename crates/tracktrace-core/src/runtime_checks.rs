@@ -316,6 +316,27 @@ pub async fn command_errors(s: RuntimeStores) -> CheckResult {
     ensure_eq!(a.events, b.events, "same references");
     let loaded = ok(bus.repository().load(&t, "acc-2").await, "load")?;
     ensure_eq!(loaded.state.balance, 15, "deposit applied once");
+    // A retried command is answered from its stored events, even where re-running the handler
+    // against the newer state would now reject it (withdrawing the whole balance twice).
+    let meta = CommandMeta::with_command_id(Uuid::now_v7());
+    let a = ok(
+        bus.execute_with(&t, "acc-2", AccountCommand::Withdraw(15), meta.clone())
+            .await,
+        "withdraw all",
+    )?;
+    let b = ok(
+        bus.execute_with(&t, "acc-2", AccountCommand::Withdraw(15), meta)
+            .await,
+        "retried withdraw",
+    )?;
+    ensure!(
+        b.duplicate && a.events == b.events,
+        "retry answered as duplicate: {a:?} {b:?}"
+    );
+    ok(
+        bus.execute(&t, "acc-2", AccountCommand::Deposit(15)).await,
+        "deposit back",
+    )?;
     // A rejection decided on a stale cache is re-checked: another bus deposits, then a
     // withdrawal that only the fresh state allows succeeds.
     let other = account_bus(&s, 0);
