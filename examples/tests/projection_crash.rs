@@ -66,11 +66,15 @@ fn open(dir: &Path) -> SledStore {
 fn child(dir: &Path) {
     runtime().block_on(async {
         let store = Arc::new(open(dir));
-        let mut runner = ProjectionRunner::new(store.clone(), store.clone(), projection())
-            .with_batch_size(10);
+        let mut runner =
+            ProjectionRunner::new(store.clone(), store.clone(), projection()).with_batch_size(10);
         loop {
             let (_, at_head) = runner.step().await.expect("projection step");
-            let cp = runner.checkpoint().await.expect("checkpoint").unwrap_or_default();
+            let cp = runner
+                .checkpoint()
+                .await
+                .expect("checkpoint")
+                .unwrap_or_default();
             println!("CP {}", cp.get());
             if at_head {
                 println!("DONE");
@@ -117,7 +121,10 @@ fn parent() {
         }
         child.kill().expect("kill -9 the child");
         let _ = child.wait();
-        assert!(cp > last_cp, "round {round}: progress across restarts ({last_cp} -> {cp})");
+        assert!(
+            cp > last_cp,
+            "round {round}: progress across restarts ({last_cp} -> {cp})"
+        );
         assert!(
             cp < head.get(),
             "round {round}: killed mid-catch-up (checkpoint {cp} < head {head})"

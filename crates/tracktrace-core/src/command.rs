@@ -198,7 +198,9 @@ struct RepoInner<A: Aggregate> {
 /// [`Aggregate::Codec`]; the result equals a full replay. With [`Repository::with_cache`] the
 /// command path keeps recently used aggregates in memory and trusts them optimistically: the
 /// append's `Exact(version)` check detects a stale entry (another writer or process), which is
-/// then refreshed from its tail.
+/// then refreshed from its tail. With the cache, an aggregate that is *not* cached is first
+/// assumed new (`Exact(0)` on the empty state): a new aggregate then costs one store round trip
+/// per command, an existing but uncached one a failed append before it is loaded and cached.
 pub struct Repository<A: Aggregate> {
     inner: Arc<RepoInner<A>>,
 }
@@ -408,6 +410,18 @@ impl<A: Aggregate> Repository<A> {
                 version: *v,
             })
         });
+        if !verify && self.inner.cache.is_some() && cached.is_none() {
+            // Optimistic miss: most uncached aggregates are new ones. Decide on the empty
+            // state; `Exact(0)` makes the append fail if the stream exists after all, and a
+            // rejection or no-op is re-checked against the store before it is reported.
+            return Ok((
+                Loaded {
+                    state: A::default(),
+                    version: Version::ZERO,
+                },
+                true,
+            ));
+        }
         if let Some(mut loaded) = cached {
             if !verify {
                 return Ok((loaded, true));
