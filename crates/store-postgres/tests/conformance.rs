@@ -1,0 +1,26 @@
+//! The kernel's conformance suite (every check plus the model-based proptest) against
+//! PostgreSQL, each store in a fresh schema so the tests run in parallel.
+//!
+//! Database: `TRACKTRACE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
+//! The generated tests cannot skip: without a reachable database they fail, naming the variable.
+
+mod common;
+
+use std::sync::Arc;
+
+use tracktrace_core::{EventStore, ReadModelStore, SnapshotStore};
+
+async fn make_store() -> Arc<dyn EventStore> {
+    Arc::new(common::store().await)
+}
+tracktrace_core::conformance_tests!(make_store);
+
+async fn make_read_model_store() -> Arc<dyn ReadModelStore> {
+    Arc::new(common::store().await)
+}
+tracktrace_core::read_model_tests!(make_read_model_store);
+
+async fn make_snapshot_store() -> Arc<dyn SnapshotStore> {
+    Arc::new(common::store().await)
+}
+tracktrace_core::snapshot_tests!(make_snapshot_store);
