@@ -310,7 +310,8 @@ impl PgStore {
 
         let channel = format!("{}_log", opts.schema);
         let shared = Arc::new(tasks::Shared::new(channel, opts.notify));
-        let listener_opts = conn_opts.application_name(&format!("{}-listener", opts.application_name));
+        let listener_opts =
+            conn_opts.application_name(&format!("{}-listener", opts.application_name));
         let guard = tasks::spawn(
             shared.clone(),
             pool.clone(),

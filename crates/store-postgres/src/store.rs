@@ -103,7 +103,8 @@ impl PgStore {
         retry: bool,
     ) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
         let ev = &req.events;
-        let (kind, expected) = expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let (kind, expected) =
+            expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
         let headers: Vec<Option<String>> = ev
             .iter()
             .map(|e| {
@@ -122,14 +123,34 @@ impl PgStore {
             .bind(kind)
             .bind(expected)
             .bind(retry)
-            .bind(ev.iter().map(|e| e.event_id.as_uuid()).collect::<Vec<Uuid>>())
-            .bind(ev.iter().map(|e| e.dedup_key.as_deref()).collect::<Vec<_>>())
+            .bind(
+                ev.iter()
+                    .map(|e| e.event_id.as_uuid())
+                    .collect::<Vec<Uuid>>(),
+            )
+            .bind(
+                ev.iter()
+                    .map(|e| e.dedup_key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(ev.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
             .bind(schema_versions)
-            .bind(ev.iter().map(|e| e.content_type.as_str()).collect::<Vec<_>>())
+            .bind(
+                ev.iter()
+                    .map(|e| e.content_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(ev.iter().map(|e| &e.payload[..]).collect::<Vec<&[u8]>>())
-            .bind(ev.iter().map(|e| e.metadata.correlation_id.as_deref()).collect::<Vec<_>>())
-            .bind(ev.iter().map(|e| e.metadata.causation_id.as_deref()).collect::<Vec<_>>())
+            .bind(
+                ev.iter()
+                    .map(|e| e.metadata.correlation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                ev.iter()
+                    .map(|e| e.metadata.causation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(headers)
             .fetch_all(&self.inner.pool)
             .await
@@ -148,10 +169,14 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
         let slot = usize::try_from(idx - 1)
             .ok()
             .and_then(|i| out.get_mut(i))
-            .ok_or_else(|| Error::corruption(None, format!("duplicate lookup returned index {idx}")))?;
+            .ok_or_else(|| {
+                Error::corruption(None, format!("duplicate lookup returned index {idx}"))
+            })?;
         *slot = Some(EventRef {
-            event_id: EventId::from_uuid(id).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
-            stream: StreamId::parse(stream).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            event_id: EventId::from_uuid(id)
+                .map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            stream: StreamId::parse(stream)
+                .map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
             version: Version::new(u64::try_from(version).unwrap_or_default()),
             position: pos,
         });
@@ -163,7 +188,12 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
 impl EventStore for PgStore {
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
         validate_batch(&req.events)?;
-        if let Some((i, _)) = req.events.iter().enumerate().find(|(_, e)| e.schema_version > i32::MAX as u32) {
+        if let Some((i, _)) = req
+            .events
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.schema_version > i32::MAX as u32)
+        {
             return Err(Error::invalid(
                 format!("events[{i}].schema_version"),
                 "must fit in a signed 32-bit integer",
@@ -186,9 +216,9 @@ impl EventStore for PgStore {
                     return Err(map_err("append", e));
                 }
             };
-            let first = rows
-                .first()
-                .ok_or_else(|| Error::backend("append", std::io::Error::other("tt_append returned no row")))?;
+            let first = rows.first().ok_or_else(|| {
+                Error::backend("append", std::io::Error::other("tt_append returned no row"))
+            })?;
             let kind: i16 = first.try_get(0).map_err(|e| map_err("append", e))?;
             match kind {
                 0 => {
@@ -235,7 +265,10 @@ impl EventStore for PgStore {
                     // Unreachable in practice: the version was checked and read in one place.
                 }
                 k => {
-                    return Err(Error::corruption(None, format!("tt_append returned kind {k}")));
+                    return Err(Error::corruption(
+                        None,
+                        format!("tt_append returned kind {k}"),
+                    ));
                 }
             }
         }
@@ -343,20 +376,25 @@ impl EventStore for PgStore {
     }
 
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        let v: Option<i64> =
-            sqlx::query_scalar(
-                "SELECT version FROM events WHERE tenant = $1 AND stream = $2 \
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM events WHERE tenant = $1 AND stream = $2 \
                  ORDER BY version DESC LIMIT 1",
-            )
-            .bind(tenant.as_str())
-            .bind(stream.as_str())
-            .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(|e| map_err("stream version", e))?;
-        Ok(Version::new(v.map_or(0, |v| u64::try_from(v).unwrap_or_default())))
+        )
+        .bind(tenant.as_str())
+        .bind(stream.as_str())
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(|e| map_err("stream version", e))?;
+        Ok(Version::new(
+            v.map_or(0, |v| u64::try_from(v).unwrap_or_default()),
+        ))
     }
 
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT tenant, stream, {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND event_id = $2"
         )))

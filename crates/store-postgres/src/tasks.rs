@@ -116,10 +116,10 @@ async fn notifier(shared: Arc<Shared>, pool: PgPool) {
         // cheaper but measured 4x slower appends: every asynchronous commit wakes the WAL
         // writer, whose extra flushes then compete with the appends' own commit flushes.
         let res = sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(&shared.channel)
-        .bind(pos.to_string())
-        .execute(&pool)
-        .await;
+            .bind(&shared.channel)
+            .bind(pos.to_string())
+            .execute(&pool)
+            .await;
         if let Err(e) = res {
             tracing::warn!(channel = %shared.channel, error = %e, "NOTIFY failed; subscribers in other processes wake on the next commit");
         }

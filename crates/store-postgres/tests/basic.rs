@@ -16,14 +16,21 @@ fn ev(t: &str) -> NewEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_read_conflict_duplicate() {
-    let Some(s) = common::try_store().await else { return };
+    let Some(s) = common::try_store().await else {
+        return;
+    };
     let t = TenantId::parse("acme").unwrap();
     let b = StreamId::parse("Bag-1").unwrap();
     let mut e1 = ev("A");
     e1.metadata.correlation_id = Some("corr".into());
     e1.metadata.headers.insert("h".into(), "v".into());
     let out = s
-        .append_to(&t, &b, ExpectedVersion::NoStream, vec![e1.clone(), ev("B").with_dedup_key("k1")])
+        .append_to(
+            &t,
+            &b,
+            ExpectedVersion::NoStream,
+            vec![e1.clone(), ev("B").with_dedup_key("k1")],
+        )
         .await
         .unwrap();
     assert!(!out.duplicate);
@@ -38,7 +45,12 @@ async fn append_read_conflict_duplicate() {
     assert_eq!(again.events[0], out.events[0]);
     // dedup key with another id
     let again = s
-        .append_to(&t, &b, ExpectedVersion::Any, vec![ev("X").with_dedup_key("k1")])
+        .append_to(
+            &t,
+            &b,
+            ExpectedVersion::Any,
+            vec![ev("X").with_dedup_key("k1")],
+        )
         .await
         .unwrap();
     assert!(again.duplicate);
@@ -51,7 +63,12 @@ async fn append_read_conflict_duplicate() {
     assert!(matches!(err, Error::Duplicate { .. }), "{err:?}");
     // conflict
     let err = s
-        .append_to(&t, &b, ExpectedVersion::Exact(Version::new(1)), vec![ev("C")])
+        .append_to(
+            &t,
+            &b,
+            ExpectedVersion::Exact(Version::new(1)),
+            vec![ev("C")],
+        )
         .await
         .unwrap_err();
     assert!(
@@ -59,17 +76,32 @@ async fn append_read_conflict_duplicate() {
         "{err:?}"
     );
     let err = s
-        .append_to(&t, &StreamId::parse("none").unwrap(), ExpectedVersion::StreamExists, vec![ev("C")])
+        .append_to(
+            &t,
+            &StreamId::parse("none").unwrap(),
+            ExpectedVersion::StreamExists,
+            vec![ev("C")],
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict { actual, .. } if actual == Version::ZERO), "{err:?}");
-    s.append_to(&t, &b, ExpectedVersion::Exact(Version::new(2)), vec![ev("C")])
-        .await
-        .unwrap();
+    assert!(
+        matches!(err, Error::Conflict { actual, .. } if actual == Version::ZERO),
+        "{err:?}"
+    );
+    s.append_to(
+        &t,
+        &b,
+        ExpectedVersion::Exact(Version::new(2)),
+        vec![ev("C")],
+    )
+    .await
+    .unwrap();
     s.append_to(&t, &b, ExpectedVersion::StreamExists, vec![ev("D")])
         .await
         .unwrap();
-    s.append_to(&t, &b, ExpectedVersion::Any, vec![ev("E")]).await.unwrap();
+    s.append_to(&t, &b, ExpectedVersion::Any, vec![ev("E")])
+        .await
+        .unwrap();
 
     let all = s.read_stream_forwards(&t, &b).await.unwrap();
     let types: Vec<_> = all.iter().map(|e| e.event_type.as_str()).collect();
@@ -78,10 +110,17 @@ async fn append_read_conflict_duplicate() {
     assert_eq!(all[0].payload, e1.payload);
     assert_eq!(all[1].dedup_key.as_deref(), Some("k1"));
     let back = s
-        .read_stream(ReadStream::backwards(t.clone(), b.clone()).from(Version::new(4)).limit(2))
+        .read_stream(
+            ReadStream::backwards(t.clone(), b.clone())
+                .from(Version::new(4))
+                .limit(2),
+        )
         .await
         .unwrap();
-    assert_eq!(back.iter().map(|e| e.version.get()).collect::<Vec<_>>(), [4, 3]);
+    assert_eq!(
+        back.iter().map(|e| e.version.get()).collect::<Vec<_>>(),
+        [4, 3]
+    );
     assert_eq!(s.stream_version(&t, &b).await.unwrap(), Version::new(5));
 
     let page = s.read_all(ReadAll::from(Position::START, 3)).await.unwrap();
@@ -96,7 +135,9 @@ async fn append_read_conflict_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_goes_live() {
-    let Some(s) = common::try_store().await else { return };
+    let Some(s) = common::try_store().await else {
+        return;
+    };
     let s = Arc::new(s);
     let t = TenantId::parse("acme").unwrap();
     let b = StreamId::parse("Bag-1").unwrap();

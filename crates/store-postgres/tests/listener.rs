@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracktrace_core::{
-    EventStore, EventStoreExt, ExpectedVersion, NewEvent, StreamId, SubscribeOptions,
-    Subscription, TenantId,
+    EventStore, EventStoreExt, ExpectedVersion, NewEvent, StreamId, SubscribeOptions, Subscription,
+    TenantId,
 };
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
 
@@ -21,7 +21,9 @@ const AFTER: usize = 50;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_listener_reconnects_and_the_subscription_loses_nothing() {
-    let Some(writer) = common::try_store().await else { return };
+    let Some(writer) = common::try_store().await else {
+        return;
+    };
     // A second store on the same schema: its subscriber can only learn about the writer's
     // commits through LISTEN/NOTIFY (or the reconnect wake-up), never through local wake-ups.
     let app = format!("tt-test-{}", writer.store.schema());
@@ -47,13 +49,11 @@ async fn killed_listener_reconnects_and_the_subscription_loses_nothing() {
         .await
         .unwrap();
     let listener_pids = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
-        )
-        .bind(&listener_app)
-        .fetch_all(&admin)
-        .await
-        .unwrap()
+        sqlx::query_scalar::<_, i32>("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+            .bind(&listener_app)
+            .fetch_all(&admin)
+            .await
+            .unwrap()
     };
 
     let reader: Arc<dyn EventStore> = Arc::new(reader);
@@ -64,7 +64,11 @@ async fn killed_listener_reconnects_and_the_subscription_loses_nothing() {
         let e = NewEvent::json("Scanned", &serde_json::json!({ "i": i }));
         ids.push(e.event_id);
         let (w, t, s) = (store.clone(), tenant.clone(), stream.clone());
-        async move { w.append_to(&t, &s, ExpectedVersion::Any, vec![e]).await.unwrap() }
+        async move {
+            w.append_to(&t, &s, ExpectedVersion::Any, vec![e])
+                .await
+                .unwrap()
+        }
     };
 
     // Wait for the listener to be connected (it starts in the background).

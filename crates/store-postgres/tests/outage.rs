@@ -32,14 +32,18 @@ struct Proxy {
 
 impl Proxy {
     async fn start(upstream: (String, u16), port: u16) -> Proxy {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind proxy");
+        let listener = TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind proxy");
         let port = listener.local_addr().unwrap().port();
         let mut tasks = JoinSet::new();
         let up = upstream.clone();
         tasks.spawn(async move {
             let mut conns = JoinSet::new();
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { break };
+                let Ok((mut client, _)) = listener.accept().await else {
+                    break;
+                };
                 let up = up.clone();
                 conns.spawn(async move {
                     if let Ok(mut server) = TcpStream::connect((up.0.as_str(), up.1)).await {
@@ -65,7 +69,9 @@ impl Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_server_is_unavailable_and_the_store_recovers() {
     // Needs the real database behind the proxy (skips like the other tests without one).
-    let Some(direct) = common::try_store().await else { return };
+    let Some(direct) = common::try_store().await else {
+        return;
+    };
     let opts: PgConnectOptions = common::url().parse().unwrap();
     let upstream = (opts.get_host().to_owned(), opts.get_port());
     let mut proxy = Proxy::start(upstream, 0).await;
@@ -82,7 +88,12 @@ async fn a_lost_server_is_unavailable_and_the_store_recovers() {
     let tenant = TenantId::parse("acme").unwrap();
     let stream = StreamId::parse("Bag-1").unwrap();
     store
-        .append_to(&tenant, &stream, ExpectedVersion::NoStream, vec![NewEvent::json("A", &serde_json::json!({}))])
+        .append_to(
+            &tenant,
+            &stream,
+            ExpectedVersion::NoStream,
+            vec![NewEvent::json("A", &serde_json::json!({}))],
+        )
         .await
         .expect("append through the proxy");
 
@@ -92,7 +103,12 @@ async fn a_lost_server_is_unavailable_and_the_store_recovers() {
     let retried = NewEvent::json("B", &serde_json::json!({}));
     for _ in 0..2 {
         let err = store
-            .append_to(&tenant, &stream, ExpectedVersion::Any, vec![retried.clone()])
+            .append_to(
+                &tenant,
+                &stream,
+                ExpectedVersion::Any,
+                vec![retried.clone()],
+            )
             .await
             .expect_err("the server is gone");
         assert!(err.is_retryable(), "expected Unavailable, got {err:?}");
@@ -106,7 +122,12 @@ async fn a_lost_server_is_unavailable_and_the_store_recovers() {
     let mut outcome = None;
     for _ in 0..50 {
         match store
-            .append_to(&tenant, &stream, ExpectedVersion::Any, vec![retried.clone()])
+            .append_to(
+                &tenant,
+                &stream,
+                ExpectedVersion::Any,
+                vec![retried.clone()],
+            )
             .await
         {
             Ok(out) => {
@@ -114,7 +135,10 @@ async fn a_lost_server_is_unavailable_and_the_store_recovers() {
                 break;
             }
             Err(e) => {
-                assert!(e.is_retryable(), "expected Unavailable while recovering, got {e:?}");
+                assert!(
+                    e.is_retryable(),
+                    "expected Unavailable while recovering, got {e:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -126,6 +150,10 @@ async fn a_lost_server_is_unavailable_and_the_store_recovers() {
         .read_stream_forwards(&tenant, &stream)
         .await
         .unwrap();
-    assert_eq!(events.len(), 2, "the retried append was stored exactly once");
+    assert_eq!(
+        events.len(),
+        2,
+        "the retried append was stored exactly once"
+    );
     drop(proxy);
 }

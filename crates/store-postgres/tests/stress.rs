@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tracktrace_core::{
-    EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, NewEvent, Position,
-    StreamId, SubscribeOptions, Subscription, TenantId, Version,
+    EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, NewEvent, Position, StreamId,
+    SubscribeOptions, Subscription, TenantId, Version,
 };
 
 const WRITERS: usize = 8;
@@ -77,11 +77,17 @@ async fn concurrent_writers_and_a_live_subscriber_agree_on_one_gap_free_log() {
         .expect("the subscriber never received every event (a lost wake-up or a skipped event)")
         .expect("subscriber task");
     for pair in seen.windows(2) {
-        assert!(pair[0].0 < pair[1].0, "positions not strictly increasing: {pair:?}");
+        assert!(
+            pair[0].0 < pair[1].0,
+            "positions not strictly increasing: {pair:?}"
+        );
     }
     let seen_ids: HashSet<EventId> = seen.iter().map(|(_, id)| *id).collect();
     assert_eq!(seen_ids.len(), total, "an event was delivered twice");
-    assert_eq!(seen_ids, written, "the subscriber's events differ from the written ones");
+    assert_eq!(
+        seen_ids, written,
+        "the subscriber's events differ from the written ones"
+    );
 
     // A reader started afterwards sees exactly the same sequence.
     let later: Vec<(Position, EventId)> = store
@@ -105,5 +111,10 @@ async fn concurrent_writers_and_a_live_subscriber_agree_on_one_gap_free_log() {
         .await
         .unwrap();
     assert_eq!(shared.len(), WRITERS * APPENDS.div_ceil(10));
-    assert!(shared.iter().enumerate().all(|(i, e)| e.version.get() == i as u64 + 1));
+    assert!(
+        shared
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.version.get() == i as u64 + 1)
+    );
 }
