@@ -1,9 +1,12 @@
 //! The command path (`CommandBus::execute`: validate → load → handle → append with
-//! `Exact(version)`), one caller, single-event commands, on each backend:
+//! `Exact(version)`), one caller, single-event commands, on each backend (memory, sled with its
+//! durable default, PostgreSQL when reachable):
 //!
 //! | id | what one iteration does |
 //! |---|---|
+//! | `baseline_append/{store}` | one bare `EventStore::append` of one event to a new stream (the floor) |
 //! | `new_aggregate/{store}` | one command on a never-seen aggregate |
+//! | `new_aggregate_8_callers/{store}` | 8 concurrent callers, one command each on a never-seen aggregate |
 //! | `growing_1000/{store}/{config}` | 1,000 commands on one new aggregate (its stream grows 0 → 1,000); not for `replay` |
 //! | `at_1000/{store}/{config}` | one command on an aggregate whose stream already holds ≥ 1,000 events |
 //!
@@ -21,9 +24,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Runtime;
 use tracktrace_core::{
-    Aggregate, CommandBus, DomainEvent, EventStore, InMemoryStore, JsonCodec, Repository,
-    SnapshotStore, TenantId,
+    Aggregate, CommandBus, DomainEvent, EventStore, EventStoreExt, ExpectedVersion, InMemoryStore,
+    JsonCodec, NewEvent, Repository, SnapshotStore, StreamId, TenantId,
 };
+use tracktrace_store_postgres::{PgStore, PgStoreOptions};
 use tracktrace_store_sled::{Durability, SledOptions, SledStore};
 
 /// A small aggregate, like the peers' benchmark aggregates.
@@ -103,6 +107,31 @@ fn bench_backend<S: EventStore + SnapshotStore>(
 ) {
     let tenant = TenantId::parse("bench").expect("tenant");
 
+    // Baseline in the same conditions: one bare `EventStore::append` of one event to a new
+    // stream (what every command costs at least).
+    let mut g = c.benchmark_group("command/baseline_append");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(1));
+    g.bench_function(name, |bencher| {
+        bencher.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for i in 0..iters {
+                    let stream = StreamId::parse(format!("Raw-{}", fresh_id())).expect("stream");
+                    let event = NewEvent::json("Scanned", &serde_json::json!({"seq": i}));
+                    store
+                        .append_to(&tenant, &stream, ExpectedVersion::NoStream, vec![event])
+                        .await
+                        .expect("append");
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
     let mut g = c.benchmark_group("command/new_aggregate");
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(500))
@@ -115,6 +144,35 @@ fn bench_backend<S: EventStore + SnapshotStore>(
                 let start = Instant::now();
                 for i in 0..iters {
                     b.execute(&tenant, &fresh_id(), i).await.expect("command");
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    // Eight callers at once, each on its own new aggregates (the server's situation).
+    let mut g = c.benchmark_group("command/new_aggregate_8_callers");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .throughput(Throughput::Elements(8));
+    g.bench_function(name, |bencher| {
+        bencher.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                let tasks: Vec<_> = (0..8)
+                    .map(|_| {
+                        let (b, tenant) = (b.clone(), tenant.clone());
+                        tokio::spawn(async move {
+                            for i in 0..iters {
+                                b.execute(&tenant, &fresh_id(), i).await.expect("command");
+                            }
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    t.await.expect("caller task");
                 }
                 start.elapsed()
             })
@@ -186,6 +244,32 @@ fn backends(c: &mut Criterion) {
             .expect("open sled store"),
     );
     bench_backend(c, &rt, "sled-fsync", sled);
+
+    // PostgreSQL in a fresh schema, dropped at the end; skipped (loudly) outside CI when no
+    // database is reachable.
+    let url = std::env::var("TRACKTRACE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let schema = format!("tt_bench_cmd_{:016x}", fastrand::u64(..));
+    let pg = rt.block_on(PgStore::connect_with(
+        PgStoreOptions::new(&url)
+            .schema(&schema)
+            .max_connections(16)
+            .connect_timeout(Duration::from_secs(5)),
+    ));
+    match pg {
+        Ok(pg) => {
+            let pg = Arc::new(pg);
+            bench_backend(c, &rt, "postgres", pg.clone());
+            let _ = rt.block_on(pg.drop_schema());
+        }
+        Err(e) if e.is_retryable() && std::env::var("CI").map_or(true, |v| v != "true") => {
+            eprintln!(
+                "\n=== command bench on PostgreSQL SKIPPED: no database at {url} ({e}).\n\
+                 === Set TRACKTRACE_TEST_DATABASE_URL to a reachable PostgreSQL.\n"
+            );
+        }
+        Err(e) => panic!("command bench: cannot connect to {url}: {e}"),
+    }
 }
 
 criterion_group!(benches, backends);
