@@ -29,3 +29,15 @@ if ! up 4222; then
     -a 127.0.0.1 -p 4222 -js -sd /var/lib/nats-server -l /var/log/nats-server.log || true
 fi
 wait_up nats 4222
+
+# InfluxDB 1.x and promtool come from Debian's packages; install them when missing.
+if ! command -v influxd >/dev/null || ! command -v promtool >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null
+  apt-get install -y -qq influxdb prometheus >/dev/null
+fi
+# The packages may start their Debian services; we run our own loopback instance instead.
+for svc in influxdb prometheus; do
+  (systemctl stop "$svc" || service "$svc" stop) >/dev/null 2>&1 || true
+done
+pkill -f '^/usr/bin/prometheus' >/dev/null 2>&1 || true

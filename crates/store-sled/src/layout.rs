@@ -13,9 +13,10 @@
 //!     event; an event larger than a page gets a page of its own, chunked;
 //!   - `X` + page key without its tag + chunk index (u32 BE) → continuation chunks of a large page;
 //!   - `S` + tenant + `0x00` + stream + `0x00` + first version (u64 BE) → a *run*: first position
-//!     (u64 BE) + event count (u32 BE). One append writes one run (its positions are contiguous),
-//!     so a stream index costs one write per append, not per event, and the stream's version is
-//!     the end of its last run;
+//!     (u64 BE) + event count (u32 BE) + key position of the page holding the first event
+//!     (u64 BE). One append writes one run (its positions are contiguous), so a stream index
+//!     costs one write per append, not per event, and the stream's version is the end of its
+//!     last run;
 //!   - `I` + tenant + `0x00` + event id (16 bytes) → [`IndexEntry`]: the key position of the
 //!     event's page and the event's position (u64 BE each);
 //!   - `D` + tenant + `0x00` + dedup key → [`IndexEntry`] likewise.
@@ -216,6 +217,8 @@ pub struct Run {
     pub first_position: u64,
     /// Number of events in the run (≥ 1).
     pub count: u32,
+    /// Key position of the page holding the run's first event (≤ `first_position`).
+    pub first_page: u64,
 }
 
 impl Run {
@@ -230,10 +233,11 @@ impl Run {
     }
 
     /// The value stored for the run.
-    pub fn encode_value(&self) -> [u8; 12] {
-        let mut v = [0u8; 12];
+    pub fn encode_value(&self) -> [u8; 20] {
+        let mut v = [0u8; 20];
         v[..8].copy_from_slice(&self.first_position.to_be_bytes());
-        v[8..].copy_from_slice(&self.count.to_be_bytes());
+        v[8..12].copy_from_slice(&self.count.to_be_bytes());
+        v[12..].copy_from_slice(&self.first_page.to_be_bytes());
         v
     }
 
@@ -241,12 +245,15 @@ impl Run {
     pub fn decode(prefix_len: usize, key: &[u8], value: &[u8]) -> Option<Run> {
         let first_version = u64::from_be_bytes(key.get(prefix_len..)?.try_into().ok()?);
         let first_position = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-        let count = u32::from_be_bytes(value.get(8..)?.try_into().ok()?);
-        (count > 0 && first_version > 0 && first_position > 0).then_some(Run {
-            first_version,
-            first_position,
-            count,
-        })
+        let count = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
+        let first_page = u64::from_be_bytes(value.get(12..)?.try_into().ok()?);
+        (count > 0 && first_version > 0 && first_page > 0 && first_page <= first_position)
+            .then_some(Run {
+                first_version,
+                first_position,
+                count,
+                first_page,
+            })
     }
 }
 
@@ -499,6 +506,7 @@ mod tests {
             first_version: 3,
             first_position: 40,
             count: 2,
+            first_page: 38,
         };
         assert_eq!(
             Run::decode(p.len(), &run_key(&p, 3), &r.encode_value()),

@@ -382,23 +382,24 @@ impl SledStore {
         out: &mut Vec<RecordedEvent>,
     ) -> Result<()> {
         let (p0, p1) = (run.position_of(v0), run.position_of(v1));
-        self.shared().walk(p0, p1, req.direction, |pos, bytes| {
-            let e = decode_event(pos, bytes)?;
-            if e.tenant != req.tenant
-                || e.stream != req.stream
-                || e.version.get() != run.first_version + (pos - run.first_position)
-            {
-                return Err(corrupt(
-                    pos,
-                    format!(
-                        "the stream index of {}/{} points to version {} of {}/{}",
-                        req.tenant, req.stream, e.version, e.tenant, e.stream
-                    ),
-                ));
-            }
-            out.push(e);
-            Ok(out.len() >= req.limit)
-        })
+        self.shared()
+            .walk(p0, p1, req.direction, Some(run.first_page), |pos, bytes| {
+                let e = decode_event(pos, bytes)?;
+                if e.tenant != req.tenant
+                    || e.stream != req.stream
+                    || e.version.get() != run.first_version + (pos - run.first_position)
+                {
+                    return Err(corrupt(
+                        pos,
+                        format!(
+                            "the stream index of {}/{} points to version {} of {}/{}",
+                            req.tenant, req.stream, e.version, e.tenant, e.stream
+                        ),
+                    ));
+                }
+                out.push(e);
+                Ok(out.len() >= req.limit)
+            })
     }
 }
 
@@ -455,12 +456,14 @@ impl Shared {
 
     /// Calls `f` with each position from `p0` to `p1` (inclusive, `1 <= p0 <= p1`) and its
     /// encoded event, in `direction`, until `f` returns `true`. A position missing from the log
-    /// is a corruption error.
+    /// is a corruption error. `first_page`, if known, is the key position of a page at or before
+    /// the one holding `p0` (it saves a reverse lookup, which is slow in sled 0.34).
     pub(crate) fn walk(
         &self,
         p0: u64,
         p1: u64,
         direction: Direction,
+        first_page: Option<u64>,
         mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
     ) -> Result<()> {
         let missing = |p: u64| corrupt(p, "event missing from the log");
@@ -470,37 +473,61 @@ impl Shared {
         };
         match direction {
             Direction::Forwards => {
-                let start = match self
-                    .log
-                    .range(layout::page_key(0)..=layout::page_key(p0))
-                    .next_back()
-                {
-                    Some(item) => parse(item)?.0,
-                    None => p0,
-                };
                 let mut expect = p0;
-                for item in self
-                    .log
-                    .range(layout::page_key(start)..=layout::page_key(p1))
-                {
-                    let (first, bytes) = parse(item)?;
-                    let page =
-                        layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                // Visits one page; `true` once the walk is over.
+                let mut visit = |first: u64, bytes: &[u8], expect: &mut u64| -> Result<bool> {
+                    let page = layout::Page::parse(bytes).map_err(|d| corrupt(first, d))?;
                     for i in 0..page.len() {
                         let pos = first + i as u64;
                         if pos < p0 {
                             continue;
                         }
                         if pos > p1 {
-                            return Ok(());
+                            return Ok(true);
                         }
-                        if pos != expect {
-                            return Err(missing(expect));
+                        if pos != *expect {
+                            return Err(missing(*expect));
                         }
-                        expect += 1;
+                        *expect += 1;
                         if f(pos, page.event(i))? {
-                            return Ok(());
+                            return Ok(true);
                         }
+                    }
+                    Ok(*expect > p1)
+                };
+                let start = match first_page {
+                    // A point read of the known first page is much cheaper than an iterator
+                    // (short runs, e.g. single-event appends, need nothing else).
+                    Some(page) => {
+                        let page = page.min(p0);
+                        let key = layout::page_key(page);
+                        match self.log.get(key).map_err(sled_err)? {
+                            Some(v) => {
+                                let (first, bytes) = self.load_page(&key, v)?;
+                                if visit(first, bytes.as_ref(), &mut expect)? {
+                                    return Ok(());
+                                }
+                                page + 1
+                            }
+                            None => page,
+                        }
+                    }
+                    None => match self
+                        .log
+                        .range(layout::page_key(0)..=layout::page_key(p0))
+                        .next_back()
+                    {
+                        Some(item) => parse(item)?.0,
+                        None => p0,
+                    },
+                };
+                for item in self
+                    .log
+                    .range(layout::page_key(start)..=layout::page_key(p1))
+                {
+                    let (first, bytes) = parse(item)?;
+                    if visit(first, bytes.as_ref(), &mut expect)? {
+                        return Ok(());
                     }
                 }
                 if expect == p1 + 1 {
@@ -511,9 +538,10 @@ impl Shared {
             }
             Direction::Backwards => {
                 let mut expect = p1;
+                let low = first_page.unwrap_or(0).min(p0);
                 for item in self
                     .log
-                    .range(layout::page_key(0)..=layout::page_key(p1))
+                    .range(layout::page_key(low)..=layout::page_key(p1))
                     .rev()
                 {
                     let (first, bytes) = parse(item)?;
@@ -707,7 +735,7 @@ impl EventStore for SledStore {
             // Positions are contiguous, so the page ends right after the last event considered
             // (no need to look at the next one).
             self.shared()
-                .walk(from, head, Direction::Forwards, |pos, bytes| {
+                .walk(from, head, Direction::Forwards, None, |pos, bytes| {
                     let e = decode_event(pos, bytes)?;
                     if req.filter.matches(&e) {
                         events.push(e);

@@ -25,6 +25,8 @@ use crate::store::{Shared, sled_err};
 
 /// Most requests committed together in one group.
 const MAX_GROUP_REQUESTS: usize = 1024;
+/// A group stops taking appends once it holds this many events (bounds its memory).
+const MAX_GROUP_EVENTS: usize = 20_000;
 
 /// A write for the writer thread.
 pub(crate) enum Request {
@@ -45,6 +47,15 @@ pub(crate) enum Request {
         snapshot: Snapshot,
         reply: oneshot::Sender<Result<()>>,
     },
+}
+
+impl Request {
+    fn event_count(&self) -> usize {
+        match self {
+            Request::Append { req, .. } => req.events.len(),
+            _ => 1,
+        }
+    }
 }
 
 pub(crate) enum Reply {
@@ -243,6 +254,8 @@ struct Group {
     refs: HashMap<Vec<u8>, EventRef>,
     /// The group's encoded events in position order, packed into pages at the end.
     events: Vec<PendingEvent>,
+    /// The group's stream-index runs, written with the pages.
+    runs: Vec<(Vec<u8>, Run)>,
 }
 
 struct PendingEvent {
@@ -259,6 +272,7 @@ impl Group {
     /// Packs the staged events into pages and adds them and their index entries to the batch.
     fn write_pages(&mut self) {
         let events = std::mem::take(&mut self.events);
+        let mut page_starts = Vec::new();
         let mut start = 0;
         while start < events.len() {
             let mut size = layout::page_size([events[start].envelope.len()]);
@@ -269,6 +283,7 @@ impl Group {
                 end += 1;
             }
             let first = events[start].position;
+            page_starts.push(first);
             let page =
                 layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
             layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
@@ -284,16 +299,29 @@ impl Group {
             }
             start = end;
         }
+        for (key, mut run) in std::mem::take(&mut self.runs) {
+            // The page holding the run's first event: the last one starting at or before it.
+            let i = page_starts.partition_point(|&p| p <= run.first_position);
+            run.first_page = page_starts
+                .get(i.wrapping_sub(1))
+                .copied()
+                .unwrap_or(run.first_position);
+            self.batch.insert(key, &run.encode_value());
+        }
     }
 }
 
 impl Writer {
     pub(crate) fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
+            let mut events = first.event_count();
             let mut group = vec![first];
-            while group.len() < MAX_GROUP_REQUESTS {
+            while group.len() < MAX_GROUP_REQUESTS && events < MAX_GROUP_EVENTS {
                 match self.rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(r) => {
+                        events += r.event_count();
+                        group.push(r);
+                    }
                     Err(_) => break,
                 }
             }
@@ -484,13 +512,16 @@ impl Writer {
             });
             refs.push(r);
         }
-        let run = Run {
-            first_version: actual + 1,
-            first_position,
-            count: u32::try_from(count).unwrap_or(u32::MAX),
-        };
-        g.batch
-            .insert(layout::run_key(&prefix, actual + 1), &run.encode_value());
+        // Written with the pages, which decide `first_page`.
+        g.runs.push((
+            layout::run_key(&prefix, actual + 1),
+            Run {
+                first_version: actual + 1,
+                first_position,
+                count: u32::try_from(count).unwrap_or(u32::MAX),
+                first_page: first_position,
+            },
+        ));
         g.versions.insert(prefix, actual + count);
         g.dirty = true;
         self.next_position += count;

@@ -1004,6 +1004,50 @@ pub async fn concurrent_exact_appends(store: Arc<dyn EventStore>) -> CheckResult
     Ok(())
 }
 
+/// Many tasks race to append the *same* batch (a client retry racing its original): exactly
+/// one append writes it, every other one gets the duplicate outcome with the same references,
+/// and the log holds the batch once.
+pub async fn concurrent_duplicate_appends(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("dup-race-1"));
+    const TASKS: usize = 8;
+    for round in 0..5 {
+        let mut batch = evs("Retry", 3);
+        batch[1].dedup_key = Some(format!("round-{round}"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let mut handles = Vec::new();
+        for _ in 0..TASKS {
+            let (store, tn, st, batch, barrier) = (
+                store.clone(),
+                tn.clone(),
+                st.clone(),
+                batch.clone(),
+                barrier.clone(),
+            );
+            handles.push(tokio::spawn(async move {
+                barrier.wait().await;
+                store.append_to(&tn, &st, ExpectedVersion::Any, batch).await
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for h in handles {
+            let r = h.await.map_err(|e| CheckFailure(format!("task: {e}")))?;
+            outcomes.push(ok(r, "racing duplicate append")?);
+        }
+        let writers = outcomes.iter().filter(|o| !o.duplicate).count();
+        ensure_eq!(writers, 1, "appends that wrote the batch in round {round}");
+        for o in &outcomes {
+            ensure_eq!(
+                o.events,
+                outcomes[0].events,
+                "every racer gets the same references"
+            );
+        }
+    }
+    let events = ok(store.read_stream_forwards(&tn, &st).await, "read")?;
+    ensure_eq!(events.len(), 15, "each racing batch stored once");
+    Ok(())
+}
+
 /// Many tasks append to many streams while a subscriber follows the global log: it sees every
 /// event exactly once, in strictly increasing positions, and never finds a committed event
 /// below a position it already passed (compared with a full read afterwards).
@@ -1486,7 +1530,7 @@ macro_rules! conformance_tests {
             idempotent_by_dedup_key, partial_duplicate_batch_rejected, event_ids_are_per_tenant,
             read_stream_directions, read_all_order_and_filters, tenant_isolation,
             metadata_roundtrip, payload_size_limit, invalid_input_rejected,
-            concurrent_exact_appends, concurrent_writers_with_subscriber,
+            concurrent_exact_appends, concurrent_duplicate_appends, concurrent_writers_with_subscriber,
             subscription_catch_up_then_live);
 
         #[test]
