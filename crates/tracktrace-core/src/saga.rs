@@ -469,17 +469,51 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
         Ok(())
     }
 
-    /// Appends the records for one cause (ids derived from `cause`), folds them in.
-    async fn record(
+    /// Records the reaction to `cause` unless it is already handled: `decide` computes the
+    /// head record and the reaction from the instance's current state (`None`: nothing to do).
+    /// On a conflict (the stream moved, e.g. another runner) the instance is reloaded and the
+    /// decision taken again. Returns whether this call recorded it.
+    async fn record<F>(&mut self, key: &(TenantId, String), cause: Uuid, decide: F) -> Result<bool>
+    where
+        F: Fn(&S, &Instance<S>) -> Option<(RecordOf<S>, Reaction<S>)>,
+    {
+        for _ in 0..5 {
+            let Some(inst) = self.instances.get(key) else {
+                return Ok(false);
+            };
+            if inst.handled.contains(&cause) {
+                return Ok(false);
+            }
+            let Some((head, reaction)) = decide(&self.saga, inst) else {
+                return Ok(false);
+            };
+            if self.try_record(key, cause, head, reaction).await? {
+                return Ok(true);
+            }
+        }
+        Err(Error::Unavailable {
+            reason: format!(
+                "saga {} instance {}: its stream kept changing while recording",
+                S::NAME,
+                key.1
+            ),
+            retry_after: None,
+            source: None,
+        })
+    }
+
+    /// Appends the records for one cause (ids derived from `cause`) and folds them in
+    /// (`true`), or reloads the instance after a conflict or duplicate (`false`).
+    async fn try_record(
         &mut self,
         key: &(TenantId, String),
         cause: Uuid,
         head: RecordOf<S>,
         reaction: Reaction<S>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let now = Timestamp::now();
         let Some(inst) = self.instances.get(key) else {
-            return Ok(());
+            return Ok(false);
         };
         let mut records = vec![head];
         if let Some(state) = reaction.state {
@@ -556,12 +590,12 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
                         inst.fold(er.event_id.as_uuid(), er.version, r);
                     }
                 }
-                Ok(())
+                Ok(true)
             }
             // Already recorded (another runner, or a retried append), or the stream moved:
             // reload the instance from its stream.
             Ok(_) | Err(Error::Conflict { .. }) | Err(Error::Duplicate { .. }) => {
-                self.reload(key).await
+                self.reload(key).await.map(|()| false)
             }
             Err(e) => Err(e),
         }
@@ -594,26 +628,29 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
             };
             let (id, command) = (p.dispatch_id, p.command.clone());
             let tenant = inst.tenant.clone();
-            let (head, reaction) = match self.dispatcher.dispatch(&tenant, id, &command).await {
-                Ok(()) => (
-                    SagaRecord::CommandSucceeded {
-                        dispatch_id: id.to_string(),
-                    },
-                    self.saga.on_success(&inst.state, &command),
-                ),
-                Err(DispatchError::Rejected(error)) => {
-                    let reaction = self.saga.on_failure(&inst.state, &command, &error);
-                    (
-                        SagaRecord::CommandFailed {
-                            dispatch_id: id.to_string(),
-                            error,
-                        },
-                        reaction,
-                    )
-                }
+            let result = match self.dispatcher.dispatch(&tenant, id, &command).await {
+                Ok(()) => Ok(()),
+                Err(DispatchError::Rejected(error)) => Err(error),
                 Err(DispatchError::Transient(_)) => return Ok((sent, true)),
             };
-            self.record(key, id, head, reaction).await?;
+            self.record(key, id, |saga, inst| {
+                Some(match &result {
+                    Ok(()) => (
+                        SagaRecord::CommandSucceeded {
+                            dispatch_id: id.to_string(),
+                        },
+                        saga.on_success(&inst.state, &command),
+                    ),
+                    Err(error) => (
+                        SagaRecord::CommandFailed {
+                            dispatch_id: id.to_string(),
+                            error: error.clone(),
+                        },
+                        saga.on_failure(&inst.state, &command, error),
+                    ),
+                })
+            })
+            .await?;
             sent += 1;
         }
     }
@@ -652,18 +689,22 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
                     self.instances
                         .insert(key.clone(), Instance::new(e.tenant.clone(), stream));
                 }
-                let inst = &self.instances[&key];
                 let cause = e.event_id.as_uuid();
-                if inst.completed || inst.handled.contains(&cause) {
+                let recorded = self
+                    .record(&key, cause, |saga, inst| {
+                        (!inst.completed).then(|| {
+                            let head = SagaRecord::Triggered {
+                                event_id: cause.to_string(),
+                                event_type: e.event_type.clone(),
+                                stream: e.stream.as_str().to_owned(),
+                            };
+                            (head, saga.on_event(&inst.state, e))
+                        })
+                    })
+                    .await?;
+                if !recorded {
                     continue;
                 }
-                let reaction = self.saga.on_event(&inst.state, e);
-                let head = SagaRecord::Triggered {
-                    event_id: cause.to_string(),
-                    event_type: e.event_type.clone(),
-                    stream: e.stream.as_str().to_owned(),
-                };
-                self.record(&key, cause, head, reaction).await?;
                 progress.triggers += 1;
                 progress.dispatched += self.dispatch_pending(&key).await?.0;
             }
@@ -691,18 +732,20 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
         let mut due = due;
         due.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
         for (_, key, id, name) in due {
-            let Some(inst) = self.instances.get(&key) else {
-                continue;
-            };
-            if inst.completed || !inst.deadlines.contains_key(&id) {
+            let fired = self
+                .record(&key, id, |saga, inst| {
+                    (!inst.completed && inst.deadlines.contains_key(&id)).then(|| {
+                        let head = SagaRecord::DeadlineFired {
+                            deadline_id: id.to_string(),
+                            name: name.clone(),
+                        };
+                        (head, saga.on_deadline(&inst.state, &name))
+                    })
+                })
+                .await?;
+            if !fired {
                 continue;
             }
-            let reaction = self.saga.on_deadline(&inst.state, &name);
-            let head = SagaRecord::DeadlineFired {
-                deadline_id: id.to_string(),
-                name,
-            };
-            self.record(&key, id, head, reaction).await?;
             progress.deadlines_fired += 1;
             progress.dispatched += self.dispatch_pending(&key).await?.0;
         }
