@@ -51,9 +51,22 @@
 //! # }
 //! ```
 //!
+//! # The runtime: commands, queries, sagas
+//! On top of the store trait, each in its own module and working on every backend:
+//! - [`aggregate`]: the [`Aggregate`] / [`DomainEvent`] traits and field-level [`Validator`]s;
+//! - [`command`]: [`Repository`] (snapshot + tail loading, optional cache) and [`CommandBus`]
+//!   (validate → load → handle → append with `Exact(version)`, conflicts retried with jittered
+//!   backoff, typed [`CommandError`]);
+//! - [`upcast`]: [`Upcasters`] migrating old payload schema versions on read;
+//! - [`projection`]: [`Projection`]s fed by a [`ProjectionRunner`] from a persisted checkpoint,
+//!   exactly-once for same-store read models, with [`Lag`] and rebuilds;
+//! - [`saga`]: process managers whose state, outbox and deadlines are events in their own
+//!   stream, run by a [`SagaRunner`];
+//! - [`resilience`]: the [`Retrying`] and [`CircuitBreaker`] wrapper stores.
+//!
 //! # Features
-//! - `testing`: [`conformance`] checks and the model-based property test for backends
-//!   (not semver-stable).
+//! - `testing`: [`conformance`] checks and the model-based property test for backends, and the
+//!   [`runtime_checks`] every backend runs through `runtime_tests!` (not semver-stable).
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
 
 pub mod aggregate;
