@@ -477,14 +477,11 @@ impl<A: Aggregate> Repository<A> {
                     c.map.remove(&k);
                 }
             }
-            c.map
-                .insert(key.clone(), (loaded.version, loaded.state.clone()));
-        }
-    }
-
-    fn forget(&self, key: &(TenantId, StreamId)) {
-        if let Some(c) = &self.inner.cache {
-            lock(c).map.remove(key);
+            // Concurrent commands may finish out of order: keep the newest state.
+            if c.map.get(key).is_none_or(|(v, _)| *v <= loaded.version) {
+                c.map
+                    .insert(key.clone(), (loaded.version, loaded.state.clone()));
+            }
         }
     }
 
@@ -539,6 +536,8 @@ impl<A: Aggregate> Repository<A> {
     ) -> Result<(crate::AppendOutcome, Loaded<A>)> {
         let key = (tenant.clone(), stream.clone());
         let new_events = self.to_new_events(stream, events, meta)?;
+        // On any failure, and for duplicates, a cached entry stays: it is the true state at its
+        // version, and the next `Exact` append detects that the stream moved on.
         let res = self
             .inner
             .store
@@ -549,16 +548,8 @@ impl<A: Aggregate> Repository<A> {
                 events: new_events,
             })
             .await;
-        let out = match res {
-            Ok(out) => out,
-            Err(e) => {
-                // Stale cache entry (conflict) or unknown outcome: reload next time.
-                self.forget(&key);
-                return Err(e);
-            }
-        };
+        let out = res?;
         if out.duplicate {
-            self.forget(&key);
             return Ok((out, loaded));
         }
         let old = loaded.version;
