@@ -101,7 +101,8 @@ pub use memory::InMemoryStore;
 pub use projection::{Lag, LagHandle, Projection, ProjectionError, ProjectionRunner, ReadModelTx};
 pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
 pub use saga::{
-    CommandDispatcher, DispatchError, Reaction, Saga, SagaProgress, SagaRecord, SagaRunner,
+    BusDispatcher, CommandDispatcher, DispatchError, Reaction, Saga, SagaProgress, SagaRecord,
+    SagaRunner,
 };
 pub use store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,

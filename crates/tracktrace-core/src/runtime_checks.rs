@@ -1066,6 +1066,83 @@ pub async fn saga_compensation(s: RuntimeStores) -> CheckResult {
     Ok(())
 }
 
+/// Sends through a [`crate::BusDispatcher`], then "loses the acknowledgement" of the first
+/// send of each dispatch (as if the saga process crashed right after sending).
+struct LossyAck<D> {
+    inner: D,
+    acked: Mutex<std::collections::HashSet<Uuid>>,
+}
+
+#[async_trait]
+impl<D: CommandDispatcher<OrderCommand>> CommandDispatcher<OrderCommand> for LossyAck<D> {
+    async fn dispatch(
+        &self,
+        tenant: &TenantId,
+        dispatch_id: Uuid,
+        command: &OrderCommand,
+    ) -> Result<(), DispatchError> {
+        self.inner.dispatch(tenant, dispatch_id, command).await?;
+        let first = self
+            .acked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dispatch_id);
+        if first {
+            return Err(DispatchError::Transient("acknowledgement lost".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A command whose acknowledgement was lost is sent again (same dispatch id) and, through a
+/// [`crate::BusDispatcher`], applied to the target aggregate exactly once.
+pub async fn saga_redelivery_is_idempotent(s: RuntimeStores) -> CheckResult {
+    let route = |c: &OrderCommand| match c {
+        OrderCommand::Reserve(order) => {
+            Some((format!("stock-{order}"), AccountCommand::Deposit(1)))
+        }
+        _ => None,
+    };
+    let dispatcher = LossyAck {
+        inner: crate::BusDispatcher::new(account_bus(&s, 0), route),
+        acked: Mutex::default(),
+    };
+    let saga = OrderSaga {
+        payment_timeout: Duration::from_secs(3600),
+    };
+    place(&s, "o3", "OrderPlaced").await?;
+    let mut r = SagaRunner::new(
+        s.events.clone(),
+        s.read_models.clone(),
+        saga.clone(),
+        dispatcher,
+    );
+    let p = ok(r.run_once().await, "first round")?;
+    ensure_eq!(p.pending, 1, "ack lost: Reserve still pending");
+    let p = ok(r.run_once().await, "second round")?;
+    ensure_eq!(p.pending, 0, "re-sent and acknowledged");
+    let account = Repository::<Account>::new(s.events.clone()).with_upcasters(account_upcasters());
+    let loaded = ok(
+        account.replay(&tenant(), "stock-Order-o3").await,
+        "replay target",
+    )?;
+    ensure_eq!(
+        loaded.version,
+        Version::new(1),
+        "the target applied the command once"
+    );
+    let records = ok(r.records(&tenant(), "o3").await, "records")?;
+    ensure_eq!(
+        count(&records, |r| matches!(
+            r,
+            SagaRecord::CommandSucceeded { .. }
+        )),
+        1,
+        "one result recorded: {records:?}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Resilience.
 
@@ -1289,7 +1366,7 @@ macro_rules! runtime_tests {
         $crate::__runtime_tests!($make;
             concurrent_commands, command_errors, upcaster_v1_to_v2,
             projection_restart_and_rebuild, saga_deadline_across_restart, saga_compensation,
-            circuit_breaker);
+            saga_redelivery_is_idempotent, circuit_breaker);
 
         #[test]
         fn runtime_snapshot_equals_replay_proptest() {
