@@ -9,8 +9,9 @@
 //! - a command is recorded as [`SagaRecord::CommandScheduled`] (an outbox entry) *before* it is
 //!   sent; its id (the record's event id) is the dispatch id the [`CommandDispatcher`] must use
 //!   as idempotency key (e.g. [`crate::CommandMeta::command_id`], which derives the target's
-//!   event ids from it). After a crash, scheduled commands without a recorded result are sent
-//!   again with the same dispatch id: none is lost, and the receiver stores its effect once;
+//!   event ids from it; [`BusDispatcher`] does exactly that). After a crash, scheduled
+//!   commands without a recorded result are sent again with the same dispatch id: none is
+//!   lost, and the receiver stores its effect once;
 //! - a deadline is recorded as [`SagaRecord::DeadlineScheduled`] with its due time; on start the
 //!   runner rebuilds its timers from the saga streams, so a deadline scheduled before a crash
 //!   fires after the restart. Firing appends [`SagaRecord::DeadlineFired`] with an id derived
