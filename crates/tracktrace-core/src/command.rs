@@ -788,6 +788,9 @@ impl<A: Aggregate> CommandBus<A> {
                     attempt += 1;
                     verify = true;
                 }
+                // Events decided on a possibly stale state partly collide with stored ones:
+                // decide again on the verified state before reporting anything.
+                Err(Error::Duplicate { .. }) if unverified => verify = true,
                 Err(e) => return Err(CommandError::Store(e)),
             }
         }
