@@ -102,9 +102,9 @@ pub(crate) fn spawn(
 
 /// Least time between two `NOTIFY`s of one store. Each `NOTIFY` is a transaction with a commit
 /// record (PostgreSQL needs a transaction id for it), so under a steady stream of appends this
-/// caps the extra commits at 1,000/s; subscribers in *other* processes see new events at most
+/// caps the extra commits at 200/s; subscribers in *other* processes see new events at most
 /// this much later (local subscribers are woken at once).
-const NOTIFY_INTERVAL: Duration = Duration::from_millis(1);
+const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// Sends coalesced `NOTIFY`s: at most one in flight and one per [`NOTIFY_INTERVAL`]; a burst of
 /// commits costs one or two.
@@ -113,8 +113,9 @@ async fn notifier(shared: Arc<Shared>, pool: PgPool) {
         shared.out_wake.notified().await;
         let pos = shared.out_pos.load(Ordering::Relaxed);
         // A plain (synchronous) commit. `synchronous_commit = off` for this transaction looks
-        // cheaper but measured 4x slower appends: every asynchronous commit wakes the WAL
-        // writer, whose extra flushes then compete with the appends' own commit flushes.
+        // cheaper, but appends measured several times slower with it on the (noisy) dev
+        // machine: each asynchronous commit wakes the WAL writer, whose extra flushes compete
+        // with the appends' own commit flushes.
         let res = sqlx::query("SELECT pg_notify($1, $2)")
             .bind(&shared.channel)
             .bind(pos.to_string())

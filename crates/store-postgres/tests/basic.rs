@@ -157,3 +157,98 @@ async fn subscription_goes_live() {
     }
     writer.await.unwrap();
 }
+
+/// Appends through `tt_append` inside an explicit transaction that the test keeps open.
+async fn open_append(
+    conn: &mut sqlx::PgConnection,
+    store: &tracktrace_store_postgres::PgStore,
+    stream: &str,
+) {
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query(
+        "SELECT * FROM tt_append($1, 'acme', $2, 0::smallint, 0, false, ARRAY[gen_random_uuid()], \
+         ARRAY[NULL::text], ARRAY['Held'], ARRAY[1], ARRAY['application/json'], ARRAY['\\x7b7d'::bytea], \
+         ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text])",
+    )
+    .bind(lock_key_of(store))
+    .bind(stream)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+}
+
+/// The store's advisory-lock key (FNV-1a of the schema, as in the crate).
+fn lock_key_of(store: &tracktrace_store_postgres::PgStore) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in store.schema().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h & 0x7fff_ffff).max(1) as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_in_flight_holds_back_the_global_log_until_it_ends() {
+    use sqlx::ConnectOptions;
+    let Some(s) = common::try_store().await else {
+        return;
+    };
+    let t = TenantId::parse("acme").unwrap();
+    let opts: sqlx::postgres::PgConnectOptions = common::url().parse().unwrap();
+    let mut held = opts
+        .options([("search_path", s.store.schema())])
+        .connect()
+        .await
+        .unwrap();
+
+    for commit in [true, false] {
+        let before = s
+            .read_all(ReadAll::from(Position::START, 1000))
+            .await
+            .unwrap();
+        // An append that has its transaction id but has not committed ...
+        open_append(&mut held, &s.store, "Held").await;
+        // ... and a later one that commits.
+        let later = s
+            .append_to(
+                &t,
+                &StreamId::parse("Later").unwrap(),
+                ExpectedVersion::Any,
+                vec![ev("L")],
+            )
+            .await
+            .unwrap();
+        // The later event exists (stream reads see it) but the global log must not show it yet:
+        // the held append would commit below it.
+        assert_eq!(
+            s.read_stream_forwards(&t, &StreamId::parse("Later").unwrap())
+                .await
+                .unwrap()
+                .len(),
+            if commit { 1 } else { 2 }
+        );
+        let page = s.read_all(ReadAll::from(before.next, 1000)).await.unwrap();
+        assert!(
+            page.events.is_empty(),
+            "read_all returned {:?} past an append in flight",
+            page.events
+        );
+        assert!(page.next <= later.last_position());
+        assert!(s.head().await.unwrap() < later.last_position());
+
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        sqlx::raw_sql(end).execute(&mut held).await.unwrap();
+        let page = s.read_all(ReadAll::from(before.next, 1000)).await.unwrap();
+        let types: Vec<_> = page.events.iter().map(|e| e.event_type.as_str()).collect();
+        if commit {
+            assert_eq!(
+                types,
+                ["Held", "L"],
+                "the held append sorts before the later one"
+            );
+        } else {
+            assert_eq!(types, ["L"]);
+        }
+        assert_eq!(s.head().await.unwrap(), later.last_position());
+    }
+}

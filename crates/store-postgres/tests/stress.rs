@@ -27,12 +27,15 @@ async fn concurrent_writers_and_a_live_subscriber_agree_on_one_gap_free_log() {
 
     // The subscriber starts before the writers and follows them live.
     let sub_store: Arc<dyn EventStore> = store.clone();
+    let progress = Arc::new(std::sync::Mutex::new(Vec::<(Position, EventId)>::new()));
+    let prog = progress.clone();
     let subscriber = tokio::spawn(async move {
         let mut sub = Subscription::new(sub_store, SubscribeOptions::default());
         let mut seen = Vec::with_capacity(total);
         while seen.len() < total {
             let e = sub.next().await.expect("subscription");
             seen.push((e.position, e.event_id));
+            prog.lock().unwrap().push((e.position, e.event_id));
         }
         seen
     });
@@ -72,10 +75,30 @@ async fn concurrent_writers_and_a_live_subscriber_agree_on_one_gap_free_log() {
     }
     assert_eq!(written.len(), total);
 
-    let seen = tokio::time::timeout(Duration::from_secs(120), subscriber)
-        .await
-        .expect("the subscriber never received every event (a lost wake-up or a skipped event)")
-        .expect("subscriber task");
+    let seen = match tokio::time::timeout(Duration::from_secs(60), subscriber).await {
+        Ok(seen) => seen.expect("subscriber task"),
+        Err(_) => {
+            let stored = store
+                .read_all_to_end(Position::START, EventFilter::default())
+                .await
+                .unwrap();
+            let got = progress.lock().unwrap().clone();
+            let got_ids: HashSet<EventId> = got.iter().map(|(_, id)| *id).collect();
+            let missing: Vec<Position> = stored
+                .iter()
+                .filter(|e| !got_ids.contains(&e.event_id))
+                .map(|e| e.position)
+                .collect();
+            panic!(
+                "the subscriber stalled after {} of {total} events; read_all now finds {}; \
+                 missing positions {missing:?}; subscriber's last position {:?} \
+                 (missing below it = a skipped event, above it = a lost wake-up)",
+                got.len(),
+                stored.len(),
+                got.last().map(|(p, _)| *p),
+            );
+        }
+    };
     for pair in seen.windows(2) {
         assert!(
             pair[0].0 < pair[1].0,

@@ -45,11 +45,11 @@ async fn drop_stale_schemas(url: &str) {
     if CLEANED.swap(true, Ordering::SeqCst) {
         return;
     }
-    let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(url)
-        .await
-    else {
+    // A single direct connection: fails at once when nothing listens (a pool would retry).
+    let Ok(opts) = url.parse::<sqlx::postgres::PgConnectOptions>() else {
+        return;
+    };
+    let Ok(mut conn) = sqlx::ConnectOptions::connect(&opts).await else {
         return;
     };
     let now = SystemTime::now()
@@ -59,7 +59,7 @@ async fn drop_stale_schemas(url: &str) {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname ~ '^tt_[0-9a-f]+_[0-9a-f]{16}$'",
     )
-    .fetch_all(&pool)
+    .fetch_all(&mut conn)
     .await
     .unwrap_or_default();
     for n in names {
@@ -72,11 +72,11 @@ async fn drop_stale_schemas(url: &str) {
             let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "DROP SCHEMA IF EXISTS \"{n}\" CASCADE"
             )))
-            .execute(&pool)
+            .execute(&mut conn)
             .await;
         }
     }
-    pool.close().await;
+    let _ = sqlx::Connection::close(conn).await;
 }
 
 /// Connects a store in a fresh schema. `None` (after a loud message) when the database is
