@@ -97,10 +97,20 @@
 //!
 //! # Failures
 //! Lost connections, pool timeouts, shutdown / too-many-connections / serialization SQLSTATEs
-//! map to the retryable [`tracktrace_core::Error::Unavailable`]. The pool does not ping
-//! connections on checkout: a stale connection fails its statement with an I/O error, which is
-//! `Unavailable`, and appends are idempotent by event id, so the caller's retry is safe.
+//! map to the retryable [`tracktrace_core::Error::Unavailable`]; acquiring or opening a
+//! connection is bounded by [`PgStoreOptions::acquire_timeout`], so a dead server fails fast.
+//!
+//! # Connections
+//! Appends and log/stream reads use a small connection cache of the store's own
+//! ([`PgStoreOptions::max_connections`] connections): sqlx's pool pings every connection when
+//! it is returned, a full round trip per operation, which would double the cost of a
+//! one-round-trip append. Connections are not pinged before use either: a dead one fails its
+//! statement with an I/O error (`Unavailable`, and it is discarded); appends are idempotent by
+//! event id, so the caller's retry is safe. The remaining operations (snapshots, checkpoints,
+//! read models, `stream_version`, `get_event`) use the sqlx pool ([`PgStore::pool`]), also
+//! without ping-before-use.
 
+mod conns;
 mod error;
 mod kv;
 mod migrate;
@@ -222,6 +232,7 @@ pub struct PgStore {
 
 struct Inner {
     pool: PgPool,
+    appenders: conns::ConnCache,
     schema: String,
     lock_key: i32,
     shared: Arc<tasks::Shared>,
@@ -319,6 +330,11 @@ impl PgStore {
             .max_lifetime(Duration::from_secs(1800))
             .connect_lazy_with(conn_opts.clone());
 
+        let appenders = conns::ConnCache::new(
+            conn_opts.clone(),
+            opts.max_connections,
+            opts.acquire_timeout,
+        );
         let channel = format!("{}_log", opts.schema);
         let shared = Arc::new(tasks::Shared::new(channel, opts.notify));
         let listener_opts =
@@ -332,6 +348,7 @@ impl PgStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
+                appenders,
                 schema: opts.schema,
                 lock_key,
                 shared,

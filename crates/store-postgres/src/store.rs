@@ -1,7 +1,7 @@
 //! [`EventStore`] for [`PgStore`].
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnection, PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -122,11 +122,14 @@ pub(crate) struct Horizon {
     pub(crate) max: Position,
 }
 
-pub(crate) async fn horizon(pool: &PgPool, lock_key: i32) -> Result<Horizon> {
+pub(crate) async fn horizon<'c, E>(executor: E, lock_key: i32) -> Result<Horizon>
+where
+    E: sqlx::PgExecutor<'c>,
+{
     let row = sqlx::query(HORIZON_SQL)
         .bind(lock_key)
         .bind(APPEND_LOCK)
-        .fetch_one(pool)
+        .fetch_one(executor)
         .await
         .map_err(|e| map_err("read horizon", e))?;
     Ok(Horizon {
@@ -166,6 +169,15 @@ fn limit(n: usize) -> i64 {
 }
 
 impl PgStore {
+    /// A cached connection (see `conns`), errors mapped.
+    async fn conn(&self) -> Result<crate::conns::CachedConn<'_>> {
+        self.inner
+            .appenders
+            .get()
+            .await
+            .map_err(|e| map_err("connect", e))
+    }
+
     async fn append_once(
         &self,
         conn: &mut PgConnection,
@@ -276,13 +288,13 @@ impl EventStore for PgStore {
         // readers' horizon lag behind this append's own events.
         let mut conn = self
             .inner
-            .pool
-            .acquire()
+            .appenders
+            .get()
             .await
             .map_err(|e| map_err("append", e))?;
         let mut retry = false;
         for _ in 0..MAX_APPEND_ATTEMPTS {
-            let rows = match self.append_once(&mut conn, &req, retry).await {
+            let rows = match self.append_once(conn.conn(), &req, retry).await {
                 Ok(rows) => rows,
                 // A concurrent append stored one of our ids / dedup keys between our check and
                 // our insert: look the originals up and decide again.
@@ -294,7 +306,9 @@ impl EventStore for PgStore {
                     // Let the server finish aborting the failed transaction before reporting
                     // (see above), so a read right after this error does not lag.
                     if matches!(e, sqlx::Error::Database(_)) {
-                        let _ = sqlx::Connection::ping(&mut *conn).await;
+                        let _ = sqlx::Connection::ping(conn.conn()).await;
+                    } else {
+                        conn.broken = true;
                     }
                     // The failed transaction may have held back readers' horizon: wake them.
                     let head = *self.inner.shared.head.borrow();
@@ -384,19 +398,24 @@ impl EventStore for PgStore {
         };
         // Rows are decoded as they arrive (no intermediate Vec<PgRow>).
         let (tenant, stream) = (req.tenant.clone(), req.stream.clone());
+        let mut conn = self.conn().await?;
         sqlx::query(AssertSqlSafe(sql))
             .bind(req.tenant.as_str())
             .bind(req.stream.as_str())
             .bind(from)
             .bind(limit(req.limit))
             .try_map(move |r| decode_event(&r, 0, tenant.clone(), stream.clone()).map_err(to_sqlx))
-            .fetch_all(&self.inner.pool)
+            .fetch_all(conn.conn())
             .await
             .map_err(|e| from_sqlx("read stream", e))
+            .inspect_err(|e| conn.broken = e.is_retryable())
     }
 
     async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
-        let h = horizon(&self.inner.pool, self.inner.lock_key).await?;
+        let mut conn = self.conn().await?;
+        let h = horizon(conn.conn(), self.inner.lock_key)
+            .await
+            .inspect_err(|e| conn.broken = e.is_retryable())?;
         if h.max >= h.horizon {
             self.inner.shared.pending(h.max);
         }
@@ -440,9 +459,10 @@ impl EventStore for PgStore {
         let events = q
             .bind(limit(req.limit))
             .try_map(|r| decode_event_with_ids(&r).map_err(to_sqlx))
-            .fetch_all(&self.inner.pool)
+            .fetch_all(conn.conn())
             .await
-            .map_err(|e| from_sqlx("read all", e))?;
+            .map_err(|e| from_sqlx("read all", e))
+            .inspect_err(|e| conn.broken = e.is_retryable())?;
         let last = events.last().map(|e| e.position.next());
         let next = if events.len() >= req.limit {
             // Full page: resume right after the last event returned.
