@@ -1,0 +1,263 @@
+//! The shared workloads on the PostgreSQL store, plus raw sqlx baselines measured in the same
+//! run against a plain table in the same database:
+//!
+//! | group | raw baseline |
+//! |---|---|
+//! | `append_1` | `raw-insert-1conn`: one autocommit `INSERT` on a held connection |
+//! | `concurrent_8` | `raw-insert-8conn`: the same on 8 connections at once |
+//! | `append_batch_100` | `raw-unnest-100`: one autocommit `INSERT ... SELECT FROM UNNEST` of 100 rows |
+//! | `read_stream_10000` | `raw-fetch`: `SELECT` of a 10,000-row stream into tuples |
+//!
+//! The raw table `raw_events` has the columns a minimal hand-written event table has
+//! (bigserial position, tenant, stream, version, event id, type, content type, payload,
+//! recorded-at) and one unique index on `(tenant, stream, version)`.
+//!
+//! Database: `TRACKTRACE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
+//! Without a reachable database the bench prints a message and measures nothing (under
+//! `CI=true` it fails instead). Everything lives in a fresh schema, dropped at the end.
+//!
+//! Run: `cargo bench -p tracktrace-benches --bench postgres -- --warm-up-time 1 --measurement-time 3`
+//! (`-- --test` runs every bench once).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
+use tokio::runtime::Runtime;
+use tracktrace_benches::{BATCH, bench_store, configure, event, runtime, seed_stream, tenant};
+use tracktrace_core::{EventStore, EventStoreExt, StreamId};
+use tracktrace_store_postgres::{PgStore, PgStoreOptions};
+use uuid::Uuid;
+
+const URL_VAR: &str = "TRACKTRACE_TEST_DATABASE_URL";
+/// Length of the stream of the `read_stream_10000` group.
+const LONG_STREAM: usize = 10_000;
+
+const RAW_TABLE: &str = "CREATE TABLE raw_events (
+    position     bigserial PRIMARY KEY,
+    tenant       text NOT NULL,
+    stream       text NOT NULL,
+    version      bigint NOT NULL,
+    event_id     uuid NOT NULL,
+    event_type   text NOT NULL,
+    content_type text NOT NULL,
+    payload      bytea NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant, stream, version)
+)";
+
+const RAW_INSERT: &str = "INSERT INTO raw_events (tenant, stream, version, event_id, event_type, \
+     content_type, payload) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+const RAW_UNNEST: &str = "INSERT INTO raw_events (tenant, stream, version, event_id, event_type, \
+     content_type, payload) SELECT $1, $2, v, id, ty, ct, pl \
+     FROM unnest($3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::bytea[]) AS u(v, id, ty, ct, pl)";
+
+/// A raw writer on its own connection, appending to its own stream.
+struct Raw {
+    conn: PgConnection,
+    stream: String,
+    version: i64,
+    payload: Vec<u8>,
+}
+
+impl Raw {
+    async fn new(opts: &PgConnectOptions) -> Raw {
+        let payload = event(0).payload.to_vec();
+        Raw {
+            conn: opts.connect().await.expect("raw connection"),
+            stream: format!("raw-{:016x}", fastrand::u64(..)),
+            version: 0,
+            payload,
+        }
+    }
+
+    async fn insert_one(&mut self) {
+        self.version += 1;
+        sqlx::query(RAW_INSERT)
+            .bind("bench")
+            .bind(&self.stream)
+            .bind(self.version)
+            .bind(Uuid::now_v7())
+            .bind("BagScanned")
+            .bind("application/json")
+            .bind(&self.payload)
+            .execute(&mut self.conn)
+            .await
+            .expect("raw insert");
+    }
+
+    async fn insert_batch(&mut self, n: usize) {
+        let versions: Vec<i64> = (1..=n as i64).map(|i| self.version + i).collect();
+        self.version += n as i64;
+        sqlx::query(RAW_UNNEST)
+            .bind("bench")
+            .bind(&self.stream)
+            .bind(versions)
+            .bind((0..n).map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+            .bind(vec!["BagScanned"; n])
+            .bind(vec!["application/json"; n])
+            .bind(vec![&self.payload[..]; n])
+            .execute(&mut self.conn)
+            .await
+            .expect("raw batch insert");
+    }
+
+    async fn fetch_stream(&mut self) -> usize {
+        let rows: Vec<(i64, i64, Uuid, String, String, Vec<u8>)> = sqlx::query_as(
+            "SELECT position, version, event_id, event_type, content_type, payload \
+             FROM raw_events WHERE tenant = $1 AND stream = $2 ORDER BY version",
+        )
+        .bind("bench")
+        .bind(&self.stream)
+        .fetch_all(&mut self.conn)
+        .await
+        .expect("raw fetch");
+        rows.len()
+    }
+}
+
+fn raw_baselines(c: &mut Criterion, rt: &Runtime, opts: &PgConnectOptions) {
+    let mut one = rt.block_on(Raw::new(opts));
+    let mut g = c.benchmark_group("append_1");
+    configure(&mut g, 1);
+    g.bench_function("raw-insert-1conn", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    one.insert_one().await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("append_batch_100");
+    configure(&mut g, BATCH as u64);
+    g.bench_function("raw-unnest-100", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    one.insert_batch(BATCH).await;
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    let mut writers: Vec<Raw> = rt.block_on(async {
+        let mut v = Vec::new();
+        for _ in 0..8 {
+            v.push(Raw::new(opts).await);
+        }
+        v
+    });
+    let mut g = c.benchmark_group("concurrent_8");
+    configure(&mut g, 8);
+    g.bench_function("raw-insert-8conn", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                let tasks: Vec<_> = writers
+                    .drain(..)
+                    .map(|mut w| {
+                        tokio::spawn(async move {
+                            for _ in 0..iters {
+                                w.insert_one().await;
+                            }
+                            w
+                        })
+                    })
+                    .collect();
+                for t in tasks {
+                    writers.push(t.await.expect("raw writer"));
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+
+    let mut reader = rt.block_on(Raw::new(opts));
+    rt.block_on(async {
+        for _ in 0..LONG_STREAM / BATCH {
+            reader.insert_batch(BATCH).await;
+        }
+    });
+    let mut g = c.benchmark_group("read_stream_10000");
+    configure(&mut g, LONG_STREAM as u64);
+    g.bench_function("raw-fetch", |b| {
+        b.iter(|| assert_eq!(rt.block_on(reader.fetch_stream()), LONG_STREAM))
+    });
+    g.finish();
+}
+
+fn long_stream_read(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn EventStore>) {
+    let stream: StreamId = rt
+        .block_on(seed_stream(store.as_ref(), LONG_STREAM))
+        .expect("seed long stream");
+    let mut g = c.benchmark_group("read_stream_10000");
+    configure(&mut g, LONG_STREAM as u64);
+    g.bench_function("postgres", |b| {
+        b.iter(|| {
+            let n = rt
+                .block_on(store.read_stream_forwards(&tenant(), &stream))
+                .expect("read stream")
+                .len();
+            assert_eq!(n, LONG_STREAM);
+        })
+    });
+    g.finish();
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let rt = runtime();
+    let url = std::env::var(URL_VAR)
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let schema = format!("tt_bench_{:016x}", fastrand::u64(..));
+    let store = rt.block_on(PgStore::connect_with(
+        PgStoreOptions::new(&url)
+            .schema(&schema)
+            .max_connections(16)
+            .connect_timeout(Duration::from_secs(5)),
+    ));
+    let store = match store {
+        Ok(s) => s,
+        Err(e) if e.is_retryable() && std::env::var("CI").map_or(true, |v| v != "true") => {
+            eprintln!(
+                "\n=== postgres bench SKIPPED: no database at {url} ({e}).\n\
+                 === Set {URL_VAR} to a reachable PostgreSQL to run it.\n"
+            );
+            return;
+        }
+        Err(e) => panic!("postgres bench: cannot connect to {url} (set {URL_VAR}): {e}"),
+    };
+    let opts: PgConnectOptions = url.parse().expect("database url");
+    let opts = opts.options([("search_path", schema.as_str())]);
+    rt.block_on(async {
+        let mut conn = opts.connect().await.expect("raw connection");
+        sqlx::raw_sql(RAW_TABLE).execute(&mut conn).await.expect("create raw table");
+        conn.close().await.ok();
+    });
+
+    raw_baselines(&mut c, &rt, &opts);
+    let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
+    bench_store(&mut c, &rt, "postgres", dyn_store.clone());
+    long_stream_read(&mut c, &rt, &dyn_store);
+
+    rt.block_on(async {
+        let mut conn = opts.connect().await.expect("cleanup connection");
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")))
+            .execute(&mut conn)
+            .await
+            .ok();
+    });
+    c.final_summary();
+}

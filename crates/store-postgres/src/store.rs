@@ -1,0 +1,388 @@
+//! [`EventStore`] for [`PgStore`].
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgPool, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use tracktrace_core::{
+    AllPage, AppendOutcome, AppendRequest, Direction, Error, EventId, EventRef, EventStore,
+    ExpectedVersion, Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId,
+    Version, resolve_duplicates, validate_batch,
+};
+
+use crate::PgStore;
+use crate::error::{is_unique_violation, map_err};
+use crate::rows::{EVENT_COLUMNS, decode_event, decode_event_with_ids, position, to_i64};
+
+/// How often an append is re-run after losing a race (unique violation from a concurrent
+/// duplicate, or a concurrent append that took the same versions) before giving up as
+/// `Unavailable`. Retries serialise per stream, so more than two are rare.
+const MAX_APPEND_ATTEMPTS: usize = 16;
+
+/// Second half of the append advisory-lock key (see `tt_append` and [`horizon`]).
+const APPEND_LOCK: i32 = 1_953_759_233;
+
+const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version, o_position, \
+     o_recorded_us FROM tt_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+
+/// The read horizon: positions below it are final.
+///
+/// Statement snapshot (t0) first, then `pg_locks` (t1): every append still able to commit either
+/// held the store's advisory lock at t1 with a transaction id (then the horizon is at most that
+/// id), or gets its id after t1 (then the id is at least the snapshot's xmax). The caller reads
+/// rows with a *later* statement, whose snapshot contains every append below the horizon.
+const HORIZON_SQL: &str = "
+WITH l AS MATERIALIZED (
+    SELECT locktype, database, classid, objid, objsubid, transactionid, virtualtransaction,
+           mode, granted
+    FROM pg_catalog.pg_locks
+), s AS MATERIALIZED (
+    SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint AS xmax
+), h AS (
+    SELECT least(s.xmax, (
+        SELECT min(s.xmax + ((t.transactionid::text::bigint - s.xmax % 4294967296 + 6442450944)
+                              % 4294967296) - 2147483648)
+        FROM l a JOIN l t ON t.virtualtransaction = a.virtualtransaction
+        WHERE a.locktype = 'advisory' AND a.granted AND a.objsubid = 2
+          AND a.classid = $1::integer::oid AND a.objid = $2::integer::oid
+          AND a.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                            WHERE d.datname = pg_catalog.current_database())
+          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted
+    )) + (SELECT m.xid_offset FROM log_meta m) AS hx
+    FROM s
+)
+SELECT h.hx * 1024,
+       COALESCE((SELECT max(e.position) FROM events e WHERE e.position < h.hx * 1024), 0),
+       COALESCE((SELECT max(e.position) FROM events e), 0)
+FROM h";
+
+/// Result of [`horizon`].
+pub(crate) struct Horizon {
+    /// Positions below this are final.
+    pub(crate) horizon: Position,
+    /// Highest stored position below the horizon (0: none).
+    pub(crate) head: Position,
+    /// Highest stored position (may be at or above the horizon).
+    pub(crate) max: Position,
+}
+
+pub(crate) async fn horizon(pool: &PgPool, lock_key: i32) -> Result<Horizon> {
+    let row = sqlx::query(HORIZON_SQL)
+        .bind(lock_key)
+        .bind(APPEND_LOCK)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| map_err("read horizon", e))?;
+    Ok(Horizon {
+        horizon: position(&row, 0)?,
+        head: position(&row, 1)?,
+        max: position(&row, 2)?,
+    })
+}
+
+fn expected_params(e: ExpectedVersion) -> Result<(i16, i64)> {
+    Ok(match e {
+        ExpectedVersion::Any => (0, 0),
+        ExpectedVersion::NoStream => (1, 0),
+        ExpectedVersion::StreamExists => (2, 0),
+        ExpectedVersion::Exact(v) => (3, to_i64("expected", v.get())?),
+    })
+}
+
+fn limit(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl PgStore {
+    async fn append_once(
+        &self,
+        req: &AppendRequest,
+        retry: bool,
+    ) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
+        let ev = &req.events;
+        let (kind, expected) = expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let headers: Vec<Option<String>> = ev
+            .iter()
+            .map(|e| {
+                (!e.metadata.headers.is_empty())
+                    .then(|| serde_json::to_string(&e.metadata.headers).unwrap_or_default())
+            })
+            .collect();
+        let schema_versions: Vec<i32> = ev
+            .iter()
+            .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
+            .collect();
+        sqlx::query(APPEND_SQL)
+            .bind(self.inner.lock_key)
+            .bind(req.tenant.as_str())
+            .bind(req.stream.as_str())
+            .bind(kind)
+            .bind(expected)
+            .bind(retry)
+            .bind(ev.iter().map(|e| e.event_id.as_uuid()).collect::<Vec<Uuid>>())
+            .bind(ev.iter().map(|e| e.dedup_key.as_deref()).collect::<Vec<_>>())
+            .bind(ev.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
+            .bind(schema_versions)
+            .bind(ev.iter().map(|e| e.content_type.as_str()).collect::<Vec<_>>())
+            .bind(ev.iter().map(|e| &e.payload[..]).collect::<Vec<&[u8]>>())
+            .bind(ev.iter().map(|e| e.metadata.correlation_id.as_deref()).collect::<Vec<_>>())
+            .bind(ev.iter().map(|e| e.metadata.causation_id.as_deref()).collect::<Vec<_>>())
+            .bind(headers)
+            .fetch_all(&self.inner.pool)
+            .await
+    }
+}
+
+fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRef>>> {
+    let mut out = vec![None; req.events.len()];
+    for row in rows {
+        let idx: i32 = row.try_get(1).map_err(|e| map_err("append", e))?;
+        let id: Option<Uuid> = row.try_get(2).map_err(|e| map_err("append", e))?;
+        let Some(id) = id else { continue };
+        let stream: String = row.try_get(3).map_err(|e| map_err("append", e))?;
+        let version: i64 = row.try_get(4).map_err(|e| map_err("append", e))?;
+        let pos = position(row, 5)?;
+        let slot = usize::try_from(idx - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+            .ok_or_else(|| Error::corruption(None, format!("duplicate lookup returned index {idx}")))?;
+        *slot = Some(EventRef {
+            event_id: EventId::from_uuid(id).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            stream: StreamId::parse(stream).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            version: Version::new(u64::try_from(version).unwrap_or_default()),
+            position: pos,
+        });
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl EventStore for PgStore {
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
+        validate_batch(&req.events)?;
+        if let Some((i, _)) = req.events.iter().enumerate().find(|(_, e)| e.schema_version > i32::MAX as u32) {
+            return Err(Error::invalid(
+                format!("events[{i}].schema_version"),
+                "must fit in a signed 32-bit integer",
+            ));
+        }
+        let mut retry = false;
+        for _ in 0..MAX_APPEND_ATTEMPTS {
+            let rows = match self.append_once(&req, retry).await {
+                Ok(rows) => rows,
+                // A concurrent append stored one of our ids / dedup keys between our check and
+                // our insert: look the originals up and decide again.
+                Err(e) if is_unique_violation(&e) => {
+                    retry = true;
+                    continue;
+                }
+                Err(e) => {
+                    // The failed transaction may have held back readers' horizon: wake them.
+                    let head = *self.inner.shared.head.borrow();
+                    self.inner.shared.committed(head);
+                    return Err(map_err("append", e));
+                }
+            };
+            let first = rows
+                .first()
+                .ok_or_else(|| Error::backend("append", std::io::Error::other("tt_append returned no row")))?;
+            let kind: i16 = first.try_get(0).map_err(|e| map_err("append", e))?;
+            match kind {
+                0 => {
+                    let v0: i64 = first.try_get(4).map_err(|e| map_err("append", e))?;
+                    let p0 = position(first, 5)?;
+                    let v0 = u64::try_from(v0).unwrap_or_default();
+                    let events: Vec<EventRef> = req
+                        .events
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| EventRef {
+                            event_id: e.event_id,
+                            stream: req.stream.clone(),
+                            version: Version::new(v0 + i as u64),
+                            position: Position::new(p0.get() + i as u64),
+                        })
+                        .collect();
+                    if let Some(last) = events.last() {
+                        self.inner.shared.committed(last.position);
+                    }
+                    return Ok(AppendOutcome {
+                        events,
+                        duplicate: false,
+                    });
+                }
+                1 => {
+                    let existing = decode_dups(&req, &rows)?;
+                    if let Some(outcome) = resolve_duplicates(&req.events, existing)? {
+                        return Ok(outcome);
+                    }
+                    // The originals vanished (cannot happen: events are never deleted); retry.
+                }
+                2 => {
+                    let actual: i64 = first.try_get(4).map_err(|e| map_err("append", e))?;
+                    let actual = Version::new(u64::try_from(actual).unwrap_or_default());
+                    if !req.expected.accepts(actual) {
+                        return Err(Error::Conflict {
+                            tenant: req.tenant,
+                            stream: req.stream,
+                            expected: req.expected,
+                            actual,
+                        });
+                    }
+                    // Unreachable in practice: the version was checked and read in one place.
+                }
+                k => {
+                    return Err(Error::corruption(None, format!("tt_append returned kind {k}")));
+                }
+            }
+        }
+        Err(Error::Unavailable {
+            reason: format!(
+                "append to {}/{} lost {MAX_APPEND_ATTEMPTS} races against concurrent writers",
+                req.tenant, req.stream
+            ),
+            retry_after: None,
+            source: None,
+        })
+    }
+
+    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
+        if req.limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (sql, from) = match req.direction {
+            Direction::Forwards => (
+                const_format_forwards(),
+                req.from.map_or(Ok(1), |v| to_i64("from", v.get()))?,
+            ),
+            Direction::Backwards => (
+                const_format_backwards(),
+                req.from.map_or(Ok(i64::MAX), |v| to_i64("from", v.get()))?,
+            ),
+        };
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(req.tenant.as_str())
+            .bind(req.stream.as_str())
+            .bind(from)
+            .bind(limit(req.limit))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_err("read stream", e))?;
+        rows.iter()
+            .map(|r| decode_event(r, 0, req.tenant.clone(), req.stream.clone()))
+            .collect()
+    }
+
+    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
+        let h = horizon(&self.inner.pool, self.inner.lock_key).await?;
+        if h.max >= h.horizon {
+            self.inner.shared.pending(h.max);
+        }
+        let from = req.from.max(Position::new(1));
+        if req.limit == 0 || from >= h.horizon {
+            return Ok(AllPage {
+                events: Vec::new(),
+                next: req.from,
+            });
+        }
+        let mut sql = format!(
+            "SELECT tenant, stream, {EVENT_COLUMNS} FROM events WHERE position >= $1 AND position < $2"
+        );
+        let f = &req.filter;
+        let mut n = 3;
+        if f.tenant.is_some() {
+            sql.push_str(&format!(" AND tenant = ${n}"));
+            n += 1;
+        }
+        if !f.event_types.is_empty() {
+            sql.push_str(&format!(" AND event_type = ANY(${n})"));
+            n += 1;
+        }
+        if f.stream_prefix.is_some() {
+            sql.push_str(&format!(" AND starts_with(stream, ${n})"));
+            n += 1;
+        }
+        sql.push_str(&format!(" ORDER BY position LIMIT ${n}"));
+        let mut q = sqlx::query(AssertSqlSafe(sql))
+            .bind(to_i64("from", from.get())?)
+            .bind(to_i64("horizon", h.horizon.get())?);
+        if let Some(t) = &f.tenant {
+            q = q.bind(t.as_str());
+        }
+        if !f.event_types.is_empty() {
+            q = q.bind(&f.event_types);
+        }
+        if let Some(p) = &f.stream_prefix {
+            q = q.bind(p.as_str());
+        }
+        let rows = q
+            .bind(limit(req.limit))
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(|e| map_err("read all", e))?;
+        let events = rows
+            .iter()
+            .map(decode_event_with_ids)
+            .collect::<Result<Vec<_>>>()?;
+        let last = events.last().map(|e| e.position.next());
+        let next = if events.len() >= req.limit {
+            // Full page: resume right after the last event returned.
+            last.unwrap_or(from)
+        } else {
+            // Everything below the horizon has been considered; stop just after the highest
+            // stored position (nothing can ever commit below the horizon).
+            req.from
+                .max(h.head.next())
+                .max(last.unwrap_or_default())
+                .min(h.horizon.max(req.from))
+        };
+        Ok(AllPage { events, next })
+    }
+
+    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM events WHERE tenant = $1 AND stream = $2")
+                .bind(tenant.as_str())
+                .bind(stream.as_str())
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(|e| map_err("stream version", e))?;
+        Ok(Version::new(v.map_or(0, |v| u64::try_from(v).unwrap_or_default())))
+    }
+
+    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT tenant, stream, {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND event_id = $2"
+        )))
+        .bind(tenant.as_str())
+        .bind(event_id.as_uuid())
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(|e| map_err("get event", e))?;
+        row.as_ref().map(decode_event_with_ids).transpose()
+    }
+
+    async fn head(&self) -> Result<Position> {
+        Ok(horizon(&self.inner.pool, self.inner.lock_key).await?.head)
+    }
+
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.watch()
+    }
+}
+
+fn const_format_forwards() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND stream = $2 AND version >= $3 \
+         ORDER BY version LIMIT $4"
+    )
+}
+
+fn const_format_backwards() -> String {
+    format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND stream = $2 AND version <= $3 \
+         ORDER BY version DESC LIMIT $4"
+    )
+}

@@ -1,0 +1,354 @@
+//! On-disk layout (format 1): the keys and values this crate writes into sled.
+//!
+//! Public so that tools and tests can inspect a store directory with plain sled; the layout is
+//! stable within a format version (recorded under [`FORMAT_KEY`] in sled's default tree).
+//!
+//! # Trees
+//! - [`LOG_TREE`]: the events and their indexes. Everything one append group writes lands here
+//!   in **one** `sled::Batch`, which sled recovers atomically after a crash.
+//!   - `E` + position (u64 BE) → the event as a [`tracktrace_core::codec::envelope`], stored as
+//!     a chunked value (see below);
+//!   - `X` + position + chunk index (u32 BE) → continuation chunks of a large event;
+//!   - `S` + tenant + `0x00` + stream + `0x00` + first version (u64 BE) → a *run*: first position
+//!     (u64 BE) + event count (u32 BE). One append writes one run (its positions are contiguous),
+//!     so a stream index costs one write per append, not per event, and the stream's version is
+//!     the end of its last run;
+//!   - `I` + tenant + `0x00` + event id (16 bytes) → position (u64 BE);
+//!   - `D` + tenant + `0x00` + dedup key → position (u64 BE).
+//!
+//!   Tenant ids, stream ids and dedup keys never contain `0x00` (they reject control
+//!   characters), so the separators are unambiguous.
+//! - [`PROJECTIONS_TREE`]: checkpoints and read models, written by one `sled::Batch` per commit.
+//!   - `P` + checkpoint name → position (u64 BE);
+//!   - `R` + namespace length (u16 BE) + namespace + key → chunked value;
+//!   - `X` + (the `R` key without its tag) + chunk index → continuation chunks.
+//! - [`SNAPSHOTS_TREE`]: `N` + tenant + `0x00` + stream → chunked value holding version (u64 BE),
+//!   schema version (u32 BE) and the payload; `X` continuation chunks as above.
+//!
+//! # Chunked values
+//! sled 0.34 writes a page whose serialized size exceeds a quarter of a segment (≈128 KiB with
+//! the default 512 KiB segments; a leaf holds up to 17 entries, hence "values over ≈7 kB") to a
+//! separate `blobs/<lsn>` file that it never fsyncs. To keep every value inline in the `db` file
+//! (which the durability barrier fsyncs), values longer than [`MAX_INLINE`] are split:
+//! - inline: `0x00` + bytes;
+//! - chunked: `0x01` + total length (u32 BE) + number of continuation chunks (u32 BE) + the first
+//!   part; continuation `i` (0-based) lives under `X` + (primary key without its tag) + `i`.
+
+use sled::IVec;
+
+/// Key in sled's default tree holding the format version of the store.
+pub const FORMAT_KEY: &[u8] = b"tracktrace.format";
+/// Current format version.
+pub const FORMAT_VERSION: &[u8] = b"1";
+/// Tree of events and their indexes.
+pub const LOG_TREE: &str = "log";
+/// Tree of checkpoints and read models.
+pub const PROJECTIONS_TREE: &str = "projections";
+/// Tree of snapshots.
+pub const SNAPSHOTS_TREE: &str = "snapshots";
+
+/// Longest stored value kept in one sled entry (bytes); longer values are chunked.
+pub const MAX_INLINE: usize = 4000;
+const CHUNK_HEADER: usize = 9;
+
+const TAG_INLINE: u8 = 0;
+const TAG_CHUNKED: u8 = 1;
+
+/// Key of the event at `position` in [`LOG_TREE`].
+pub fn event_key(position: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = b'E';
+    k[1..].copy_from_slice(&position.to_be_bytes());
+    k
+}
+
+/// Position encoded in an event key, if `key` is one.
+pub fn event_key_position(key: &[u8]) -> Option<u64> {
+    match key {
+        [b'E', rest @ ..] => rest.try_into().ok().map(u64::from_be_bytes),
+        _ => None,
+    }
+}
+
+/// Prefix of every run key of one stream in [`LOG_TREE`].
+pub fn stream_prefix(tenant: &str, stream: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + tenant.len() + stream.len() + 8);
+    k.push(b'S');
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(stream.as_bytes());
+    k.push(0);
+    k
+}
+
+/// Run key: the stream prefix followed by the run's first version.
+pub fn run_key(prefix: &[u8], first_version: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + 8);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(&first_version.to_be_bytes());
+    k
+}
+
+/// A run of consecutive versions of one stream at consecutive positions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Version of the first event of the run.
+    pub first_version: u64,
+    /// Position of the first event of the run.
+    pub first_position: u64,
+    /// Number of events in the run (≥ 1).
+    pub count: u32,
+}
+
+impl Run {
+    /// Version of the last event of the run.
+    pub fn last_version(&self) -> u64 {
+        self.first_version + u64::from(self.count) - 1
+    }
+
+    /// Position of the event with version `v` (which must be within the run).
+    pub fn position_of(&self, v: u64) -> u64 {
+        self.first_position + (v - self.first_version)
+    }
+
+    /// The value stored for the run.
+    pub fn encode_value(&self) -> [u8; 12] {
+        let mut v = [0u8; 12];
+        v[..8].copy_from_slice(&self.first_position.to_be_bytes());
+        v[8..].copy_from_slice(&self.count.to_be_bytes());
+        v
+    }
+
+    /// Parses a run from its key (with the stream prefix of length `prefix_len`) and value.
+    pub fn decode(prefix_len: usize, key: &[u8], value: &[u8]) -> Option<Run> {
+        let first_version = u64::from_be_bytes(key.get(prefix_len..)?.try_into().ok()?);
+        let first_position = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+        let count = u32::from_be_bytes(value.get(8..)?.try_into().ok()?);
+        (count > 0 && first_version > 0 && first_position > 0).then_some(Run {
+            first_version,
+            first_position,
+            count,
+        })
+    }
+}
+
+/// Key of the event-id index entry.
+pub fn id_key(tenant: &str, event_id: &[u8; 16]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.len() + 16);
+    k.push(b'I');
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(event_id);
+    k
+}
+
+/// Key of the dedup-key index entry.
+pub fn dedup_key(tenant: &str, key: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.len() + key.len());
+    k.push(b'D');
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+/// Key of a checkpoint in [`PROJECTIONS_TREE`].
+pub fn checkpoint_key(name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(b'P');
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Prefix of every read-model key of namespace `ns` in [`PROJECTIONS_TREE`].
+/// `ns` must be at most `u16::MAX` bytes long (the store enforces a lower limit).
+pub fn namespace_prefix(ns: &str) -> Vec<u8> {
+    let len = u16::try_from(ns.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(3 + ns.len());
+    k.push(b'R');
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(ns.as_bytes());
+    k
+}
+
+/// Key of a snapshot in [`SNAPSHOTS_TREE`].
+pub fn snapshot_key(tenant: &str, stream: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + tenant.len() + stream.len());
+    k.push(b'N');
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(stream.as_bytes());
+    k
+}
+
+/// Big-endian u64 value.
+pub fn decode_u64(v: &[u8]) -> Option<u64> {
+    v.try_into().ok().map(u64::from_be_bytes)
+}
+
+/// Key of continuation chunk `i` of the value stored under `primary`.
+pub fn continuation_key(primary: &[u8], i: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(primary.len() + 4);
+    k.push(b'X');
+    k.extend_from_slice(primary.get(1..).unwrap_or_default());
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+/// Number of continuation chunks of a stored value (0 for inline or unparsable values).
+pub fn continuation_count(stored: &[u8]) -> u32 {
+    match stored {
+        [TAG_CHUNKED, _, _, _, _, n0, n1, n2, n3, ..] => u32::from_be_bytes([*n0, *n1, *n2, *n3]),
+        _ => 0,
+    }
+}
+
+/// Adds the writes storing `value` under `primary` to `batch`, removing the continuation chunks
+/// of the previous value (`old_continuations`, from [`continuation_count`]) that are not
+/// overwritten.
+pub fn put_value(batch: &mut sled::Batch, primary: &[u8], value: &[u8], old_continuations: u32) {
+    let mut new_continuations = 0u32;
+    if value.len() < MAX_INLINE {
+        let mut v = Vec::with_capacity(value.len() + 1);
+        v.push(TAG_INLINE);
+        v.extend_from_slice(value);
+        batch.insert(primary, v);
+    } else {
+        let first = MAX_INLINE - CHUNK_HEADER;
+        let (head, rest) = value.split_at(first);
+        let chunks: Vec<&[u8]> = rest.chunks(MAX_INLINE).collect();
+        new_continuations = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        let total = u32::try_from(value.len()).unwrap_or(u32::MAX);
+        let mut v = Vec::with_capacity(MAX_INLINE);
+        v.push(TAG_CHUNKED);
+        v.extend_from_slice(&total.to_be_bytes());
+        v.extend_from_slice(&new_continuations.to_be_bytes());
+        v.extend_from_slice(head);
+        batch.insert(primary, v);
+        for (i, c) in chunks.into_iter().enumerate() {
+            batch.insert(continuation_key(primary, i as u32), c);
+        }
+    }
+    remove_continuations(batch, primary, new_continuations, old_continuations);
+}
+
+/// Adds the removal of `primary` and of its `old_continuations` chunks to `batch`.
+pub fn delete_value(batch: &mut sled::Batch, primary: &[u8], old_continuations: u32) {
+    batch.remove(primary);
+    remove_continuations(batch, primary, 0, old_continuations);
+}
+
+fn remove_continuations(batch: &mut sled::Batch, primary: &[u8], from: u32, to: u32) {
+    for i in from..to {
+        batch.remove(continuation_key(primary, i));
+    }
+}
+
+/// Reassembles a value stored by [`put_value`], fetching continuation chunks from `tree`.
+/// Returns a description of the damage if the stored bytes are inconsistent.
+pub fn get_value(tree: &sled::Tree, primary: &[u8], stored: IVec) -> Result<ValueBytes, String> {
+    match stored.first() {
+        Some(&TAG_INLINE) => Ok(ValueBytes { stored, offset: 1 }),
+        Some(&TAG_CHUNKED) => {
+            if stored.len() < CHUNK_HEADER {
+                return Err("truncated chunk header".into());
+            }
+            let total = u32::from_be_bytes([stored[1], stored[2], stored[3], stored[4]]) as usize;
+            let n = continuation_count(&stored);
+            let mut out = Vec::with_capacity(total.min(64 * 1024 * 1024));
+            out.extend_from_slice(&stored[CHUNK_HEADER..]);
+            for i in 0..n {
+                let chunk = tree
+                    .get(continuation_key(primary, i))
+                    .map_err(|e| format!("reading chunk {i}: {e}"))?
+                    .ok_or_else(|| format!("chunk {i} of {n} is missing"))?;
+                out.extend_from_slice(&chunk);
+                if out.len() > total {
+                    break;
+                }
+            }
+            if out.len() != total {
+                return Err(format!(
+                    "chunked value has {} bytes, header says {total}",
+                    out.len()
+                ));
+            }
+            Ok(ValueBytes {
+                stored: IVec::from(out),
+                offset: 0,
+            })
+        }
+        Some(t) => Err(format!("unknown value tag {t}")),
+        None => Err("empty value".into()),
+    }
+}
+
+/// A stored value without its framing.
+#[derive(Clone, Debug)]
+pub struct ValueBytes {
+    stored: IVec,
+    offset: usize,
+}
+
+impl AsRef<[u8]> for ValueBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.stored[self.offset..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_values_roundtrip_and_shrink() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let t = db.open_tree("t").unwrap();
+        for len in [0, 1, MAX_INLINE - 1, MAX_INLINE, MAX_INLINE * 3 + 17, 1 << 20] {
+            let value: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let old = t.get(b"Rk").unwrap().map_or(0, |v| continuation_count(&v));
+            let mut b = sled::Batch::default();
+            put_value(&mut b, b"Rk", &value, old);
+            t.apply_batch(b).unwrap();
+            let stored = t.get(b"Rk").unwrap().unwrap();
+            assert!(stored.len() <= MAX_INLINE);
+            let got = get_value(&t, b"Rk", stored).unwrap();
+            assert_eq!(got.as_ref(), &value[..], "len {len}");
+            let expected_chunks = u64::from(continuation_count(&t.get(b"Rk").unwrap().unwrap()));
+            assert_eq!(t.len() as u64, 1 + expected_chunks, "stale chunks left, len {len}");
+        }
+        let old = continuation_count(&t.get(b"Rk").unwrap().unwrap());
+        let mut b = sled::Batch::default();
+        delete_value(&mut b, b"Rk", old);
+        t.apply_batch(b).unwrap();
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn damaged_values_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let t = db.open_tree("t").unwrap();
+        assert!(get_value(&t, b"Rk", IVec::from(&b""[..])).is_err());
+        assert!(get_value(&t, b"Rk", IVec::from(&[9u8, 1, 2][..])).is_err());
+        assert!(get_value(&t, b"Rk", IVec::from(&[1u8, 0, 0][..])).is_err());
+        // header claims a continuation chunk that does not exist
+        assert!(get_value(&t, b"Rk", IVec::from(&[1u8, 0, 0, 0, 9, 0, 0, 0, 1, 7][..])).is_err());
+    }
+
+    #[test]
+    fn run_keys_sort_by_version_within_a_stream() {
+        let p = stream_prefix("t", "s");
+        assert!(run_key(&p, 2) < run_key(&p, 10));
+        let r = Run {
+            first_version: 3,
+            first_position: 40,
+            count: 2,
+        };
+        assert_eq!(Run::decode(p.len(), &run_key(&p, 3), &r.encode_value()), Some(r));
+        assert_eq!(r.last_version(), 4);
+        assert_eq!(r.position_of(4), 41);
+        assert_eq!(Run::decode(p.len(), &run_key(&p, 3), b"short"), None);
+    }
+}

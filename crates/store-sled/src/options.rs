@@ -1,0 +1,124 @@
+//! [`SledOptions`] and [`Durability`] modes, and the errors of opening a store.
+
+use std::path::{Path, PathBuf};
+
+/// When an acknowledged write is safe, and against what.
+///
+/// Whatever the mode, a crash never exposes half an append (each group of appends is one sled
+/// batch, which sled recovers atomically) and never reorders the global log: a crash can only
+/// lose a *suffix* of what was written, never a write while keeping a later one. The modes differ
+/// in how long that suffix may be for writes that were already acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// **Default.** A write is acknowledged only after a real barrier: sled's `flush()` (which on
+    /// Linux ends in `sync_file_range(2)`: data written, but neither device cache nor file
+    /// metadata flushed) followed by `fdatasync(2)` of sled's `db` file (and of any `blobs/`
+    /// file sled created, see [`crate::layout`]). An acknowledged write survives `kill -9`, a
+    /// kernel crash and power loss, provided the device honours flushes. Concurrent writers share
+    /// barriers (group commit), so throughput grows with concurrency.
+    #[default]
+    Fsync,
+    /// Opt-in, **process-crash-safe only**: a write is acknowledged after sled's `flush()`, which
+    /// hands the data to the operating system. It survives `kill -9` or a panic of the process,
+    /// but a kernel crash or power loss may lose acknowledged writes (a suffix of the log).
+    Flush,
+    /// Opt-in, **not crash-safe**: a write is acknowledged once it is in sled's in-memory log;
+    /// sled's background flusher writes it to the OS every `flush_every_ms` milliseconds. Any
+    /// crash (even of the process) may lose the writes of roughly the last interval. For tests,
+    /// caches and data that can be rebuilt.
+    Buffered {
+        /// Interval of sled's background flusher, in milliseconds (at least 1).
+        flush_every_ms: u64,
+    },
+}
+
+/// Default size of sled's page cache: 256 MiB.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 256 * 1024 * 1024;
+
+/// How to open a [`crate::SledStore`].
+#[derive(Clone, Debug)]
+pub struct SledOptions {
+    /// Directory of the store (created if missing). One process at a time may hold it.
+    pub path: PathBuf,
+    /// When writes are acknowledged (default [`Durability::Fsync`]).
+    pub durability: Durability,
+    /// sled's page cache size in bytes (default [`DEFAULT_CACHE_CAPACITY`]).
+    pub cache_capacity: u64,
+}
+
+impl SledOptions {
+    /// Options for a store in `path` with the defaults: [`Durability::Fsync`], 256 MiB cache.
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self {
+            path: path.as_ref().to_path_buf(),
+            durability: Durability::default(),
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+
+    /// Sets the durability mode (builder style).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Sets the page cache size in bytes (builder style).
+    pub fn cache_capacity(mut self, bytes: u64) -> Self {
+        self.cache_capacity = bytes;
+        self
+    }
+}
+
+/// Why a store could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// Another process (or another open store in this process) holds the directory.
+    #[error(
+        "the event store directory {} is in use by another process (or is already open in this one): \
+         sled holds an exclusive lock on its `db` file; close the other user first",
+        path.display()
+    )]
+    Locked {
+        /// The store directory.
+        path: PathBuf,
+        /// sled's error.
+        #[source]
+        source: sled::Error,
+    },
+    /// A file-system operation failed.
+    #[error("cannot open the event store at {}: {what}", path.display())]
+    Io {
+        /// The store directory.
+        path: PathBuf,
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// sled failed to open or recover the database.
+    #[error("sled could not open the event store at {}", path.display())]
+    Sled {
+        /// The store directory.
+        path: PathBuf,
+        /// sled's error.
+        #[source]
+        source: sled::Error,
+    },
+    /// The directory holds a database this version does not understand.
+    #[error("{} is not a tracktrace sled store of format 1: {detail}", path.display())]
+    Format {
+        /// The store directory.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+}
+
+impl From<OpenError> for tracktrace_core::Error {
+    fn from(e: OpenError) -> Self {
+        tracktrace_core::Error::backend(e.to_string(), e)
+    }
+}

@@ -1,0 +1,291 @@
+//! sled-specific behaviour: reopening, large (chunked) values, the directory lock, corruption
+//! reporting, read models and snapshots surviving a reopen, and each durability mode.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracktrace_core::{
+    CheckpointStore, Direction, Error, EventStore, EventStoreExt, ExpectedVersion, KeyRange,
+    NewEvent, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream,
+    Snapshot, SnapshotStore, StreamId, TenantId, Version,
+};
+use tracktrace_store_sled::{Durability, OpenError, SledOptions, SledStore, layout};
+
+fn ids() -> (TenantId, StreamId) {
+    (
+        TenantId::parse("acme").unwrap(),
+        StreamId::parse("Bag-1").unwrap(),
+    )
+}
+
+fn ev(i: usize) -> NewEvent {
+    NewEvent::json("E", &serde_json::json!({ "i": i }))
+}
+
+#[tokio::test]
+async fn events_survive_reopen_and_positions_continue() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, s) = ids();
+    {
+        let store = SledStore::open_path(dir.path())?;
+        store
+            .append_to(&t, &s, ExpectedVersion::NoStream, (0..3).map(ev).collect())
+            .await?;
+        store
+            .append_to(&t, &s, ExpectedVersion::Exact(Version::new(3)), vec![ev(3)])
+            .await?;
+    }
+    let store = SledStore::open_path(dir.path())?;
+    assert_eq!(store.head().await?, Position::new(4));
+    assert_eq!(store.stream_version(&t, &s).await?, Version::new(4));
+    let out = store
+        .append_to(&t, &s, ExpectedVersion::Exact(Version::new(4)), vec![ev(4)])
+        .await?;
+    assert_eq!(out.last_position(), Position::new(5));
+    let all = store.read_stream_forwards(&t, &s).await?;
+    let versions: Vec<u64> = all.iter().map(|e| e.version.get()).collect();
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    // Runs are split across appends; reads in both directions cross them.
+    let back = store
+        .read_stream(ReadStream::backwards(t.clone(), s.clone()).from(Version::new(4)).limit(3))
+        .await?;
+    let versions: Vec<u64> = back.iter().map(|e| e.version.get()).collect();
+    assert_eq!(versions, [4, 3, 2]);
+    let fwd = store
+        .read_stream(ReadStream::forwards(t.clone(), s.clone()).from(Version::new(3)).limit(2))
+        .await?;
+    let versions: Vec<u64> = fwd.iter().map(|e| e.version.get()).collect();
+    assert_eq!(versions, [3, 4]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn large_events_and_values_roundtrip_through_chunks() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, s) = ids();
+    let big: Vec<u8> = (0..tracktrace_core::limits::MAX_PAYLOAD_BYTES)
+        .map(|i| (i % 253) as u8)
+        .collect();
+    let e = NewEvent::new("Big", "application/octet-stream", big.clone());
+    let id = e.event_id;
+    {
+        let store = SledStore::open_path(dir.path())?;
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev(0), e, ev(2)])
+            .await?;
+        store
+            .commit(ReadModelBatch {
+                checkpoint: "p".into(),
+                expected_checkpoint: None,
+                position: Position::new(3),
+                writes: vec![ReadModelWrite::Put {
+                    ns: "ns".into(),
+                    key: b"k".to_vec(),
+                    value: big.clone(),
+                }],
+            })
+            .await?;
+        store
+            .save_snapshot(Snapshot {
+                tenant: t.clone(),
+                stream: s.clone(),
+                version: Version::new(3),
+                schema_version: 2,
+                payload: Bytes::from(big.clone()),
+            })
+            .await?;
+    }
+    let store = SledStore::open_path(dir.path())?;
+    let got = store.get_event(&t, id).await?.expect("stored");
+    assert_eq!(got.payload.as_ref(), big.as_slice());
+    let all = store.read_all(ReadAll::from(Position::START, 10)).await?;
+    assert_eq!(all.events.len(), 3);
+    assert_eq!(all.events[1].payload.as_ref(), big.as_slice());
+    assert_eq!(store.get("ns", b"k").await?.unwrap().as_ref(), big.as_slice());
+    let snap = store.load_snapshot(&t, &s).await?.unwrap();
+    assert_eq!((snap.version, snap.schema_version), (Version::new(3), 2));
+    assert_eq!(snap.payload.as_ref(), big.as_slice());
+    // Every stored sled value stays below the inline limit (nothing goes to unsynced blobs).
+    drop(store);
+    let db = sled::Config::new().path(dir.path()).open().unwrap();
+    for name in db.tree_names() {
+        for item in db.open_tree(&name).unwrap().iter() {
+            let (_, v) = item.unwrap();
+            assert!(v.len() <= layout::MAX_INLINE, "value of {} bytes", v.len());
+        }
+    }
+    let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+    assert_eq!(blobs, 0, "sled wrote blob files");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_held_directory_gives_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SledStore::open_path(dir.path()).unwrap();
+    let second = SledStore::open_path(dir.path()).unwrap_err();
+    assert!(matches!(second, OpenError::Locked { .. }), "{second:?}");
+    let msg = second.to_string();
+    assert!(msg.contains("in use by another process"), "{msg}");
+    // Once the holder is gone the directory opens again.
+    drop(first);
+    SledStore::open_path(dir.path()).unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, s) = ids();
+    let first = ev(0);
+    let first_id = first.event_id;
+    {
+        let store = SledStore::open_path(dir.path())?;
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![first, ev(1), ev(2)])
+            .await?;
+    }
+    {
+        // Damage the record at position 2 behind the store's back, through sled itself.
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let log = db.open_tree(layout::LOG_TREE).unwrap();
+        log.insert(layout::event_key(2), &b"\x00\x01garbage\xff\xff"[..]).unwrap();
+        // And a record whose framing itself is broken, at position 3.
+        log.insert(layout::event_key(3), &b"\x07"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let store = SledStore::open_path(dir.path())?;
+    let at = |e: Error| match e {
+        Error::Corruption { position, .. } => position,
+        other => panic!("expected a corruption error, got {other:?}"),
+    };
+    let err = store.read_stream_forwards(&t, &s).await.unwrap_err();
+    assert_eq!(at(err), Some(Position::new(2)));
+    let err = store
+        .read_all(ReadAll::from(Position::START, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(at(err), Some(Position::new(2)));
+    let err = store
+        .read_all(ReadAll::from(Position::new(3), 10))
+        .await
+        .unwrap_err();
+    assert_eq!(at(err), Some(Position::new(3)));
+    // Undamaged records still read fine.
+    assert!(store.get_event(&t, first_id).await?.is_some());
+    let one = store
+        .read_stream(ReadStream::forwards(t.clone(), s.clone()).limit(1))
+        .await?;
+    assert_eq!(one.len(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn read_models_commit_with_their_checkpoint_and_survive_reopen() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let put = |k: &str, v: &str| ReadModelWrite::Put {
+        ns: "timeline".into(),
+        key: k.as_bytes().to_vec(),
+        value: v.as_bytes().to_vec(),
+    };
+    {
+        let store = SledStore::open_path(dir.path())?;
+        store
+            .commit(ReadModelBatch {
+                checkpoint: "tl".into(),
+                expected_checkpoint: None,
+                position: Position::new(5),
+                writes: vec![put("a", "1"), put("b", "2"), put("c", "3")],
+            })
+            .await?;
+        // Clear then put within one batch: only the later put survives.
+        store
+            .commit(ReadModelBatch {
+                checkpoint: "tl".into(),
+                expected_checkpoint: Some(Position::new(5)),
+                position: Position::new(9),
+                writes: vec![
+                    put("d", "4"),
+                    ReadModelWrite::Clear {
+                        ns: "timeline".into(),
+                    },
+                    put("e", "5"),
+                    ReadModelWrite::Delete {
+                        ns: "timeline".into(),
+                        key: b"zz".to_vec(),
+                    },
+                ],
+            })
+            .await?;
+        let stale = store
+            .commit(ReadModelBatch {
+                checkpoint: "tl".into(),
+                expected_checkpoint: Some(Position::new(5)),
+                position: Position::new(10),
+                writes: vec![put("x", "x")],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(stale, Error::CheckpointMoved { actual: Some(p), .. } if p == Position::new(9)));
+    }
+    let store = SledStore::open_path(dir.path())?;
+    assert_eq!(store.load_checkpoint("tl").await?, Some(Position::new(9)));
+    let all = store
+        .scan("timeline", KeyRange::default(), Direction::Forwards, 10)
+        .await?;
+    assert_eq!(all, vec![(Bytes::from("e"), Bytes::from("5"))]);
+    assert_eq!(store.get("timeline", b"x").await?, None);
+    store.save_checkpoint("other", Position::new(3)).await?;
+    assert_eq!(store.load_checkpoint("other").await?, Some(Position::new(3)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_durability_mode_keeps_a_clean_reopen() -> Result<(), Error> {
+    for mode in [
+        Durability::Fsync,
+        Durability::Flush,
+        Durability::Buffered { flush_every_ms: 10 },
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, s) = ids();
+        {
+            let store = SledStore::open(SledOptions::new(dir.path()).durability(mode))?;
+            assert_eq!(store.durability(), mode);
+            for i in 0..10 {
+                store.append_to(&t, &s, ExpectedVersion::Any, vec![ev(i)]).await?;
+            }
+        }
+        // A clean shutdown (drop) flushes in every mode.
+        let store = SledStore::open_path(dir.path())?;
+        assert_eq!(store.stream_version(&t, &s).await?, Version::new(10), "{mode:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open_path(dir.path())?);
+    let t = TenantId::parse("acme").unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let store = store.clone();
+        let t = t.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = StreamId::parse(format!("s-{w}")).unwrap();
+            for i in 0..20 {
+                store
+                    .append_to(&t, &s, ExpectedVersion::Exact(Version::new(i)), vec![ev(i as usize)])
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap()?;
+    }
+    let all = store.read_all_to_end(Position::START, Default::default()).await?;
+    let positions: Vec<u64> = all.iter().map(|e| e.position.get()).collect();
+    assert_eq!(positions, (1..=320).collect::<Vec<_>>());
+    Ok(())
+}
