@@ -6,15 +6,19 @@
 //! # Trees
 //! - [`LOG_TREE`]: the events and their indexes. Everything one append group writes lands here
 //!   in **one** `sled::Batch`, which sled recovers atomically after a crash.
-//!   - `E` + position (u64 BE) → the event as a [`tracktrace_core::codec::envelope`], stored as
-//!     a chunked value (see below);
-//!   - `X` + position + chunk index (u32 BE) → continuation chunks of a large event;
+//!   - `E` + position of its first event (u64 BE) → a *page*: the events of consecutive
+//!     positions written by one group, each as a [`tracktrace_core::codec::envelope`]
+//!     (see [`encode_page`]), stored as a chunked value (see below). Packing a group's events
+//!     into pages of up to [`MAX_INLINE`] bytes costs one sled write per page instead of one per
+//!     event; an event larger than a page gets a page of its own, chunked;
+//!   - `X` + page key without its tag + chunk index (u32 BE) → continuation chunks of a large page;
 //!   - `S` + tenant + `0x00` + stream + `0x00` + first version (u64 BE) → a *run*: first position
 //!     (u64 BE) + event count (u32 BE). One append writes one run (its positions are contiguous),
 //!     so a stream index costs one write per append, not per event, and the stream's version is
 //!     the end of its last run;
-//!   - `I` + tenant + `0x00` + event id (16 bytes) → position (u64 BE);
-//!   - `D` + tenant + `0x00` + dedup key → position (u64 BE).
+//!   - `I` + tenant + `0x00` + event id (16 bytes) → [`IndexEntry`]: the key position of the
+//!     event's page and the event's position (u64 BE each);
+//!   - `D` + tenant + `0x00` + dedup key → [`IndexEntry`] likewise.
 //!
 //!   Tenant ids, stream ids and dedup keys never contain `0x00` (they reject control
 //!   characters), so the separators are unambiguous.
@@ -54,19 +58,133 @@ const CHUNK_HEADER: usize = 9;
 const TAG_INLINE: u8 = 0;
 const TAG_CHUNKED: u8 = 1;
 
-/// Key of the event at `position` in [`LOG_TREE`].
-pub fn event_key(position: u64) -> [u8; 9] {
+/// Key of the page whose first event is at `first_position`, in [`LOG_TREE`].
+pub fn page_key(first_position: u64) -> [u8; 9] {
     let mut k = [0u8; 9];
     k[0] = b'E';
-    k[1..].copy_from_slice(&position.to_be_bytes());
+    k[1..].copy_from_slice(&first_position.to_be_bytes());
     k
 }
 
-/// Position encoded in an event key, if `key` is one.
-pub fn event_key_position(key: &[u8]) -> Option<u64> {
+/// First position encoded in a page key, if `key` is one.
+pub fn page_key_position(key: &[u8]) -> Option<u64> {
     match key {
         [b'E', rest @ ..] => rest.try_into().ok().map(u64::from_be_bytes),
         _ => None,
+    }
+}
+
+/// Target size of a page: pages are closed before they would exceed it.
+pub const PAGE_TARGET: usize = MAX_INLINE - 1;
+
+/// Encodes a page of encoded events: event count (u32 BE), then the end offset of each event
+/// within the data (u32 BE each), then the events back to back.
+pub fn encode_page<'a>(events: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let events: Vec<&[u8]> = events.into_iter().collect();
+    let data: usize = events.iter().map(|e| e.len()).sum();
+    let mut out = Vec::with_capacity(4 + 4 * events.len() + data);
+    out.extend_from_slice(&(events.len() as u32).to_be_bytes());
+    let mut end = 0u32;
+    for e in &events {
+        end = end.saturating_add(e.len() as u32);
+        out.extend_from_slice(&end.to_be_bytes());
+    }
+    for e in events {
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+/// Size a page of events of the given sizes takes.
+pub fn page_size(event_sizes: impl IntoIterator<Item = usize>) -> usize {
+    event_sizes.into_iter().fold(4, |acc, n| acc + 4 + n)
+}
+
+/// A parsed page: the encoded events it holds.
+#[derive(Debug)]
+pub struct Page<'a> {
+    ends: &'a [u8],
+    data: &'a [u8],
+}
+
+impl<'a> Page<'a> {
+    /// Parses and checks the framing of a page (not the events themselves).
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, String> {
+        let n = bytes
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or("truncated page header")?;
+        if n == 0 {
+            return Err("empty page".into());
+        }
+        let header = n
+            .checked_mul(4)
+            .and_then(|h| h.checked_add(4))
+            .filter(|h| *h <= bytes.len())
+            .ok_or("page header longer than the page")?;
+        let page = Page {
+            ends: &bytes[4..header],
+            data: &bytes[header..],
+        };
+        let mut prev = 0;
+        for i in 0..n {
+            let end = page.end(i);
+            if end < prev || end > page.data.len() {
+                return Err(format!("bad offset of event {i} in the page"));
+            }
+            prev = end;
+        }
+        if prev != page.data.len() {
+            return Err("trailing bytes after the last event of the page".into());
+        }
+        Ok(page)
+    }
+
+    fn end(&self, i: usize) -> usize {
+        let b = &self.ends[4 * i..4 * i + 4];
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize
+    }
+
+    /// Number of events in the page (≥ 1).
+    pub fn len(&self) -> usize {
+        self.ends.len() / 4
+    }
+
+    /// Always `false`: a parsed page holds at least one event.
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The encoded event `i` (`i < len()`).
+    pub fn event(&self, i: usize) -> &'a [u8] {
+        let start = if i == 0 { 0 } else { self.end(i - 1) };
+        &self.data[start..self.end(i)]
+    }
+}
+
+/// Value of an event-id or dedup-key index entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Key position of the page holding the event.
+    pub page: u64,
+    /// Position of the event.
+    pub position: u64,
+}
+
+impl IndexEntry {
+    /// The stored value.
+    pub fn encode(&self) -> [u8; 16] {
+        let mut v = [0u8; 16];
+        v[..8].copy_from_slice(&self.page.to_be_bytes());
+        v[8..].copy_from_slice(&self.position.to_be_bytes());
+        v
+    }
+
+    /// Parses a stored value.
+    pub fn decode(v: &[u8]) -> Option<Self> {
+        let page = decode_u64(v.get(..8)?)?;
+        let position = decode_u64(v.get(8..)?)?;
+        (page <= position).then_some(Self { page, position })
     }
 }
 
@@ -335,6 +453,25 @@ mod tests {
         assert!(get_value(&t, b"Rk", IVec::from(&[1u8, 0, 0][..])).is_err());
         // header claims a continuation chunk that does not exist
         assert!(get_value(&t, b"Rk", IVec::from(&[1u8, 0, 0, 0, 9, 0, 0, 0, 1, 7][..])).is_err());
+    }
+
+    #[test]
+    fn pages_roundtrip_and_reject_bad_framing() {
+        let page = encode_page([&b"ab"[..], b"", b"cde"]);
+        assert_eq!(page.len(), page_size([2, 0, 3]));
+        let p = Page::parse(&page).unwrap();
+        assert_eq!(p.len(), 3);
+        assert_eq!((p.event(0), p.event(1), p.event(2)), (&b"ab"[..], &b""[..], &b"cde"[..]));
+        assert!(Page::parse(&page[..page.len() - 1]).is_err());
+        assert!(Page::parse(&[0, 0, 0, 0]).is_err());
+        assert!(Page::parse(&[0, 0, 0, 9, 1]).is_err());
+        assert!(Page::parse(&[0xff, 0xff, 0xff, 0xff]).is_err());
+        let mut bad = page.clone();
+        bad[7] = 200; // first end offset beyond the data
+        assert!(Page::parse(&bad).is_err());
+        let e = IndexEntry { page: 3, position: 5 };
+        assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
+        assert_eq!(IndexEntry::decode(&e.encode()[..9]), None);
     }
 
     #[test]

@@ -107,6 +107,17 @@ pub enum OpenError {
         #[source]
         source: sled::Error,
     },
+    /// The last page of the log is damaged, so the next position cannot be known safely.
+    /// (Damage elsewhere is reported by the reads that meet it.)
+    #[error("the event store at {} is damaged: the last page of the log (position {position}) {detail}", path.display())]
+    Corruption {
+        /// The store directory.
+        path: PathBuf,
+        /// First position of the damaged page.
+        position: u64,
+        /// What is wrong.
+        detail: String,
+    },
     /// The directory holds a database this version does not understand.
     #[error("{} is not a tracktrace sled store of format 1: {detail}", path.display())]
     Format {

@@ -19,7 +19,7 @@ use tracktrace_core::{
 
 use crate::layout::{self, Run};
 use crate::options::{Durability, OpenError, SledOptions};
-use crate::writer::{Barrier, Request, Writer};
+use crate::writer::{Barrier, Request, Writer, sync_loop};
 
 /// Longest read-model namespace, in bytes.
 pub const MAX_NAMESPACE_LEN: usize = 256;
@@ -41,19 +41,48 @@ pub struct SledStore {
 }
 
 struct Inner {
-    shared: Arc<Shared>,
+    /// `None` only while dropping.
+    shared: Option<Arc<Shared>>,
     tx: Option<mpsc::UnboundedSender<Request>>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
     durability: Durability,
+    /// Delete the directory on drop ([`SledStore::temporary`]).
+    temporary: bool,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         drop(self.tx.take());
         if let Some(w) = self.writer.take() {
-            // The writer finishes the requests already queued, then exits.
+            // The writer finishes the requests already queued, then stops the sync thread.
             let _ = w.join();
+        }
+        drop(self.shared.take());
+        // sled's background threads may hold its locked `db` file a little longer than the
+        // `Db`; wait (briefly) until it is released, so that a store dropped in this process
+        // can be reopened right away.
+        let db = self.path.join("db");
+        for _ in 0..2000 {
+            match File::open(&db) {
+                Ok(f) => {
+                    if fs2::FileExt::try_lock_exclusive(&f).is_ok() {
+                        let _ = fs2::FileExt::unlock(&f);
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.remove_if_temporary();
+    }
+}
+
+impl Inner {
+    fn remove_if_temporary(&self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.path);
         }
     }
 }
@@ -78,7 +107,7 @@ impl std::fmt::Debug for SledStore {
         f.debug_struct("SledStore")
             .field("path", &self.inner.path)
             .field("durability", &self.inner.durability)
-            .field("head", &self.inner.shared.head.load(Ordering::Relaxed))
+            .field("head", &self.shared().head.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -171,15 +200,21 @@ impl SledStore {
         let mut clock = Timestamp::default();
         if let Some(item) = log.scan_prefix(b"E").next_back() {
             let (k, v) = item.map_err(sled_open)?;
-            head = layout::event_key_position(&k).ok_or_else(|| OpenError::Format {
+            let first = layout::page_key_position(&k).ok_or_else(|| OpenError::Format {
                 path: path.clone(),
-                detail: "malformed event key".into(),
+                detail: "malformed page key".into(),
             })?;
+            let damaged = |detail: String| OpenError::Corruption {
+                path: path.clone(),
+                position: first,
+                detail,
+            };
+            let bytes = layout::get_value(&log, &k, v).map_err(damaged)?;
+            let page = layout::Page::parse(bytes.as_ref()).map_err(damaged)?;
+            head = first + page.len() as u64 - 1;
             // A damaged last event is reported when it is read; here it only costs clock
             // monotonicity across the restart.
-            if let Ok(bytes) = layout::get_value(&log, &k, v)
-                && let Ok(e) = envelope::decode(bytes.as_ref())
-            {
+            if let Ok(e) = envelope::decode(page.event(page.len() - 1)) {
                 clock = e.recorded_at;
             }
         }
@@ -195,12 +230,23 @@ impl SledStore {
             poisoned: OnceLock::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
+        let barrier = Barrier::new(opts.durability, db_file, path.join("blobs"));
+        let syncer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("tracktrace-sled-sync".into())
+                .spawn(move || sync_loop(shared, sync_rx, barrier))
+                .map_err(io("starting the sync thread"))?
+        };
         let writer = Writer {
             shared: shared.clone(),
             rx,
             next_position: head + 1,
             clock,
-            barrier: Barrier::new(opts.durability, db_file, path.join("blobs")),
+            sync_tx,
+            syncer: Some(syncer),
+            versions: Default::default(),
         };
         let writer = std::thread::Builder::new()
             .name("tracktrace-sled-writer".into())
@@ -208,13 +254,56 @@ impl SledStore {
             .map_err(io("starting the writer thread"))?;
         Ok(Self {
             inner: Arc::new(Inner {
-                shared,
+                shared: Some(shared),
                 tx: Some(tx),
                 writer: Some(writer),
                 path,
                 durability: opts.durability,
+                temporary: false,
             }),
         })
+    }
+
+    /// Opens a fresh, empty store in a new directory under the system's temporary directory,
+    /// deleted when the last clone is dropped. For tests and examples.
+    pub fn temporary(durability: Durability) -> std::result::Result<Self, OpenError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        loop {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos());
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path = base.join(format!(
+                "tracktrace-sled-{}-{n}-{nanos:x}",
+                std::process::id()
+            ));
+            match std::fs::create_dir(&path) {
+                Ok(()) => {
+                    let store = Self::open(SledOptions::new(&path).durability(durability));
+                    return match store {
+                        Ok(mut store) => {
+                            if let Some(inner) = Arc::get_mut(&mut store.inner) {
+                                inner.temporary = true;
+                            }
+                            Ok(store)
+                        }
+                        Err(e) => {
+                            let _ = std::fs::remove_dir_all(&path);
+                            Err(e)
+                        }
+                    };
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(OpenError::Io {
+                        path,
+                        what: "creating a temporary directory",
+                        source,
+                    });
+                }
+            }
+        }
     }
 
     /// Opens the store in `path` with the default options ([`Durability::Fsync`]).
@@ -233,7 +322,10 @@ impl SledStore {
     }
 
     fn shared(&self) -> &Shared {
-        &self.inner.shared
+        self.inner
+            .shared
+            .as_deref()
+            .expect("only taken while the last handle is dropped")
     }
 
     fn check(&self) -> Result<()> {
@@ -264,8 +356,8 @@ impl SledStore {
         rx.await.map_err(|_| closed())?
     }
 
-    /// Reads the events of one run between versions `v0` and `v1` (inclusive), in `direction`,
-    /// into `out` until it holds `limit` events.
+    /// Reads the events of one run between versions `v0` and `v1` (inclusive), in the request's
+    /// direction, into `out` until it holds `req.limit` events.
     fn read_run(
         &self,
         req: &ReadStream,
@@ -273,61 +365,46 @@ impl SledStore {
         (v0, v1): (u64, u64),
         out: &mut Vec<RecordedEvent>,
     ) -> Result<()> {
-        let shared = self.shared();
         let (p0, p1) = (run.position_of(v0), run.position_of(v1));
-        let range = shared
-            .log
-            .range(layout::event_key(p0)..=layout::event_key(p1));
-        let mut expect = match req.direction {
-            Direction::Forwards => p0,
-            Direction::Backwards => p1,
-        };
-        let mut take = |item: sled::Result<(IVec, IVec)>| -> Result<bool> {
-            let (k, v) = item.map_err(sled_err)?;
-            let e = shared.decode_event_kv(&k, v)?;
-            let pos = e.position.get();
-            if pos != expect
-                || e.tenant != req.tenant
+        self.shared().walk(p0, p1, req.direction, |pos, bytes| {
+            let e = decode_event(pos, bytes)?;
+            if e.tenant != req.tenant
                 || e.stream != req.stream
                 || e.version.get() != run.first_version + (pos - run.first_position)
             {
                 return Err(corrupt(
-                    expect,
+                    pos,
                     format!(
-                        "stream index of {}/{} points to event {} (version {}) of {}/{}",
-                        req.tenant, req.stream, pos, e.version, e.tenant, e.stream
+                        "the stream index of {}/{} points to version {} of {}/{}",
+                        req.tenant, req.stream, e.version, e.tenant, e.stream
                     ),
                 ));
             }
             out.push(e);
-            expect = match req.direction {
-                Direction::Forwards => expect + 1,
-                Direction::Backwards => expect.wrapping_sub(1),
-            };
             Ok(out.len() >= req.limit)
-        };
-        let full = match req.direction {
-            Direction::Forwards => range.map(&mut take).find(|r| !matches!(r, Ok(false))),
-            Direction::Backwards => range.rev().map(&mut take).find(|r| !matches!(r, Ok(false))),
-        };
-        match full {
-            Some(r) => r.map(drop),
-            None => {
-                let done = match req.direction {
-                    Direction::Forwards => expect == p1 + 1,
-                    Direction::Backwards => expect == p0.wrapping_sub(1),
-                };
-                if done {
-                    Ok(())
-                } else {
-                    Err(corrupt(expect, "event missing from the log"))
-                }
-            }
-        }
+        })
     }
 }
 
+/// Decodes the encoded event found at `pos`.
+fn decode_event(pos: u64, bytes: &[u8]) -> Result<RecordedEvent> {
+    let e = envelope::decode(bytes).map_err(|d| corrupt(pos, d.to_string()))?;
+    if e.position.get() != pos {
+        return Err(corrupt(
+            pos,
+            format!("the record stored here claims position {}", e.position),
+        ));
+    }
+    Ok(e)
+}
+
 impl Shared {
+    /// Marks the store as failed (the first reason wins).
+    pub(crate) fn poison(&self, reason: &str) {
+        tracing::error!(%reason, "sled event store failed; every later call returns an error");
+        let _ = self.poisoned.set(reason.to_owned());
+    }
+
     pub(crate) fn poison_error(reason: &str) -> Error {
         Error::Backend {
             message: format!(
@@ -338,27 +415,107 @@ impl Shared {
         }
     }
 
-    /// Decodes a stored event from its `E` key and value.
-    pub(crate) fn decode_event_kv(&self, key: &[u8], value: IVec) -> Result<RecordedEvent> {
-        let pos = layout::event_key_position(key)
-            .ok_or_else(|| Error::corruption(None, "malformed event key"))?;
-        let bytes = layout::get_value(&self.log, key, value).map_err(|d| corrupt(pos, d))?;
-        let e = envelope::decode(bytes.as_ref()).map_err(|d| corrupt(pos, d.to_string()))?;
-        if e.position.get() != pos {
-            return Err(corrupt(
-                pos,
-                format!("the record stored here claims position {}", e.position),
-            ));
-        }
-        Ok(e)
+    /// Loads the page stored under `key`; returns its first position and its bytes.
+    fn load_page(&self, key: &[u8], value: IVec) -> Result<(u64, layout::ValueBytes)> {
+        let first = layout::page_key_position(key)
+            .ok_or_else(|| Error::corruption(None, "malformed page key"))?;
+        let bytes = layout::get_value(&self.log, key, value).map_err(|d| corrupt(first, d))?;
+        Ok((first, bytes))
     }
 
-    /// The event at `pos`, whether or not it is visible yet.
-    pub(crate) fn read_event(&self, pos: u64) -> Result<Option<RecordedEvent>> {
-        let key = layout::event_key(pos);
-        match self.log.get(key).map_err(sled_err)? {
-            Some(v) => self.decode_event_kv(&key, v).map(Some),
-            None => Ok(None),
+    /// The event an index entry points to, whether or not it is visible yet.
+    pub(crate) fn read_event(&self, entry: layout::IndexEntry) -> Result<RecordedEvent> {
+        let key = layout::page_key(entry.page);
+        let missing = || corrupt(entry.position, "an index entry points to a missing event");
+        let v = self.log.get(key).map_err(sled_err)?.ok_or_else(missing)?;
+        let (first, bytes) = self.load_page(&key, v)?;
+        let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+        let i = (entry.position - first) as usize;
+        if i >= page.len() {
+            return Err(missing());
+        }
+        decode_event(entry.position, page.event(i))
+    }
+
+    /// Calls `f` with each position from `p0` to `p1` (inclusive, `1 <= p0 <= p1`) and its
+    /// encoded event, in `direction`, until `f` returns `true`. A position missing from the log
+    /// is a corruption error.
+    pub(crate) fn walk(
+        &self,
+        p0: u64,
+        p1: u64,
+        direction: Direction,
+        mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
+    ) -> Result<()> {
+        let missing = |p: u64| corrupt(p, "event missing from the log");
+        let parse = |item: sled::Result<(IVec, IVec)>| -> Result<(u64, layout::ValueBytes)> {
+            let (k, v) = item.map_err(sled_err)?;
+            self.load_page(&k, v)
+        };
+        match direction {
+            Direction::Forwards => {
+                let start = match self
+                    .log
+                    .range(layout::page_key(0)..=layout::page_key(p0))
+                    .next_back()
+                {
+                    Some(item) => parse(item)?.0,
+                    None => p0,
+                };
+                let mut expect = p0;
+                for item in self
+                    .log
+                    .range(layout::page_key(start)..=layout::page_key(p1))
+                {
+                    let (first, bytes) = parse(item)?;
+                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    for i in 0..page.len() {
+                        let pos = first + i as u64;
+                        if pos < p0 {
+                            continue;
+                        }
+                        if pos > p1 {
+                            return Ok(());
+                        }
+                        if pos != expect {
+                            return Err(missing(expect));
+                        }
+                        expect += 1;
+                        if f(pos, page.event(i))? {
+                            return Ok(());
+                        }
+                    }
+                }
+                if expect == p1 + 1 { Ok(()) } else { Err(missing(expect)) }
+            }
+            Direction::Backwards => {
+                let mut expect = p1;
+                for item in self
+                    .log
+                    .range(layout::page_key(0)..=layout::page_key(p1))
+                    .rev()
+                {
+                    let (first, bytes) = parse(item)?;
+                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    for i in (0..page.len()).rev() {
+                        let pos = first + i as u64;
+                        if pos > p1 {
+                            continue;
+                        }
+                        if pos < p0 {
+                            return Ok(());
+                        }
+                        if pos != expect {
+                            return Err(missing(expect));
+                        }
+                        expect -= 1;
+                        if f(pos, page.event(i))? {
+                            return Ok(());
+                        }
+                    }
+                }
+                if expect + 1 == p0 { Ok(()) } else { Err(missing(expect)) }
+            }
         }
     }
 
@@ -511,24 +668,23 @@ impl EventStore for SledStore {
         let from = req.from.get().max(1);
         let mut next = Position::new(head + 1).max(req.from);
         let mut events = Vec::new();
-        if from <= head {
-            let shared = self.shared();
-            for item in shared
-                .log
-                .range(layout::event_key(from)..=layout::event_key(head))
-            {
-                let (k, v) = item.map_err(sled_err)?;
-                if events.len() >= req.limit {
-                    let pos = layout::event_key_position(&k)
-                        .ok_or_else(|| Error::corruption(None, "malformed event key"))?;
-                    next = Position::new(pos);
-                    break;
-                }
-                let e = shared.decode_event_kv(&k, v)?;
-                if req.filter.matches(&e) {
-                    events.push(e);
-                }
-            }
+        if req.limit == 0 {
+            next = next.min(Position::new(from));
+        } else if from <= head {
+            // Positions are contiguous, so the page ends right after the last event considered
+            // (no need to look at the next one).
+            self.shared()
+                .walk(from, head, Direction::Forwards, |pos, bytes| {
+                    let e = decode_event(pos, bytes)?;
+                    if req.filter.matches(&e) {
+                        events.push(e);
+                    }
+                    if events.len() >= req.limit {
+                        next = Position::new(pos + 1);
+                        return Ok(true);
+                    }
+                    Ok(false)
+                })?;
         }
         Ok(AllPage { events, next })
     }
@@ -548,19 +704,19 @@ impl EventStore for SledStore {
         let Some(v) = shared.log.get(key).map_err(sled_err)? else {
             return Ok(None);
         };
-        let pos = layout::decode_u64(&v)
+        let entry = layout::IndexEntry::decode(&v)
             .ok_or_else(|| Error::corruption(None, "malformed event-id index entry"))?;
-        if pos > self.visible_head() {
+        if entry.position > self.visible_head() {
             return Ok(None);
         }
-        match shared.read_event(pos)? {
-            Some(e) if e.tenant == *tenant && e.event_id == event_id => Ok(Some(e)),
-            Some(e) => Err(corrupt(
-                pos,
-                format!("event-id index of {event_id} points to event {}", e.event_id),
-            )),
-            None => Err(corrupt(pos, "event-id index points to a missing event")),
+        let e = shared.read_event(entry)?;
+        if e.tenant != *tenant || e.event_id != event_id {
+            return Err(corrupt(
+                entry.position,
+                format!("the event-id index of {event_id} points to event {}", e.event_id),
+            ));
         }
+        Ok(Some(e))
     }
 
     async fn head(&self) -> Result<Position> {

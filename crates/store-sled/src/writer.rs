@@ -1,5 +1,8 @@
-//! The single writer thread: owns every write, groups concurrent requests, commits each group
-//! with one sled batch and one durability barrier, then publishes the new head.
+//! The write path: one writer thread owns every write; it groups the requests queued meanwhile,
+//! checks and stages them, and applies each group's events with one sled batch. It then hands
+//! the group to the sync thread and goes on with the next group. The sync thread runs one
+//! durability barrier for every group applied since its last barrier (group commit, pipelined
+//! with the writer), then publishes the new head to readers and answers the requests, in order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -7,6 +10,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tracktrace_core::codec::envelope;
@@ -43,7 +47,7 @@ pub(crate) enum Request {
     },
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Append(oneshot::Sender<Result<AppendOutcome>>, Result<AppendOutcome>),
     Unit(oneshot::Sender<Result<()>>, Result<()>),
 }
@@ -73,6 +77,9 @@ pub(crate) struct Barrier {
     db_file: File,
     blobs_dir: PathBuf,
     synced_blobs: HashSet<OsString>,
+    /// Modification time of the blobs directory read before the last listing, if the listing
+    /// happened well after it (then an unchanged mtime proves no file was added since).
+    blobs_listed_at_mtime: Option<SystemTime>,
 }
 
 impl Barrier {
@@ -82,6 +89,7 @@ impl Barrier {
             db_file,
             blobs_dir,
             synced_blobs: HashSet::new(),
+            blobs_listed_at_mtime: None,
         }
     }
 
@@ -106,6 +114,18 @@ impl Barrier {
     /// small enough that this should not happen (see [`crate::layout`]); if it does anyway, the
     /// new files and the directory are synced here.
     fn sync_blobs(&mut self) -> std::result::Result<(), String> {
+        let mtime = match std::fs::metadata(&self.blobs_dir).and_then(|m| m.modified()) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("stat of {}: {e}", self.blobs_dir.display())),
+        };
+        // Listing the directory costs more than the rest of a batched barrier; skip it while
+        // the directory provably did not change. File timestamps are coarse (a few ms), so an
+        // unchanged mtime only proves that when the last listing happened well after it.
+        if self.blobs_listed_at_mtime == Some(mtime) {
+            return Ok(());
+        }
+        let listed_at = SystemTime::now();
         let entries = match std::fs::read_dir(&self.blobs_dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -135,7 +155,61 @@ impl Barrier {
                 .map_err(|e| format!("fsync of the blobs directory failed: {e}"))?;
         }
         self.synced_blobs = present;
+        self.blobs_listed_at_mtime = listed_at
+            .duration_since(mtime)
+            .is_ok_and(|d| d > Duration::from_secs(1))
+            .then_some(mtime);
         Ok(())
+    }
+}
+
+/// A group written to sled (visible to the writer, not yet to readers) that waits for its
+/// barrier.
+pub(crate) struct Applied {
+    replies: Vec<Reply>,
+    /// Last position the group (and every group before it) assigned.
+    head: u64,
+    /// Whether the group wrote anything (otherwise it needs no barrier of its own).
+    dirty: bool,
+}
+
+/// The sync thread: runs one barrier for everything applied since the last one, then
+/// publishes the new head and answers the groups it covers, in order.
+pub(crate) fn sync_loop(
+    shared: Arc<Shared>,
+    rx: std::sync::mpsc::Receiver<Applied>,
+    mut barrier: Barrier,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        groups.extend(rx.try_iter());
+        let mut result = match shared.poisoned.get() {
+            Some(reason) => Err(reason.clone()),
+            None => Ok(()),
+        };
+        if result.is_ok() && groups.iter().any(|g| g.dirty) {
+            result = barrier.run(&shared.db);
+            if let Err(reason) = &result {
+                shared.poison(reason);
+            }
+        }
+        match result {
+            Ok(()) => {
+                let head = groups.last().map_or(0, |g| g.head);
+                if head != shared.head.load(Ordering::Acquire) {
+                    shared.head.store(head, Ordering::Release);
+                    shared.head_tx.send_replace(Position::new(head));
+                }
+                for r in groups.into_iter().flat_map(|g| g.replies) {
+                    r.send();
+                }
+            }
+            Err(reason) => {
+                for r in groups.into_iter().flat_map(|g| g.replies) {
+                    r.fail(Shared::poison_error(&reason));
+                }
+            }
+        }
     }
 }
 
@@ -146,7 +220,13 @@ pub(crate) struct Writer {
     /// Position the next event gets (positions are contiguous).
     pub(crate) next_position: u64,
     pub(crate) clock: Timestamp,
-    pub(crate) barrier: Barrier,
+    /// Applied groups go to the sync thread.
+    pub(crate) sync_tx: std::sync::mpsc::Sender<Applied>,
+    /// The sync thread, joined when the writer stops.
+    pub(crate) syncer: Option<std::thread::JoinHandle<()>>,
+    /// Committed versions of recently appended streams, by stream prefix (saves a reverse
+    /// index scan per append; the writer is the only writer, so the cache cannot go stale).
+    pub(crate) versions: HashMap<Vec<u8>, u64>,
 }
 
 /// What one group has staged but not yet written.
@@ -158,6 +238,49 @@ struct Group {
     versions: HashMap<Vec<u8>, u64>,
     /// Events appended in this group, by id-index and dedup-index key.
     refs: HashMap<Vec<u8>, EventRef>,
+    /// The group's encoded events in position order, packed into pages at the end.
+    events: Vec<PendingEvent>,
+}
+
+struct PendingEvent {
+    position: u64,
+    envelope: Vec<u8>,
+    /// Its event-id index key and, if any, its dedup-key index key.
+    index_keys: Vec<Vec<u8>>,
+}
+
+/// Most stream versions the writer keeps cached (the cache is cleared when full).
+const VERSION_CACHE_CAP: usize = 100_000;
+
+impl Group {
+    /// Packs the staged events into pages and adds them and their index entries to the batch.
+    fn write_pages(&mut self) {
+        let events = std::mem::take(&mut self.events);
+        let mut start = 0;
+        while start < events.len() {
+            let mut size = layout::page_size([events[start].envelope.len()]);
+            let mut end = start + 1;
+            while end < events.len() && size + 4 + events[end].envelope.len() <= layout::PAGE_TARGET
+            {
+                size += 4 + events[end].envelope.len();
+                end += 1;
+            }
+            let first = events[start].position;
+            let page = layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
+            layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
+            for e in &events[start..end] {
+                let entry = layout::IndexEntry {
+                    page: first,
+                    position: e.position,
+                }
+                .encode();
+                for k in &e.index_keys {
+                    self.batch.insert(k.as_slice(), &entry);
+                }
+            }
+            start = end;
+        }
+    }
 }
 
 impl Writer {
@@ -171,6 +294,12 @@ impl Writer {
                 }
             }
             self.process(group);
+        }
+        // Let the syncer finish the groups already applied, then stop it.
+        let Writer { sync_tx, syncer, .. } = self;
+        drop(sync_tx);
+        if let Some(s) = syncer {
+            let _ = s.join();
         }
     }
 
@@ -212,29 +341,37 @@ impl Writer {
             };
             replies.push(reply);
         }
-        if fatal.is_none() && g.dirty {
+        if fatal.is_none() && !g.events.is_empty() {
+            g.write_pages();
             let batch = std::mem::take(&mut g.batch);
             if let Err(e) = self.shared.log.apply_batch(batch) {
                 fatal = Some(format!("writing an append group failed: {e}"));
-            } else if let Err(e) = self.barrier.run(&self.shared.db) {
-                fatal = Some(e);
             }
         }
         if let Some(reason) = fatal {
-            tracing::error!(%reason, "sled event store poisoned");
-            let _ = self.shared.poisoned.set(reason.clone());
+            self.shared.poison(&reason);
             for r in replies {
                 r.fail(Shared::poison_error(&reason));
             }
             return;
         }
-        let head = self.next_position - 1;
-        if head != self.shared.head.load(Ordering::Acquire) {
-            self.shared.head.store(head, Ordering::Release);
-            self.shared.head_tx.send_replace(Position::new(head));
+        for (k, v) in g.versions.drain() {
+            if self.versions.len() >= VERSION_CACHE_CAP {
+                self.versions.clear();
+            }
+            self.versions.insert(k, v);
         }
-        for r in replies {
-            r.send();
+        // The syncer makes the group durable, publishes the head and answers; meanwhile this
+        // thread goes on with the next group (pipelining).
+        let applied = Applied {
+            replies,
+            head: self.next_position - 1,
+            dirty: g.dirty,
+        };
+        if let Err(std::sync::mpsc::SendError(applied)) = self.sync_tx.send(applied) {
+            for r in applied.replies {
+                r.fail(Shared::poison_error("the sync thread stopped"));
+            }
         }
     }
 
@@ -264,15 +401,9 @@ impl Writer {
         let Some(v) = self.shared.log.get(index_key).map_err(sled_err)? else {
             return Ok(None);
         };
-        let pos = layout::decode_u64(&v)
+        let entry = layout::IndexEntry::decode(&v)
             .ok_or_else(|| Error::corruption(None, "malformed index entry"))?;
-        match self.shared.read_event(pos)? {
-            Some(e) => Ok(Some(e.to_ref())),
-            None => Err(Error::corruption(
-                Some(Position::new(pos)),
-                "an index entry points to a missing event",
-            )),
-        }
+        Ok(Some(self.shared.read_event(entry)?.to_ref()))
     }
 
     fn stage_append(&mut self, req: AppendRequest, g: &mut Group) -> Result<AppendOutcome> {
@@ -299,7 +430,7 @@ impl Writer {
             return Ok(dup);
         }
         let prefix = layout::stream_prefix(tenant, req.stream.as_str());
-        let actual = match g.versions.get(&prefix) {
+        let actual = match g.versions.get(&prefix).or_else(|| self.versions.get(&prefix)) {
             Some(v) => *v,
             None => self.shared.stream_version_of(&prefix, u64::MAX)?,
         };
@@ -328,20 +459,19 @@ impl Writer {
                 now,
                 e,
             );
-            let pos_bytes = position.to_be_bytes();
-            layout::put_value(
-                &mut g.batch,
-                &layout::event_key(position),
-                &envelope::encode(&rec),
-                0,
-            );
-            g.batch.insert(id_key.as_slice(), &pos_bytes);
             let r = rec.to_ref();
+            let mut index_keys = Vec::with_capacity(2);
             if let Some(dk) = dk {
-                g.batch.insert(dk.as_slice(), &pos_bytes);
-                g.refs.insert(dk, r.clone());
+                g.refs.insert(dk.clone(), r.clone());
+                index_keys.push(dk);
             }
-            g.refs.insert(id_key, r.clone());
+            g.refs.insert(id_key.clone(), r.clone());
+            index_keys.push(id_key);
+            g.events.push(PendingEvent {
+                position,
+                envelope: envelope::encode(&rec),
+                index_keys,
+            });
             refs.push(r);
         }
         let run = Run {

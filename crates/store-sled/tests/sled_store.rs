@@ -140,17 +140,33 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
     let first_id = first.event_id;
     {
         let store = SledStore::open_path(dir.path())?;
+        // One append: positions 1..=3 share the page keyed by position 1.
         store
             .append_to(&t, &s, ExpectedVersion::Any, vec![first, ev(1), ev(2)])
             .await?;
+        // Two more appends: positions 4 and 5 get a page each.
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev(3)])
+            .await?;
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev(4)])
+            .await?;
     }
     {
-        // Damage the record at position 2 behind the store's back, through sled itself.
+        // Damage records behind the store's back, through sled itself.
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let log = db.open_tree(layout::LOG_TREE).unwrap();
-        log.insert(layout::event_key(2), &b"\x00\x01garbage\xff\xff"[..]).unwrap();
-        // And a record whose framing itself is broken, at position 3.
-        log.insert(layout::event_key(3), &b"\x07"[..]).unwrap();
+        let stored = log.get(layout::page_key(1)).unwrap().unwrap();
+        let bytes = layout::get_value(&log, &layout::page_key(1), stored).unwrap();
+        let page = layout::Page::parse(bytes.as_ref()).unwrap();
+        assert_eq!(page.len(), 3);
+        // The event at position 2 becomes garbage inside an intact page...
+        let damaged = layout::encode_page([page.event(0), &b"\x01garbage\xff"[..], page.event(2)]);
+        let mut batch = sled::Batch::default();
+        layout::put_value(&mut batch, &layout::page_key(1), &damaged, 0);
+        // ...and the page holding position 4 loses its framing.
+        batch.insert(&layout::page_key(4), &b"\x00\x07"[..]);
+        log.apply_batch(batch).unwrap();
         db.flush().unwrap();
     }
     let store = SledStore::open_path(dir.path())?;
@@ -161,6 +177,11 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
     let err = store.read_stream_forwards(&t, &s).await.unwrap_err();
     assert_eq!(at(err), Some(Position::new(2)));
     let err = store
+        .read_stream(ReadStream::backwards(t.clone(), s.clone()).from(Version::new(3)))
+        .await
+        .unwrap_err();
+    assert_eq!(at(err), Some(Position::new(2)));
+    let err = store
         .read_all(ReadAll::from(Position::START, 10))
         .await
         .unwrap_err();
@@ -169,13 +190,31 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
         .read_all(ReadAll::from(Position::new(3), 10))
         .await
         .unwrap_err();
-    assert_eq!(at(err), Some(Position::new(3)));
+    assert_eq!(at(err), Some(Position::new(4)));
     // Undamaged records still read fine.
     assert!(store.get_event(&t, first_id).await?.is_some());
     let one = store
         .read_stream(ReadStream::forwards(t.clone(), s.clone()).limit(1))
         .await?;
     assert_eq!(one.len(), 1);
+    let page = store.read_all(ReadAll::from(Position::new(3), 1)).await?;
+    assert_eq!(page.events[0].position, Position::new(3));
+    let page = store.read_all(ReadAll::from(Position::new(5), 10)).await?;
+    assert_eq!(page.events[0].position, Position::new(5));
+    drop(store);
+
+    // A damaged *last* page makes the next position unknowable: opening refuses, clearly.
+    {
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let log = db.open_tree(layout::LOG_TREE).unwrap();
+        log.insert(layout::page_key(5), &b"\x00\x01"[..]).unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open_path(dir.path()).unwrap_err();
+    assert!(
+        matches!(err, OpenError::Corruption { position: 5, .. }),
+        "{err:?}"
+    );
     Ok(())
 }
 
@@ -287,5 +326,21 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
     let all = store.read_all_to_end(Position::START, Default::default()).await?;
     let positions: Vec<u64> = all.iter().map(|e| e.position.get()).collect();
     assert_eq!(positions, (1..=320).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn temporary_stores_delete_their_directory_with_the_last_clone() -> Result<(), Error> {
+    let store = SledStore::temporary(Durability::Fsync)?;
+    let path = store.path().to_path_buf();
+    let (t, s) = ids();
+    store.append_to(&t, &s, ExpectedVersion::Any, vec![ev(0)]).await?;
+    assert!(path.join("db").exists());
+    let clone = store.clone();
+    drop(store);
+    assert!(path.exists(), "a clone is still alive");
+    assert_eq!(clone.stream_version(&t, &s).await?, Version::new(1));
+    drop(clone);
+    assert!(!path.exists());
     Ok(())
 }
