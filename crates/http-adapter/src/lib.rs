@@ -1,1 +1,11 @@
-//! Track & Trace reference server (HTTP API). Not implemented yet: see issue 6.
+//! Track & Trace reference server: operational events captured over REST, validated,
+//! enriched, de-duplicated and stored in a tracktrace event store, projected into per-entity
+//! timelines and served back as traces.
+
+pub mod auth;
+pub mod cache;
+pub mod capture;
+pub mod domain;
+pub mod error;
+pub mod tenants;
+pub mod timeline;

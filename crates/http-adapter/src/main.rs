@@ -1,0 +1,2 @@
+//! `tracktrace-server`: see the crate docs.
+fn main() {}
