@@ -56,16 +56,26 @@
 //!   (not semver-stable).
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
 
+pub mod aggregate;
 pub mod codec;
+pub mod command;
 mod error;
 mod event;
 mod id;
 mod memory;
+pub mod resilience;
 mod store;
+pub mod upcast;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+pub use aggregate::{Aggregate, DomainEvent, FieldError, Validator};
+pub use command::{
+    CommandBus, CommandError, CommandMeta, CommandOutcome, Loaded, Repository, derived_event_id,
+};
+pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
+pub use upcast::{Upcaster, Upcasters};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use error::{BoxError, Error, Result};
 pub use event::{

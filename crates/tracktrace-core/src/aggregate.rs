@@ -1,0 +1,149 @@
+//! The command side's domain model: [`Aggregate`]s, their [`DomainEvent`]s, and field-level
+//! command [`Validator`]s.
+//!
+//! An aggregate is a plain value rebuilt by [`Aggregate::apply`]ing its events in stream order;
+//! [`Aggregate::handle`] decides, from the current state, which new events a command produces
+//! (or rejects it with a typed domain error). Neither does I/O: loading, appending, retrying
+//! and snapshotting are the job of [`crate::command::Repository`] and
+//! [`crate::command::CommandBus`].
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::Codec;
+use crate::id::EventId;
+
+/// An event type of a domain, stored through the aggregate's [`Aggregate::Codec`].
+///
+/// Usually an enum with one variant per event type. Every stored event records
+/// [`DomainEvent::event_type`] (what projections filter on and upcasters are keyed by) and
+/// [`DomainEvent::schema_version`] (what upcasters migrate from).
+pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The stored event type name of this value, e.g. `"Deposited"`.
+    fn event_type(&self) -> &'static str;
+
+    /// The *current* schema version of this value's event type (default 1). Stored payloads
+    /// of older versions are migrated by [`crate::upcast::Upcasters`] on read; a payload whose
+    /// version still differs after upcasting is reported as [`crate::Error::Corruption`].
+    fn schema_version(&self) -> u32 {
+        1
+    }
+
+    /// A caller-chosen event id (e.g. supplied by a client for idempotent retries). `None`
+    /// (the default): derived from [`crate::command::CommandMeta::command_id`] when set,
+    /// else a fresh UUIDv7.
+    fn event_id(&self) -> Option<EventId> {
+        None
+    }
+
+    /// A business deduplication key, unique per tenant (default none).
+    fn dedup_key(&self) -> Option<String> {
+        None
+    }
+}
+
+/// An event-sourced consistency boundary: one stream per instance, named
+/// `"{TYPE}-{id}"` (see [`crate::command::Repository::stream_id`]).
+///
+/// ```
+/// use serde::{Deserialize, Serialize};
+/// use tracktrace_core::{Aggregate, DomainEvent, JsonCodec};
+///
+/// #[derive(Default, Clone, Serialize, Deserialize)]
+/// struct Counter { value: u64 }
+///
+/// #[derive(Serialize, Deserialize)]
+/// enum CounterEvent { Incremented { by: u64 } }
+///
+/// impl DomainEvent for CounterEvent {
+///     fn event_type(&self) -> &'static str { "Incremented" }
+/// }
+///
+/// #[derive(Debug, thiserror::Error)]
+/// #[error("increment must be positive")]
+/// struct ZeroIncrement;
+///
+/// impl Aggregate for Counter {
+///     const TYPE: &'static str = "Counter";
+///     type Command = u64;
+///     type Event = CounterEvent;
+///     type Error = ZeroIncrement;
+///     type Codec = JsonCodec;
+///
+///     fn handle(&self, by: &u64) -> Result<Vec<CounterEvent>, ZeroIncrement> {
+///         if *by == 0 { return Err(ZeroIncrement) }
+///         Ok(vec![CounterEvent::Incremented { by: *by }])
+///     }
+///     fn apply(&mut self, e: &CounterEvent) {
+///         match e { CounterEvent::Incremented { by } => self.value += by }
+///     }
+/// }
+/// ```
+pub trait Aggregate: Default + Clone + Send + Sync + 'static {
+    /// The aggregate type, used as the stream category (`"{TYPE}-{id}"`), e.g. `"Account"`.
+    const TYPE: &'static str;
+
+    /// Schema version of the snapshot encoding of the state. Bump it when the state's shape
+    /// changes: snapshots of another version are ignored (the state is replayed instead).
+    const SNAPSHOT_VERSION: u32 = 1;
+
+    /// What callers ask the aggregate to do.
+    type Command: Send + Sync;
+    /// What happened.
+    type Event: DomainEvent;
+    /// Why a command was rejected by the domain.
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// Payload codec for events (and snapshots, when enabled): [`crate::JsonCodec`] or
+    /// [`crate::PostcardCodec`].
+    type Codec: Codec;
+
+    /// Decides which events `command` produces from the current state. Pure: no I/O, and it
+    /// may run more than once per command (it is re-run after a version conflict).
+    fn handle(&self, command: &Self::Command) -> Result<Vec<Self::Event>, Self::Error>;
+
+    /// Folds one event into the state. Must not fail: the event already happened.
+    fn apply(&mut self, event: &Self::Event);
+}
+
+/// One problem with one field of a command (what the HTTP layer turns into a 400 with a list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldError {
+    /// Dotted path of the field, e.g. `"location.airport"`.
+    pub field: String,
+    /// What is wrong with it, for humans.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A field error.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Checks a command's fields before anything is loaded. Returns every problem found (an empty
+/// list means valid). Implemented for closures `Fn(&C) -> Vec<FieldError>`.
+pub trait Validator<C>: Send + Sync {
+    /// All field errors of `command` (empty: valid).
+    fn validate(&self, command: &C) -> Vec<FieldError>;
+}
+
+impl<C, F> Validator<C> for F
+where
+    F: Fn(&C) -> Vec<FieldError> + Send + Sync,
+{
+    fn validate(&self, command: &C) -> Vec<FieldError> {
+        self(command)
+    }
+}
