@@ -11,9 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tracktrace_core::{
-    CONTENT_TYPE_JSON, EventId, IdError, Metadata, NewEvent, RecordedEvent, StreamId, TenantId, Timestamp,
-};
+use tracktrace_core::{DomainEvent, EventId, IdError, RecordedEvent, StreamId, TenantId, Timestamp};
 
 /// Documented limits of the capture payload.
 pub mod limits {
@@ -180,16 +178,26 @@ pub struct OperationalEvent {
 }
 
 impl OperationalEvent {
-    /// The stream holding this entity's events: `<entityType>-<entityId>`.
+    /// The aggregate id of the entity: `<entityType>-<entityId>` (its stream is
+    /// `Entity-<entityType>-<entityId>`, see [`entity_stream`]).
+    pub fn aggregate_id(&self) -> String {
+        format!("{}-{}", self.entity_type, self.entity_id)
+    }
+
+    /// The stream holding this entity's events.
     pub fn stream_id(&self) -> Result<StreamId, IdError> {
         entity_stream(&self.entity_type, &self.entity_id)
     }
 }
 
-/// The stream of an entity: `<entityType>-<entityId>` (entity types contain no `-`, so the
-/// split is unambiguous; the category prefix keeps sharding by entity type possible).
+/// Category prefix of entity streams.
+pub const ENTITY_STREAM_PREFIX: &str = "Entity-";
+
+/// The stream of an entity: `Entity-<entityType>-<entityId>`. Entity types contain no `-`,
+/// so the split is unambiguous, and the `Entity-<entityType>-` prefix keeps sharding by
+/// entity type possible.
 pub fn entity_stream(entity_type: &str, entity_id: &str) -> Result<StreamId, IdError> {
-    StreamId::parse(format!("{entity_type}-{entity_id}"))
+    StreamId::parse(format!("{ENTITY_STREAM_PREFIX}{entity_type}-{entity_id}"))
 }
 
 /// Validates a capture payload: JSON bytes → [`OperationalEvent`], listing every field error.
@@ -577,21 +585,16 @@ pub struct Enrichment {
     pub correlation_id: String,
 }
 
-/// Event type of the entity-type claim events (stream [`entity_claim_stream`]).
-pub const ENTITY_CLAIMED: &str = "tt.EntityTypeClaimed";
-
-/// The stream fixing an entity's type: its first event claims the type for the entity id.
-pub fn entity_claim_stream(entity_id: &str) -> Result<StreamId, IdError> {
-    StreamId::parse(format!("{CLAIM_STREAM_PREFIX}{entity_id}"))
-}
-
-/// Prefix of claim streams (the trace projection skips them).
-pub const CLAIM_STREAM_PREFIX: &str = "_entity-";
+/// Stored event type of every captured operational event (the client's `eventType` is in
+/// the payload: the runtime's [`DomainEvent`] types are static names).
+pub const OPERATIONAL_EVENT: &str = "OperationalEventRecorded";
 
 /// The stored form of a captured event (JSON payload of the store event).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StoredEvent {
+    /// The client's event type.
+    pub event_type: String,
     /// Entity id.
     pub entity_id: String,
     /// Entity type.
@@ -614,12 +617,33 @@ pub struct StoredEvent {
     pub received_at_us: i64,
     /// Token subject that submitted the event.
     pub submitted_by: String,
+    /// Client-supplied event id (not part of the payload: it is the store event's id).
+    #[serde(skip)]
+    pub event_id: Option<EventId>,
+    /// Dedup key (not part of the payload: it is the store event's dedup key).
+    #[serde(skip)]
+    pub dedup_key: Option<String>,
+}
+
+impl DomainEvent for StoredEvent {
+    fn event_type(&self) -> &'static str {
+        OPERATIONAL_EVENT
+    }
+
+    fn event_id(&self) -> Option<EventId> {
+        self.event_id
+    }
+
+    fn dedup_key(&self) -> Option<String> {
+        self.dedup_key.clone()
+    }
 }
 
 impl StoredEvent {
-    /// Combines a validated event and its enrichment into the store event to append.
-    pub fn new_event(ev: &OperationalEvent, en: &Enrichment) -> NewEvent {
-        let stored = StoredEvent {
+    /// Combines a validated event and its enrichment into the event to record.
+    pub fn from_capture(ev: &OperationalEvent, en: &Enrichment) -> Self {
+        StoredEvent {
+            event_type: ev.event_type.clone(),
             entity_id: ev.entity_id.clone(),
             entity_type: ev.entity_type.clone(),
             occurred_at: ev.occurred_at.as_sent().to_owned(),
@@ -633,19 +657,9 @@ impl StoredEvent {
             related_entities: ev.related_entities.clone(),
             received_at_us: en.received_at.unix_micros(),
             submitted_by: en.submitted_by.clone(),
-        };
-        let payload = serde_json::to_vec(&stored).unwrap_or_default();
-        let mut e = NewEvent::new(ev.event_type.clone(), CONTENT_TYPE_JSON, payload)
-            .with_id(ev.event_id.unwrap_or_default())
-            .with_metadata(Metadata {
-                correlation_id: Some(en.correlation_id.clone()),
-                causation_id: None,
-                headers: Default::default(),
-            });
-        if let Some(k) = &ev.dedup_key {
-            e = e.with_dedup_key(k.clone());
+            event_id: ev.event_id,
+            dedup_key: ev.dedup_key.clone(),
         }
-        e
     }
 
     /// Decodes the payload of a stored operational event.
@@ -688,7 +702,7 @@ mod tests {
         let ev = validate_capture(valid().to_string().as_bytes()).unwrap();
         assert_eq!(ev.occurred_at.as_sent(), "2026-11-28T08:15:00+01:00");
         assert_eq!(ev.occurred_at.utc_rfc3339(), "2026-11-28T07:15:00Z");
-        assert_eq!(ev.stream_id().unwrap().as_str(), "Bag-0125123456");
+        assert_eq!(ev.stream_id().unwrap().as_str(), "Entity-Bag-0125123456");
         assert_eq!(ev.related_entities[0].relation, "containedIn");
     }
 
@@ -758,9 +772,10 @@ mod tests {
             received_at: Timestamp::from_unix_micros(5),
             correlation_id: "c-1".into(),
         };
-        let ne = StoredEvent::new_event(&ev, &en);
-        assert_eq!(ne.event_type, "BagLoaded");
-        assert_eq!(ne.metadata.correlation_id.as_deref(), Some("c-1"));
+        let stored = StoredEvent::from_capture(&ev, &en);
+        assert_eq!(stored.event_type, "BagLoaded");
+        let payload = serde_json::to_vec(&stored).unwrap();
+        let ne = tracktrace_core::NewEvent::new(OPERATIONAL_EVENT, "application/json", payload);
         let rec = RecordedEvent::from_new(
             en.tenant.clone(),
             ev.stream_id().unwrap(),

@@ -9,3 +9,7 @@ pub mod domain;
 pub mod error;
 pub mod tenants;
 pub mod timeline;
+pub mod api;
+pub mod projection;
+pub mod client;
+pub mod server;

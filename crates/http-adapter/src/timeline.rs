@@ -18,7 +18,9 @@ use tracktrace_core::{
 };
 
 use crate::auth::SYSTEM_TENANT;
-use crate::domain::{CLAIM_STREAM_PREFIX, Location, RelatedEntity, StoredEvent, format_micros};
+use crate::domain::{
+    ENTITY_STREAM_PREFIX, Location, OPERATIONAL_EVENT, RelatedEntity, StoredEvent, format_micros,
+};
 use crate::error::ApiError;
 
 /// Namespace of timeline entries.
@@ -133,8 +135,8 @@ pub fn entity_key(tenant: &str, entity_id: &str) -> Vec<u8> {
 /// Whether the trace projection handles this event (operational events of real tenants).
 pub fn is_operational(e: &RecordedEvent) -> bool {
     e.tenant.as_str() != SYSTEM_TENANT
-        && !e.stream.as_str().starts_with(CLAIM_STREAM_PREFIX)
-        && e.content_type == tracktrace_core::CONTENT_TYPE_JSON
+        && e.event_type == OPERATIONAL_EVENT
+        && e.stream.as_str().starts_with(ENTITY_STREAM_PREFIX)
 }
 
 /// Computes the read-model writes of a batch of events. `load` fetches a stored status
@@ -157,7 +159,7 @@ pub async fn apply_batch(
         let tenant = e.tenant.as_str();
         let entry = TimelineEntry {
             event_id: e.event_id.to_string(),
-            event_type: e.event_type.clone(),
+            event_type: s.event_type.clone(),
             occurred_at: s.occurred_at.clone(),
             occurred_at_utc: format_micros(s.occurred_at_us),
             location: s.location.clone(),
@@ -184,7 +186,7 @@ pub async fn apply_batch(
             },
         };
         let candidate = CurrentStatus {
-            event_type: e.event_type.clone(),
+            event_type: s.event_type.clone(),
             location: s.location.clone(),
             occurred_at: s.occurred_at.clone(),
             event_id: e.event_id.to_string(),
