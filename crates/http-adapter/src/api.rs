@@ -713,6 +713,113 @@ async fn build_view(
     })
 }
 
+/// Query of a subscription.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+pub struct SubscribeQuery {
+    /// Only this entity's events.
+    pub entity_id: Option<String>,
+    /// Only these event types (comma-separated).
+    pub event_type: Option<String>,
+    /// Start after this position (like `Last-Event-ID`, which wins when both are given).
+    pub after: Option<u64>,
+}
+
+/// Server-Sent Events of the tenant's captured events, in log order, filtered by entity and
+/// event type. Each event's `id` is its position: reconnect with `Last-Event-ID` to resume
+/// exactly after the last event received. Without either, the stream starts at the current
+/// head (new events only).
+#[utoipa::path(
+    get,
+    path = "/api/v1/subscribe",
+    tag = "trace",
+    params(SubscribeQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this position")),
+    responses(
+        (status = 200, description = "text/event-stream of timeline entries (event = eventType, id = position)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn subscribe(
+    State(state): State<AppState>,
+    p: Principal,
+    headers: HeaderMap,
+    query: Result<Query<SubscribeQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tracktrace_core::{EventFilter, SubscribeOptions, Subscription};
+
+    state.authorize(&p, Scope::TraceRead).await?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    if let Some(id) = &q.entity_id {
+        check_entity_id(id)?;
+    }
+    let last_event_id = match headers.get("last-event-id") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("Last-Event-ID must be a position".into()))?,
+        ),
+    };
+    let from = match last_event_id.or(q.after) {
+        Some(after) => Position::new(after).next(),
+        None => state.inner.store.head().await?.next(),
+    };
+    let event_types: Vec<String> = q
+        .event_type
+        .as_deref()
+        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    let sub = Subscription::new(
+        state.inner.store.clone(),
+        SubscribeOptions {
+            from,
+            filter: EventFilter {
+                tenant: Some(p.tenant.clone()),
+                event_types: vec![crate::domain::OPERATIONAL_EVENT.into()],
+                stream_prefix: Some(crate::domain::ENTITY_STREAM_PREFIX.into()),
+            },
+            batch_size: 256,
+        },
+    );
+    let entity = q.entity_id.clone();
+    let stream = futures_util::stream::unfold(sub, move |mut sub| {
+        let entity = entity.clone();
+        let event_types = event_types.clone();
+        async move {
+            loop {
+                let e = match sub.next().await {
+                    Ok(e) => e,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "subscription ended");
+                        return None;
+                    }
+                };
+                let Some(entry) = timeline::entry_of(&e) else {
+                    continue;
+                };
+                if entity.as_ref().is_some_and(|id| *id != entry.1)
+                    || (!event_types.is_empty() && !event_types.contains(&entry.0.event_type))
+                {
+                    continue;
+                }
+                let ev = Event::default()
+                    .id(e.position.get().to_string())
+                    .event(entry.0.event_type.clone())
+                    .data(full_entry(&entry.0).to_string());
+                return Some((Ok::<_, std::convert::Infallible>(ev), sub));
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
 /// Body of a tenant creation.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct NewTenant {
@@ -900,6 +1007,7 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(capture))
         .routes(routes!(capture_batch))
         .routes(routes!(trace))
+        .routes(routes!(subscribe))
         .routes(routes!(create_tenant, list_tenants))
         .routes(routes!(suspend_tenant))
         .routes(routes!(resume_tenant))

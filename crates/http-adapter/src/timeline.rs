@@ -139,6 +139,34 @@ pub fn is_operational(e: &RecordedEvent) -> bool {
         && e.stream.as_str().starts_with(ENTITY_STREAM_PREFIX)
 }
 
+/// The timeline entry of an operational event and its entity id (`None` for other events or
+/// undecodable payloads).
+pub fn entry_of(e: &RecordedEvent) -> Option<(TimelineEntry, String)> {
+    if !is_operational(e) {
+        return None;
+    }
+    let s = StoredEvent::decode(e).ok()?;
+    Some((entry_from(e, &s), s.entity_id))
+}
+
+fn entry_from(e: &RecordedEvent, s: &StoredEvent) -> TimelineEntry {
+    TimelineEntry {
+        event_id: e.event_id.to_string(),
+        event_type: s.event_type.clone(),
+        occurred_at: s.occurred_at.clone(),
+        occurred_at_utc: format_micros(s.occurred_at_us),
+        location: s.location.clone(),
+        source: s.source.clone(),
+        attributes: s.attributes.clone(),
+        related_entities: s.related_entities.clone(),
+        version: e.version.get(),
+        position: e.position.get(),
+        received_at: format_micros(s.received_at_us),
+        correlation_id: e.metadata.correlation_id.clone(),
+        occurred_at_us: s.occurred_at_us,
+    }
+}
+
 /// Computes the read-model writes of a batch of events. `load` fetches a stored status
 /// record (statuses touched earlier in the batch are taken from the batch itself).
 /// Undecodable events are logged and skipped so one bad record cannot wedge the projection.
@@ -157,21 +185,7 @@ pub async fn apply_batch(
             }
         };
         let tenant = e.tenant.as_str();
-        let entry = TimelineEntry {
-            event_id: e.event_id.to_string(),
-            event_type: s.event_type.clone(),
-            occurred_at: s.occurred_at.clone(),
-            occurred_at_utc: format_micros(s.occurred_at_us),
-            location: s.location.clone(),
-            source: s.source.clone(),
-            attributes: s.attributes.clone(),
-            related_entities: s.related_entities.clone(),
-            version: e.version.get(),
-            position: e.position.get(),
-            received_at: format_micros(s.received_at_us),
-            correlation_id: e.metadata.correlation_id.clone(),
-            occurred_at_us: s.occurred_at_us,
-        };
+        let entry = entry_from(e, &s);
         writes.push(ReadModelWrite::Put {
             ns: TIMELINE_NS.into(),
             key: timeline_key(tenant, &s.entity_id, s.occurred_at_us, e.event_id.to_bytes()),

@@ -670,6 +670,7 @@ async fn health_ready_openapi_and_unknown_routes() {
         "/api/v1/events",
         "/api/v1/events:batch",
         "/api/v1/trace/{entityId}",
+        "/api/v1/subscribe",
         "/api/v1/admin/tenants",
         "/api/v1/admin/tenants/{id}/suspend",
         "/api/v1/admin/tenants/{id}/resume",
@@ -688,4 +689,79 @@ async fn health_ready_openapi_and_unknown_routes() {
     let (_, _, v) = f.get("/api/v1/trace/none", Some(&t)).await;
     assert_ne!(v["detail"], "no such route");
     drop(f.state);
+}
+
+/// Reads SSE frames until `n` events arrived; returns (id, event, data) triples.
+async fn sse_events(f: &Fixture, path: &str, last_event_id: Option<u64>, n: usize) -> Vec<(u64, String, Value)> {
+    use http_body_util::BodyExt;
+    let mut b = Request::get(path).header("authorization", format!("Bearer {}", f.writer()));
+    if let Some(id) = last_event_id {
+        b = b.header("last-event-id", id.to_string());
+    }
+    let res = f.app.clone().oneshot(b.body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    let mut text = String::new();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let frame = body.frame().await.expect("stream ended early").unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(std::str::from_utf8(&data).unwrap());
+        }
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let (mut id, mut ev, mut data) = (None, String::new(), Value::Null);
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    ev = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = serde_json::from_str(v.trim()).unwrap();
+                }
+            }
+            if let Some(id) = id {
+                out.push((id, ev, data));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn subscribe_streams_filtered_events_and_resumes_after_last_event_id() {
+    let f = fixture().await;
+    let t = f.writer();
+    let a1 = f.capture(&t, &event("S1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
+    f.capture(&t, &event("S2", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
+    // Another tenant's event for the same entity id is never delivered.
+    let g = f.token("globex", &["events:write"]);
+    f.capture(&g, &event("S1", "BagLost", "2026-11-28T09:00:00Z", "MAD")).await;
+    let a3 = f.capture(&t, &event("S1", "BagUnloaded", "2026-11-28T11:00:00Z", "LHR")).await;
+    let (p1, p3) = (a1["position"].as_u64().unwrap(), a3["position"].as_u64().unwrap());
+
+    let evs = sse_events(&f, "/api/v1/subscribe?entityId=S1", Some(0), 2).await;
+    assert_eq!(evs[0].0, p1);
+    assert_eq!(evs[0].1, "BagLoaded");
+    assert_eq!(evs[1].0, p3);
+    assert_eq!(evs[1].1, "BagUnloaded");
+    assert_eq!(evs[1].2["location"]["code"], "LHR");
+    // Resume after the first.
+    let evs = sse_events(&f, "/api/v1/subscribe?entityId=S1", Some(p1), 1).await;
+    assert_eq!(evs[0].0, p3);
+    // Event-type filter, start given as a query parameter.
+    let evs = sse_events(&f, "/api/v1/subscribe?eventType=BagUnloaded&after=0", None, 1).await;
+    assert_eq!(evs[0].0, p3);
+    // An event captured while the subscriber connects arrives (catch-up or live).
+    let f2 = &f;
+    let waiter = sse_events(f2, "/api/v1/subscribe?entityId=S9", Some(p3), 1);
+    let capture = async {
+        tokio::task::yield_now().await;
+        f2.capture(&t, &event("S9", "BagSeen", "2026-11-28T12:00:00Z", "LHR")).await
+    };
+    let (evs, c) = tokio::join!(waiter, capture);
+    assert_eq!(evs[0].0, c["position"].as_u64().unwrap());
+    let (s, _, _) = f.get("/api/v1/subscribe?entityId=bad%20id", Some(&t)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
 }
