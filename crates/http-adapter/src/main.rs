@@ -22,8 +22,7 @@ use tracktrace_http::server::{self, Role, ServerConfig};
 #[command(
     name = "tracktrace-server",
     version,
-    about = "Track & Trace reference server",
-    args_conflicts_with_subcommands = true
+    about = "Track & Trace reference server"
 )]
 struct Cli {
     #[command(flatten)]
