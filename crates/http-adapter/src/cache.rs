@@ -120,21 +120,35 @@ impl LocalCache {
 pub struct RedisCache {
     conn: redis::aio::ConnectionManager,
     ttl: Duration,
+    namespace: String,
 }
 
 #[cfg(feature = "redis")]
 impl RedisCache {
-    /// Connects to `url` (`redis://host:port`).
-    pub async fn connect(url: &str, ttl: Duration) -> Result<Self, redis::RedisError> {
+    /// Connects to `url` (`redis://host:port`). `namespace` identifies the event store the
+    /// views come from (several stores may share one Redis): it prefixes every key.
+    pub async fn connect(
+        url: &str,
+        ttl: Duration,
+        namespace: &str,
+    ) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let conn = redis::aio::ConnectionManager::new(client).await?;
-        Ok(Self { conn, ttl })
+        Ok(Self {
+            conn,
+            ttl,
+            namespace: namespace.to_owned(),
+        })
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}|{key}", self.namespace)
     }
 
     async fn get(&self, key: &str) -> Option<Bytes> {
         let mut c = self.conn.clone();
         match redis::cmd("GET")
-            .arg(key)
+            .arg(self.key(key))
             .query_async::<Option<Vec<u8>>>(&mut c)
             .await
         {
@@ -149,7 +163,7 @@ impl RedisCache {
     async fn put(&self, key: &str, value: Bytes) {
         let mut c = self.conn.clone();
         let r = redis::cmd("SET")
-            .arg(key)
+            .arg(self.key(key))
             .arg(value.as_ref())
             .arg("PX")
             .arg(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1))

@@ -130,7 +130,7 @@ async fn make_cache(cfg: &ServerConfig) -> Result<TraceCache, StartError> {
     match &cfg.cache_url {
         None => Ok(TraceCache::local(cfg.cache.clone())),
         #[cfg(feature = "redis")]
-        Some(url) => crate::cache::RedisCache::connect(url, cfg.cache.ttl)
+        Some(url) => crate::cache::RedisCache::connect(url, cfg.cache.ttl, &store_identity(cfg))
             .await
             .map(TraceCache::Redis)
             .map_err(|e| StartError::Cache(e.to_string())),
@@ -138,6 +138,25 @@ async fn make_cache(cfg: &ServerConfig) -> Result<TraceCache, StartError> {
         Some(_) => Err(StartError::Cache(
             "this build has no Redis support (build with `--features redis`)".into(),
         )),
+    }
+}
+
+/// Identifies the configured event store (cache namespace): PostgreSQL host, database and
+/// schema (credentials stripped), or the sled directory.
+pub fn store_identity(cfg: &ServerConfig) -> String {
+    match &cfg.store_url {
+        Some(url) => {
+            let rest = url.split("://").nth(1).unwrap_or(url);
+            let rest = rest.rsplit('@').next().unwrap_or(rest);
+            let rest = rest.split('?').next().unwrap_or(rest);
+            format!("pg:{rest}:{}", cfg.pg_schema)
+        }
+        None => format!(
+            "sled:{}",
+            std::fs::canonicalize(&cfg.data_dir)
+                .unwrap_or_else(|_| cfg.data_dir.clone())
+                .display()
+        ),
     }
 }
 
