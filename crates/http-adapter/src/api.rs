@@ -155,7 +155,12 @@ fn is_json(headers: &HeaderMap) -> bool {
     else {
         return false;
     };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -774,7 +779,13 @@ async fn subscribe(
     let event_types: Vec<String> = q
         .event_type
         .as_deref()
-        .map(|s| s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+        .map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     let sub = Subscription::new(
         state.inner.store.clone(),
@@ -817,7 +828,9 @@ async fn subscribe(
             }
         }
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
 }
 
 /// Body of a tenant creation.
@@ -964,7 +977,9 @@ async fn healthz() -> &'static str {
         (status = 200, description = "Ready", body = Object),
         (status = 503, description = "Store unreachable", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn readyz(State(state): State<AppState>) -> Result<Json<BTreeMap<&'static str, u64>>, ApiError> {
+async fn readyz(
+    State(state): State<AppState>,
+) -> Result<Json<BTreeMap<&'static str, u64>>, ApiError> {
     let head = state.inner.store.head().await?;
     let mut m = BTreeMap::new();
     m.insert("head", head.get());

@@ -186,15 +186,14 @@ impl JwtKeys {
     /// Verifies a bearer token (signature, algorithm, expiry) and parses its claims.
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         use jsonwebtoken::errors::ErrorKind;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation).map_err(
-            |e| {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation).map_err(|e| {
                 ApiError::Unauthorized(match e.kind() {
                     ErrorKind::ExpiredSignature => "the token has expired".into(),
                     ErrorKind::InvalidSignature => "the token signature is invalid".into(),
                     _ => format!("the token is invalid ({e})"),
                 })
-            },
-        )?;
+            })?;
         let c = data.claims;
         let tenant = TenantId::parse(c.tenant.as_str())
             .map_err(|e| ApiError::Unauthorized(format!("the token's tenant is invalid ({e})")))?;
@@ -268,7 +267,9 @@ mod tests {
         );
         let other = JwtKeys::from_secret(&[8u8; 32]).unwrap();
         let forged = other.sign(&claims(now_secs() + 60));
-        assert!(matches!(k.verify(&forged), Err(ApiError::Unauthorized(m)) if m.contains("signature")));
+        assert!(
+            matches!(k.verify(&forged), Err(ApiError::Unauthorized(m)) if m.contains("signature"))
+        );
         assert!(k.verify("not.a.token").is_err());
         assert!(JwtKeys::from_secret(b"short").is_err());
     }

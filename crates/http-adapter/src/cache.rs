@@ -166,7 +166,11 @@ impl RedisCache {
             .arg(self.key(key))
             .arg(value.as_ref())
             .arg("PX")
-            .arg(u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(
+                u64::try_from(self.ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
             .query_async::<()>(&mut c)
             .await;
         if let Err(e) = r {

@@ -177,7 +177,8 @@ fn command_error<E: std::error::Error + 'static>(e: CommandError<E>) -> ApiError
 impl CaptureService {
     /// The service over `store` (wrap it in the runtime's circuit breaker first).
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        let claims = CommandBus::new(Repository::<EntityClaim>::new(store.clone()).with_cache(100_000));
+        let claims =
+            CommandBus::new(Repository::<EntityClaim>::new(store.clone()).with_cache(100_000));
         let entities = CommandBus::new(Repository::<TrackedEntity>::new(store).with_cache(100_000));
         Self {
             claims,
@@ -186,7 +187,12 @@ impl CaptureService {
         }
     }
 
-    async fn claim(&self, tenant: &TenantId, entity_id: &str, entity_type: &str) -> Result<(), ApiError> {
+    async fn claim(
+        &self,
+        tenant: &TenantId,
+        entity_id: &str,
+        entity_type: &str,
+    ) -> Result<(), ApiError> {
         let key = (tenant.clone(), entity_id.to_owned());
         if let Some(t) = self.known.get(&key).await {
             return if t == entity_type {

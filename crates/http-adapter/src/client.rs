@@ -113,7 +113,8 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, ClientError> {
         let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
             return Ok(out);
         };
-        let size_str = std::str::from_utf8(&b[..eol]).map_err(|e| ClientError::Parse(e.to_string()))?;
+        let size_str =
+            std::str::from_utf8(&b[..eol]).map_err(|e| ClientError::Parse(e.to_string()))?;
         let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|e| ClientError::Parse(e.to_string()))?;
         if size == 0 {

@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tracktrace_core::{DomainEvent, EventId, IdError, RecordedEvent, StreamId, TenantId, Timestamp};
+use tracktrace_core::{
+    DomainEvent, EventId, IdError, RecordedEvent, StreamId, TenantId, Timestamp,
+};
 
 /// Documented limits of the capture payload.
 pub mod limits {
@@ -240,13 +242,15 @@ pub fn validate_capture_value(
             v.err(k, "unknown field");
         }
     }
-    let event_id = v.opt_str(obj, "eventId").and_then(|s| match EventId::parse(s) {
-        Ok(id) => Some(id),
-        Err(e) => {
-            v.err("eventId", e.to_string());
-            None
-        }
-    });
+    let event_id = v
+        .opt_str(obj, "eventId")
+        .and_then(|s| match EventId::parse(s) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                v.err("eventId", e.to_string());
+                None
+            }
+        });
     let dedup_key = v
         .opt_str(obj, "dedupKey")
         .and_then(|s| v.text("dedupKey", s, limits::MAX_TEXT_LEN));
@@ -308,22 +312,26 @@ pub fn validate_capture_value(
         attributes,
         related,
     ) {
-        (Some(entity_id), Some(entity_type), Some(event_type), Some(oa), Some(loc), Some(a), Some(r))
-            if v.errors.is_empty() =>
-        {
-            Ok(OperationalEvent {
-                event_id,
-                dedup_key: dedup_key.map(str::to_owned),
-                entity_id: entity_id.to_owned(),
-                entity_type: entity_type.to_owned(),
-                event_type: event_type.to_owned(),
-                occurred_at: oa,
-                location: loc,
-                source: source.map(str::to_owned),
-                attributes: a,
-                related_entities: r,
-            })
-        }
+        (
+            Some(entity_id),
+            Some(entity_type),
+            Some(event_type),
+            Some(oa),
+            Some(loc),
+            Some(a),
+            Some(r),
+        ) if v.errors.is_empty() => Ok(OperationalEvent {
+            event_id,
+            dedup_key: dedup_key.map(str::to_owned),
+            entity_id: entity_id.to_owned(),
+            entity_type: entity_type.to_owned(),
+            event_type: event_type.to_owned(),
+            occurred_at: oa,
+            location: loc,
+            source: source.map(str::to_owned),
+            attributes: a,
+            related_entities: r,
+        }),
         _ => Err(v.errors),
     }
 }
@@ -477,10 +485,10 @@ impl Check<'_> {
         let detail = self.opt_str(obj, "detail").map(str::to_owned);
         self.fix_last_path("detail", "location.detail");
         let detail = match detail {
-            Some(d) => match self.text("location.detail", &d, limits::MAX_TEXT_LEN) {
-                Some(_) => Some(Some(d)),
-                None => None,
-            },
+            Some(d) => self
+                .text("location.detail", &d, limits::MAX_TEXT_LEN)
+                .is_some()
+                .then_some(Some(d)),
             None => Some(None),
         };
         Some(Location {
@@ -649,10 +657,7 @@ impl StoredEvent {
             occurred_at: ev.occurred_at.as_sent().to_owned(),
             occurred_at_us: ev.occurred_at.utc_micros(),
             location: ev.location.clone(),
-            source: ev
-                .source
-                .clone()
-                .unwrap_or_else(|| en.submitted_by.clone()),
+            source: ev.source.clone().unwrap_or_else(|| en.submitted_by.clone()),
             attributes: ev.attributes.clone(),
             related_entities: ev.related_entities.clone(),
             received_at_us: en.received_at.unix_micros(),

@@ -2,14 +2,14 @@
 //! enriched, de-duplicated and stored in a tracktrace event store, projected into per-entity
 //! timelines and served back as traces.
 
+pub mod api;
 pub mod auth;
 pub mod cache;
 pub mod capture;
+pub mod client;
 pub mod domain;
 pub mod error;
+pub mod projection;
+pub mod server;
 pub mod tenants;
 pub mod timeline;
-pub mod api;
-pub mod projection;
-pub mod client;
-pub mod server;

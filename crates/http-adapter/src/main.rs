@@ -36,16 +36,31 @@ struct Cli {
 #[derive(Args, Debug, Clone)]
 struct Common {
     /// Data directory: the embedded store and the generated JWT secret.
-    #[arg(long, env = "TRACKTRACE_DATA_DIR", default_value = "./tracktrace-data", global = true)]
+    #[arg(
+        long,
+        env = "TRACKTRACE_DATA_DIR",
+        default_value = "./tracktrace-data",
+        global = true
+    )]
     data_dir: PathBuf,
     /// PostgreSQL URL (postgres://…); default: the embedded sled store in the data directory.
     #[arg(long, env = "TRACKTRACE_STORE", global = true)]
     store: Option<String>,
     /// PostgreSQL schema of the store.
-    #[arg(long, env = "TRACKTRACE_PG_SCHEMA", default_value = "tracktrace", global = true)]
+    #[arg(
+        long,
+        env = "TRACKTRACE_PG_SCHEMA",
+        default_value = "tracktrace",
+        global = true
+    )]
     pg_schema: String,
     /// JWT HS256 secret (at least 32 bytes); default: generated once in the data directory.
-    #[arg(long, env = "TRACKTRACE_JWT_SECRET", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TRACKTRACE_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
     jwt_secret: Option<String>,
 }
 
@@ -185,7 +200,10 @@ async fn token(common: &Common, serve: &Serve, t: &Token) -> Result<(), String> 
             Err(e) if cfg.store_url.is_none() => {
                 // The embedded store is held by a running server: create the tenant through
                 // its admin API with a short-lived system admin token.
-                eprintln!("store in use ({e}); creating the tenant through the server at {}", t.server);
+                eprintln!(
+                    "store in use ({e}); creating the tenant through the server at {}",
+                    t.server
+                );
                 let admin = keys.sign(&Claims {
                     sub: t.sub.clone(),
                     tenant: SYSTEM_TENANT.into(),
@@ -198,7 +216,10 @@ async fn token(common: &Common, serve: &Serve, t: &Token) -> Result<(), String> 
                     &t.server,
                     "POST",
                     "/api/v1/admin/tenants",
-                    &[("Authorization", &auth), ("Content-Type", "application/json")],
+                    &[
+                        ("Authorization", &auth),
+                        ("Content-Type", "application/json"),
+                    ],
                     Some(body.as_bytes()),
                 )
                 .await
@@ -230,7 +251,10 @@ async fn token(common: &Common, serve: &Serve, t: &Token) -> Result<(), String> 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tracktrace-server: cannot start the runtime: {e}");

@@ -104,7 +104,12 @@ pub async fn wait_for(
             None => {
                 let mut pause = Duration::from_millis(5);
                 loop {
-                    if rm.load_checkpoint(TRACE_PROJECTION).await?.unwrap_or_default() >= position {
+                    if rm
+                        .load_checkpoint(TRACE_PROJECTION)
+                        .await?
+                        .unwrap_or_default()
+                        >= position
+                    {
                         return Ok(());
                     }
                     tokio::time::sleep(pause).await;

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, RwLock};
 use tracktrace_core::{
-    EventFilter, EventStore, EventStoreExt, ExpectedVersion, NewEvent, Position, ReadAll,
-    StreamId, TenantId, Version,
+    EventFilter, EventStore, EventStoreExt, ExpectedVersion, NewEvent, Position, ReadAll, StreamId,
+    TenantId, Version,
 };
 
 use crate::auth::SYSTEM_TENANT;
@@ -171,9 +171,9 @@ impl TenantRegistry {
     pub async fn require_active(&self, tenant: &TenantId) -> Result<(), ApiError> {
         match self.status(tenant).await? {
             Some(TenantStatus::Active) => Ok(()),
-            Some(TenantStatus::Suspended) => Err(ApiError::Forbidden(format!(
-                "tenant {tenant} is suspended"
-            ))),
+            Some(TenantStatus::Suspended) => {
+                Err(ApiError::Forbidden(format!("tenant {tenant} is suspended")))
+            }
             None => Err(ApiError::Forbidden(format!("tenant {tenant} is unknown"))),
         }
     }
@@ -212,7 +212,11 @@ impl TenantRegistry {
     }
 
     /// Creates a tenant; `Ok((info, false))` if it already existed (idempotent).
-    pub async fn create(&self, tenant: &TenantId, by: &str) -> Result<(TenantInfo, bool), ApiError> {
+    pub async fn create(
+        &self,
+        tenant: &TenantId,
+        by: &str,
+    ) -> Result<(TenantInfo, bool), ApiError> {
         let stream = stream_of(tenant)?;
         let ev = NewEvent::json(
             CREATED,
@@ -305,10 +309,15 @@ mod tests {
         assert!(!reg.create(&acme, "test").await.unwrap().1);
         reg.require_active(&acme).await.unwrap();
         reg.set_suspended(&acme, true, "test").await.unwrap();
-        assert!(matches!(reg.require_active(&acme).await, Err(ApiError::Forbidden(m)) if m.contains("suspended")));
+        assert!(
+            matches!(reg.require_active(&acme).await, Err(ApiError::Forbidden(m)) if m.contains("suspended"))
+        );
         // A second registry over the same store (another process) sees the same state.
         let other = TenantRegistry::new(store);
-        assert_eq!(other.status(&acme).await.unwrap(), Some(TenantStatus::Suspended));
+        assert_eq!(
+            other.status(&acme).await.unwrap(),
+            Some(TenantStatus::Suspended)
+        );
         reg.set_suspended(&acme, false, "test").await.unwrap();
         other.refresh().await.unwrap();
         other.require_active(&acme).await.unwrap();

@@ -116,7 +116,12 @@ pub fn timeline_prefix(tenant: &str, entity_id: &str) -> Vec<u8> {
 }
 
 /// Full timeline key of an event.
-pub fn timeline_key(tenant: &str, entity_id: &str, occurred_us: i64, event_id: [u8; 16]) -> Vec<u8> {
+pub fn timeline_key(
+    tenant: &str,
+    entity_id: &str,
+    occurred_us: i64,
+    event_id: [u8; 16],
+) -> Vec<u8> {
     let mut k = timeline_prefix(tenant, entity_id);
     k.extend_from_slice(&sortable(occurred_us));
     k.extend_from_slice(&event_id);
@@ -188,7 +193,12 @@ pub async fn apply_batch(
         let entry = entry_from(e, &s);
         writes.push(ReadModelWrite::Put {
             ns: TIMELINE_NS.into(),
-            key: timeline_key(tenant, &s.entity_id, s.occurred_at_us, e.event_id.to_bytes()),
+            key: timeline_key(
+                tenant,
+                &s.entity_id,
+                s.occurred_at_us,
+                e.event_id.to_bytes(),
+            ),
             value: serde_json::to_vec(&entry).unwrap_or_default(),
         });
         let key = entity_key(tenant, &s.entity_id);
@@ -243,7 +253,10 @@ pub async fn load_status(
     tenant: &TenantId,
     entity_id: &str,
 ) -> Result<Option<EntityStatus>, ApiError> {
-    match rm.get(ENTITY_NS, &entity_key(tenant.as_str(), entity_id)).await? {
+    match rm
+        .get(ENTITY_NS, &entity_key(tenant.as_str(), entity_id))
+        .await?
+    {
         None => Ok(None),
         Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
             tracing::error!(error = %e, "undecodable entity status record");
@@ -277,7 +290,10 @@ impl TimelineFilter {
 
 /// An opaque pagination cursor: the key suffix (time + event id) of the last entry returned.
 pub fn encode_cursor(entry_key_suffix: &[u8]) -> String {
-    entry_key_suffix.iter().map(|b| format!("{b:02x}")).collect()
+    entry_key_suffix
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Decodes a cursor (400 if it was not produced by [`encode_cursor`]).
@@ -333,7 +349,12 @@ pub async fn read_timeline(
             let mut e = prefix.clone();
             match to.checked_add(1) {
                 Some(next) => e.extend_from_slice(&sortable(next)),
-                None => return Ok(TimelinePage { entries: Vec::new(), next_cursor: None }),
+                None => {
+                    return Ok(TimelinePage {
+                        entries: Vec::new(),
+                        next_cursor: None,
+                    });
+                }
             }
             Some(e)
         }
@@ -371,13 +392,19 @@ pub async fn read_timeline(
             if out.len() == limit {
                 // One more match exists: the page is full and has a successor.
                 let next_cursor = last_key.map(|k: Vec<u8>| encode_cursor(&k[prefix.len()..]));
-                return Ok(TimelinePage { entries: out, next_cursor });
+                return Ok(TimelinePage {
+                    entries: out,
+                    next_cursor,
+                });
             }
             last_key = Some(k.to_vec());
             out.push(entry);
         }
         if n < chunk {
-            return Ok(TimelinePage { entries: out, next_cursor: None });
+            return Ok(TimelinePage {
+                entries: out,
+                next_cursor: None,
+            });
         }
     }
 }

@@ -45,7 +45,10 @@ impl Server {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let addr = match line.trim().strip_prefix("tracktrace-server listening on http://") {
+        let addr = match line
+            .trim()
+            .strip_prefix("tracktrace-server listening on http://")
+        {
             Some(a) => a.to_owned(),
             None => {
                 let _ = child.kill();
@@ -87,7 +90,9 @@ impl Drop for Server {
 fn cli_token(common: &[&str], server: &str, tenant: &str, scopes: &str) -> String {
     let out = Command::new(BIN)
         .args(common)
-        .args(["token", "--tenant", tenant, "--scopes", scopes, "--server", server])
+        .args([
+            "token", "--tenant", tenant, "--scopes", scopes, "--server", server,
+        ])
         .output()
         .unwrap();
     assert!(
@@ -98,7 +103,13 @@ fn cli_token(common: &[&str], server: &str, tenant: &str, scopes: &str) -> Strin
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-async fn call(addr: &str, method: &str, path: &str, token: Option<&str>, body: Option<&Value>) -> ClientResponse {
+async fn call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> ClientResponse {
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut headers: Vec<(&str, &str)> = Vec::new();
     if let Some(a) = &auth {
@@ -151,7 +162,12 @@ fn types(v: &Value) -> Vec<String> {
 async fn scenario(addr: &str, keys: &JwtKeys, tokens: &dyn Fn(&str, &str) -> String) {
     let w = tokens("acme", "events:write,trace:read");
     // Capture → trace.
-    let c1 = capture(addr, &w, &event("BAG1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD")).await;
+    let c1 = capture(
+        addr,
+        &w,
+        &event("BAG1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD"),
+    )
+    .await;
     let r = trace(addr, &w, "BAG1", "", c1["position"].as_u64().unwrap()).await;
     assert_eq!(r.status, 200);
     assert_eq!(types(&r.json()), ["BagLoaded"]);
@@ -164,13 +180,31 @@ async fn scenario(addr: &str, keys: &JwtKeys, tokens: &dyn Fn(&str, &str) -> Str
     assert_eq!(r.json()["duplicate"], true);
     assert_eq!(r.json()["position"], d1["position"]);
     // Late event lands in place.
-    let late = capture(addr, &w, &event("BAG1", "BagCheckedIn", "2026-11-28T10:30:00+02:00", "MAD")).await;
+    let late = capture(
+        addr,
+        &w,
+        &event("BAG1", "BagCheckedIn", "2026-11-28T10:30:00+02:00", "MAD"),
+    )
+    .await;
     let r = trace(addr, &w, "BAG1", "", late["position"].as_u64().unwrap()).await;
-    assert_eq!(types(&r.json()), ["BagCheckedIn", "BagLoaded", "BagScanned"]);
+    assert_eq!(
+        types(&r.json()),
+        ["BagCheckedIn", "BagLoaded", "BagScanned"]
+    );
     // Pagination.
     let mut last = 0;
     for i in 0..12 {
-        last = capture(addr, &w, &event("BAG2", "BagSeen", &format!("2026-11-28T11:{i:02}:00Z"), "LHR")).await["position"]
+        last = capture(
+            addr,
+            &w,
+            &event(
+                "BAG2",
+                "BagSeen",
+                &format!("2026-11-28T11:{i:02}:00Z"),
+                "LHR",
+            ),
+        )
+        .await["position"]
             .as_u64()
             .unwrap();
     }
@@ -178,7 +212,11 @@ async fn scenario(addr: &str, keys: &JwtKeys, tokens: &dyn Fn(&str, &str) -> Str
     let mut pages = 0;
     let mut seen = 0;
     loop {
-        let q = if cursor.is_empty() { "limit=5".to_owned() } else { format!("limit=5&cursor={cursor}") };
+        let q = if cursor.is_empty() {
+            "limit=5".to_owned()
+        } else {
+            format!("limit=5&cursor={cursor}")
+        };
         let v = trace(addr, &w, "BAG2", &q, last).await.json();
         seen += v["events"].as_array().unwrap().len();
         pages += 1;
@@ -193,14 +231,24 @@ async fn scenario(addr: &str, keys: &JwtKeys, tokens: &dyn Fn(&str, &str) -> Str
     assert_eq!(trace(addr, &g, "BAG1", "", 0).await.status, 404);
     // Bad tokens.
     let ev = event("BAG3", "BagLoaded", "2026-11-28T10:00:00Z", "MAD");
-    assert_eq!(call(addr, "POST", "/api/v1/events", None, Some(&ev)).await.status, 401);
+    assert_eq!(
+        call(addr, "POST", "/api/v1/events", None, Some(&ev))
+            .await
+            .status,
+        401
+    );
     let expired = keys.sign(&Claims {
         sub: "e2e".into(),
         tenant: "acme".into(),
         scopes: vec!["events:write".into()],
         exp: now_secs() - 3600,
     });
-    assert_eq!(call(addr, "POST", "/api/v1/events", Some(&expired), Some(&ev)).await.status, 401);
+    assert_eq!(
+        call(addr, "POST", "/api/v1/events", Some(&expired), Some(&ev))
+            .await
+            .status,
+        401
+    );
     let forged = JwtKeys::from_secret(b"not-the-server-secret-0123456789abcdef")
         .unwrap()
         .sign(&Claims {
@@ -209,18 +257,52 @@ async fn scenario(addr: &str, keys: &JwtKeys, tokens: &dyn Fn(&str, &str) -> Str
             scopes: vec!["events:write".into()],
             exp: now_secs() + 600,
         });
-    assert_eq!(call(addr, "POST", "/api/v1/events", Some(&forged), Some(&ev)).await.status, 401);
+    assert_eq!(
+        call(addr, "POST", "/api/v1/events", Some(&forged), Some(&ev))
+            .await
+            .status,
+        401
+    );
     let reader = tokens("acme", "trace:read");
-    assert_eq!(call(addr, "POST", "/api/v1/events", Some(&reader), Some(&ev)).await.status, 403);
+    assert_eq!(
+        call(addr, "POST", "/api/v1/events", Some(&reader), Some(&ev))
+            .await
+            .status,
+        403
+    );
     // Suspended tenant.
     let admin = tokens("_system", "admin");
-    let r = call(addr, "POST", "/api/v1/admin/tenants/acme/suspend", Some(&admin), Some(&json!({}))).await;
+    let r = call(
+        addr,
+        "POST",
+        "/api/v1/admin/tenants/acme/suspend",
+        Some(&admin),
+        Some(&json!({})),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(call(addr, "POST", "/api/v1/events", Some(&w), Some(&ev)).await.status, 403);
+    assert_eq!(
+        call(addr, "POST", "/api/v1/events", Some(&w), Some(&ev))
+            .await
+            .status,
+        403
+    );
     assert_eq!(trace(addr, &w, "BAG1", "", 0).await.status, 403);
-    let r = call(addr, "POST", "/api/v1/admin/tenants/acme/resume", Some(&admin), Some(&json!({}))).await;
+    let r = call(
+        addr,
+        "POST",
+        "/api/v1/admin/tenants/acme/resume",
+        Some(&admin),
+        Some(&json!({})),
+    )
+    .await;
     assert_eq!(r.status, 200);
-    assert_eq!(call(addr, "POST", "/api/v1/events", Some(&w), Some(&ev)).await.status, 201);
+    assert_eq!(
+        call(addr, "POST", "/api/v1/events", Some(&w), Some(&ev))
+            .await
+            .status,
+        201
+    );
     // Operations.
     assert_eq!(call(addr, "GET", "/healthz", None, None).await.status, 200);
     assert_eq!(call(addr, "GET", "/readyz", None, None).await.status, 200);
@@ -249,7 +331,9 @@ async fn sled_end_to_end() {
     let before = trace(&addr, &w, "BAG2", "limit=1000", 0).await.json();
     assert!(server.terminate(), "graceful shutdown failed");
     let server = Server::start(dir.path(), "sled2", &["--data-dir", &data_s]);
-    let after = trace(&server.addr, &w, "BAG2", "limit=1000", 0).await.json();
+    let after = trace(&server.addr, &w, "BAG2", "limit=1000", 0)
+        .await
+        .json();
     assert_eq!(before["events"], after["events"]);
     assert_eq!(after["eventCount"], 12);
 }
@@ -361,15 +445,23 @@ fn pg_args(url: &str, schema: &str, data: &str) -> Vec<String> {
 
 fn cache_args() -> Vec<String> {
     if cfg!(feature = "redis") {
-        vec!["--cache".into(), service_url("TRACKTRACE_TEST_REDIS", "redis://127.0.0.1:6379")]
+        vec![
+            "--cache".into(),
+            service_url("TRACKTRACE_TEST_REDIS", "redis://127.0.0.1:6379"),
+        ]
     } else {
-        eprintln!("note: built without the `redis` feature: PostgreSQL e2e tests use the in-process cache");
+        eprintln!(
+            "note: built without the `redis` feature: PostgreSQL e2e tests use the in-process cache"
+        );
         Vec::new()
     }
 }
 
 async fn services() -> Option<String> {
-    let pg = service_url("TRACKTRACE_TEST_PG", "postgres://postgres@127.0.0.1:5432/test");
+    let pg = service_url(
+        "TRACKTRACE_TEST_PG",
+        "postgres://postgres@127.0.0.1:5432/test",
+    );
     if !reachable("TRACKTRACE_TEST_PG", &pg).await {
         return None;
     }
@@ -396,7 +488,12 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
     let url = proxied(&pg, &proxy.addr);
     let mut args = pg_args(&url, &schema, data.to_str().unwrap());
     args.extend(cache_args());
-    args.extend(["--breaker-failures".into(), "2".into(), "--breaker-open-ms".into(), "300".into()]);
+    args.extend([
+        "--breaker-failures".into(),
+        "2".into(),
+        "--breaker-open-ms".into(),
+        "300".into(),
+    ]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start(dir.path(), "pg", &argv);
     let addr = server.addr.clone();
@@ -413,7 +510,19 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
     proxy.cut().await;
     let mut saw_breaker = false;
     for i in 0..6 {
-        let r = call(&addr, "POST", "/api/v1/events", Some(&w), Some(&event(&format!("OUT{i}"), "BagLoaded", "2026-11-28T10:00:00Z", "MAD"))).await;
+        let r = call(
+            &addr,
+            "POST",
+            "/api/v1/events",
+            Some(&w),
+            Some(&event(
+                &format!("OUT{i}"),
+                "BagLoaded",
+                "2026-11-28T10:00:00Z",
+                "MAD",
+            )),
+        )
+        .await;
         assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
         assert!(r.header("retry-after").is_some());
         assert_eq!(r.json()["type"], "/problems/unavailable");
@@ -425,7 +534,14 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
     proxy.restore();
     let mut recovered = None;
     for _ in 0..120 {
-        let r = call(&addr, "POST", "/api/v1/events", Some(&w), Some(&event("BACK", "BagLoaded", "2026-11-28T10:00:00Z", "MAD"))).await;
+        let r = call(
+            &addr,
+            "POST",
+            "/api/v1/events",
+            Some(&w),
+            Some(&event("BACK", "BagLoaded", "2026-11-28T10:00:00Z", "MAD")),
+        )
+        .await;
         if r.status == 201 {
             recovered = Some(r.json());
             break;
@@ -445,7 +561,10 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
         // The projection may still be backing off after the outage: minPosition times out.
         assert!(r.status == 504 || r.status == 503, "{}", r.status);
     }
-    assert!(traced, "the trace projection did not catch up after the outage");
+    assert!(
+        traced,
+        "the trace projection did not catch up after the outage"
+    );
     drop(server);
     drop_schema(&pg, &schema).await;
 }
@@ -462,26 +581,51 @@ async fn two_servers_on_one_postgres_see_each_others_writes() {
     a_args.extend(["--role".into(), "all".into()]);
     let mut b_args = args.clone();
     b_args.extend(["--role".into(), "api".into()]);
-    let a = Server::start(dir.path(), "a", &a_args.iter().map(String::as_str).collect::<Vec<_>>());
-    let b = Server::start(dir.path(), "b", &b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = Server::start(
+        dir.path(),
+        "a",
+        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = Server::start(
+        dir.path(),
+        "b",
+        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let common: Vec<String> = pg_args(&pg, &schema, data.to_str().unwrap());
     let c: Vec<&str> = common.iter().map(String::as_str).collect();
     let w = cli_token(&c, &a.addr, "acme", "events:write,trace:read");
 
     // Through A, read through B (B runs no projection: it waits on the stored checkpoint).
-    let c1 = capture(&a.addr, &w, &event("X1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD")).await;
+    let c1 = capture(
+        &a.addr,
+        &w,
+        &event("X1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD"),
+    )
+    .await;
     let r = trace(&b.addr, &w, "X1", "", c1["position"].as_u64().unwrap()).await;
     assert_eq!(r.status, 200);
     assert_eq!(types(&r.json()), ["BagLoaded"]);
     // Warm both caches, then change the entity through B: A must not serve its cached view.
     for s in [&a.addr, &b.addr] {
         let _ = trace(s, &w, "X1", "", 0).await;
-        assert_eq!(trace(s, &w, "X1", "", 0).await.header("x-cache"), Some("hit"));
+        assert_eq!(
+            trace(s, &w, "X1", "", 0).await.header("x-cache"),
+            Some("hit")
+        );
     }
-    let c2 = capture(&b.addr, &w, &event("X1", "BagUnloaded", "2026-11-28T12:00:00Z", "LHR")).await;
+    let c2 = capture(
+        &b.addr,
+        &w,
+        &event("X1", "BagUnloaded", "2026-11-28T12:00:00Z", "LHR"),
+    )
+    .await;
     for s in [&a.addr, &b.addr] {
         let r = trace(s, &w, "X1", "", c2["position"].as_u64().unwrap()).await;
-        assert_eq!(types(&r.json()), ["BagLoaded", "BagUnloaded"], "stale view from {s}");
+        assert_eq!(
+            types(&r.json()),
+            ["BagLoaded", "BagUnloaded"],
+            "stale view from {s}"
+        );
     }
     drop((a, b));
     drop_schema(&pg, &schema).await;

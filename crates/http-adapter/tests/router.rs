@@ -164,11 +164,17 @@ impl Fixture {
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
         }
-        let (s, _, v) = self.send(b.body(Body::from(body.to_string())).unwrap()).await;
+        let (s, _, v) = self
+            .send(b.body(Body::from(body.to_string())).unwrap())
+            .await;
         (s, v)
     }
 
-    async fn get(&self, path: &str, token: Option<&str>) -> (StatusCode, axum::http::HeaderMap, Value) {
+    async fn get(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let mut b = Request::get(path);
         if let Some(t) = token {
             b = b.header("authorization", format!("Bearer {t}"));
@@ -184,7 +190,13 @@ impl Fixture {
     }
 
     /// A trace read that waits for `min_position`.
-    async fn trace(&self, token: &str, entity: &str, query: &str, min_position: u64) -> (StatusCode, axum::http::HeaderMap, Value) {
+    async fn trace(
+        &self,
+        token: &str,
+        entity: &str,
+        query: &str,
+        min_position: u64,
+    ) -> (StatusCode, axum::http::HeaderMap, Value) {
         let sep = if query.is_empty() { "" } else { "&" };
         self.get(
             &format!("/api/v1/trace/{entity}?minPosition={min_position}{sep}{query}"),
@@ -215,7 +227,10 @@ async fn capture_201_then_trace_200_with_status_and_utc_time() {
     let f = fixture().await;
     let t = f.writer();
     let c = f
-        .capture(&t, &event("B1", "BagCheckedIn", "2026-11-28T08:15:00+01:00", "MAD"))
+        .capture(
+            &t,
+            &event("B1", "BagCheckedIn", "2026-11-28T08:15:00+01:00", "MAD"),
+        )
         .await;
     assert_eq!(c["entityId"], "B1");
     assert_eq!(c["version"], 1);
@@ -252,7 +267,9 @@ async fn duplicates_return_200_with_the_existing_reference() {
     let (s3, dup) = f.post("/api/v1/events", Some(&t), &a).await;
     assert_eq!(s3, StatusCode::OK);
     assert_eq!(dup["eventId"], orig["eventId"]);
-    let (_, _, v) = f.trace(&t, "B2", "", dup["position"].as_u64().unwrap()).await;
+    let (_, _, v) = f
+        .trace(&t, "B2", "", dup["position"].as_u64().unwrap())
+        .await;
     assert_eq!(v["eventCount"], 2);
 }
 
@@ -320,8 +337,7 @@ async fn malformed_json_400_wrong_type_415_oversized_413() {
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(problem_type(&v), "/problems/payload-too-large");
     // Without a Content-Length (streamed body) the limit holds too.
-    let chunks: Vec<Result<_, std::io::Error>> =
-        vec![Ok(big.to_string().into_bytes())];
+    let chunks: Vec<Result<_, std::io::Error>> = vec![Ok(big.to_string().into_bytes())];
     let (s, _, _) = f
         .send(
             Request::post("/api/v1/events")
@@ -395,19 +411,37 @@ async fn wrong_scope_unknown_and_suspended_tenants_403() {
     // Suspension through the admin API, then resume.
     let admin = f.token("_system", &["admin"]);
     let w = f.writer();
-    let (s, v) = f.post("/api/v1/admin/tenants/acme/suspend", Some(&admin), &json!({})).await;
+    let (s, v) = f
+        .post(
+            "/api/v1/admin/tenants/acme/suspend",
+            Some(&admin),
+            &json!({}),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "suspended");
     let (s, v) = f.post("/api/v1/events", Some(&w), &ev).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert!(v["detail"].as_str().unwrap().contains("suspended"));
-    let (s, _) = f.post("/api/v1/admin/tenants/acme/resume", Some(&admin), &json!({})).await;
+    let (s, _) = f
+        .post(
+            "/api/v1/admin/tenants/acme/resume",
+            Some(&admin),
+            &json!({}),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     let (s, _) = f.post("/api/v1/events", Some(&w), &ev).await;
     assert_eq!(s, StatusCode::CREATED);
     // A tenant's own admin scope does not administer tenants.
     let tenant_admin = f.token("acme", &["admin"]);
-    let (s, _) = f.post("/api/v1/admin/tenants/globex/suspend", Some(&tenant_admin), &json!({})).await;
+    let (s, _) = f
+        .post(
+            "/api/v1/admin/tenants/globex/suspend",
+            Some(&tenant_admin),
+            &json!({}),
+        )
+        .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
 
@@ -415,23 +449,56 @@ async fn wrong_scope_unknown_and_suspended_tenants_403() {
 async fn admin_api_creates_tenants_201_then_200_and_404s_unknown() {
     let f = fixture().await;
     let admin = f.token("_system", &["admin"]);
-    let (s, v) = f.post("/api/v1/admin/tenants", Some(&admin), &json!({"id": "initech"})).await;
+    let (s, v) = f
+        .post(
+            "/api/v1/admin/tenants",
+            Some(&admin),
+            &json!({"id": "initech"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(v["status"], "active");
-    let (s, _) = f.post("/api/v1/admin/tenants", Some(&admin), &json!({"id": "initech"})).await;
+    let (s, _) = f
+        .post(
+            "/api/v1/admin/tenants",
+            Some(&admin),
+            &json!({"id": "initech"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
-    let (s, v) = f.post("/api/v1/admin/tenants", Some(&admin), &json!({"id": "_sneaky"})).await;
+    let (s, v) = f
+        .post(
+            "/api/v1/admin/tenants",
+            Some(&admin),
+            &json!({"id": "_sneaky"}),
+        )
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    let (s, _) = f.post("/api/v1/admin/tenants/nope/suspend", Some(&admin), &json!({})).await;
+    let (s, _) = f
+        .post(
+            "/api/v1/admin/tenants/nope/suspend",
+            Some(&admin),
+            &json!({}),
+        )
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     let (s, _, v) = f.get("/api/v1/admin/tenants", Some(&admin)).await;
     assert_eq!(s, StatusCode::OK);
-    let ids: Vec<&str> = v.as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["acme", "globex", "initech"]);
     // The new tenant can capture at once.
     let t = f.token("initech", &["events:write"]);
     let (s, _) = f
-        .post("/api/v1/events", Some(&t), &event("I1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .post(
+            "/api/v1/events",
+            Some(&t),
+            &event("I1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"),
+        )
         .await;
     assert_eq!(s, StatusCode::CREATED);
 }
@@ -453,14 +520,29 @@ async fn an_entity_keeps_its_type_409() {
 async fn late_events_land_in_place_and_status_follows_occurred_at() {
     let f = fixture().await;
     let t = f.writer();
-    f.capture(&t, &event("L1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD")).await;
-    f.capture(&t, &event("L1", "BagArrived", "2026-11-28T13:00:00+01:00", "LHR")).await;
+    f.capture(&t, &event("L1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD"))
+        .await;
+    f.capture(
+        &t,
+        &event("L1", "BagArrived", "2026-11-28T13:00:00+01:00", "LHR"),
+    )
+    .await;
     // Arrives last, happened first (offset +02:00 → 06:00Z).
     let late = f
-        .capture(&t, &event("L1", "BagCheckedIn", "2026-11-28T08:00:00+02:00", "MAD"))
+        .capture(
+            &t,
+            &event("L1", "BagCheckedIn", "2026-11-28T08:00:00+02:00", "MAD"),
+        )
         .await;
-    let (_, _, v) = f.trace(&t, "L1", "", late["position"].as_u64().unwrap()).await;
-    let types: Vec<&str> = v["events"].as_array().unwrap().iter().map(|e| e["eventType"].as_str().unwrap()).collect();
+    let (_, _, v) = f
+        .trace(&t, "L1", "", late["position"].as_u64().unwrap())
+        .await;
+    let types: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["eventType"].as_str().unwrap())
+        .collect();
     assert_eq!(types, ["BagCheckedIn", "BagLoaded", "BagArrived"]);
     // The latest by occurredAt is the arrival (12:00Z), not the last captured event.
     assert_eq!(v["status"]["eventType"], "BagArrived");
@@ -468,15 +550,21 @@ async fn late_events_land_in_place_and_status_follows_occurred_at() {
     // Legs: MAD (check-in, load) then LHR.
     let (_, _, legs) = f.trace(&t, "L1", "view=legs", 0).await;
     assert_eq!(legs["legs"][0]["location"], "MAD");
-    assert_eq!(legs["legs"][0]["eventTypes"], json!(["BagCheckedIn", "BagLoaded"]));
+    assert_eq!(
+        legs["legs"][0]["eventTypes"],
+        json!(["BagCheckedIn", "BagLoaded"])
+    );
     assert_eq!(legs["legs"][1]["location"], "LHR");
     let (_, _, compact) = f.trace(&t, "L1", "view=compact", 0).await;
-    assert_eq!(compact["events"][0], json!({
-        "eventId": v["events"][0]["eventId"],
-        "eventType": "BagCheckedIn",
-        "occurredAt": "2026-11-28T08:00:00+02:00",
-        "location": "MAD"
-    }));
+    assert_eq!(
+        compact["events"][0],
+        json!({
+            "eventId": v["events"][0]["eventId"],
+            "eventType": "BagCheckedIn",
+            "occurredAt": "2026-11-28T08:00:00+02:00",
+            "location": "MAD"
+        })
+    );
 }
 
 #[tokio::test]
@@ -488,7 +576,10 @@ async fn filters_and_cursor_pagination() {
         let loc = if i % 2 == 0 { "MAD" } else { "LHR" };
         let ty = if i % 5 == 0 { "BagScanned" } else { "BagSeen" };
         let c = f
-            .capture(&t, &event("P1", ty, &format!("2026-11-28T10:{i:02}:00Z"), loc))
+            .capture(
+                &t,
+                &event("P1", ty, &format!("2026-11-28T10:{i:02}:00Z"), loc),
+            )
             .await;
         last = c["position"].as_u64().unwrap();
     }
@@ -510,7 +601,9 @@ async fn filters_and_cursor_pagination() {
             None => break,
         }
     }
-    let expected: Vec<String> = (0..25).map(|i| format!("2026-11-28T10:{i:02}:00Z")).collect();
+    let expected: Vec<String> = (0..25)
+        .map(|i| format!("2026-11-28T10:{i:02}:00Z"))
+        .collect();
     assert_eq!(seen, expected);
     // Filters.
     let (_, _, v) = f.trace(&t, "P1", "eventType=BagScanned", last).await;
@@ -518,7 +611,12 @@ async fn filters_and_cursor_pagination() {
     let (_, _, v) = f.trace(&t, "P1", "location=LHR&limit=1000", last).await;
     assert_eq!(v["events"].as_array().unwrap().len(), 12);
     let (_, _, v) = f
-        .trace(&t, "P1", "from=2026-11-28T10:05:00Z&to=2026-11-28T11:09:00%2B01:00", last)
+        .trace(
+            &t,
+            "P1",
+            "from=2026-11-28T10:05:00Z&to=2026-11-28T11:09:00%2B01:00",
+            last,
+        )
         .await;
     assert_eq!(v["events"].as_array().unwrap().len(), 5);
     let (_, _, v) = f.trace(&t, "P1", "source=nope", last).await;
@@ -526,7 +624,9 @@ async fn filters_and_cursor_pagination() {
     // Filtered pagination: 13 MAD events in pages of 5.
     let (_, _, p1) = f.trace(&t, "P1", "location=MAD&limit=5", last).await;
     let c = p1["nextCursor"].as_str().unwrap();
-    let (_, _, p2) = f.trace(&t, "P1", &format!("location=MAD&limit=5&cursor={c}"), last).await;
+    let (_, _, p2) = f
+        .trace(&t, "P1", &format!("location=MAD&limit=5&cursor={c}"), last)
+        .await;
     assert_eq!(p2["events"][0]["occurredAt"], "2026-11-28T10:10:00Z");
 }
 
@@ -534,8 +634,16 @@ async fn filters_and_cursor_pagination() {
 async fn bad_query_parameters_400() {
     let f = fixture().await;
     let t = f.writer();
-    f.capture(&t, &event("Q1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
-    for q in ["limit=0", "limit=5000", "view=fancy", "cursor=abc", "from=yesterday", "limit=x"] {
+    f.capture(&t, &event("Q1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
+    for q in [
+        "limit=0",
+        "limit=5000",
+        "view=fancy",
+        "cursor=abc",
+        "from=yesterday",
+        "limit=x",
+    ] {
         let (s, _, v) = f.get(&format!("/api/v1/trace/Q1?{q}"), Some(&t)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{q}: {v}");
     }
@@ -548,14 +656,23 @@ async fn tenants_are_isolated() {
     let f = fixture().await;
     let acme = f.writer();
     let globex = f.token("globex", &["events:write", "trace:read"]);
-    let c = f.capture(&acme, &event("SHARED", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
-    let (s, _, _) = f.trace(&globex, "SHARED", "", c["position"].as_u64().unwrap()).await;
+    let c = f
+        .capture(
+            &acme,
+            &event("SHARED", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"),
+        )
+        .await;
+    let (s, _, _) = f
+        .trace(&globex, "SHARED", "", c["position"].as_u64().unwrap())
+        .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // globex may use the same entity id, even with another type.
     let mut ev = event("SHARED", "UldLoaded", "2026-11-28T09:00:00Z", "CDG");
     ev["entityType"] = json!("ULD");
     let c2 = f.capture(&globex, &ev).await;
-    let (_, _, v) = f.trace(&globex, "SHARED", "", c2["position"].as_u64().unwrap()).await;
+    let (_, _, v) = f
+        .trace(&globex, "SHARED", "", c2["position"].as_u64().unwrap())
+        .await;
     assert_eq!(v["eventCount"], 1);
     assert_eq!(v["entityType"], "ULD");
     let (_, _, v) = f.trace(&acme, "SHARED", "", 0).await;
@@ -566,14 +683,21 @@ async fn tenants_are_isolated() {
 async fn cache_hits_and_is_never_stale_after_a_change() {
     let f = fixture().await;
     let t = f.writer();
-    let c = f.capture(&t, &event("C1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
+    let c = f
+        .capture(&t, &event("C1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
     let p = c["position"].as_u64().unwrap();
     let (_, h1, _) = f.trace(&t, "C1", "", p).await;
     assert_eq!(h1["x-cache"], "miss");
     let (_, h2, v2) = f.trace(&t, "C1", "", p).await;
     assert_eq!(h2["x-cache"], "hit");
     assert_eq!(v2["eventCount"], 1);
-    let c = f.capture(&t, &event("C1", "BagUnloaded", "2026-11-28T11:00:00Z", "LHR")).await;
+    let c = f
+        .capture(
+            &t,
+            &event("C1", "BagUnloaded", "2026-11-28T11:00:00Z", "LHR"),
+        )
+        .await;
     let (_, h3, v3) = f.trace(&t, "C1", "", c["position"].as_u64().unwrap()).await;
     assert_eq!(h3["x-cache"], "miss");
     assert_eq!(v3["eventCount"], 2);
@@ -596,8 +720,16 @@ async fn batch_capture_has_per_item_results() {
     let r = v["results"].as_array().unwrap();
     let statuses: Vec<u64> = r.iter().map(|i| i["status"].as_u64().unwrap()).collect();
     assert_eq!(statuses, [201, 400, 200, 201]);
-    assert!(r[1]["problem"]["errors"].as_array().unwrap().iter().any(|e| e["field"] == "events[1].eventType"));
-    let (s, _) = f.post("/api/v1/events:batch", Some(&t), &json!({"events": []})).await;
+    assert!(
+        r[1]["problem"]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["field"] == "events[1].eventType")
+    );
+    let (s, _) = f
+        .post("/api/v1/events:batch", Some(&t), &json!({"events": []}))
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     let (s, _) = f.post("/api/v1/events:batch", Some(&t), &json!([1])).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
@@ -611,8 +743,12 @@ async fn min_position_beyond_the_log_504() {
     })
     .await;
     let t = f.writer();
-    let c = f.capture(&t, &event("W1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
-    let (s, _, v) = f.trace(&t, "W1", "", c["position"].as_u64().unwrap() + 1000).await;
+    let c = f
+        .capture(&t, &event("W1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
+    let (s, _, v) = f
+        .trace(&t, "W1", "", c["position"].as_u64().unwrap() + 1000)
+        .await;
     assert_eq!(s, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(problem_type(&v), "/problems/timeout");
 }
@@ -622,7 +758,8 @@ async fn store_outage_503_with_retry_after_then_recovery() {
     let f = fixture().await;
     let t = f.writer();
     // Make sure the tenant is known before the outage (served from memory during it).
-    f.capture(&t, &event("O1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
+    f.capture(&t, &event("O1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
     f.down.store(true, Ordering::SeqCst);
     let mut last = None;
     for i in 0..4 {
@@ -633,7 +770,13 @@ async fn store_outage_503_with_retry_after_then_recovery() {
             b = b.header("x-correlation-id", format!("outage-{i}"));
             f.send(
                 b.body(Body::from(
-                    event(&format!("O{}", i + 2), "BagLoaded", "2026-11-28T09:00:00Z", "MAD").to_string(),
+                    event(
+                        &format!("O{}", i + 2),
+                        "BagLoaded",
+                        "2026-11-28T09:00:00Z",
+                        "MAD",
+                    )
+                    .to_string(),
                 ))
                 .unwrap(),
             )
@@ -677,7 +820,10 @@ async fn health_ready_openapi_and_unknown_routes() {
         "/healthz",
         "/readyz",
     ] {
-        assert!(paths.contains_key(p), "{p} missing from the OpenAPI document");
+        assert!(
+            paths.contains_key(p),
+            "{p} missing from the OpenAPI document"
+        );
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     let (s, h, v) = f.get("/nope", None).await;
@@ -692,13 +838,23 @@ async fn health_ready_openapi_and_unknown_routes() {
 }
 
 /// Reads SSE frames until `n` events arrived; returns (id, event, data) triples.
-async fn sse_events(f: &Fixture, path: &str, last_event_id: Option<u64>, n: usize) -> Vec<(u64, String, Value)> {
+async fn sse_events(
+    f: &Fixture,
+    path: &str,
+    last_event_id: Option<u64>,
+    n: usize,
+) -> Vec<(u64, String, Value)> {
     use http_body_util::BodyExt;
     let mut b = Request::get(path).header("authorization", format!("Bearer {}", f.writer()));
     if let Some(id) = last_event_id {
         b = b.header("last-event-id", id.to_string());
     }
-    let res = f.app.clone().oneshot(b.body(Body::empty()).unwrap()).await.unwrap();
+    let res = f
+        .app
+        .clone()
+        .oneshot(b.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut body = res.into_body();
@@ -733,13 +889,25 @@ async fn sse_events(f: &Fixture, path: &str, last_event_id: Option<u64>, n: usiz
 async fn subscribe_streams_filtered_events_and_resumes_after_last_event_id() {
     let f = fixture().await;
     let t = f.writer();
-    let a1 = f.capture(&t, &event("S1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
-    f.capture(&t, &event("S2", "BagLoaded", "2026-11-28T09:00:00Z", "MAD")).await;
+    let a1 = f
+        .capture(&t, &event("S1", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
+    f.capture(&t, &event("S2", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
     // Another tenant's event for the same entity id is never delivered.
     let g = f.token("globex", &["events:write"]);
-    f.capture(&g, &event("S1", "BagLost", "2026-11-28T09:00:00Z", "MAD")).await;
-    let a3 = f.capture(&t, &event("S1", "BagUnloaded", "2026-11-28T11:00:00Z", "LHR")).await;
-    let (p1, p3) = (a1["position"].as_u64().unwrap(), a3["position"].as_u64().unwrap());
+    f.capture(&g, &event("S1", "BagLost", "2026-11-28T09:00:00Z", "MAD"))
+        .await;
+    let a3 = f
+        .capture(
+            &t,
+            &event("S1", "BagUnloaded", "2026-11-28T11:00:00Z", "LHR"),
+        )
+        .await;
+    let (p1, p3) = (
+        a1["position"].as_u64().unwrap(),
+        a3["position"].as_u64().unwrap(),
+    );
 
     let evs = sse_events(&f, "/api/v1/subscribe?entityId=S1", Some(0), 2).await;
     assert_eq!(evs[0].0, p1);
@@ -751,14 +919,21 @@ async fn subscribe_streams_filtered_events_and_resumes_after_last_event_id() {
     let evs = sse_events(&f, "/api/v1/subscribe?entityId=S1", Some(p1), 1).await;
     assert_eq!(evs[0].0, p3);
     // Event-type filter, start given as a query parameter.
-    let evs = sse_events(&f, "/api/v1/subscribe?eventType=BagUnloaded&after=0", None, 1).await;
+    let evs = sse_events(
+        &f,
+        "/api/v1/subscribe?eventType=BagUnloaded&after=0",
+        None,
+        1,
+    )
+    .await;
     assert_eq!(evs[0].0, p3);
     // An event captured while the subscriber connects arrives (catch-up or live).
     let f2 = &f;
     let waiter = sse_events(f2, "/api/v1/subscribe?entityId=S9", Some(p3), 1);
     let capture = async {
         tokio::task::yield_now().await;
-        f2.capture(&t, &event("S9", "BagSeen", "2026-11-28T12:00:00Z", "LHR")).await
+        f2.capture(&t, &event("S9", "BagSeen", "2026-11-28T12:00:00Z", "LHR"))
+            .await
     };
     let (evs, c) = tokio::join!(waiter, capture);
     assert_eq!(evs[0].0, c["position"].as_u64().unwrap());
