@@ -129,3 +129,80 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>, ClientError> {
         b = b.get(end + 2..).unwrap_or(&[]);
     }
 }
+
+/// A keep-alive HTTP/1.1 connection (sequential requests; used by the load benchmark).
+#[derive(Debug)]
+pub struct Conn {
+    addr: String,
+    stream: tokio::io::BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Connects to `addr` (`host:port`).
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let s = TcpStream::connect(addr).await?;
+        s.set_nodelay(true)?;
+        Ok(Self {
+            addr: addr.to_owned(),
+            stream: tokio::io::BufReader::new(s),
+        })
+    }
+
+    /// Sends one request and reads its response (the response must carry a
+    /// `Content-Length`).
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<ClientResponse, ClientError> {
+        use tokio::io::AsyncBufReadExt;
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", self.addr);
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!(
+            "Content-Length: {}\r\n\r\n",
+            body.map_or(0, <[u8]>::len)
+        ));
+        let mut out = req.into_bytes();
+        if let Some(b) = body {
+            out.extend_from_slice(b);
+        }
+        self.stream.get_mut().write_all(&out).await?;
+        let mut status_line = String::new();
+        if self.stream.read_line(&mut status_line).await? == 0 {
+            return Err(ClientError::Parse("connection closed".into()));
+        }
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| ClientError::Parse("bad status line".into()))?;
+        let mut headers = Vec::new();
+        loop {
+            let mut line = String::new();
+            self.stream.read_line(&mut line).await?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
+            }
+        }
+        let len = headers
+            .iter()
+            .find(|(k, _)| k == "content-length")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .ok_or_else(|| ClientError::Parse("no content-length".into()))?;
+        let mut body = vec![0; len];
+        self.stream.read_exact(&mut body).await?;
+        Ok(ClientResponse {
+            status,
+            headers,
+            body,
+        })
+    }
+}
