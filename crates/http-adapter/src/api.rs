@@ -435,8 +435,18 @@ pub struct CompactEntry {
     pub location: String,
 }
 
+/// Timeline entries of a trace, per view.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Entries {
+    /// `view=full`.
+    Full(Vec<TimelineEntry>),
+    /// `view=compact`.
+    Compact(Vec<CompactEntry>),
+}
+
 /// The trace of an entity.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TraceView {
     /// Entity id.
@@ -451,8 +461,7 @@ pub struct TraceView {
     pub view: String,
     /// Timeline entries (`full`: every field; `compact`: id, type, time, location).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Vec<Object>>)]
-    pub events: Option<Vec<Value>>,
+    pub events: Option<Entries>,
     /// Journey legs (`view=legs`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub legs: Option<Vec<Leg>>,
@@ -483,14 +492,6 @@ impl From<&CurrentStatus> for StatusView {
             occurred_at: c.occurred_at.clone(),
         }
     }
-}
-
-fn full_entry(e: &TimelineEntry) -> Value {
-    let mut v = serde_json::to_value(e).unwrap_or(Value::Null);
-    if let Some(o) = v.as_object_mut() {
-        o.remove("_us");
-    }
-    v
 }
 
 struct ParsedQuery {
@@ -680,26 +681,19 @@ async fn build_view(
     )
     .await?;
     let (events, legs, view) = match pq.view {
-        View::Full => (
-            Some(page.entries.iter().map(full_entry).collect()),
-            None,
-            "full",
-        ),
+        View::Full => (Some(Entries::Full(page.entries)), None, "full"),
         View::Compact => (
-            Some(
+            Some(Entries::Compact(
                 page.entries
                     .iter()
-                    .map(|e| {
-                        serde_json::to_value(CompactEntry {
-                            event_id: e.event_id.clone(),
-                            event_type: e.event_type.clone(),
-                            occurred_at: e.occurred_at.clone(),
-                            location: e.location.code.clone(),
-                        })
-                        .unwrap_or(Value::Null)
+                    .map(|e| CompactEntry {
+                        event_id: e.event_id.clone(),
+                        event_type: e.event_type.clone(),
+                        occurred_at: e.occurred_at.clone(),
+                        location: e.location.code.clone(),
                     })
                     .collect(),
-            ),
+            )),
             None,
             "compact",
         ),
@@ -823,7 +817,7 @@ async fn subscribe(
                 let ev = Event::default()
                     .id(e.position.get().to_string())
                     .event(entry.0.event_type.clone())
-                    .data(full_entry(&entry.0).to_string());
+                    .data(serde_json::to_string(&entry.0).unwrap_or_default());
                 return Some((Ok::<_, std::convert::Infallible>(ev), sub));
             }
         }

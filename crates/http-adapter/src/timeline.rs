@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use tracktrace_core::{
     Direction, KeyRange, Position, ReadModelStore, ReadModelWrite, RecordedEvent, TenantId,
 };
@@ -29,7 +29,10 @@ pub const TIMELINE_NS: &str = "tt.timeline";
 pub const ENTITY_NS: &str = "tt.entity";
 
 /// One event of an entity's timeline.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+///
+/// Stored as JSON with `attributes` kept as raw JSON text, so reading a timeline never
+/// rebuilds attribute maps: entries are copied from the read store to the response.
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimelineEntry {
     /// Event id.
@@ -44,10 +47,9 @@ pub struct TimelineEntry {
     pub location: Location,
     /// Reporting system.
     pub source: String,
-    /// Attributes.
-    #[serde(default)]
+    /// Attributes (a JSON object, as raw JSON).
     #[schema(value_type = Object)]
-    pub attributes: Map<String, Value>,
+    pub attributes: Box<RawValue>,
     /// Related entities.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub related_entities: Vec<RelatedEntity>,
@@ -60,10 +62,6 @@ pub struct TimelineEntry {
     /// Correlation id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
-    /// Microseconds since the epoch (UTC) of `occurredAt` (not serialized to clients).
-    #[serde(rename = "_us")]
-    #[schema(ignore)]
-    pub occurred_at_us: i64,
 }
 
 /// The current status of an entity: its latest event by `occurredAt`.
@@ -162,14 +160,23 @@ fn entry_from(e: &RecordedEvent, s: &StoredEvent) -> TimelineEntry {
         occurred_at_utc: format_micros(s.occurred_at_us),
         location: s.location.clone(),
         source: s.source.clone(),
-        attributes: s.attributes.clone(),
+        attributes: serde_json::value::to_raw_value(&s.attributes)
+            .unwrap_or_else(|_| empty_object()),
         related_entities: s.related_entities.clone(),
         version: e.version.get(),
         position: e.position.get(),
         received_at: format_micros(s.received_at_us),
         correlation_id: e.metadata.correlation_id.clone(),
-        occurred_at_us: s.occurred_at_us,
     }
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".into()).unwrap_or_else(|_| unreachable_raw())
+}
+
+#[allow(clippy::unreachable)]
+fn unreachable_raw() -> Box<RawValue> {
+    unreachable!("`{{}}` is valid JSON")
 }
 
 /// Computes the read-model writes of a batch of events. `load` fetches a stored status
@@ -308,7 +315,7 @@ pub fn decode_cursor(s: &str) -> Result<Vec<u8>, ApiError> {
 }
 
 /// One page of a timeline.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct TimelinePage {
     /// Matching entries, ordered by `occurredAt` then event id.
     pub entries: Vec<TimelineEntry>,
