@@ -10,7 +10,8 @@
 //! | `append_1` | one append of one event (one caller, so every event pays a full commit) |
 //! | `append_batch_100` | one append of a batch of [`BATCH`] events |
 //! | `concurrent_8` / `concurrent_64` | 8 / 64 tasks each append one single-event batch to its own stream (they run continuously; an iteration is one event per task) |
-//! | `read_stream_1000` | reads a whole [`STREAM_LEN`]-event stream forwards |
+//! | `read_stream_1000` | reads a whole [`STREAM_LEN`]-event stream forwards (written in batches of 100) |
+//! | `read_stream_1000_interleaved` | the same, for a stream written one event per append, interleaved with appends to other streams (the usual shape of an aggregate's stream) |
 //! | `read_all_10000` | reads [`LOG_LEN`] events of the global log in pages of 1,000 |
 //!
 //! Events are [`event`]s: a JSON payload of about 120 bytes (about 200 bytes encoded with the
@@ -121,6 +122,18 @@ pub async fn seed_stream(store: &dyn EventStore, len: usize) -> Result<StreamId>
     Ok(stream)
 }
 
+/// Writes a fresh stream of `len` events, one per append, each followed by an append of 3
+/// events to another stream, and returns it.
+pub async fn seed_interleaved_stream(store: &dyn EventStore, len: usize) -> Result<StreamId> {
+    let stream = fresh_stream("interleaved");
+    let noise = fresh_stream("noise");
+    for i in 0..len as u64 {
+        append_one(store, &stream, i).await?;
+        append_batch(store, &noise, 3).await?;
+    }
+    Ok(stream)
+}
+
 /// Reads a whole stream forwards; returns the number of events.
 pub async fn read_stream(store: &dyn EventStore, stream: &StreamId) -> Result<usize> {
     Ok(store.read_stream_forwards(&tenant(), stream).await?.len())
@@ -138,7 +151,9 @@ pub async fn read_all(store: &dyn EventStore, from: Position, len: usize) -> Res
     let mut next = from;
     let mut n = 0;
     while n < len {
-        let page = store.read_all(ReadAll::from(next, (len - n).min(1000))).await?;
+        let page = store
+            .read_all(ReadAll::from(next, (len - n).min(1000)))
+            .await?;
         if page.events.is_empty() {
             break;
         }
@@ -158,7 +173,6 @@ pub fn configure(group: &mut BenchmarkGroup<'_, WallTime>, events_per_iter: u64)
 /// Each workload is a criterion group (`append_1`, `append_batch_100`, ...), so backends land
 /// side by side in the report.
 pub fn bench_store(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn EventStore>) {
-
     let mut g = c.benchmark_group("append_1");
     configure(&mut g, 1);
     let stream = fresh_stream("one");
@@ -196,7 +210,10 @@ pub fn bench_store(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn E
         configure(&mut g, writers as u64);
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                ok(name, rt.block_on(concurrent_appends(&store, writers, iters)))
+                ok(
+                    name,
+                    rt.block_on(concurrent_appends(&store, writers, iters)),
+                )
             })
         });
         g.finish();
@@ -205,6 +222,20 @@ pub fn bench_store(c: &mut Criterion, rt: &Runtime, name: &str, store: Arc<dyn E
     let mut g = c.benchmark_group("read_stream_1000");
     configure(&mut g, STREAM_LEN as u64);
     let stream = ok(name, rt.block_on(seed_stream(store.as_ref(), STREAM_LEN)));
+    g.bench_function(name, |b| {
+        b.iter(|| {
+            let n = ok(name, rt.block_on(read_stream(store.as_ref(), &stream)));
+            assert_eq!(n, STREAM_LEN);
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("read_stream_1000_interleaved");
+    configure(&mut g, STREAM_LEN as u64);
+    let stream = ok(
+        name,
+        rt.block_on(seed_interleaved_stream(store.as_ref(), STREAM_LEN)),
+    );
     g.bench_function(name, |b| {
         b.iter(|| {
             let n = ok(name, rt.block_on(read_stream(store.as_ref(), &stream)));

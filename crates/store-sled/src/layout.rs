@@ -13,9 +13,10 @@
 //!     event; an event larger than a page gets a page of its own, chunked;
 //!   - `X` + page key without its tag + chunk index (u32 BE) → continuation chunks of a large page;
 //!   - `S` + tenant + `0x00` + stream + `0x00` + first version (u64 BE) → a *run*: first position
-//!     (u64 BE) + event count (u32 BE). One append writes one run (its positions are contiguous),
-//!     so a stream index costs one write per append, not per event, and the stream's version is
-//!     the end of its last run;
+//!     (u64 BE) + event count (u32 BE) + key position of the page holding the first event
+//!     (u64 BE). One append writes one run (its positions are contiguous), so a stream index
+//!     costs one write per append, not per event, and the stream's version is the end of its
+//!     last run;
 //!   - `I` + tenant + `0x00` + event id (16 bytes) → [`IndexEntry`]: the key position of the
 //!     event's page and the event's position (u64 BE each);
 //!   - `D` + tenant + `0x00` + dedup key → [`IndexEntry`] likewise.
@@ -216,6 +217,8 @@ pub struct Run {
     pub first_position: u64,
     /// Number of events in the run (≥ 1).
     pub count: u32,
+    /// Key position of the page holding the run's first event (≤ `first_position`).
+    pub first_page: u64,
 }
 
 impl Run {
@@ -230,10 +233,11 @@ impl Run {
     }
 
     /// The value stored for the run.
-    pub fn encode_value(&self) -> [u8; 12] {
-        let mut v = [0u8; 12];
+    pub fn encode_value(&self) -> [u8; 20] {
+        let mut v = [0u8; 20];
         v[..8].copy_from_slice(&self.first_position.to_be_bytes());
-        v[8..].copy_from_slice(&self.count.to_be_bytes());
+        v[8..12].copy_from_slice(&self.count.to_be_bytes());
+        v[12..].copy_from_slice(&self.first_page.to_be_bytes());
         v
     }
 
@@ -241,12 +245,15 @@ impl Run {
     pub fn decode(prefix_len: usize, key: &[u8], value: &[u8]) -> Option<Run> {
         let first_version = u64::from_be_bytes(key.get(prefix_len..)?.try_into().ok()?);
         let first_position = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-        let count = u32::from_be_bytes(value.get(8..)?.try_into().ok()?);
-        (count > 0 && first_version > 0 && first_position > 0).then_some(Run {
-            first_version,
-            first_position,
-            count,
-        })
+        let count = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
+        let first_page = u64::from_be_bytes(value.get(12..)?.try_into().ok()?);
+        (count > 0 && first_version > 0 && first_page > 0 && first_page <= first_position)
+            .then_some(Run {
+                first_version,
+                first_position,
+                count,
+                first_page,
+            })
     }
 }
 
@@ -423,7 +430,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let t = db.open_tree("t").unwrap();
-        for len in [0, 1, MAX_INLINE - 1, MAX_INLINE, MAX_INLINE * 3 + 17, 1 << 20] {
+        for len in [
+            0,
+            1,
+            MAX_INLINE - 1,
+            MAX_INLINE,
+            MAX_INLINE * 3 + 17,
+            1 << 20,
+        ] {
             let value: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let old = t.get(b"Rk").unwrap().map_or(0, |v| continuation_count(&v));
             let mut b = sled::Batch::default();
@@ -434,7 +448,11 @@ mod tests {
             let got = get_value(&t, b"Rk", stored).unwrap();
             assert_eq!(got.as_ref(), &value[..], "len {len}");
             let expected_chunks = u64::from(continuation_count(&t.get(b"Rk").unwrap().unwrap()));
-            assert_eq!(t.len() as u64, 1 + expected_chunks, "stale chunks left, len {len}");
+            assert_eq!(
+                t.len() as u64,
+                1 + expected_chunks,
+                "stale chunks left, len {len}"
+            );
         }
         let old = continuation_count(&t.get(b"Rk").unwrap().unwrap());
         let mut b = sled::Batch::default();
@@ -461,7 +479,10 @@ mod tests {
         assert_eq!(page.len(), page_size([2, 0, 3]));
         let p = Page::parse(&page).unwrap();
         assert_eq!(p.len(), 3);
-        assert_eq!((p.event(0), p.event(1), p.event(2)), (&b"ab"[..], &b""[..], &b"cde"[..]));
+        assert_eq!(
+            (p.event(0), p.event(1), p.event(2)),
+            (&b"ab"[..], &b""[..], &b"cde"[..])
+        );
         assert!(Page::parse(&page[..page.len() - 1]).is_err());
         assert!(Page::parse(&[0, 0, 0, 0]).is_err());
         assert!(Page::parse(&[0, 0, 0, 9, 1]).is_err());
@@ -469,7 +490,10 @@ mod tests {
         let mut bad = page.clone();
         bad[7] = 200; // first end offset beyond the data
         assert!(Page::parse(&bad).is_err());
-        let e = IndexEntry { page: 3, position: 5 };
+        let e = IndexEntry {
+            page: 3,
+            position: 5,
+        };
         assert_eq!(IndexEntry::decode(&e.encode()), Some(e));
         assert_eq!(IndexEntry::decode(&e.encode()[..9]), None);
     }
@@ -482,8 +506,12 @@ mod tests {
             first_version: 3,
             first_position: 40,
             count: 2,
+            first_page: 38,
         };
-        assert_eq!(Run::decode(p.len(), &run_key(&p, 3), &r.encode_value()), Some(r));
+        assert_eq!(
+            Run::decode(p.len(), &run_key(&p, 3), &r.encode_value()),
+            Some(r)
+        );
         assert_eq!(r.last_version(), 4);
         assert_eq!(r.position_of(4), 41);
         assert_eq!(Run::decode(p.len(), &run_key(&p, 3), b"short"), None);

@@ -69,7 +69,9 @@
 //! positions, writes the whole group's events with one batch, runs one barrier, advances the
 //! head, and only then answers every request of the group. Read-model commits, checkpoints and
 //! snapshots go through the same writer (each in its own atomic batch) and share the barriers.
-//! Reads go straight to sled from the caller.
+//! Reads go straight to sled from the caller. Event reads never go past the published head;
+//! read-model, checkpoint and snapshot reads may observe a commit whose barrier is still running
+//! (never a partial one; if that barrier fails, the store stops accepting calls).
 //!
 //! The key layout is documented in [`layout`].
 

@@ -36,8 +36,9 @@ pub enum Durability {
 /// Default size of sled's page cache: 256 MiB.
 pub const DEFAULT_CACHE_CAPACITY: u64 = 256 * 1024 * 1024;
 
-/// How to open a [`crate::SledStore`].
+/// How to open a [`crate::SledStore`]: `SledOptions::new(path)` plus the builder methods.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SledOptions {
     /// Directory of the store (created if missing). One process at a time may hold it.
     pub path: PathBuf,

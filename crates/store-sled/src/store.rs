@@ -133,6 +133,15 @@ impl SledStore {
     /// Blocks for sled's recovery. Fails with [`OpenError::Locked`] when another process (or
     /// another open store in this process) holds the directory.
     pub fn open(opts: SledOptions) -> std::result::Result<Self, OpenError> {
+        Self::open_with(opts, None)
+    }
+
+    /// [`SledStore::open`], with the barrier syncing `barrier_file` instead of `db` (tests use
+    /// a file whose sync fails).
+    fn open_with(
+        opts: SledOptions,
+        barrier_file: Option<&Path>,
+    ) -> std::result::Result<Self, OpenError> {
         let path = opts.path.clone();
         let io = |what: &'static str| {
             let path = path.clone();
@@ -230,8 +239,15 @@ impl SledStore {
             poisoned: OnceLock::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
-        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
-        let barrier = Barrier::new(opts.durability, db_file, path.join("blobs"));
+        // A rendezvous channel: the writer applies the next group while the current one is
+        // being synced, but no further, so groups grow with the barrier time instead of
+        // splitting into many small batches.
+        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel(0);
+        let barrier_file = match barrier_file {
+            Some(p) => File::open(p).map_err(io("opening the barrier file"))?,
+            None => db_file,
+        };
+        let barrier = Barrier::new(opts.durability, barrier_file, path.join("blobs"));
         let syncer = {
             let shared = shared.clone();
             std::thread::Builder::new()
@@ -366,23 +382,24 @@ impl SledStore {
         out: &mut Vec<RecordedEvent>,
     ) -> Result<()> {
         let (p0, p1) = (run.position_of(v0), run.position_of(v1));
-        self.shared().walk(p0, p1, req.direction, |pos, bytes| {
-            let e = decode_event(pos, bytes)?;
-            if e.tenant != req.tenant
-                || e.stream != req.stream
-                || e.version.get() != run.first_version + (pos - run.first_position)
-            {
-                return Err(corrupt(
-                    pos,
-                    format!(
-                        "the stream index of {}/{} points to version {} of {}/{}",
-                        req.tenant, req.stream, e.version, e.tenant, e.stream
-                    ),
-                ));
-            }
-            out.push(e);
-            Ok(out.len() >= req.limit)
-        })
+        self.shared()
+            .walk(p0, p1, req.direction, Some(run.first_page), |pos, bytes| {
+                let e = decode_event(pos, bytes)?;
+                if e.tenant != req.tenant
+                    || e.stream != req.stream
+                    || e.version.get() != run.first_version + (pos - run.first_position)
+                {
+                    return Err(corrupt(
+                        pos,
+                        format!(
+                            "the stream index of {}/{} points to version {} of {}/{}",
+                            req.tenant, req.stream, e.version, e.tenant, e.stream
+                        ),
+                    ));
+                }
+                out.push(e);
+                Ok(out.len() >= req.limit)
+            })
     }
 }
 
@@ -439,12 +456,14 @@ impl Shared {
 
     /// Calls `f` with each position from `p0` to `p1` (inclusive, `1 <= p0 <= p1`) and its
     /// encoded event, in `direction`, until `f` returns `true`. A position missing from the log
-    /// is a corruption error.
+    /// is a corruption error. `first_page`, if known, is the key position of a page at or before
+    /// the one holding `p0` (it saves a reverse lookup, which is slow in sled 0.34).
     pub(crate) fn walk(
         &self,
         p0: u64,
         p1: u64,
         direction: Direction,
+        first_page: Option<u64>,
         mut f: impl FnMut(u64, &[u8]) -> Result<bool>,
     ) -> Result<()> {
         let missing = |p: u64| corrupt(p, "event missing from the log");
@@ -454,49 +473,80 @@ impl Shared {
         };
         match direction {
             Direction::Forwards => {
-                let start = match self
-                    .log
-                    .range(layout::page_key(0)..=layout::page_key(p0))
-                    .next_back()
-                {
-                    Some(item) => parse(item)?.0,
-                    None => p0,
-                };
                 let mut expect = p0;
-                for item in self
-                    .log
-                    .range(layout::page_key(start)..=layout::page_key(p1))
-                {
-                    let (first, bytes) = parse(item)?;
-                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                // Visits one page; `true` once the walk is over.
+                let mut visit = |first: u64, bytes: &[u8], expect: &mut u64| -> Result<bool> {
+                    let page = layout::Page::parse(bytes).map_err(|d| corrupt(first, d))?;
                     for i in 0..page.len() {
                         let pos = first + i as u64;
                         if pos < p0 {
                             continue;
                         }
                         if pos > p1 {
-                            return Ok(());
+                            return Ok(true);
                         }
-                        if pos != expect {
-                            return Err(missing(expect));
+                        if pos != *expect {
+                            return Err(missing(*expect));
                         }
-                        expect += 1;
+                        *expect += 1;
                         if f(pos, page.event(i))? {
-                            return Ok(());
+                            return Ok(true);
                         }
                     }
+                    Ok(*expect > p1)
+                };
+                let start = match first_page {
+                    // A point read of the known first page is much cheaper than an iterator
+                    // (short runs, e.g. single-event appends, need nothing else).
+                    Some(page) => {
+                        let page = page.min(p0);
+                        let key = layout::page_key(page);
+                        match self.log.get(key).map_err(sled_err)? {
+                            Some(v) => {
+                                let (first, bytes) = self.load_page(&key, v)?;
+                                if visit(first, bytes.as_ref(), &mut expect)? {
+                                    return Ok(());
+                                }
+                                page + 1
+                            }
+                            None => page,
+                        }
+                    }
+                    None => match self
+                        .log
+                        .range(layout::page_key(0)..=layout::page_key(p0))
+                        .next_back()
+                    {
+                        Some(item) => parse(item)?.0,
+                        None => p0,
+                    },
+                };
+                for item in self
+                    .log
+                    .range(layout::page_key(start)..=layout::page_key(p1))
+                {
+                    let (first, bytes) = parse(item)?;
+                    if visit(first, bytes.as_ref(), &mut expect)? {
+                        return Ok(());
+                    }
                 }
-                if expect == p1 + 1 { Ok(()) } else { Err(missing(expect)) }
+                if expect == p1 + 1 {
+                    Ok(())
+                } else {
+                    Err(missing(expect))
+                }
             }
             Direction::Backwards => {
                 let mut expect = p1;
+                let low = first_page.unwrap_or(0).min(p0);
                 for item in self
                     .log
-                    .range(layout::page_key(0)..=layout::page_key(p1))
+                    .range(layout::page_key(low)..=layout::page_key(p1))
                     .rev()
                 {
                     let (first, bytes) = parse(item)?;
-                    let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+                    let page =
+                        layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
                     for i in (0..page.len()).rev() {
                         let pos = first + i as u64;
                         if pos > p1 {
@@ -514,7 +564,11 @@ impl Shared {
                         }
                     }
                 }
-                if expect + 1 == p0 { Ok(()) } else { Err(missing(expect)) }
+                if expect + 1 == p0 {
+                    Ok(())
+                } else {
+                    Err(missing(expect))
+                }
             }
         }
     }
@@ -549,7 +603,8 @@ impl Shared {
         tenant: &TenantId,
         stream: &StreamId,
     ) -> Result<Snapshot> {
-        let bad = |d: String| Error::corruption(None, format!("snapshot of {tenant}/{stream}: {d}"));
+        let bad =
+            |d: String| Error::corruption(None, format!("snapshot of {tenant}/{stream}: {d}"));
         let v = layout::get_value(&self.snapshots, key, stored).map_err(bad)?;
         let v = v.as_ref();
         if v.len() < 12 {
@@ -571,7 +626,10 @@ pub(crate) fn check_namespace(i: usize, ns: &str) -> Result<()> {
     if ns.len() > MAX_NAMESPACE_LEN {
         return Err(Error::invalid(
             format!("writes[{i}].ns"),
-            format!("is {} bytes long; at most {MAX_NAMESPACE_LEN} are allowed", ns.len()),
+            format!(
+                "is {} bytes long; at most {MAX_NAMESPACE_LEN} are allowed",
+                ns.len()
+            ),
         ));
     }
     Ok(())
@@ -619,7 +677,10 @@ impl EventStore for SledStore {
                 let from = req.from.map_or(1, |v| v.get().max(1));
                 let from_key = layout::run_key(&prefix, from);
                 // The run holding `from` is the last one starting at or before it.
-                let start = match log.range(prefix.as_slice()..=from_key.as_slice()).next_back() {
+                let start = match log
+                    .range(prefix.as_slice()..=from_key.as_slice())
+                    .next_back()
+                {
                     Some(item) => item.map_err(sled_err)?.0.to_vec(),
                     None => from_key,
                 };
@@ -674,7 +735,7 @@ impl EventStore for SledStore {
             // Positions are contiguous, so the page ends right after the last event considered
             // (no need to look at the next one).
             self.shared()
-                .walk(from, head, Direction::Forwards, |pos, bytes| {
+                .walk(from, head, Direction::Forwards, None, |pos, bytes| {
                     let e = decode_event(pos, bytes)?;
                     if req.filter.matches(&e) {
                         events.push(e);
@@ -697,7 +758,11 @@ impl EventStore for SledStore {
             .map(Version::new)
     }
 
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         self.check()?;
         let shared = self.shared();
         let key = layout::id_key(tenant.as_str(), &event_id.to_bytes());
@@ -713,7 +778,10 @@ impl EventStore for SledStore {
         if e.tenant != *tenant || e.event_id != event_id {
             return Err(corrupt(
                 entry.position,
-                format!("the event-id index of {event_id} points to event {}", e.event_id),
+                format!(
+                    "the event-id index of {event_id} points to event {}",
+                    e.event_id
+                ),
             ));
         }
         Ok(Some(e))
@@ -731,11 +799,18 @@ impl EventStore for SledStore {
 
 #[async_trait]
 impl SnapshotStore for SledStore {
-    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
         self.check()?;
         let key = layout::snapshot_key(tenant.as_str(), stream.as_str());
         match self.shared().snapshots.get(&key).map_err(sled_err)? {
-            Some(v) => self.shared().decode_snapshot(&key, v, tenant, stream).map(Some),
+            Some(v) => self
+                .shared()
+                .decode_snapshot(&key, v, tenant, stream)
+                .map(Some),
             None => Ok(None),
         }
     }
@@ -820,5 +895,49 @@ impl ReadModelStore for SledStore {
 
     async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
         self.send(|reply| Request::Commit { batch, reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracktrace_core::{EventStoreExt, ExpectedVersion, NewEvent};
+
+    #[tokio::test]
+    async fn a_failed_barrier_poisons_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        // fdatasync of /dev/null fails with EINVAL: the barrier fails like a dying disk would.
+        let store =
+            SledStore::open_with(SledOptions::new(dir.path()), Some(Path::new("/dev/null")))
+                .unwrap();
+        let t = TenantId::parse("t").unwrap();
+        let s = StreamId::parse("s").unwrap();
+        let ev = || NewEvent::new("E", "text/plain", &b"x"[..]);
+        let err = store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![ev()])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Backend { message, .. } if message.contains("fdatasync")),
+            "{err:?}"
+        );
+        // Nothing was published, and every later call fails.
+        assert_eq!(store.watch_head().borrow().get(), 0);
+        assert!(
+            store
+                .append_to(&t, &s, ExpectedVersion::Any, vec![ev()])
+                .await
+                .is_err()
+        );
+        assert!(store.head().await.is_err());
+        assert!(
+            store
+                .read_all(ReadAll::from(Position::START, 10))
+                .await
+                .is_err()
+        );
+        assert!(store.stream_version(&t, &s).await.is_err());
+        assert!(store.save_checkpoint("c", Position::new(1)).await.is_err());
+        assert!(store.load_checkpoint("c").await.is_err());
     }
 }

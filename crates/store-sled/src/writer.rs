@@ -25,6 +25,8 @@ use crate::store::{Shared, sled_err};
 
 /// Most requests committed together in one group.
 const MAX_GROUP_REQUESTS: usize = 1024;
+/// A group stops taking appends once it holds this many events (bounds its memory).
+const MAX_GROUP_EVENTS: usize = 20_000;
 
 /// A write for the writer thread.
 pub(crate) enum Request {
@@ -47,8 +49,20 @@ pub(crate) enum Request {
     },
 }
 
+impl Request {
+    fn event_count(&self) -> usize {
+        match self {
+            Request::Append { req, .. } => req.events.len(),
+            _ => 1,
+        }
+    }
+}
+
 pub(crate) enum Reply {
-    Append(oneshot::Sender<Result<AppendOutcome>>, Result<AppendOutcome>),
+    Append(
+        oneshot::Sender<Result<AppendOutcome>>,
+        Result<AppendOutcome>,
+    ),
     Unit(oneshot::Sender<Result<()>>, Result<()>),
 }
 
@@ -221,7 +235,7 @@ pub(crate) struct Writer {
     pub(crate) next_position: u64,
     pub(crate) clock: Timestamp,
     /// Applied groups go to the sync thread.
-    pub(crate) sync_tx: std::sync::mpsc::Sender<Applied>,
+    pub(crate) sync_tx: std::sync::mpsc::SyncSender<Applied>,
     /// The sync thread, joined when the writer stops.
     pub(crate) syncer: Option<std::thread::JoinHandle<()>>,
     /// Committed versions of recently appended streams, by stream prefix (saves a reverse
@@ -240,6 +254,8 @@ struct Group {
     refs: HashMap<Vec<u8>, EventRef>,
     /// The group's encoded events in position order, packed into pages at the end.
     events: Vec<PendingEvent>,
+    /// The group's stream-index runs, written with the pages.
+    runs: Vec<(Vec<u8>, Run)>,
 }
 
 struct PendingEvent {
@@ -256,6 +272,7 @@ impl Group {
     /// Packs the staged events into pages and adds them and their index entries to the batch.
     fn write_pages(&mut self) {
         let events = std::mem::take(&mut self.events);
+        let mut page_starts = Vec::new();
         let mut start = 0;
         while start < events.len() {
             let mut size = layout::page_size([events[start].envelope.len()]);
@@ -266,7 +283,9 @@ impl Group {
                 end += 1;
             }
             let first = events[start].position;
-            let page = layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
+            page_starts.push(first);
+            let page =
+                layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
             layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
             for e in &events[start..end] {
                 let entry = layout::IndexEntry {
@@ -280,23 +299,38 @@ impl Group {
             }
             start = end;
         }
+        for (key, mut run) in std::mem::take(&mut self.runs) {
+            // The page holding the run's first event: the last one starting at or before it.
+            let i = page_starts.partition_point(|&p| p <= run.first_position);
+            run.first_page = page_starts
+                .get(i.wrapping_sub(1))
+                .copied()
+                .unwrap_or(run.first_position);
+            self.batch.insert(key, &run.encode_value());
+        }
     }
 }
 
 impl Writer {
     pub(crate) fn run(mut self) {
         while let Some(first) = self.rx.blocking_recv() {
+            let mut events = first.event_count();
             let mut group = vec![first];
-            while group.len() < MAX_GROUP_REQUESTS {
+            while group.len() < MAX_GROUP_REQUESTS && events < MAX_GROUP_EVENTS {
                 match self.rx.try_recv() {
-                    Ok(r) => group.push(r),
+                    Ok(r) => {
+                        events += r.event_count();
+                        group.push(r);
+                    }
                     Err(_) => break,
                 }
             }
             self.process(group);
         }
         // Let the syncer finish the groups already applied, then stop it.
-        let Writer { sync_tx, syncer, .. } = self;
+        let Writer {
+            sync_tx, syncer, ..
+        } = self;
         drop(sync_tx);
         if let Some(s) = syncer {
             let _ = s.join();
@@ -430,7 +464,11 @@ impl Writer {
             return Ok(dup);
         }
         let prefix = layout::stream_prefix(tenant, req.stream.as_str());
-        let actual = match g.versions.get(&prefix).or_else(|| self.versions.get(&prefix)) {
+        let actual = match g
+            .versions
+            .get(&prefix)
+            .or_else(|| self.versions.get(&prefix))
+        {
             Some(v) => *v,
             None => self.shared.stream_version_of(&prefix, u64::MAX)?,
         };
@@ -474,13 +512,16 @@ impl Writer {
             });
             refs.push(r);
         }
-        let run = Run {
-            first_version: actual + 1,
-            first_position,
-            count: u32::try_from(count).unwrap_or(u32::MAX),
-        };
-        g.batch
-            .insert(layout::run_key(&prefix, actual + 1), &run.encode_value());
+        // Written with the pages, which decide `first_page`.
+        g.runs.push((
+            layout::run_key(&prefix, actual + 1),
+            Run {
+                first_version: actual + 1,
+                first_position,
+                count: u32::try_from(count).unwrap_or(u32::MAX),
+                first_page: first_position,
+            },
+        ));
         g.versions.insert(prefix, actual + count);
         g.dirty = true;
         self.next_position += count;
@@ -547,12 +588,7 @@ impl Writer {
         self.apply(tree, b, g, fatal)
     }
 
-    fn save_snapshot(
-        &self,
-        s: Snapshot,
-        g: &mut Group,
-        fatal: &mut Option<String>,
-    ) -> Result<()> {
+    fn save_snapshot(&self, s: Snapshot, g: &mut Group, fatal: &mut Option<String>) -> Result<()> {
         let tree = &self.shared.snapshots;
         let key = layout::snapshot_key(s.tenant.as_str(), s.stream.as_str());
         let old = tree.get(&key).map_err(sled_err)?;

@@ -7,8 +7,10 @@
 //! partly visible, that versions are contiguous, that the global log is ordered without gaps, and
 //! that new appends work. Round after round on the same directory.
 //!
-//! `TRACKTRACE_CRASH_ROUNDS` (default 24) and `TRACKTRACE_CRASH_SEED` make runs configurable and
-//! reproducible.
+//! The first `TRACKTRACE_CRASH_ROUNDS` rounds (default 24) use the default durability
+//! (`Durability::Fsync`); then `TRACKTRACE_CRASH_FLUSH_ROUNDS` rounds (default 6) use the opt-in
+//! `Durability::Flush`, which claims to survive a process crash too. `TRACKTRACE_CRASH_SEED`
+//! makes a run reproducible.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write};
@@ -21,9 +23,11 @@ use tracktrace_core::{
     EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, NewEvent, Position,
     RecordedEvent, StreamId, TenantId, Version,
 };
-use tracktrace_store_sled::{OpenError, SledStore};
+use tracktrace_store_sled::{Durability, OpenError, SledOptions, SledStore};
 
 const CHILD_ENV: &str = "TRACKTRACE_CRASH_CHILD";
+/// `fsync` or `flush`: the durability mode of the child.
+const CHILD_MODE_ENV: &str = "TRACKTRACE_CRASH_CHILD_MODE";
 const TASKS: usize = 8;
 
 fn main() {
@@ -59,7 +63,14 @@ fn child(dir: &Path) {
         .build()
         .unwrap();
     rt.block_on(async {
-        let store = Arc::new(SledStore::open_path(dir).expect("child opens the store"));
+        let durability = match std::env::var(CHILD_MODE_ENV).as_deref() {
+            Ok("flush") => Durability::Flush,
+            _ => Durability::Fsync,
+        };
+        let store = Arc::new(
+            SledStore::open(SledOptions::new(dir).durability(durability))
+                .expect("child opens the store"),
+        );
         println!("READY");
         std::io::stdout().flush().unwrap();
         let mut tasks = Vec::new();
@@ -164,11 +175,18 @@ fn parent() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(24);
+    let flush_rounds: usize = std::env::var("TRACKTRACE_CRASH_FLUSH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
     let seed: u64 = std::env::var("TRACKTRACE_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("crash test: {rounds} rounds, TRACKTRACE_CRASH_SEED={seed}");
+    eprintln!(
+        "crash test: {rounds} rounds with Durability::Fsync, {flush_rounds} with Durability::Flush, \
+         TRACKTRACE_CRASH_SEED={seed}"
+    );
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -179,9 +197,11 @@ fn parent() {
     let started = Instant::now();
     let mut acked: Vec<Ack> = Vec::new();
     let mut killed_before_ready = 0;
-    for round in 0..rounds {
+    for round in 0..rounds + flush_rounds {
+        let mode = if round < rounds { "fsync" } else { "flush" };
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env(CHILD_ENV, dir.path())
+            .env(CHILD_MODE_ENV, mode)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -238,7 +258,7 @@ fn parent() {
         rt.block_on(verify(&store, &acked, round));
         drop(store);
         eprintln!(
-            "round {round}: {} batches acknowledged ({} in total), verified",
+            "round {round} ({mode}): {} batches acknowledged ({} in total), verified",
             acked.len() - before,
             acked.len()
         );
@@ -250,7 +270,8 @@ fn parent() {
         acked.len()
     );
     eprintln!(
-        "crash test: {rounds} rounds ({killed_before_ready} killed early), {} acknowledged batches verified in {elapsed:?}",
+        "crash test: {} rounds ({killed_before_ready} killed early), {} acknowledged batches verified in {elapsed:?}",
+        rounds + flush_rounds,
         acked.len()
     );
 }
@@ -265,7 +286,12 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
         .await
         .unwrap_or_else(|e| panic!("{}", ctx(format!("read_all failed: {e}"))));
     for (i, e) in all.iter().enumerate() {
-        assert_eq!(e.position.get(), i as u64 + 1, "{}", ctx("gap in the global log".into()));
+        assert_eq!(
+            e.position.get(),
+            i as u64 + 1,
+            "{}",
+            ctx("gap in the global log".into())
+        );
     }
     assert_eq!(store.head().await.unwrap().get(), all.len() as u64);
 
@@ -302,7 +328,12 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
         let evs = store.read_stream_forwards(&t, s).await.unwrap();
         assert_eq!(evs.len(), *count, "{}", ctx(format!("stream {s}")));
         for (i, e) in evs.iter().enumerate() {
-            assert_eq!(e.version.get(), i as u64 + 1, "{}", ctx(format!("stream {s}")));
+            assert_eq!(
+                e.version.get(),
+                i as u64 + 1,
+                "{}",
+                ctx(format!("stream {s}"))
+            );
         }
         assert_eq!(
             store.stream_version(&t, s).await.unwrap().get(),
@@ -318,10 +349,18 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
                 .await
                 .unwrap()
                 .unwrap_or_else(|| panic!("{}", ctx(format!("acknowledged event {id} lost"))));
-            assert_eq!(e.stream.as_str(), a.stream, "{}", ctx(format!("event {id}")));
+            assert_eq!(
+                e.stream.as_str(),
+                a.stream,
+                "{}",
+                ctx(format!("event {id}"))
+            );
             assert_eq!(e.version.get(), a.first_version + i as u64);
             assert_eq!(e.position.get(), a.positions[i]);
-            assert_eq!(std::str::from_utf8(&e.payload).unwrap(), payload(a.batch, i, a.n));
+            assert_eq!(
+                std::str::from_utf8(&e.payload).unwrap(),
+                payload(a.batch, i, a.n)
+            );
         }
     }
 
@@ -337,7 +376,11 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
             .append_to(&t, &stream, ExpectedVersion::Any, again)
             .await
             .unwrap();
-        assert!(out.duplicate, "{}", ctx("re-append of an acked batch".into()));
+        assert!(
+            out.duplicate,
+            "{}",
+            ctx("re-append of an acked batch".into())
+        );
         let positions: Vec<u64> = out.events.iter().map(|r| r.position.get()).collect();
         assert_eq!(positions, a.positions);
     }
@@ -349,7 +392,11 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
             &t,
             &check,
             ExpectedVersion::NoStream,
-            vec![NewEvent::new("Check", "text/plain", payload(u64::from(round as u32), 0, 1))],
+            vec![NewEvent::new(
+                "Check",
+                "text/plain",
+                payload(u64::from(round as u32), 0, 1),
+            )],
         )
         .await
         .unwrap();

@@ -47,12 +47,20 @@ async fn events_survive_reopen_and_positions_continue() -> Result<(), Error> {
     assert_eq!(versions, [1, 2, 3, 4, 5]);
     // Runs are split across appends; reads in both directions cross them.
     let back = store
-        .read_stream(ReadStream::backwards(t.clone(), s.clone()).from(Version::new(4)).limit(3))
+        .read_stream(
+            ReadStream::backwards(t.clone(), s.clone())
+                .from(Version::new(4))
+                .limit(3),
+        )
         .await?;
     let versions: Vec<u64> = back.iter().map(|e| e.version.get()).collect();
     assert_eq!(versions, [4, 3, 2]);
     let fwd = store
-        .read_stream(ReadStream::forwards(t.clone(), s.clone()).from(Version::new(3)).limit(2))
+        .read_stream(
+            ReadStream::forwards(t.clone(), s.clone())
+                .from(Version::new(3))
+                .limit(2),
+        )
         .await?;
     let versions: Vec<u64> = fwd.iter().map(|e| e.version.get()).collect();
     assert_eq!(versions, [3, 4]);
@@ -101,7 +109,10 @@ async fn large_events_and_values_roundtrip_through_chunks() -> Result<(), Error>
     let all = store.read_all(ReadAll::from(Position::START, 10)).await?;
     assert_eq!(all.events.len(), 3);
     assert_eq!(all.events[1].payload.as_ref(), big.as_slice());
-    assert_eq!(store.get("ns", b"k").await?.unwrap().as_ref(), big.as_slice());
+    assert_eq!(
+        store.get("ns", b"k").await?.unwrap().as_ref(),
+        big.as_slice()
+    );
     let snap = store.load_snapshot(&t, &s).await?.unwrap();
     assert_eq!((snap.version, snap.schema_version), (Version::new(3), 2));
     assert_eq!(snap.payload.as_ref(), big.as_slice());
@@ -264,7 +275,9 @@ async fn read_models_commit_with_their_checkpoint_and_survive_reopen() -> Result
             })
             .await
             .unwrap_err();
-        assert!(matches!(stale, Error::CheckpointMoved { actual: Some(p), .. } if p == Position::new(9)));
+        assert!(
+            matches!(stale, Error::CheckpointMoved { actual: Some(p), .. } if p == Position::new(9))
+        );
     }
     let store = SledStore::open_path(dir.path())?;
     assert_eq!(store.load_checkpoint("tl").await?, Some(Position::new(9)));
@@ -274,7 +287,10 @@ async fn read_models_commit_with_their_checkpoint_and_survive_reopen() -> Result
     assert_eq!(all, vec![(Bytes::from("e"), Bytes::from("5"))]);
     assert_eq!(store.get("timeline", b"x").await?, None);
     store.save_checkpoint("other", Position::new(3)).await?;
-    assert_eq!(store.load_checkpoint("other").await?, Some(Position::new(3)));
+    assert_eq!(
+        store.load_checkpoint("other").await?,
+        Some(Position::new(3))
+    );
     Ok(())
 }
 
@@ -291,12 +307,18 @@ async fn every_durability_mode_keeps_a_clean_reopen() -> Result<(), Error> {
             let store = SledStore::open(SledOptions::new(dir.path()).durability(mode))?;
             assert_eq!(store.durability(), mode);
             for i in 0..10 {
-                store.append_to(&t, &s, ExpectedVersion::Any, vec![ev(i)]).await?;
+                store
+                    .append_to(&t, &s, ExpectedVersion::Any, vec![ev(i)])
+                    .await?;
             }
         }
         // A clean shutdown (drop) flushes in every mode.
         let store = SledStore::open_path(dir.path())?;
-        assert_eq!(store.stream_version(&t, &s).await?, Version::new(10), "{mode:?}");
+        assert_eq!(
+            store.stream_version(&t, &s).await?,
+            Version::new(10),
+            "{mode:?}"
+        );
     }
     Ok(())
 }
@@ -314,7 +336,12 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
             let s = StreamId::parse(format!("s-{w}")).unwrap();
             for i in 0..20 {
                 store
-                    .append_to(&t, &s, ExpectedVersion::Exact(Version::new(i)), vec![ev(i as usize)])
+                    .append_to(
+                        &t,
+                        &s,
+                        ExpectedVersion::Exact(Version::new(i)),
+                        vec![ev(i as usize)],
+                    )
                     .await?;
             }
             Ok::<_, Error>(())
@@ -323,7 +350,9 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
     for task in tasks {
         task.await.unwrap()?;
     }
-    let all = store.read_all_to_end(Position::START, Default::default()).await?;
+    let all = store
+        .read_all_to_end(Position::START, Default::default())
+        .await?;
     let positions: Vec<u64> = all.iter().map(|e| e.position.get()).collect();
     assert_eq!(positions, (1..=320).collect::<Vec<_>>());
     Ok(())
@@ -334,7 +363,9 @@ async fn temporary_stores_delete_their_directory_with_the_last_clone() -> Result
     let store = SledStore::temporary(Durability::Fsync)?;
     let path = store.path().to_path_buf();
     let (t, s) = ids();
-    store.append_to(&t, &s, ExpectedVersion::Any, vec![ev(0)]).await?;
+    store
+        .append_to(&t, &s, ExpectedVersion::Any, vec![ev(0)])
+        .await?;
     assert!(path.join("db").exists());
     let clone = store.clone();
     drop(store);

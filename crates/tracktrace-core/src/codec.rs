@@ -246,6 +246,10 @@ pub mod envelope {
         for _ in 0..n {
             let k = r.string()?;
             let v = r.string()?;
+            // Headers are written in key order; anything else is not our encoding.
+            if headers.last_key_value().is_some_and(|(last, _)| *last >= k) {
+                return Err(err(format!("header {k:?} out of order or repeated")));
+            }
             headers.insert(k, v);
         }
         let len = r.len()?;
@@ -280,7 +284,7 @@ pub mod envelope {
         }
     }
 
-    pub(super) fn put_var(out: &mut Vec<u8>, mut v: u64) {
+    fn put_var(out: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
             out.push((v as u8) | 0x80);
             v >>= 7;
@@ -327,6 +331,10 @@ pub mod envelope {
                 }
                 v |= bits << shift;
                 if b & 0x80 == 0 {
+                    // One encoding per value: a trailing zero group is rejected.
+                    if b == 0 && shift > 0 {
+                        return Err(err("non-canonical varint".into()));
+                    }
                     return Ok(v);
                 }
             }

@@ -1004,6 +1004,50 @@ pub async fn concurrent_exact_appends(store: Arc<dyn EventStore>) -> CheckResult
     Ok(())
 }
 
+/// Many tasks race to append the *same* batch (a client retry racing its original): exactly
+/// one append writes it, every other one gets the duplicate outcome with the same references,
+/// and the log holds the batch once.
+pub async fn concurrent_duplicate_appends(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, st) = (t("acme"), s("dup-race-1"));
+    const TASKS: usize = 8;
+    for round in 0..5 {
+        let mut batch = evs("Retry", 3);
+        batch[1].dedup_key = Some(format!("round-{round}"));
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let mut handles = Vec::new();
+        for _ in 0..TASKS {
+            let (store, tn, st, batch, barrier) = (
+                store.clone(),
+                tn.clone(),
+                st.clone(),
+                batch.clone(),
+                barrier.clone(),
+            );
+            handles.push(tokio::spawn(async move {
+                barrier.wait().await;
+                store.append_to(&tn, &st, ExpectedVersion::Any, batch).await
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for h in handles {
+            let r = h.await.map_err(|e| CheckFailure(format!("task: {e}")))?;
+            outcomes.push(ok(r, "racing duplicate append")?);
+        }
+        let writers = outcomes.iter().filter(|o| !o.duplicate).count();
+        ensure_eq!(writers, 1, "appends that wrote the batch in round {round}");
+        for o in &outcomes {
+            ensure_eq!(
+                o.events,
+                outcomes[0].events,
+                "every racer gets the same references"
+            );
+        }
+    }
+    let events = ok(store.read_stream_forwards(&tn, &st).await, "read")?;
+    ensure_eq!(events.len(), 15, "each racing batch stored once");
+    Ok(())
+}
+
 /// Many tasks append to many streams while a subscriber follows the global log: it sees every
 /// event exactly once, in strictly increasing positions, and never finds a committed event
 /// below a position it already passed (compared with a full read afterwards).
@@ -1486,7 +1530,7 @@ macro_rules! conformance_tests {
             idempotent_by_dedup_key, partial_duplicate_batch_rejected, event_ids_are_per_tenant,
             read_stream_directions, read_all_order_and_filters, tenant_isolation,
             metadata_roundtrip, payload_size_limit, invalid_input_rejected,
-            concurrent_exact_appends, concurrent_writers_with_subscriber,
+            concurrent_exact_appends, concurrent_duplicate_appends, concurrent_writers_with_subscriber,
             subscription_catch_up_then_live);
 
         #[test]
@@ -1530,4 +1574,70 @@ macro_rules! __conformance_tests {
             }
         )+
     };
+}
+
+pub mod fuzz {
+    //! Bodies of the cargo-fuzz targets in `fuzz/`, shared with the ordinary test that replays
+    //! their checked-in seed corpora (so CI exercises them on stable without cargo-fuzz).
+
+    use serde::{Deserialize, Serialize};
+
+    use crate::codec::{Codec, JsonCodec, PostcardCodec, envelope};
+
+    /// A payload shape with nested containers, strings and numbers for the codec targets.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    pub struct FuzzPayload {
+        /// A number.
+        pub n: u64,
+        /// A signed number.
+        pub i: i32,
+        /// A string.
+        pub s: String,
+        /// A list of strings.
+        pub tags: Vec<String>,
+        /// An optional nested value.
+        pub nested: Option<Box<FuzzPayload>>,
+        /// Raw bytes.
+        pub bytes: Vec<u8>,
+    }
+
+    /// Envelope decoder target: decoding arbitrary bytes never panics, and whatever decodes
+    /// re-encodes to the same bytes (the format has one encoding per event).
+    pub fn envelope_target(data: &[u8]) {
+        if let Ok(e) = envelope::decode(data) {
+            let again = envelope::encode(&e);
+            assert_eq!(again, data, "envelope decode/encode is not canonical");
+        }
+    }
+
+    /// Payload codec target: JSON, postcard (and bincode with that feature) decoders never
+    /// panic, and decoded values round-trip.
+    pub fn codecs_target(data: &[u8]) {
+        if let Ok(v) = JsonCodec::decode::<FuzzPayload>(data) {
+            let bytes = JsonCodec::encode(&v).expect("a decoded value encodes");
+            assert_eq!(
+                JsonCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
+                Some(&v)
+            );
+        }
+        if let Ok(v) = PostcardCodec::decode::<FuzzPayload>(data) {
+            let bytes = PostcardCodec::encode(&v).expect("a decoded value encodes");
+            assert_eq!(
+                PostcardCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
+                Some(&v)
+            );
+        }
+        let _ = PostcardCodec::decode::<Vec<(String, u64)>>(data);
+        #[cfg(feature = "bincode")]
+        {
+            use crate::codec::BincodeCodec;
+            if let Ok(v) = BincodeCodec::decode::<FuzzPayload>(data) {
+                let bytes = BincodeCodec::encode(&v).expect("a decoded value encodes");
+                assert_eq!(
+                    BincodeCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
+                    Some(&v)
+                );
+            }
+        }
+    }
 }

@@ -1,0 +1,26 @@
+//! The kernel's conformance suite (every check, the model-based proptest, read models and
+//! snapshots) on the sled store with its default durability, one fresh directory per store.
+
+use std::sync::Arc;
+
+use tracktrace_core::{EventStore, ReadModelStore, SnapshotStore};
+use tracktrace_store_sled::{Durability, SledStore};
+
+fn fresh() -> SledStore {
+    SledStore::temporary(Durability::Fsync).expect("open a temporary sled store")
+}
+
+async fn make_store() -> Arc<dyn EventStore> {
+    Arc::new(fresh())
+}
+tracktrace_core::conformance_tests!(make_store);
+
+async fn make_read_model_store() -> Arc<dyn ReadModelStore> {
+    Arc::new(fresh())
+}
+tracktrace_core::read_model_tests!(make_read_model_store);
+
+async fn make_snapshot_store() -> Arc<dyn SnapshotStore> {
+    Arc::new(fresh())
+}
+tracktrace_core::snapshot_tests!(make_snapshot_store);
