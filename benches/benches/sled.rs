@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tracktrace_benches::{BATCH, EVENT_BYTES, bench_store, configure, runtime};
+use tracktrace_benches::{BATCH, EVENT_BYTES, bench_store, concurrent_appends, configure, runtime};
 use tracktrace_core::{EventStore, InMemoryStore};
 use tracktrace_store_sled::{Durability, SledOptions, SledStore};
 
@@ -105,9 +105,22 @@ fn stores(c: &mut Criterion) {
         ("sled-flush", Durability::Flush),
     ] {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store: Arc<dyn EventStore> = Arc::new(
-            SledStore::open(SledOptions::new(dir.path()).durability(durability))
-                .expect("open sled store"),
+        let sled = SledStore::open(SledOptions::new(dir.path()).durability(durability))
+            .expect("open sled store");
+        let store: Arc<dyn EventStore> = Arc::new(sled.clone());
+        // Untimed probe: how many appends share a barrier with 64 concurrent appenders.
+        let before = sled.stats();
+        rt.block_on(concurrent_appends(&store, 64, 20))
+            .expect("group commit probe");
+        let after = sled.stats();
+        let (appends, barriers) = (
+            after.appends - before.appends,
+            after.barriers - before.barriers,
+        );
+        eprintln!(
+            "{name}: group commit probe: {appends} appends from 64 concurrent appenders shared \
+             {barriers} barriers ({:.1} appends per barrier)",
+            appends as f64 / barriers.max(1) as f64
         );
         bench_store(c, &rt, name, store);
     }

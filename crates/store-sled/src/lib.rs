@@ -82,4 +82,4 @@ mod writer;
 pub mod layout;
 
 pub use options::{DEFAULT_CACHE_CAPACITY, Durability, OpenError, SledOptions};
-pub use store::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN, SledStore};
+pub use store::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN, SledStats, SledStore};

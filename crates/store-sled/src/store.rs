@@ -100,6 +100,31 @@ pub(crate) struct Shared {
     /// Set when a write or barrier failed: the on-disk state is then unknown and every later
     /// call fails until the store is reopened.
     pub(crate) poisoned: OnceLock<String>,
+    pub(crate) stats: Counters,
+}
+
+/// Write-path counters (see [`SledStats`]).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) appends: AtomicU64,
+    pub(crate) events: AtomicU64,
+    pub(crate) groups: AtomicU64,
+    pub(crate) barriers: AtomicU64,
+}
+
+/// Counters of a store's write path since it was opened, e.g. to watch group commit at work:
+/// `appends / barriers` is the average number of appends sharing one durability barrier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SledStats {
+    /// Appends written (duplicates and rejected appends excluded).
+    pub appends: u64,
+    /// Events written.
+    pub events: u64,
+    /// Groups written by the writer thread (one sled batch each).
+    pub groups: u64,
+    /// Durability barriers run (`flush` + `fdatasync` with [`Durability::Fsync`]).
+    pub barriers: u64,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -237,6 +262,7 @@ impl SledStore {
             head: AtomicU64::new(head),
             head_tx,
             poisoned: OnceLock::new(),
+            stats: Counters::default(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         // A rendezvous channel: the writer applies the next group while the current one is
@@ -330,6 +356,17 @@ impl SledStore {
     /// The store directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Write-path counters since the store was opened.
+    pub fn stats(&self) -> SledStats {
+        let c = &self.shared().stats;
+        SledStats {
+            appends: c.appends.load(Ordering::Relaxed),
+            events: c.events.load(Ordering::Relaxed),
+            groups: c.groups.load(Ordering::Relaxed),
+            barriers: c.barriers.load(Ordering::Relaxed),
+        }
     }
 
     /// The durability mode the store was opened with.

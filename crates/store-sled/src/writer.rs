@@ -203,6 +203,7 @@ pub(crate) fn sync_loop(
         };
         if result.is_ok() && groups.iter().any(|g| g.dirty) {
             result = barrier.run(&shared.db);
+            shared.stats.barriers.fetch_add(1, Ordering::Relaxed);
             if let Err(reason) = &result {
                 shared.poison(reason);
             }
@@ -376,6 +377,14 @@ impl Writer {
             replies.push(reply);
         }
         if fatal.is_none() && !g.events.is_empty() {
+            let stats = &self.shared.stats;
+            stats.groups.fetch_add(1, Ordering::Relaxed);
+            stats
+                .appends
+                .fetch_add(g.runs.len() as u64, Ordering::Relaxed);
+            stats
+                .events
+                .fetch_add(g.events.len() as u64, Ordering::Relaxed);
             g.write_pages();
             let batch = std::mem::take(&mut g.batch);
             if let Err(e) = self.shared.log.apply_batch(batch) {

@@ -355,6 +355,15 @@ async fn concurrent_appenders_share_groups_and_the_log_has_no_gaps() -> Result<(
         .await?;
     let positions: Vec<u64> = all.iter().map(|e| e.position.get()).collect();
     assert_eq!(positions, (1..=320).collect::<Vec<_>>());
+    // Group commit: concurrent appends shared barriers.
+    let stats = store.stats();
+    assert_eq!((stats.appends, stats.events), (320, 320));
+    assert!(stats.groups <= stats.appends && stats.barriers <= stats.groups);
+    assert!(
+        stats.barriers < stats.appends,
+        "16 concurrent appenders never shared a barrier: {stats:?}"
+    );
+    eprintln!("{stats:?}");
     Ok(())
 }
 
@@ -373,5 +382,45 @@ async fn temporary_stores_delete_their_directory_with_the_last_clone() -> Result
     assert_eq!(clone.stream_version(&t, &s).await?, Version::new(1));
     drop(clone);
     assert!(!path.exists());
+    Ok(())
+}
+
+#[tokio::test]
+async fn read_model_keys_and_namespaces_have_documented_limits() -> Result<(), Error> {
+    use tracktrace_store_sled::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN};
+    let store = SledStore::temporary(Durability::Flush)?;
+    let batch = |ns: String, key: Vec<u8>| ReadModelBatch {
+        checkpoint: "p".into(),
+        expected_checkpoint: None,
+        position: Position::new(1),
+        writes: vec![ReadModelWrite::Put {
+            ns,
+            key,
+            value: b"v".to_vec(),
+        }],
+    };
+    let long_key = vec![b'k'; MAX_READ_MODEL_KEY_LEN + 1];
+    let err = store
+        .commit(batch("ns".into(), long_key))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if field == "writes[0].key"),
+        "{err:?}"
+    );
+    let long_ns = "n".repeat(MAX_NAMESPACE_LEN + 1);
+    let err = store
+        .commit(batch(long_ns, b"k".to_vec()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if field == "writes[0].ns"),
+        "{err:?}"
+    );
+    // Nothing was written, the checkpoint did not move; the longest allowed key works.
+    assert_eq!(store.load_checkpoint("p").await?, None);
+    let key = vec![b'k'; MAX_READ_MODEL_KEY_LEN];
+    store.commit(batch("ns".into(), key.clone())).await?;
+    assert_eq!(store.get("ns", &key).await?, Some(Bytes::from("v")));
     Ok(())
 }
