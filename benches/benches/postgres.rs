@@ -243,7 +243,10 @@ fn main() {
     let opts = opts.options([("search_path", schema.as_str())]);
     rt.block_on(async {
         let mut conn = opts.connect().await.expect("raw connection");
-        sqlx::raw_sql(RAW_TABLE).execute(&mut conn).await.expect("create raw table");
+        sqlx::raw_sql(RAW_TABLE)
+            .execute(&mut conn)
+            .await
+            .expect("create raw table");
         conn.close().await.ok();
     });
 
@@ -254,10 +257,12 @@ fn main() {
 
     rt.block_on(async {
         let mut conn = opts.connect().await.expect("cleanup connection");
-        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE")))
-            .execute(&mut conn)
-            .await
-            .ok();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        )))
+        .execute(&mut conn)
+        .await
+        .ok();
     });
     c.final_summary();
 }

@@ -63,7 +63,9 @@ CREATE TABLE read_models (
     PRIMARY KEY (ns, key)
 );
 
--- Appends a batch to one stream in one statement (one round trip, one implicit transaction).
+-- Appends a batch to one stream: the careful path. The store's first attempt is a plain
+-- statement (FAST_APPEND_SQL in store.rs) with the same effect when nothing goes wrong; this
+-- function runs after that attempt reports a failed precondition or hits a unique violation.
 --
 -- p_lock: the store's advisory-lock key. It is taken (shared) *before* the transaction gets an
 -- id, so a reader that sees no holder knows that every append that may still commit has a
@@ -106,23 +108,31 @@ CREATE FUNCTION tt_append(
 DECLARE
     n        integer     := cardinality(p_ids);
     v_actual bigint;
-    v_base   bigint;
     v_now    timestamptz := now();
     v_ok     boolean;
     v_dup    boolean     := false;
 BEGIN
-    PERFORM pg_advisory_xact_lock_shared(p_lock, 1953759233);
+    -- The shared lock first (before this transaction has an id), then the stream's version
+    -- (ORDER BY/LIMIT rather than max(): one backward index probe whatever the planner
+    -- believes about the table's size).
+    SELECT COALESCE((SELECT e.version FROM events e
+                     WHERE e.tenant = p_tenant AND e.stream = p_stream
+                     ORDER BY e.version DESC LIMIT 1), 0)
+    INTO v_actual
+    FROM pg_advisory_xact_lock_shared(p_lock, 1953759233);
 
     IF p_retry THEN
         PERFORM pg_advisory_xact_lock(p_lock, hashtext(p_tenant || '/' || p_stream));
         v_dup := EXISTS (SELECT 1 FROM events e
                          WHERE e.tenant = p_tenant
                            AND (e.event_id = ANY (p_ids) OR e.dedup_key = ANY (p_dedup)));
+        -- Re-read under the per-stream lock.
+        v_actual := COALESCE((SELECT e.version FROM events e
+                              WHERE e.tenant = p_tenant AND e.stream = p_stream
+                              ORDER BY e.version DESC LIMIT 1), 0);
     END IF;
 
     IF NOT v_dup THEN
-        SELECT COALESCE(max(e.version), 0) INTO v_actual
-        FROM events e WHERE e.tenant = p_tenant AND e.stream = p_stream;
         v_ok := CASE p_expected_kind
                     WHEN 0 THEN true
                     WHEN 1 THEN v_actual = 0
@@ -130,19 +140,24 @@ BEGIN
                     ELSE v_actual = p_expected
                 END;
         IF v_ok THEN
-            -- Gives this transaction its id (after the shared lock above).
-            v_base := (pg_current_xact_id()::text::bigint
-                       + (SELECT m.xid_offset FROM log_meta m)) * 1024;
-            INSERT INTO events (position, tenant, stream, version, event_id, dedup_key,
-                                event_type, schema_version, content_type, payload,
-                                correlation_id, causation_id, headers, recorded_at)
-            SELECT v_base + u.i - 1, p_tenant, p_stream, v_actual + u.i, u.id, u.dk, u.ty,
-                   u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb, v_now
-            FROM unnest(p_ids, p_dedup, p_types, p_schema_versions, p_content_types,
-                        p_payloads, p_correlation, p_causation, p_headers)
-                 WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i);
-            RETURN QUERY SELECT 0::smallint, n, NULL::uuid, NULL::text, v_actual + 1, v_base,
-                                (extract(epoch FROM v_now) * 1000000)::bigint;
+            -- pg_current_xact_id() gives this transaction its id, after the lock above.
+            RETURN QUERY
+                WITH ins AS (
+                    INSERT INTO events (position, tenant, stream, version, event_id, dedup_key,
+                                        event_type, schema_version, content_type, payload,
+                                        correlation_id, causation_id, headers, recorded_at)
+                    SELECT (pg_current_xact_id()::text::bigint + m.xid_offset) * 1024 + u.i - 1,
+                           p_tenant, p_stream, v_actual + u.i, u.id, u.dk, u.ty, u.sv, u.ct,
+                           u.pl, u.co, u.ca, u.hd::jsonb, v_now
+                    FROM log_meta m,
+                         unnest(p_ids, p_dedup, p_types, p_schema_versions, p_content_types,
+                                p_payloads, p_correlation, p_causation, p_headers)
+                         WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
+                    RETURNING position
+                )
+                SELECT 0::smallint, n, NULL::uuid, NULL::text, v_actual + 1, min(ins.position),
+                       (extract(epoch FROM v_now) * 1000000)::bigint
+                FROM ins;
             RETURN;
         END IF;
         -- Precondition failed: duplicates take precedence over the conflict.

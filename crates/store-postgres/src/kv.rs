@@ -24,7 +24,11 @@ fn checkpoint_from(v: i64) -> Result<Position> {
 
 #[async_trait]
 impl SnapshotStore for PgStore {
-    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
         let row = sqlx::query(
             "SELECT version, schema_version, payload FROM snapshots WHERE tenant = $1 AND stream = $2",
         )
@@ -42,10 +46,16 @@ impl SnapshotStore for PgStore {
             tenant: tenant.clone(),
             stream: stream.clone(),
             version: Version::new(u64::try_from(version).map_err(|_| {
-                Error::corruption(None, format!("snapshot of {tenant}/{stream}: version {version}"))
+                Error::corruption(
+                    None,
+                    format!("snapshot of {tenant}/{stream}: version {version}"),
+                )
             })?),
             schema_version: u32::try_from(schema_version).map_err(|_| {
-                Error::corruption(None, format!("snapshot of {tenant}/{stream}: schema version {schema_version}"))
+                Error::corruption(
+                    None,
+                    format!("snapshot of {tenant}/{stream}: schema version {schema_version}"),
+                )
             })?,
             payload: Bytes::from(payload),
         }))
@@ -101,7 +111,10 @@ impl CheckpointStore for PgStore {
 }
 
 /// Applies consecutive puts as one upsert (last value per key wins within the run).
-async fn flush_puts(conn: &mut PgConnection, puts: &mut Vec<(String, Vec<u8>, Vec<u8>)>) -> Result<()> {
+async fn flush_puts(
+    conn: &mut PgConnection,
+    puts: &mut Vec<(String, Vec<u8>, Vec<u8>)>,
+) -> Result<()> {
     if puts.is_empty() {
         return Ok(());
     }

@@ -51,38 +51,47 @@
 //! `checkpoints`, `read_models`, and the one-row `log_meta`.
 //!
 //! # Appends
-//! One append is one statement (function `tt_append`: one round trip, one implicit
-//! transaction): it reads the stream's version from the unique `(tenant, stream, version)`
-//! index, checks the expected version and inserts all events with one `UNNEST`. The database
-//! enforces optimistic concurrency: two appends that both read version `v` both try to insert
-//! `v + 1`, the unique index lets one commit and fails the other, which is re-run with a
-//! per-stream lock and ends as a conflict (expected version) or succeeds (`Any`). Duplicates are
-//! found the same way: a unique violation on the event id or dedup key makes the append re-run
-//! with an explicit lookup by event id, then dedup key, so concurrent duplicates end exactly as
-//! the kernel's rule says. There is no separate stream-head table to update: one heap insert per
-//! event is all an append writes.
+//! One append is one statement (one round trip, one implicit transaction): it takes the store's
+//! shared advisory lock, reads the stream's version from the unique `(tenant, stream,
+//! version)` index, checks the expected version and inserts all events with one `UNNEST`. The
+//! database enforces optimistic concurrency: two appends that both read version `v` both try to
+//! insert `v + 1`; the unique index lets one commit and fails the other. After such a unique
+//! violation (or a failed precondition) the append is re-run through the PL/pgSQL function
+//! `tt_append`, which takes a per-stream lock, looks duplicates up by event id, then dedup key,
+//! and only then compares versions: so a conflict carries the actual version, and concurrent
+//! duplicates end exactly as the kernel's rule says. There is no separate stream-head table to
+//! update: one heap insert per event is all an append writes.
 //!
 //! # Gap-free global log
 //! A sequence hands out numbers in one order while transactions commit in another, so a
 //! reader by position could skip an event that commits late. Here the position of an event is
 //! derived from its transaction id: `(xid + offset) * 1024 + index in the batch` (a batch has
-//! at most 1000 events). Every append first takes a shared, transaction-scoped advisory lock
-//! (key derived from the schema name) and only then gets its transaction id. A reader computes a
-//! *horizon*: the smallest transaction id of the append transactions holding that lock (from
-//! `pg_locks`), capped by the `xmax` of its snapshot taken just before; it then reads, with a
-//! newer snapshot, only positions below the horizon. Every append that may still commit has a
-//! transaction id at or above the horizon, so nothing can ever appear below what a reader has
-//! seen. Appends never wait for each other (no global lock, group commit keeps working); only
-//! readers pay, one `pg_locks` scan per page. Only this store's appends hold the horizon back,
-//! not unrelated transactions elsewhere in the cluster.
+//! at most 1000 events), so positions follow transaction-id order. Every append first takes a
+//! shared, transaction-scoped advisory lock (key derived from the schema name) and only then
+//! gets its transaction id. A reader computes a *horizon*: the `xmax` of its statement snapshot,
+//! lowered to the transaction id of every append still holding that lock (`pg_locks` for the
+//! holders, then their ids from `pg_stat_get_activity`, i.e. straight from the process array);
+//! it then reads, with a newer snapshot, only positions below the horizon. Every append that
+//! may still commit has a transaction id at or above the horizon, so nothing can ever appear
+//! below what a reader has seen (the argument is spelled out on `HORIZON_SQL` in `store.rs`).
+//! Appends never wait for each other (no global lock: group commit keeps working); readers pay
+//! one extra statement per page. Only this store's in-flight appends hold readers back, not
+//! unrelated transactions elsewhere in the cluster, and a reader right after an append sees
+//! it. `read_stream`, `get_event` and `stream_version` need no horizon.
+//!
+//! After a logical restore into another cluster (lower transaction ids), [`PgStore::migrate`]
+//! raises `offset` so new positions stay above the restored ones.
 //!
 //! # Notifications
 //! After a commit the appending process wakes its local subscribers at once and asks a
-//! background task to `pg_notify` the store's channel (coalesced, asynchronous commit, outside
-//! the append transaction: a `NOTIFY` inside it would serialise all committing appends on
-//! PostgreSQL's notify-queue lock). One [`sqlx::postgres::PgListener`] per store
-//! wakes subscribers on notifications from other processes; after a lost connection it
-//! reconnects with backoff and wakes everybody so they catch up. Nothing polls while idle.
+//! background task to `pg_notify` the store's channel (coalesced: at most one in flight and
+//! one per 5 ms). The `NOTIFY` runs outside the append transaction: inside it, PostgreSQL
+//! would serialise the commits of all appends on its notify-queue lock. One
+//! [`sqlx::postgres::PgListener`] per store wakes subscribers on notifications from other
+//! processes; after a lost connection it reconnects with backoff and wakes everybody so they
+//! catch up. If a reader finds committed events held back by an append that never announces
+//! its end (its process died), a background task re-checks the horizon with exponential
+//! backoff until they are readable. Nothing polls while idle.
 //!
 //! # Failures
 //! Lost connections, pool timeouts, shutdown / too-many-connections / serialization SQLSTATEs
@@ -119,12 +128,14 @@ pub const MAX_SCHEMA_LEN: usize = 48;
 #[derive(Clone, Debug)]
 pub struct PgStoreOptions {
     url: String,
+    connect: Option<PgConnectOptions>,
     schema: String,
     max_connections: u32,
     acquire_timeout: Duration,
     connect_timeout: Duration,
     application_name: String,
     listen: bool,
+    notify: bool,
 }
 
 impl PgStoreOptions {
@@ -133,13 +144,22 @@ impl PgStoreOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            connect: None,
             schema: DEFAULT_SCHEMA.to_owned(),
             max_connections: 10,
             acquire_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(5),
             application_name: "tracktrace".to_owned(),
             listen: true,
+            notify: true,
         }
+    }
+
+    /// Connection settings built in code (host, credentials, TLS, ...) instead of the URL given
+    /// to [`PgStoreOptions::new`]. The store still sets `search_path` and `application_name`.
+    pub fn connect_options(mut self, opts: PgConnectOptions) -> Self {
+        self.connect = Some(opts);
+        self
     }
 
     /// The schema holding every table of the store (`[a-z_][a-z0-9_]*`, at most
@@ -172,6 +192,14 @@ impl PgStoreOptions {
     /// `<name>-listener`).
     pub fn application_name(mut self, name: impl Into<String>) -> Self {
         self.application_name = name.into();
+        self
+    }
+
+    /// Whether commits are announced with `NOTIFY` to other processes (default `true`). A bulk
+    /// loader may turn it off: other processes then see its events with the next notification
+    /// of any other writer (or after their listener reconnects).
+    pub fn notify(mut self, on: bool) -> Self {
+        self.notify = on;
         self
     }
 
@@ -248,10 +276,13 @@ impl PgStore {
     /// notification tasks. Must be called within a Tokio runtime.
     pub async fn connect_with(opts: PgStoreOptions) -> Result<Self> {
         validate_schema(&opts.schema)?;
-        let base: PgConnectOptions = opts
-            .url
-            .parse()
-            .map_err(|e: sqlx::Error| Error::invalid("url", e.to_string()))?;
+        let base: PgConnectOptions = match &opts.connect {
+            Some(c) => c.clone(),
+            None => opts
+                .url
+                .parse()
+                .map_err(|e: sqlx::Error| Error::invalid("url", e.to_string()))?,
+        };
         let conn_opts = base
             .clone()
             .options([("search_path", opts.schema.as_str())])
@@ -287,8 +318,9 @@ impl PgStore {
             .connect_lazy_with(conn_opts.clone());
 
         let channel = format!("{}_log", opts.schema);
-        let shared = Arc::new(tasks::Shared::new(channel));
-        let listener_opts = conn_opts.application_name(&format!("{}-listener", opts.application_name));
+        let shared = Arc::new(tasks::Shared::new(channel, opts.notify));
+        let listener_opts =
+            conn_opts.application_name(&format!("{}-listener", opts.application_name));
         let guard = tasks::spawn(
             shared.clone(),
             pool.clone(),

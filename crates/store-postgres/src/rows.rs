@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use sqlx::Row;
 use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef, Postgres};
-use sqlx::Row;
 
 use tracktrace_core::{
     Error, EventId, Metadata, Position, RecordedEvent, Result, StreamId, TenantId, Timestamp,
@@ -35,7 +35,9 @@ impl<'r> sqlx::Decode<'r, Postgres> for PgMicros {
         match value.format() {
             PgValueFormat::Binary => {
                 let raw: [u8; 8] = value.as_bytes()?.try_into()?;
-                Ok(PgMicros(i64::from_be_bytes(raw).saturating_add(PG_EPOCH_OFFSET_US)))
+                Ok(PgMicros(
+                    i64::from_be_bytes(raw).saturating_add(PG_EPOCH_OFFSET_US),
+                ))
             }
             PgValueFormat::Text => Err("timestamptz in text format is not supported".into()),
         }
@@ -54,7 +56,9 @@ fn col<'r, T>(row: &'r PgRow, i: usize, position: Option<Position>) -> Result<T>
 where
     T: sqlx::Decode<'r, Postgres> + sqlx::Type<Postgres>,
 {
-    row.try_get(i)
+    // Unchecked: the column types are fixed by our own schema and queries; decoding still
+    // validates every value (a wrong type fails as a length or format error, not UB).
+    row.try_get_unchecked(i)
         .map_err(|e| Error::corruption(position, format!("column {i}: {e}")))
 }
 
@@ -83,8 +87,9 @@ pub(crate) fn decode_event(
     let headers: Option<&str> = col(row, at + 10, p)?;
     let headers = match headers {
         None => BTreeMap::new(),
-        Some(h) => serde_json::from_str(h)
-            .map_err(|e| Error::corruption(p, format!("headers are not a JSON object of strings: {e}")))?,
+        Some(h) => serde_json::from_str(h).map_err(|e| {
+            Error::corruption(p, format!("headers are not a JSON object of strings: {e}"))
+        })?,
     };
     let recorded_at: PgMicros = col(row, at + 11, p)?;
     Ok(RecordedEvent {

@@ -24,38 +24,92 @@ const MAX_APPEND_ATTEMPTS: usize = 16;
 /// Second half of the append advisory-lock key (see `tt_append` and [`horizon`]).
 const APPEND_LOCK: i32 = 1_953_759_233;
 
+/// The careful path (`tt_append`, PL/pgSQL): duplicates looked up first, then the version;
+/// used after the fast path reports a failed precondition or hits a unique violation.
 const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version, o_position, \
      o_recorded_us FROM tt_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 
+/// The fast path: one plain statement, same parameters and result shape as [`APPEND_SQL`]
+/// (`$6`, "retry", is always false here). Kind 3 means "precondition failed: take the careful
+/// path", which decides between duplicate and conflict.
+///
+/// Order is forced by data dependencies: the rows the `INSERT` consumes come from `ok`, which
+/// needs `cur`, whose `FROM` takes the store's shared advisory lock. The transaction id is
+/// assigned by `pg_current_xact_id()` / the first heap insert, both evaluated on those rows, so
+/// strictly after the lock (the invariant `HORIZON_SQL` relies on).
+const FAST_APPEND_SQL: &str = "
+WITH cur AS MATERIALIZED (
+    SELECT COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2 AND e.stream = $3
+                     ORDER BY e.version DESC LIMIT 1), 0) AS v
+    FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+), ok AS MATERIALIZED (
+    SELECT cur.v FROM cur
+    WHERE NOT $6::boolean
+      AND CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
+                            ELSE cur.v = $5::bigint END
+), ins AS (
+    INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
+                        schema_version, content_type, payload, correlation_id, causation_id,
+                        headers, recorded_at)
+    SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024 + u.i - 1,
+           $2, $3, ok.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb, now()
+    FROM ok, log_meta m,
+         unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
+                $13::text[], $14::text[], $15::text[])
+         WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
+    RETURNING position
+)
+SELECT (CASE WHEN p.first IS NULL THEN 3 ELSE 0 END)::smallint, cardinality($7::uuid[]),
+       NULL::uuid, NULL::text, cur.v + 1, p.first,
+       (extract(epoch FROM now()) * 1000000)::bigint
+FROM cur, (SELECT min(ins.position) AS first FROM ins) p";
+
 /// The read horizon: positions below it are final.
 ///
-/// Statement snapshot (t0) first, then `pg_locks` (t1): every append still able to commit either
-/// held the store's advisory lock at t1 with a transaction id (then the horizon is at most that
-/// id), or gets its id after t1 (then the id is at least the snapshot's xmax). The caller reads
-/// rows with a *later* statement, whose snapshot contains every append below the horizon.
+/// Order matters and is forced by data dependencies: the statement snapshot (t0) is taken
+/// before execution; the lock table is read (t1) when the first holder row is needed; each
+/// holder's transaction id is read from its PGPROC via `pg_stat_get_activity` (t2), which needs
+/// that row. Every append that may still commit then either
+/// - held the store's advisory lock at t1 and had its id at t2: the horizon is at most that id;
+/// - held it at t1 but got its id after t2, or took the lock after t1: its id is at least
+///   `nextXid(t0) >= xmax(t0)`;
+/// - held it at t1 and ended before t2: it is visible to the caller's next statement.
+///
+/// The id is read from PGPROC (set in the same instant the id is assigned) rather than from the
+/// transaction's `transactionid` lock, which is taken a moment later: a reader in between would
+/// miss the id. A holder whose details this role may not see (another role without
+/// `pg_read_all_stats`) counts as the snapshot's xmin, which is never above its id.
+/// The caller reads rows with a *later* statement, whose snapshot contains every append below
+/// the horizon.
 const HORIZON_SQL: &str = "
-WITH l AS MATERIALIZED (
-    SELECT locktype, database, classid, objid, objsubid, transactionid, virtualtransaction,
-           mode, granted
-    FROM pg_catalog.pg_locks
-), s AS MATERIALIZED (
-    SELECT pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot())::text::bigint AS xmax
+WITH s AS MATERIALIZED (
+    SELECT pg_catalog.pg_snapshot_xmax(snap)::text::bigint AS xmax,
+           pg_catalog.pg_snapshot_xmin(snap)::text::bigint AS xmin
+    FROM pg_catalog.pg_current_snapshot() AS snap
+), holders AS MATERIALIZED (
+    SELECT l.pid
+    FROM pg_catalog.pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+      AND l.classid = $1::integer::oid AND l.objid = $2::integer::oid
+      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                        WHERE d.datname = pg_catalog.current_database())
+), xids AS (
+    SELECT (SELECT CASE
+                       WHEN a.state IS NULL THEN s.xmin
+                       ELSE s.xmax + ((a.backend_xid::text::bigint - s.xmax % 4294967296
+                                       + 6442450944) % 4294967296) - 2147483648
+                   END
+            FROM pg_catalog.pg_stat_get_activity(h.pid) a) AS x
+    FROM holders h, s
 ), h AS (
-    SELECT least(s.xmax, (
-        SELECT min(s.xmax + ((t.transactionid::text::bigint - s.xmax % 4294967296 + 6442450944)
-                              % 4294967296) - 2147483648)
-        FROM l a JOIN l t ON t.virtualtransaction = a.virtualtransaction
-        WHERE a.locktype = 'advisory' AND a.granted AND a.objsubid = 2
-          AND a.classid = $1::integer::oid AND a.objid = $2::integer::oid
-          AND a.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                            WHERE d.datname = pg_catalog.current_database())
-          AND t.locktype = 'transactionid' AND t.mode = 'ExclusiveLock' AND t.granted
-    )) + (SELECT m.xid_offset FROM log_meta m) AS hx
+    SELECT least(s.xmax, (SELECT min(xids.x) FROM xids)) + (SELECT m.xid_offset FROM log_meta m)
+           AS hx
     FROM s
 )
 SELECT h.hx * 1024,
-       COALESCE((SELECT max(e.position) FROM events e WHERE e.position < h.hx * 1024), 0),
-       COALESCE((SELECT max(e.position) FROM events e), 0)
+       COALESCE((SELECT e.position FROM events e WHERE e.position < h.hx * 1024
+                 ORDER BY e.position DESC LIMIT 1), 0),
+       COALESCE((SELECT e.position FROM events e ORDER BY e.position DESC LIMIT 1), 0)
 FROM h";
 
 /// Result of [`horizon`].
@@ -91,6 +145,22 @@ fn expected_params(e: ExpectedVersion) -> Result<(i16, i64)> {
     })
 }
 
+/// Carries a decoding error out of a sqlx row mapper ...
+fn to_sqlx(e: Error) -> sqlx::Error {
+    sqlx::Error::Decode(Box::new(e))
+}
+
+/// ... and back: the kernel error if it is one, else the usual mapping.
+fn from_sqlx(what: &str, e: sqlx::Error) -> Error {
+    match e {
+        sqlx::Error::Decode(inner) => match inner.downcast::<Error>() {
+            Ok(core) => *core,
+            Err(other) => map_err(what, sqlx::Error::Decode(other)),
+        },
+        other => map_err(what, other),
+    }
+}
+
 fn limit(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -102,7 +172,8 @@ impl PgStore {
         retry: bool,
     ) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
         let ev = &req.events;
-        let (kind, expected) = expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
+        let (kind, expected) =
+            expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
         let headers: Vec<Option<String>> = ev
             .iter()
             .map(|e| {
@@ -114,21 +185,41 @@ impl PgStore {
             .iter()
             .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
             .collect();
-        sqlx::query(APPEND_SQL)
+        sqlx::query(if retry { APPEND_SQL } else { FAST_APPEND_SQL })
             .bind(self.inner.lock_key)
             .bind(req.tenant.as_str())
             .bind(req.stream.as_str())
             .bind(kind)
             .bind(expected)
             .bind(retry)
-            .bind(ev.iter().map(|e| e.event_id.as_uuid()).collect::<Vec<Uuid>>())
-            .bind(ev.iter().map(|e| e.dedup_key.as_deref()).collect::<Vec<_>>())
+            .bind(
+                ev.iter()
+                    .map(|e| e.event_id.as_uuid())
+                    .collect::<Vec<Uuid>>(),
+            )
+            .bind(
+                ev.iter()
+                    .map(|e| e.dedup_key.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(ev.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>())
             .bind(schema_versions)
-            .bind(ev.iter().map(|e| e.content_type.as_str()).collect::<Vec<_>>())
+            .bind(
+                ev.iter()
+                    .map(|e| e.content_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(ev.iter().map(|e| &e.payload[..]).collect::<Vec<&[u8]>>())
-            .bind(ev.iter().map(|e| e.metadata.correlation_id.as_deref()).collect::<Vec<_>>())
-            .bind(ev.iter().map(|e| e.metadata.causation_id.as_deref()).collect::<Vec<_>>())
+            .bind(
+                ev.iter()
+                    .map(|e| e.metadata.correlation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                ev.iter()
+                    .map(|e| e.metadata.causation_id.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(headers)
             .fetch_all(&self.inner.pool)
             .await
@@ -147,10 +238,14 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
         let slot = usize::try_from(idx - 1)
             .ok()
             .and_then(|i| out.get_mut(i))
-            .ok_or_else(|| Error::corruption(None, format!("duplicate lookup returned index {idx}")))?;
+            .ok_or_else(|| {
+                Error::corruption(None, format!("duplicate lookup returned index {idx}"))
+            })?;
         *slot = Some(EventRef {
-            event_id: EventId::from_uuid(id).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
-            stream: StreamId::parse(stream).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            event_id: EventId::from_uuid(id)
+                .map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            stream: StreamId::parse(stream)
+                .map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
             version: Version::new(u64::try_from(version).unwrap_or_default()),
             position: pos,
         });
@@ -162,7 +257,12 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
 impl EventStore for PgStore {
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
         validate_batch(&req.events)?;
-        if let Some((i, _)) = req.events.iter().enumerate().find(|(_, e)| e.schema_version > i32::MAX as u32) {
+        if let Some((i, _)) = req
+            .events
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.schema_version > i32::MAX as u32)
+        {
             return Err(Error::invalid(
                 format!("events[{i}].schema_version"),
                 "must fit in a signed 32-bit integer",
@@ -185,9 +285,9 @@ impl EventStore for PgStore {
                     return Err(map_err("append", e));
                 }
             };
-            let first = rows
-                .first()
-                .ok_or_else(|| Error::backend("append", std::io::Error::other("tt_append returned no row")))?;
+            let first = rows.first().ok_or_else(|| {
+                Error::backend("append", std::io::Error::other("tt_append returned no row"))
+            })?;
             let kind: i16 = first.try_get(0).map_err(|e| map_err("append", e))?;
             match kind {
                 0 => {
@@ -233,8 +333,11 @@ impl EventStore for PgStore {
                     }
                     // Unreachable in practice: the version was checked and read in one place.
                 }
+                // Fast path: the precondition failed; the careful path tells duplicates (which
+                // take precedence) from conflicts.
+                3 => retry = true,
                 k => {
-                    return Err(Error::corruption(None, format!("tt_append returned kind {k}")));
+                    return Err(Error::corruption(None, format!("append returned kind {k}")));
                 }
             }
         }
@@ -262,17 +365,17 @@ impl EventStore for PgStore {
                 req.from.map_or(Ok(i64::MAX), |v| to_i64("from", v.get()))?,
             ),
         };
-        let rows = sqlx::query(AssertSqlSafe(sql))
+        // Rows are decoded as they arrive (no intermediate Vec<PgRow>).
+        let (tenant, stream) = (req.tenant.clone(), req.stream.clone());
+        sqlx::query(AssertSqlSafe(sql))
             .bind(req.tenant.as_str())
             .bind(req.stream.as_str())
             .bind(from)
             .bind(limit(req.limit))
+            .try_map(move |r| decode_event(&r, 0, tenant.clone(), stream.clone()).map_err(to_sqlx))
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|e| map_err("read stream", e))?;
-        rows.iter()
-            .map(|r| decode_event(r, 0, req.tenant.clone(), req.stream.clone()))
-            .collect()
+            .map_err(|e| from_sqlx("read stream", e))
     }
 
     async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
@@ -317,15 +420,12 @@ impl EventStore for PgStore {
         if let Some(p) = &f.stream_prefix {
             q = q.bind(p.as_str());
         }
-        let rows = q
+        let events = q
             .bind(limit(req.limit))
+            .try_map(|r| decode_event_with_ids(&r).map_err(to_sqlx))
             .fetch_all(&self.inner.pool)
             .await
-            .map_err(|e| map_err("read all", e))?;
-        let events = rows
-            .iter()
-            .map(decode_event_with_ids)
-            .collect::<Result<Vec<_>>>()?;
+            .map_err(|e| from_sqlx("read all", e))?;
         let last = events.last().map(|e| e.position.next());
         let next = if events.len() >= req.limit {
             // Full page: resume right after the last event returned.
@@ -342,17 +442,25 @@ impl EventStore for PgStore {
     }
 
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM events WHERE tenant = $1 AND stream = $2")
-                .bind(tenant.as_str())
-                .bind(stream.as_str())
-                .fetch_one(&self.inner.pool)
-                .await
-                .map_err(|e| map_err("stream version", e))?;
-        Ok(Version::new(v.map_or(0, |v| u64::try_from(v).unwrap_or_default())))
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT version FROM events WHERE tenant = $1 AND stream = $2 \
+                 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(tenant.as_str())
+        .bind(stream.as_str())
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(|e| map_err("stream version", e))?;
+        Ok(Version::new(
+            v.map_or(0, |v| u64::try_from(v).unwrap_or_default()),
+        ))
     }
 
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         let row = sqlx::query(AssertSqlSafe(format!(
             "SELECT tenant, stream, {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND event_id = $2"
         )))

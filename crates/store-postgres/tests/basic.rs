@@ -16,14 +16,21 @@ fn ev(t: &str) -> NewEvent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn append_read_conflict_duplicate() {
-    let Some(s) = common::try_store().await else { return };
+    let Some(s) = common::try_store().await else {
+        return;
+    };
     let t = TenantId::parse("acme").unwrap();
     let b = StreamId::parse("Bag-1").unwrap();
     let mut e1 = ev("A");
     e1.metadata.correlation_id = Some("corr".into());
     e1.metadata.headers.insert("h".into(), "v".into());
     let out = s
-        .append_to(&t, &b, ExpectedVersion::NoStream, vec![e1.clone(), ev("B").with_dedup_key("k1")])
+        .append_to(
+            &t,
+            &b,
+            ExpectedVersion::NoStream,
+            vec![e1.clone(), ev("B").with_dedup_key("k1")],
+        )
         .await
         .unwrap();
     assert!(!out.duplicate);
@@ -38,7 +45,12 @@ async fn append_read_conflict_duplicate() {
     assert_eq!(again.events[0], out.events[0]);
     // dedup key with another id
     let again = s
-        .append_to(&t, &b, ExpectedVersion::Any, vec![ev("X").with_dedup_key("k1")])
+        .append_to(
+            &t,
+            &b,
+            ExpectedVersion::Any,
+            vec![ev("X").with_dedup_key("k1")],
+        )
         .await
         .unwrap();
     assert!(again.duplicate);
@@ -51,7 +63,12 @@ async fn append_read_conflict_duplicate() {
     assert!(matches!(err, Error::Duplicate { .. }), "{err:?}");
     // conflict
     let err = s
-        .append_to(&t, &b, ExpectedVersion::Exact(Version::new(1)), vec![ev("C")])
+        .append_to(
+            &t,
+            &b,
+            ExpectedVersion::Exact(Version::new(1)),
+            vec![ev("C")],
+        )
         .await
         .unwrap_err();
     assert!(
@@ -59,17 +76,32 @@ async fn append_read_conflict_duplicate() {
         "{err:?}"
     );
     let err = s
-        .append_to(&t, &StreamId::parse("none").unwrap(), ExpectedVersion::StreamExists, vec![ev("C")])
+        .append_to(
+            &t,
+            &StreamId::parse("none").unwrap(),
+            ExpectedVersion::StreamExists,
+            vec![ev("C")],
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Conflict { actual, .. } if actual == Version::ZERO), "{err:?}");
-    s.append_to(&t, &b, ExpectedVersion::Exact(Version::new(2)), vec![ev("C")])
-        .await
-        .unwrap();
+    assert!(
+        matches!(err, Error::Conflict { actual, .. } if actual == Version::ZERO),
+        "{err:?}"
+    );
+    s.append_to(
+        &t,
+        &b,
+        ExpectedVersion::Exact(Version::new(2)),
+        vec![ev("C")],
+    )
+    .await
+    .unwrap();
     s.append_to(&t, &b, ExpectedVersion::StreamExists, vec![ev("D")])
         .await
         .unwrap();
-    s.append_to(&t, &b, ExpectedVersion::Any, vec![ev("E")]).await.unwrap();
+    s.append_to(&t, &b, ExpectedVersion::Any, vec![ev("E")])
+        .await
+        .unwrap();
 
     let all = s.read_stream_forwards(&t, &b).await.unwrap();
     let types: Vec<_> = all.iter().map(|e| e.event_type.as_str()).collect();
@@ -78,10 +110,17 @@ async fn append_read_conflict_duplicate() {
     assert_eq!(all[0].payload, e1.payload);
     assert_eq!(all[1].dedup_key.as_deref(), Some("k1"));
     let back = s
-        .read_stream(ReadStream::backwards(t.clone(), b.clone()).from(Version::new(4)).limit(2))
+        .read_stream(
+            ReadStream::backwards(t.clone(), b.clone())
+                .from(Version::new(4))
+                .limit(2),
+        )
         .await
         .unwrap();
-    assert_eq!(back.iter().map(|e| e.version.get()).collect::<Vec<_>>(), [4, 3]);
+    assert_eq!(
+        back.iter().map(|e| e.version.get()).collect::<Vec<_>>(),
+        [4, 3]
+    );
     assert_eq!(s.stream_version(&t, &b).await.unwrap(), Version::new(5));
 
     let page = s.read_all(ReadAll::from(Position::START, 3)).await.unwrap();
@@ -96,7 +135,9 @@ async fn append_read_conflict_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_goes_live() {
-    let Some(s) = common::try_store().await else { return };
+    let Some(s) = common::try_store().await else {
+        return;
+    };
     let s = Arc::new(s);
     let t = TenantId::parse("acme").unwrap();
     let b = StreamId::parse("Bag-1").unwrap();
@@ -115,4 +156,99 @@ async fn subscription_goes_live() {
         assert_eq!(sub.next().await.unwrap().event_type, format!("E{i}"));
     }
     writer.await.unwrap();
+}
+
+/// Appends through `tt_append` inside an explicit transaction that the test keeps open.
+async fn open_append(
+    conn: &mut sqlx::PgConnection,
+    store: &tracktrace_store_postgres::PgStore,
+    stream: &str,
+) {
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await.unwrap();
+    sqlx::query(
+        "SELECT * FROM tt_append($1, 'acme', $2, 0::smallint, 0, false, ARRAY[gen_random_uuid()], \
+         ARRAY[NULL::text], ARRAY['Held'], ARRAY[1], ARRAY['application/json'], ARRAY['\\x7b7d'::bytea], \
+         ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text])",
+    )
+    .bind(lock_key_of(store))
+    .bind(stream)
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+}
+
+/// The store's advisory-lock key (FNV-1a of the schema, as in the crate).
+fn lock_key_of(store: &tracktrace_store_postgres::PgStore) -> i32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in store.schema().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    (h & 0x7fff_ffff).max(1) as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_in_flight_holds_back_the_global_log_until_it_ends() {
+    use sqlx::ConnectOptions;
+    let Some(s) = common::try_store().await else {
+        return;
+    };
+    let t = TenantId::parse("acme").unwrap();
+    let opts: sqlx::postgres::PgConnectOptions = common::url().parse().unwrap();
+    let mut held = opts
+        .options([("search_path", s.store.schema())])
+        .connect()
+        .await
+        .unwrap();
+
+    for commit in [true, false] {
+        let before = s
+            .read_all(ReadAll::from(Position::START, 1000))
+            .await
+            .unwrap();
+        // An append that has its transaction id but has not committed ...
+        open_append(&mut held, &s.store, "Held").await;
+        // ... and a later one that commits.
+        let later = s
+            .append_to(
+                &t,
+                &StreamId::parse("Later").unwrap(),
+                ExpectedVersion::Any,
+                vec![ev("L")],
+            )
+            .await
+            .unwrap();
+        // The later event exists (stream reads see it) but the global log must not show it yet:
+        // the held append would commit below it.
+        assert_eq!(
+            s.read_stream_forwards(&t, &StreamId::parse("Later").unwrap())
+                .await
+                .unwrap()
+                .len(),
+            if commit { 1 } else { 2 }
+        );
+        let page = s.read_all(ReadAll::from(before.next, 1000)).await.unwrap();
+        assert!(
+            page.events.is_empty(),
+            "read_all returned {:?} past an append in flight",
+            page.events
+        );
+        assert!(page.next <= later.last_position());
+        assert!(s.head().await.unwrap() < later.last_position());
+
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        sqlx::raw_sql(end).execute(&mut held).await.unwrap();
+        let page = s.read_all(ReadAll::from(before.next, 1000)).await.unwrap();
+        let types: Vec<_> = page.events.iter().map(|e| e.event_type.as_str()).collect();
+        if commit {
+            assert_eq!(
+                types,
+                ["Held", "L"],
+                "the held append sorts before the later one"
+            );
+        } else {
+            assert_eq!(types, ["L"]);
+        }
+        assert_eq!(s.head().await.unwrap(), later.last_position());
+    }
 }

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventId, EventStore,
-    KeyRange, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadStream, RecordedEvent,
-    Result, Snapshot, SnapshotStore, StreamId, TenantId, Version,
+    KeyRange, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadStream, RecordedEvent, Result,
+    Snapshot, SnapshotStore, StreamId, TenantId, Version,
 };
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
 
@@ -45,11 +45,11 @@ async fn drop_stale_schemas(url: &str) {
     if CLEANED.swap(true, Ordering::SeqCst) {
         return;
     }
-    let Ok(pool) = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(url)
-        .await
-    else {
+    // A single direct connection: fails at once when nothing listens (a pool would retry).
+    let Ok(opts) = url.parse::<sqlx::postgres::PgConnectOptions>() else {
+        return;
+    };
+    let Ok(mut conn) = sqlx::ConnectOptions::connect(&opts).await else {
         return;
     };
     let now = SystemTime::now()
@@ -59,7 +59,7 @@ async fn drop_stale_schemas(url: &str) {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname ~ '^tt_[0-9a-f]+_[0-9a-f]{16}$'",
     )
-    .fetch_all(&pool)
+    .fetch_all(&mut conn)
     .await
     .unwrap_or_default();
     for n in names {
@@ -69,17 +69,21 @@ async fn drop_stale_schemas(url: &str) {
             .and_then(|s| u64::from_str_radix(s, 16).ok())
             .unwrap_or(now);
         if now.saturating_sub(secs) > 1800 {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS \"{n}\" CASCADE")))
-                .execute(&pool)
-                .await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS \"{n}\" CASCADE"
+            )))
+            .execute(&mut conn)
+            .await;
         }
     }
-    pool.close().await;
+    let _ = sqlx::Connection::close(conn).await;
 }
 
 /// Connects a store in a fresh schema. `None` (after a loud message) when the database is
 /// unreachable outside CI; under `CI=true` an unreachable database panics (fails the test).
-pub async fn try_store_with(opts: impl FnOnce(PgStoreOptions) -> PgStoreOptions) -> Option<TestStore> {
+pub async fn try_store_with(
+    opts: impl FnOnce(PgStoreOptions) -> PgStoreOptions,
+) -> Option<TestStore> {
     let url = url();
     drop_stale_schemas(&url).await;
     let schema = fresh_schema();
@@ -120,7 +124,10 @@ impl Drop for TestStore {
         let schema = self.store.schema().to_owned();
         // Drop runs inside the test's runtime: do the blocking work on a thread of its own.
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
@@ -156,7 +163,11 @@ impl EventStore for TestStore {
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
         self.store.stream_version(tenant, stream).await
     }
-    async fn get_event(&self, tenant: &TenantId, event_id: EventId) -> Result<Option<RecordedEvent>> {
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        event_id: EventId,
+    ) -> Result<Option<RecordedEvent>> {
         self.store.get_event(tenant, event_id).await
     }
     async fn head(&self) -> Result<Position> {
@@ -169,7 +180,11 @@ impl EventStore for TestStore {
 
 #[async_trait]
 impl SnapshotStore for TestStore {
-    async fn load_snapshot(&self, tenant: &TenantId, stream: &StreamId) -> Result<Option<Snapshot>> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
         self.store.load_snapshot(tenant, stream).await
     }
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
