@@ -80,7 +80,9 @@ pub fn derived_event_id(command_id: Uuid, stream: &StreamId, index: usize) -> Ev
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CommandMeta {
     /// Idempotency key of the command: event ids are derived from it (unless the event
-    /// supplies its own), so executing the same command twice stores its events once.
+    /// supplies its own), so executing the same command twice stores its events once. A
+    /// command whose events are already stored is answered with the earlier outcome
+    /// (`duplicate: true`) without running the handler again (one extra read by id).
     pub command_id: Option<Uuid>,
     /// Correlation id for every event.
     pub correlation_id: Option<String>,
@@ -191,11 +193,14 @@ struct RepoInner<A: Aggregate> {
 
 /// Loads and saves aggregates of type `A`. Cheap to clone (shared state).
 ///
-/// Loading = latest snapshot (if enabled and of the current [`Aggregate::SNAPSHOT_VERSION`])
-/// + the events after it, each upcast then decoded with [`Aggregate::Codec`]; the result equals
-/// a full replay. With [`Repository::with_cache`] the command path keeps recently used
-/// aggregates in memory and trusts them optimistically: the append's `Exact(version)` check
-/// detects a stale entry (another writer or process), which is then refreshed from its tail.
+/// Loading = the latest snapshot (if enabled and of the current
+/// [`Aggregate::SNAPSHOT_VERSION`]) plus the events after it, each upcast then decoded with
+/// [`Aggregate::Codec`]; the result equals a full replay. With [`Repository::with_cache`] the
+/// command path keeps recently used aggregates in memory and trusts them optimistically: the
+/// append's `Exact(version)` check detects a stale entry (another writer or process), which is
+/// then refreshed from its tail. With the cache, an aggregate that is *not* cached is first
+/// assumed new (`Exact(0)` on the empty state): a new aggregate then costs one store round trip
+/// per command, an existing but uncached one a failed append before it is loaded and cached.
 pub struct Repository<A: Aggregate> {
     inner: Arc<RepoInner<A>>,
 }
@@ -213,7 +218,10 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
         f.debug_struct("Repository")
             .field("aggregate", &A::TYPE)
             .field("upcasters", &self.inner.upcasters)
-            .field("snapshot_every", &self.inner.snapshots.as_ref().map(|s| s.every))
+            .field(
+                "snapshot_every",
+                &self.inner.snapshots.as_ref().map(|s| s.every),
+            )
             .field("cache", &self.inner.cache.is_some())
             .finish()
     }
@@ -336,17 +344,28 @@ impl<A: Aggregate> Repository<A> {
     }
 
     /// Applies the stored events after `loaded.version` to it.
-    async fn catch_up(&self, tenant: &TenantId, stream: &StreamId, loaded: &mut Loaded<A>) -> Result<()> {
+    async fn catch_up(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        loaded: &mut Loaded<A>,
+    ) -> Result<()> {
         let events = self
             .inner
             .store
-            .read_stream(ReadStream::forwards(tenant.clone(), stream.clone()).from(loaded.version.next()))
+            .read_stream(
+                ReadStream::forwards(tenant.clone(), stream.clone()).from(loaded.version.next()),
+            )
             .await?;
         for e in events {
             if e.version != loaded.version.next() {
                 return Err(Error::corruption(
                     Some(e.position),
-                    format!("{stream}: expected version {} but read {}", loaded.version.next(), e.version),
+                    format!(
+                        "{stream}: expected version {} but read {}",
+                        loaded.version.next(),
+                        e.version
+                    ),
                 ));
             }
             let v = e.version;
@@ -371,12 +390,19 @@ impl<A: Aggregate> Repository<A> {
     /// The current state of aggregate `id`: cache or snapshot, plus the stored tail.
     pub async fn load(&self, tenant: &TenantId, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream_id(id)?;
-        self.load_stream(tenant, &stream, true).await.map(|(l, _)| l)
+        self.load_stream(tenant, &stream, true)
+            .await
+            .map(|(l, _)| l)
     }
 
     /// Loads; with `verify == false` a cached entry is returned without reading the store
     /// (second value `true`: unverified).
-    async fn load_stream(&self, tenant: &TenantId, stream: &StreamId, verify: bool) -> Result<(Loaded<A>, bool)> {
+    async fn load_stream(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        verify: bool,
+    ) -> Result<(Loaded<A>, bool)> {
         let key = (tenant.clone(), stream.clone());
         let cached = self.inner.cache.as_ref().and_then(|c| {
             lock(c).map.get(&key).map(|(v, a)| Loaded {
@@ -384,6 +410,18 @@ impl<A: Aggregate> Repository<A> {
                 version: *v,
             })
         });
+        if !verify && self.inner.cache.is_some() && cached.is_none() {
+            // Optimistic miss: most uncached aggregates are new ones. Decide on the empty
+            // state; `Exact(0)` makes the append fail if the stream exists after all, and a
+            // rejection or no-op is re-checked against the store before it is reported.
+            return Ok((
+                Loaded {
+                    state: A::default(),
+                    version: Version::ZERO,
+                },
+                true,
+            ));
+        }
         if let Some(mut loaded) = cached {
             if !verify {
                 return Ok((loaded, true));
@@ -409,16 +447,18 @@ impl<A: Aggregate> Repository<A> {
             return empty;
         };
         match s.store.load_snapshot(tenant, stream).await {
-            Ok(Some(snap)) if snap.schema_version == A::SNAPSHOT_VERSION => match (s.decode)(&snap.payload) {
-                Ok(state) => Loaded {
-                    state,
-                    version: snap.version,
-                },
-                Err(e) => {
-                    tracing::warn!(%stream, error = %e, "ignoring undecodable snapshot");
-                    empty
+            Ok(Some(snap)) if snap.schema_version == A::SNAPSHOT_VERSION => {
+                match (s.decode)(&snap.payload) {
+                    Ok(state) => Loaded {
+                        state,
+                        version: snap.version,
+                    },
+                    Err(e) => {
+                        tracing::warn!(%stream, error = %e, "ignoring undecodable snapshot");
+                        empty
+                    }
                 }
-            },
+            }
             Ok(_) => empty,
             Err(e) => {
                 tracing::warn!(%stream, error = %e, "cannot load snapshot; replaying");
@@ -437,17 +477,20 @@ impl<A: Aggregate> Repository<A> {
                     c.map.remove(&k);
                 }
             }
-            c.map.insert(key.clone(), (loaded.version, loaded.state.clone()));
+            // Concurrent commands may finish out of order: keep the newest state.
+            if c.map.get(key).is_none_or(|(v, _)| *v <= loaded.version) {
+                c.map
+                    .insert(key.clone(), (loaded.version, loaded.state.clone()));
+            }
         }
     }
 
-    fn forget(&self, key: &(TenantId, StreamId)) {
-        if let Some(c) = &self.inner.cache {
-            lock(c).map.remove(key);
-        }
-    }
-
-    fn to_new_events(&self, stream: &StreamId, events: &[A::Event], meta: &CommandMeta) -> Result<Vec<NewEvent>> {
+    fn to_new_events(
+        &self,
+        stream: &StreamId,
+        events: &[A::Event],
+        meta: &CommandMeta,
+    ) -> Result<Vec<NewEvent>> {
         let metadata = Metadata {
             correlation_id: meta.correlation_id.clone(),
             causation_id: meta
@@ -460,7 +503,9 @@ impl<A: Aggregate> Repository<A> {
             .iter()
             .enumerate()
             .map(|(i, e)| {
-                let payload = A::Codec::encode(e).map_err(|err| Error::invalid(format!("events[{i}].payload"), err.to_string()))?;
+                let payload = A::Codec::encode(e).map_err(|err| {
+                    Error::invalid(format!("events[{i}].payload"), err.to_string())
+                })?;
                 let event_id = e.event_id().unwrap_or_else(|| match meta.command_id {
                     Some(c) => derived_event_id(c, stream, i),
                     None => EventId::new(),
@@ -491,6 +536,8 @@ impl<A: Aggregate> Repository<A> {
     ) -> Result<(crate::AppendOutcome, Loaded<A>)> {
         let key = (tenant.clone(), stream.clone());
         let new_events = self.to_new_events(stream, events, meta)?;
+        // On any failure, and for duplicates, a cached entry stays: it is the true state at its
+        // version, and the next `Exact` append detects that the stream moved on.
         let res = self
             .inner
             .store
@@ -501,16 +548,8 @@ impl<A: Aggregate> Repository<A> {
                 events: new_events,
             })
             .await;
-        let out = match res {
-            Ok(out) => out,
-            Err(e) => {
-                // Stale cache entry (conflict) or unknown outcome: reload next time.
-                self.forget(&key);
-                return Err(e);
-            }
-        };
+        let out = res?;
         if out.duplicate {
-            self.forget(&key);
             return Ok((out, loaded));
         }
         let old = loaded.version;
@@ -528,7 +567,13 @@ impl<A: Aggregate> Repository<A> {
         Ok((out, after))
     }
 
-    async fn save_snapshot(&self, s: &Snapshots<A>, tenant: &TenantId, stream: &StreamId, l: &Loaded<A>) {
+    async fn save_snapshot(
+        &self,
+        s: &Snapshots<A>,
+        tenant: &TenantId,
+        stream: &StreamId,
+        l: &Loaded<A>,
+    ) {
         let payload = match (s.encode)(&l.state) {
             Ok(p) => p,
             Err(e) => {
@@ -547,6 +592,46 @@ impl<A: Aggregate> Repository<A> {
         if let Err(e) = s.store.save_snapshot(snap).await {
             tracing::warn!(%stream, error = %e, "cannot save snapshot");
         }
+    }
+}
+
+impl<A: Aggregate> CommandBus<A> {
+    /// If the command `command_id` already stored its events in `stream` (its first derived
+    /// event id exists), the outcome of that earlier execution, marked duplicate: a retried
+    /// command is answered without re-running the handler against the newer state.
+    async fn already_executed(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+        command_id: Uuid,
+    ) -> Result<Option<CommandOutcome>> {
+        let store = self.repo.store();
+        let Some(first) = store
+            .get_event(tenant, derived_event_id(command_id, stream, 0))
+            .await?
+        else {
+            return Ok(None);
+        };
+        if first.stream != *stream {
+            return Ok(None);
+        }
+        let mut events = Vec::new();
+        let tail = store
+            .read_stream(ReadStream::forwards(tenant.clone(), stream.clone()).from(first.version))
+            .await?;
+        for (i, e) in tail.iter().enumerate() {
+            if e.event_id != derived_event_id(command_id, stream, i) {
+                break;
+            }
+            events.push(e.to_ref());
+        }
+        Ok(Some(CommandOutcome {
+            stream: stream.clone(),
+            version: events.last().map_or(first.version, |r| r.version),
+            events,
+            duplicate: true,
+            attempts: 1,
+        }))
     }
 }
 
@@ -621,7 +706,8 @@ impl<A: Aggregate> CommandBus<A> {
         id: &str,
         command: A::Command,
     ) -> Result<CommandOutcome, CommandError<A::Error>> {
-        self.execute_with(tenant, id, command, CommandMeta::default()).await
+        self.execute_with(tenant, id, command, CommandMeta::default())
+            .await
     }
 
     /// Executes `command` with metadata (idempotency key, correlation, headers).
@@ -641,6 +727,11 @@ impl<A: Aggregate> CommandBus<A> {
         let stream = Repository::<A>::stream_id(id).map_err(|e| CommandError::Validation {
             errors: vec![FieldError::new("id", e.to_string())],
         })?;
+        if let Some(command_id) = meta.command_id
+            && let Some(done) = self.already_executed(tenant, &stream, command_id).await?
+        {
+            return Ok(done);
+        }
         let max = self.retry.max_attempts.max(1);
         let mut attempt = 1;
         let mut verify = false;
@@ -663,11 +754,19 @@ impl<A: Aggregate> CommandBus<A> {
                     attempts: attempt,
                 });
             }
-            match self.repo.save(tenant, &stream, loaded, &events, &meta).await {
+            match self
+                .repo
+                .save(tenant, &stream, loaded, &events, &meta)
+                .await
+            {
                 Ok((out, after)) => {
                     return Ok(CommandOutcome {
                         stream,
-                        version: if out.duplicate { out.last_version() } else { after.version },
+                        version: if out.duplicate {
+                            out.last_version()
+                        } else {
+                            after.version
+                        },
                         events: out.events,
                         duplicate: out.duplicate,
                         attempts: attempt,
@@ -689,6 +788,9 @@ impl<A: Aggregate> CommandBus<A> {
                     attempt += 1;
                     verify = true;
                 }
+                // Events decided on a possibly stale state partly collide with stored ones:
+                // decide again on the verified state before reporting anything.
+                Err(Error::Duplicate { .. }) if unverified => verify = true,
                 Err(e) => return Err(CommandError::Store(e)),
             }
         }

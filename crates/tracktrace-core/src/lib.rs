@@ -51,9 +51,22 @@
 //! # }
 //! ```
 //!
+//! # The runtime: commands, queries, sagas
+//! On top of the store trait, each in its own module and working on every backend:
+//! - [`aggregate`]: the [`Aggregate`] / [`DomainEvent`] traits and field-level [`Validator`]s;
+//! - [`command`]: [`Repository`] (snapshot + tail loading, optional cache) and [`CommandBus`]
+//!   (validate → load → handle → append with `Exact(version)`, conflicts retried with jittered
+//!   backoff, typed [`CommandError`]);
+//! - [`upcast`]: [`Upcasters`] migrating old payload schema versions on read;
+//! - [`projection`]: [`Projection`]s fed by a [`ProjectionRunner`] from a persisted checkpoint,
+//!   exactly-once for same-store read models, with [`Lag`] and rebuilds;
+//! - [`saga`]: process managers whose state, outbox and deadlines are events in their own
+//!   stream, run by a [`SagaRunner`];
+//! - [`resilience`]: the [`Retrying`] and [`CircuitBreaker`] wrapper stores.
+//!
 //! # Features
-//! - `testing`: [`conformance`] checks and the model-based property test for backends
-//!   (not semver-stable).
+//! - `testing`: [`conformance`] checks and the model-based property test for backends, and the
+//!   [`runtime_checks`] every backend runs through `runtime_tests!` (not semver-stable).
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
 
 pub mod aggregate;
@@ -63,29 +76,38 @@ mod error;
 mod event;
 mod id;
 mod memory;
+pub mod projection;
 pub mod resilience;
+pub mod saga;
 mod store;
 pub mod upcast;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
+#[cfg(feature = "testing")]
+pub mod runtime_checks;
 
 pub use aggregate::{Aggregate, DomainEvent, FieldError, Validator};
+pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use command::{
     CommandBus, CommandError, CommandMeta, CommandOutcome, Loaded, Repository, derived_event_id,
 };
-pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
-pub use upcast::{Upcaster, Upcasters};
-pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use error::{BoxError, Error, Result};
 pub use event::{
     CONTENT_TYPE_JSON, EventRef, Metadata, NewEvent, RecordedEvent, limits, validate_batch,
 };
 pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
 pub use memory::InMemoryStore;
+pub use projection::{Lag, LagHandle, Projection, ProjectionError, ProjectionRunner, ReadModelTx};
+pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
+pub use saga::{
+    BusDispatcher, CommandDispatcher, DispatchError, Reaction, Saga, SagaProgress, SagaRecord,
+    SagaRunner,
+};
 pub use store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,
     EventStoreExt, KeyRange, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream,
     Snapshot, SnapshotStore, SubscribeOptions, Subscription, monotonic_now, prefix_end,
     resolve_duplicates,
 };
+pub use upcast::{Upcaster, Upcasters};

@@ -109,7 +109,10 @@ impl<S: EventStore> Retrying<S> {
                     if attempt < self.policy.max_attempts
                         && retry_after.is_none_or(|d| d <= self.policy.max_backoff) =>
                 {
-                    let wait = self.policy.backoff(attempt).max(retry_after.unwrap_or_default());
+                    let wait = self
+                        .policy
+                        .backoff(attempt)
+                        .max(retry_after.unwrap_or_default());
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -191,11 +194,17 @@ impl BreakerState {
 
 #[derive(Debug)]
 enum Inner {
-    Closed { failures: u32 },
-    Open { until: Instant },
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
     /// `probe_since`: when the in-flight probe started (a probe whose future was dropped is
     /// replaced after `open_for`).
-    HalfOpen { probe_since: Option<Instant> },
+    HalfOpen {
+        probe_since: Option<Instant>,
+    },
 }
 
 /// Fails fast while the inner store is down.

@@ -25,12 +25,12 @@ use bytes::Bytes;
 use crate::error::{BoxError, Error, Result};
 use crate::event::{CONTENT_TYPE_JSON, RecordedEvent};
 
-/// Migrates one event type's payload from [`Upcaster::from_version`] to the next version.
+/// Migrates one event type's payload from [`Upcaster::source_version`] to the next version.
 pub trait Upcaster: Send + Sync + 'static {
     /// The event type it applies to.
     fn event_type(&self) -> &str;
-    /// The schema version it reads; it produces `from_version() + 1`.
-    fn from_version(&self) -> u32;
+    /// The schema version it reads; it produces `source_version() + 1`.
+    fn source_version(&self) -> u32;
     /// Converts the payload (of the given content type).
     fn upcast(&self, content_type: &str, payload: Bytes) -> Result<Bytes, BoxError>;
 }
@@ -49,7 +49,7 @@ impl Upcaster for JsonUpcaster {
         &self.event_type
     }
 
-    fn from_version(&self) -> u32 {
+    fn source_version(&self) -> u32 {
         self.from_version
     }
 
@@ -85,7 +85,7 @@ impl Upcasters {
 
     /// Adds `upcaster` (replacing one registered for the same event type and version).
     pub fn register(mut self, upcaster: impl Upcaster) -> Self {
-        let key = (upcaster.event_type().to_owned(), upcaster.from_version());
+        let key = (upcaster.event_type().to_owned(), upcaster.source_version());
         Arc::make_mut(&mut self.by_key).insert(key, Arc::new(upcaster));
         self
     }
@@ -118,17 +118,15 @@ impl Upcasters {
             .by_key
             .get(&(event.event_type.clone(), event.schema_version))
         {
-            event.payload = u
-                .upcast(&event.content_type, event.payload)
-                .map_err(|e| {
-                    Error::corruption(
-                        Some(event.position),
-                        format!(
-                            "upcasting {} from schema version {} failed: {e}",
-                            event.event_type, event.schema_version
-                        ),
-                    )
-                })?;
+            event.payload = u.upcast(&event.content_type, event.payload).map_err(|e| {
+                Error::corruption(
+                    Some(event.position),
+                    format!(
+                        "upcasting {} from schema version {} failed: {e}",
+                        event.event_type, event.schema_version
+                    ),
+                )
+            })?;
             event.schema_version += 1;
         }
         Ok(event)

@@ -1,0 +1,520 @@
+//! The query side: [`Projection`]s over the global log and the [`ProjectionRunner`] that feeds
+//! them from a persisted checkpoint (catch-up, then live), reports their [`Lag`], and can
+//! rebuild them from position 0.
+//!
+//! # Delivery guarantees
+//! - **Same-store read models** ([`ProjectionRunner::new`] with a [`ReadModelStore`]): the
+//!   projection writes through a [`ReadModelTx`]; the runner commits a batch's writes *and* the
+//!   new checkpoint atomically with [`ReadModelStore::commit`], fenced by the checkpoint it
+//!   read. A crash at any point leaves either the whole batch applied or none of it: no event is
+//!   ever applied twice, and a second runner of the same projection is rejected
+//!   ([`crate::Error::CheckpointMoved`]).
+//! - **Anything else** ([`ProjectionRunner::at_least_once`]: side effects, external databases):
+//!   the checkpoint is saved after the batch's effects, so after a crash the events since the
+//!   last checkpoint are delivered again. Such projections must be idempotent (e.g. upserts
+//!   keyed by event id).
+//!
+//! # Ordering
+//! Events arrive in global position order, but a projection must only rely on the order of
+//! events *of the same stream* (entity): once the log is partitioned (by tenant or entity type)
+//! only per-entity order is guaranteed.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{BoxError, Error, Result};
+use crate::event::RecordedEvent;
+use crate::id::{Position, Timestamp};
+use crate::store::{
+    CheckpointStore, EventFilter, EventStore, ReadAll, ReadModelBatch, ReadModelStore,
+    ReadModelWrite,
+};
+use crate::upcast::Upcasters;
+
+/// A read model (or any other consumer) built from the global log.
+#[async_trait]
+pub trait Projection: Send + 'static {
+    /// Unique, stable name: also the checkpoint name.
+    fn name(&self) -> &str;
+
+    /// Which events it wants (default: all). Filtering happens in the store.
+    fn filter(&self) -> EventFilter {
+        EventFilter::default()
+    }
+
+    /// The read-model namespaces it owns: cleared by [`ProjectionRunner::rebuild`].
+    fn namespaces(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Applies one event (already upcast). Read-model changes go through `tx` and are committed
+    /// with the checkpoint; an error stops the runner before the batch is committed.
+    async fn apply(
+        &mut self,
+        event: &RecordedEvent,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError>;
+
+    /// Forgets derived state kept outside the read-model store (called by
+    /// [`ProjectionRunner::rebuild`] before replaying from position 0). Default: nothing.
+    async fn reset(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// The pending read-model writes of one batch, readable by the projection (reads see the
+/// batch's own earlier writes).
+pub struct ReadModelTx<'a> {
+    store: Option<&'a dyn ReadModelStore>,
+    writes: Vec<ReadModelWrite>,
+    overlay: HashMap<(String, Vec<u8>), Option<Bytes>>,
+    cleared: HashSet<String>,
+}
+
+impl fmt::Debug for ReadModelTx<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReadModelTx")
+            .field("writes", &self.writes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> ReadModelTx<'a> {
+    fn new(store: Option<&'a dyn ReadModelStore>) -> Self {
+        Self {
+            store,
+            writes: Vec::new(),
+            overlay: HashMap::new(),
+            cleared: HashSet::new(),
+        }
+    }
+
+    /// The value of `key` in `ns`, including this batch's pending writes.
+    pub async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        if let Some(v) = self.overlay.get(&(ns.to_owned(), key.to_vec())) {
+            return Ok(v.clone());
+        }
+        if self.cleared.contains(ns) {
+            return Ok(None);
+        }
+        match self.store {
+            Some(s) => s.get(ns, key).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Sets `key` in `ns`.
+    pub fn put(&mut self, ns: &str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        let (key, value) = (key.into(), value.into());
+        self.overlay.insert(
+            (ns.to_owned(), key.clone()),
+            Some(Bytes::from(value.clone())),
+        );
+        self.writes.push(ReadModelWrite::Put {
+            ns: ns.to_owned(),
+            key,
+            value,
+        });
+    }
+
+    /// Removes `key` from `ns`.
+    pub fn delete(&mut self, ns: &str, key: impl Into<Vec<u8>>) {
+        let key = key.into();
+        self.overlay.insert((ns.to_owned(), key.clone()), None);
+        self.writes.push(ReadModelWrite::Delete {
+            ns: ns.to_owned(),
+            key,
+        });
+    }
+
+    /// The JSON value of `key` in `ns` (undecodable data is [`Error::Corruption`]).
+    pub async fn get_json<T: DeserializeOwned>(&self, ns: &str, key: &[u8]) -> Result<Option<T>> {
+        match self.get(ns, key).await? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                Error::corruption(None, format!("read model {ns}: undecodable value: {e}"))
+            }),
+        }
+    }
+
+    /// Sets `key` in `ns` to `value` as JSON.
+    pub fn put_json<T: Serialize + ?Sized>(
+        &mut self,
+        ns: &str,
+        key: impl Into<Vec<u8>>,
+        value: &T,
+    ) -> Result<()> {
+        let v = serde_json::to_vec(value).map_err(|e| Error::invalid(ns, e.to_string()))?;
+        self.put(ns, key, v);
+        Ok(())
+    }
+
+    /// Number of pending writes.
+    pub fn len(&self) -> usize {
+        self.writes.len()
+    }
+
+    /// Whether no write is pending.
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+}
+
+/// How far a projection is behind the head of the log.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Lag {
+    /// The projection's checkpoint (everything up to here is applied).
+    pub checkpoint: Position,
+    /// The store's head when last measured.
+    pub head: Position,
+    /// `head − checkpoint` in positions (positions need not be contiguous: an upper bound on
+    /// the number of unprocessed events).
+    pub positions: u64,
+    /// Now − recorded-at of the last applied event, in seconds, while behind; `0.0` when caught
+    /// up (and before the first event is applied).
+    pub seconds: f64,
+    /// Recorded-at of the last applied event.
+    pub last_applied_at: Option<Timestamp>,
+}
+
+/// A shared, always-readable view of a runner's [`Lag`] (for metrics exporters).
+#[derive(Clone, Debug, Default)]
+pub struct LagHandle(Arc<Mutex<Lag>>);
+
+impl LagHandle {
+    /// The latest measurement.
+    pub fn get(&self) -> Lag {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, lag: Lag) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = lag;
+    }
+}
+
+/// Why a projection runner stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// The event store or read-model store failed (the batch was not committed).
+    #[error("projection {projection}: {source}")]
+    Store {
+        /// Projection name.
+        projection: String,
+        /// The store error.
+        #[source]
+        source: Error,
+    },
+    /// The projection's handler failed on an event (the batch was not committed).
+    #[error("projection {projection} failed at position {position}: {source}")]
+    Handler {
+        /// Projection name.
+        projection: String,
+        /// The event it failed on.
+        position: Position,
+        /// The handler's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl ProjectionError {
+    /// The store error, if this is one.
+    pub fn store_error(&self) -> Option<&Error> {
+        match self {
+            ProjectionError::Store { source, .. } => Some(source),
+            ProjectionError::Handler { .. } => None,
+        }
+    }
+}
+
+enum Target {
+    ReadModels(Arc<dyn ReadModelStore>),
+    Checkpoints(Arc<dyn CheckpointStore>),
+}
+
+/// Feeds one [`Projection`] from the global log. Run exactly one runner per projection name
+/// (several are fenced off for same-store read models, not for at-least-once projections).
+pub struct ProjectionRunner<P: Projection> {
+    store: Arc<dyn EventStore>,
+    target: Target,
+    projection: P,
+    upcasters: Upcasters,
+    batch_size: usize,
+    /// `None`: not loaded yet (reloaded after a fencing error).
+    checkpoint: Option<Option<Position>>,
+    lag: LagHandle,
+}
+
+impl<P: Projection> fmt::Debug for ProjectionRunner<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("projection", &self.projection.name())
+            .field("checkpoint", &self.checkpoint)
+            .field("lag", &self.lag.get())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Projection> ProjectionRunner<P> {
+    /// A runner whose read model lives in `read_models` (usually the event store itself):
+    /// writes and checkpoint commit atomically, so each event is applied exactly once.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        read_models: Arc<dyn ReadModelStore>,
+        projection: P,
+    ) -> Self {
+        Self::with_target(store, Target::ReadModels(read_models), projection)
+    }
+
+    /// A runner for a projection whose effects live elsewhere: only the checkpoint is stored
+    /// in `checkpoints`, after the effects, so delivery is **at-least-once**. The projection
+    /// must not write through its [`ReadModelTx`] (that fails the batch).
+    pub fn at_least_once(
+        store: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        projection: P,
+    ) -> Self {
+        Self::with_target(store, Target::Checkpoints(checkpoints), projection)
+    }
+
+    fn with_target(store: Arc<dyn EventStore>, target: Target, projection: P) -> Self {
+        Self {
+            store,
+            target,
+            projection,
+            upcasters: Upcasters::new(),
+            batch_size: 256,
+            checkpoint: None,
+            lag: LagHandle::default(),
+        }
+    }
+
+    /// Events read (and committed) per batch (default 256).
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Upcasts events before the projection sees them.
+    pub fn with_upcasters(mut self, upcasters: Upcasters) -> Self {
+        self.upcasters = upcasters;
+        self
+    }
+
+    /// The projection.
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    /// The projection, mutably.
+    pub fn projection_mut(&mut self) -> &mut P {
+        &mut self.projection
+    }
+
+    /// A handle to read the lag from another task.
+    pub fn lag_handle(&self) -> LagHandle {
+        self.lag.clone()
+    }
+
+    fn err(&self, source: Error) -> ProjectionError {
+        ProjectionError::Store {
+            projection: self.projection.name().to_owned(),
+            source,
+        }
+    }
+
+    /// The stored checkpoint (`None`: never ran).
+    pub async fn checkpoint(&mut self) -> Result<Option<Position>, ProjectionError> {
+        if let Some(cp) = self.checkpoint {
+            return Ok(cp);
+        }
+        let name = self.projection.name().to_owned();
+        let cp = match &self.target {
+            Target::ReadModels(s) => s.load_checkpoint(&name).await,
+            Target::Checkpoints(s) => s.load_checkpoint(&name).await,
+        }
+        .map_err(|e| self.err(e))?;
+        self.checkpoint = Some(cp);
+        Ok(cp)
+    }
+
+    /// Processes one batch; returns the number of events applied and whether the batch reached
+    /// the head (a short page).
+    pub async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
+        let cp = self.checkpoint().await?;
+        let from = cp.map_or(Position::START, Position::next);
+        let page = self
+            .store
+            .read_all(ReadAll::from(from, self.batch_size).filter(self.projection.filter()))
+            .await
+            .map_err(|e| self.err(e))?;
+        let at_head = page.events.len() < self.batch_size;
+        // Everything below `page.next` has been considered and nothing can commit there later.
+        let new_cp = Position::new(page.next.get().saturating_sub(1));
+        let applied = page.events.len();
+        let last_at = page.events.last().map(|e| e.recorded_at);
+        if applied == 0 && cp.is_some_and(|c| c >= new_cp) || page.next == Position::START {
+            self.measure(cp.unwrap_or_default(), None).await?;
+            return Ok((0, at_head));
+        }
+        let read_models = match &self.target {
+            Target::ReadModels(s) => Some(s.clone()),
+            Target::Checkpoints(_) => None,
+        };
+        let mut tx = ReadModelTx::new(read_models.as_deref());
+        for e in page.events {
+            let position = e.position;
+            let e = self.upcasters.upcast(e).map_err(|e| self.err(e))?;
+            if let Err(source) = self.projection.apply(&e, &mut tx).await {
+                return Err(ProjectionError::Handler {
+                    projection: self.projection.name().to_owned(),
+                    position,
+                    source,
+                });
+            }
+        }
+        let name = self.projection.name().to_owned();
+        let res = match &self.target {
+            Target::ReadModels(s) => {
+                s.commit(ReadModelBatch {
+                    checkpoint: name.clone(),
+                    expected_checkpoint: cp,
+                    position: new_cp,
+                    writes: tx.writes,
+                })
+                .await
+            }
+            Target::Checkpoints(s) => {
+                if !tx.writes.is_empty() {
+                    return Err(ProjectionError::Handler {
+                        projection: name,
+                        position: new_cp,
+                        source: "an at-least-once projection wrote to its ReadModelTx, which has \
+                                 no read-model store"
+                            .into(),
+                    });
+                }
+                s.save_checkpoint(&name, new_cp).await
+            }
+        };
+        if let Err(e) = res {
+            // Fenced off or failed: reload the checkpoint before the next batch.
+            self.checkpoint = None;
+            return Err(self.err(e));
+        }
+        self.checkpoint = Some(Some(new_cp));
+        self.measure(new_cp, last_at).await?;
+        Ok((applied, at_head))
+    }
+
+    async fn measure(
+        &mut self,
+        checkpoint: Position,
+        last_at: Option<Timestamp>,
+    ) -> Result<(), ProjectionError> {
+        let head = self.store.head().await.map_err(|e| self.err(e))?;
+        let prev = self.lag.get();
+        let last_applied_at = last_at.or(prev.last_applied_at);
+        let positions = head.get().saturating_sub(checkpoint.get());
+        let seconds = match last_applied_at {
+            Some(t) if positions > 0 => t.elapsed_until(Timestamp::now()).as_secs_f64(),
+            _ => 0.0,
+        };
+        self.lag.set(Lag {
+            checkpoint,
+            head,
+            positions,
+            seconds,
+            last_applied_at,
+        });
+        Ok(())
+    }
+
+    /// Processes batches until the head is reached; returns the checkpoint.
+    pub async fn catch_up(&mut self) -> Result<Position, ProjectionError> {
+        loop {
+            let (_, at_head) = self.step().await?;
+            if at_head {
+                return Ok(self.checkpoint().await?.unwrap_or_default());
+            }
+        }
+    }
+
+    /// Catches up, then follows new events (woken by the store's head notifications) until
+    /// `shutdown` completes.
+    pub async fn run(
+        &mut self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), ProjectionError> {
+        let mut watch = self.store.watch_head();
+        tokio::pin!(shutdown);
+        loop {
+            // Seen before reading: a commit after the read changes the watch again.
+            watch.borrow_and_update();
+            self.catch_up().await?;
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                changed = watch.changed() => {
+                    if changed.is_err() {
+                        return Err(self.err(Error::Unavailable {
+                            reason: "the event store was closed".into(),
+                            retry_after: None,
+                            source: None,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets everything and replays from position 0: clears the projection's
+    /// [`Projection::namespaces`] and resets its checkpoint (atomically, for same-store read
+    /// models), calls [`Projection::reset`], then catches up.
+    pub async fn rebuild(&mut self) -> Result<Position, ProjectionError> {
+        self.reset().await?;
+        self.catch_up().await
+    }
+
+    /// The first half of [`ProjectionRunner::rebuild`]: back to position 0 without replaying.
+    pub async fn reset(&mut self) -> Result<(), ProjectionError> {
+        let cp = self.checkpoint().await?;
+        let name = self.projection.name().to_owned();
+        let res = match &self.target {
+            Target::ReadModels(s) => {
+                s.commit(ReadModelBatch {
+                    checkpoint: name.clone(),
+                    expected_checkpoint: cp,
+                    position: Position::START,
+                    writes: self
+                        .projection
+                        .namespaces()
+                        .into_iter()
+                        .map(|ns| ReadModelWrite::Clear { ns })
+                        .collect(),
+                })
+                .await
+            }
+            Target::Checkpoints(s) => s.save_checkpoint(&name, Position::START).await,
+        };
+        self.checkpoint = None;
+        res.map_err(|e| self.err(e))?;
+        self.projection
+            .reset()
+            .await
+            .map_err(|source| ProjectionError::Handler {
+                projection: name,
+                position: Position::START,
+                source,
+            })?;
+        self.checkpoint = Some(Some(Position::START));
+        self.lag.set(Lag::default());
+        Ok(())
+    }
+}

@@ -1,0 +1,857 @@
+//! Sagas (process managers): long-running processes that react to events by dispatching
+//! commands, with durable deadlines and compensation, whose whole state is kept **as events**
+//! in their own stream (`"saga.{NAME}-{instance}"`, one per instance and tenant).
+//!
+//! # How it stays correct across crashes
+//! Everything a saga decides is first appended to its stream as [`SagaRecord`]s, with event ids
+//! derived deterministically from the cause (the trigger event, the dispatch, the deadline),
+//! and only then acted on:
+//! - a command is recorded as [`SagaRecord::CommandScheduled`] (an outbox entry) *before* it is
+//!   sent; its id (the record's event id) is the dispatch id the [`CommandDispatcher`] must use
+//!   as idempotency key (e.g. [`crate::CommandMeta::command_id`], which derives the target's
+//!   event ids from it; [`BusDispatcher`] does exactly that). After a crash, scheduled
+//!   commands without a recorded result are sent again with the same dispatch id: none is
+//!   lost, and the receiver stores its effect once;
+//! - a deadline is recorded as [`SagaRecord::DeadlineScheduled`] with its due time; on start the
+//!   runner rebuilds its timers from the saga streams, so a deadline scheduled before a crash
+//!   fires after the restart. Firing appends [`SagaRecord::DeadlineFired`] with an id derived
+//!   from the deadline, so it is recorded (and reacted to) exactly once;
+//! - a trigger event is recorded as [`SagaRecord::Triggered`]; re-reading it after a crash is
+//!   recognised and skipped;
+//! - a command that fails permanently is recorded as [`SagaRecord::CommandFailed`] together
+//!   with the reaction of [`Saga::on_failure`], typically compensation commands
+//!   ([`Reaction::compensate`], recorded with `compensation: true`).
+//!
+//! Run one [`SagaRunner`] per saga type. The runner rebuilds its in-memory index from the saga
+//! streams when it starts (cost proportional to the saga log).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::aggregate::Aggregate;
+use crate::command::{CommandBus, CommandMeta, derived_event_id};
+use crate::error::{Error, Result};
+use crate::event::{CONTENT_TYPE_JSON, Metadata, NewEvent, RecordedEvent};
+use crate::id::{ExpectedVersion, Position, StreamId, TenantId, Timestamp, Version};
+use crate::store::{
+    AppendRequest, CheckpointStore, EventFilter, EventStore, EventStoreExt, ReadAll, ReadStream,
+};
+
+/// A process manager. Its methods are pure decisions; the [`SagaRunner`] records and executes
+/// them.
+pub trait Saga: Send + Sync + 'static {
+    /// Saga type name; instance streams are `"saga.{NAME}-{instance}"`.
+    const NAME: &'static str;
+    /// The saga's own data (recorded as [`SagaRecord::StateChanged`] whenever a reaction sets it).
+    type State: Default + Clone + Serialize + DeserializeOwned + Send + Sync + fmt::Debug;
+    /// The commands it dispatches.
+    type Command: Clone + Serialize + DeserializeOwned + Send + Sync + fmt::Debug;
+
+    /// Which events may trigger it (default: all; filtering happens in the store).
+    fn filter(&self) -> EventFilter {
+        EventFilter::default()
+    }
+
+    /// The instance an event belongs to (`None`: not for this saga).
+    fn correlate(&self, event: &RecordedEvent) -> Option<String>;
+
+    /// Reaction to a trigger event.
+    fn on_event(&self, state: &Self::State, event: &RecordedEvent) -> Reaction<Self>;
+
+    /// Reaction to a due deadline.
+    fn on_deadline(&self, state: &Self::State, deadline: &str) -> Reaction<Self>;
+
+    /// Reaction to a dispatched command that succeeded (default: nothing).
+    fn on_success(&self, state: &Self::State, command: &Self::Command) -> Reaction<Self> {
+        let _ = (state, command);
+        Reaction::new()
+    }
+
+    /// Reaction to a dispatched command that failed permanently: usually compensation.
+    fn on_failure(
+        &self,
+        state: &Self::State,
+        command: &Self::Command,
+        error: &str,
+    ) -> Reaction<Self>;
+}
+
+/// What a saga decides in response to something: recorded atomically, then executed.
+pub struct Reaction<S: Saga + ?Sized> {
+    /// New saga state, if it changed.
+    pub state: Option<S::State>,
+    /// Commands to dispatch, in order.
+    pub commands: Vec<S::Command>,
+    /// Compensation commands to dispatch (recorded with `compensation: true`).
+    pub compensations: Vec<S::Command>,
+    /// Deadlines to schedule: (name, delay from now).
+    pub deadlines: Vec<(String, Duration)>,
+    /// Pending deadlines to cancel, by name.
+    pub cancel: Vec<String>,
+    /// The saga is finished: later triggers and deadlines are ignored (recorded
+    /// commands are still dispatched).
+    pub complete: bool,
+}
+
+impl<S: Saga + ?Sized> fmt::Debug for Reaction<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reaction")
+            .field("state", &self.state)
+            .field("commands", &self.commands)
+            .field("compensations", &self.compensations)
+            .field("deadlines", &self.deadlines)
+            .field("cancel", &self.cancel)
+            .field("complete", &self.complete)
+            .finish()
+    }
+}
+
+impl<S: Saga + ?Sized> Default for Reaction<S> {
+    fn default() -> Self {
+        Self {
+            state: None,
+            commands: Vec::new(),
+            compensations: Vec::new(),
+            deadlines: Vec::new(),
+            cancel: Vec::new(),
+            complete: false,
+        }
+    }
+}
+
+impl<S: Saga + ?Sized> Reaction<S> {
+    /// Nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Records a new state.
+    pub fn state(mut self, state: S::State) -> Self {
+        self.state = Some(state);
+        self
+    }
+    /// Dispatches `command`.
+    pub fn dispatch(mut self, command: S::Command) -> Self {
+        self.commands.push(command);
+        self
+    }
+    /// Dispatches a compensation `command`.
+    pub fn compensate(mut self, command: S::Command) -> Self {
+        self.compensations.push(command);
+        self
+    }
+    /// Schedules deadline `name` after `delay`.
+    pub fn schedule(mut self, name: impl Into<String>, delay: Duration) -> Self {
+        self.deadlines.push((name.into(), delay));
+        self
+    }
+    /// Cancels pending deadlines named `name`.
+    pub fn cancel(mut self, name: impl Into<String>) -> Self {
+        self.cancel.push(name.into());
+        self
+    }
+    /// Marks the saga finished.
+    pub fn complete(mut self) -> Self {
+        self.complete = true;
+        self
+    }
+}
+
+/// One event of a saga's stream (stored as JSON, event type `"Saga" + variant name`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SagaRecord<St, C> {
+    /// A trigger event was handled.
+    Triggered {
+        /// The trigger's event id.
+        event_id: String,
+        /// Its type.
+        event_type: String,
+        /// Its stream.
+        stream: String,
+    },
+    /// The saga's state changed.
+    StateChanged {
+        /// The new state.
+        state: St,
+    },
+    /// A command is to be dispatched (outbox entry); its dispatch id is this record's event id.
+    CommandScheduled {
+        /// The command.
+        command: C,
+        /// Whether it compensates an earlier step.
+        compensation: bool,
+    },
+    /// A scheduled command was dispatched successfully.
+    CommandSucceeded {
+        /// Its dispatch id.
+        dispatch_id: String,
+    },
+    /// A scheduled command failed permanently.
+    CommandFailed {
+        /// Its dispatch id.
+        dispatch_id: String,
+        /// Why.
+        error: String,
+    },
+    /// A deadline was scheduled; its id is this record's event id.
+    DeadlineScheduled {
+        /// Its name.
+        name: String,
+        /// When it is due (µs since the Unix epoch).
+        due_at_micros: i64,
+    },
+    /// A deadline fired.
+    DeadlineFired {
+        /// Its id.
+        deadline_id: String,
+        /// Its name.
+        name: String,
+    },
+    /// A deadline was cancelled.
+    DeadlineCancelled {
+        /// Its id.
+        deadline_id: String,
+    },
+    /// The saga finished.
+    Completed,
+}
+
+impl<St, C> SagaRecord<St, C> {
+    fn event_type(&self) -> &'static str {
+        match self {
+            SagaRecord::Triggered { .. } => "SagaTriggered",
+            SagaRecord::StateChanged { .. } => "SagaStateChanged",
+            SagaRecord::CommandScheduled { .. } => "SagaCommandScheduled",
+            SagaRecord::CommandSucceeded { .. } => "SagaCommandSucceeded",
+            SagaRecord::CommandFailed { .. } => "SagaCommandFailed",
+            SagaRecord::DeadlineScheduled { .. } => "SagaDeadlineScheduled",
+            SagaRecord::DeadlineFired { .. } => "SagaDeadlineFired",
+            SagaRecord::DeadlineCancelled { .. } => "SagaDeadlineCancelled",
+            SagaRecord::Completed => "SagaCompleted",
+        }
+    }
+}
+
+/// The record type of saga `S`.
+pub type RecordOf<S> = SagaRecord<<S as Saga>::State, <S as Saga>::Command>;
+
+/// Why a dispatch failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DispatchError {
+    /// Permanent: recorded as [`SagaRecord::CommandFailed`] and handed to [`Saga::on_failure`].
+    #[error("command rejected: {0}")]
+    Rejected(String),
+    /// Transient: the command stays scheduled and is sent again later (same dispatch id).
+    #[error("dispatch failed transiently: {0}")]
+    Transient(String),
+}
+
+/// Sends a saga's commands (e.g. to a [`crate::CommandBus`]).
+#[async_trait]
+pub trait CommandDispatcher<C>: Send + Sync {
+    /// Sends `command` for `tenant`. `dispatch_id` is stable across re-sends after a crash:
+    /// the receiver must use it to deduplicate (e.g. as [`crate::CommandMeta::command_id`]).
+    async fn dispatch(
+        &self,
+        tenant: &TenantId,
+        dispatch_id: Uuid,
+        command: &C,
+    ) -> Result<(), DispatchError>;
+}
+
+/// A [`CommandDispatcher`] that executes saga commands on a [`CommandBus`], with the dispatch
+/// id as [`CommandMeta::command_id`]: a command re-sent after a crash is answered from its
+/// stored events (`duplicate`) instead of being applied twice.
+///
+/// `route` maps a saga command to the target aggregate id and command (`None`: the saga command
+/// is not for this bus, reported as a permanent failure). Domain rejections and validation
+/// errors are permanent ([`DispatchError::Rejected`], which triggers compensation); store
+/// unavailability and persistent conflicts are transient (sent again later); anything else
+/// (e.g. corrupt data) is permanent.
+pub struct BusDispatcher<A: Aggregate, F> {
+    bus: CommandBus<A>,
+    route: F,
+}
+
+impl<A: Aggregate, F> fmt::Debug for BusDispatcher<A, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BusDispatcher")
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<A: Aggregate, F> BusDispatcher<A, F> {
+    /// Dispatches through `bus`, routing each saga command with `route`.
+    pub fn new(bus: CommandBus<A>, route: F) -> Self {
+        Self { bus, route }
+    }
+}
+
+#[async_trait]
+impl<C, A, F> CommandDispatcher<C> for BusDispatcher<A, F>
+where
+    C: Send + Sync + 'static,
+    A: Aggregate,
+    A::Command: Send,
+    F: Fn(&C) -> Option<(String, A::Command)> + Send + Sync,
+{
+    async fn dispatch(
+        &self,
+        tenant: &TenantId,
+        dispatch_id: Uuid,
+        command: &C,
+    ) -> Result<(), DispatchError> {
+        let Some((id, cmd)) = (self.route)(command) else {
+            return Err(DispatchError::Rejected(
+                "no route for this saga command".into(),
+            ));
+        };
+        match self
+            .bus
+            .execute_with(tenant, &id, cmd, CommandMeta::with_command_id(dispatch_id))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_retryable() => Err(DispatchError::Transient(e.to_string())),
+            Err(e) => Err(DispatchError::Rejected(e.to_string())),
+        }
+    }
+}
+
+struct Pending<C> {
+    dispatch_id: Uuid,
+    command: C,
+}
+
+/// In-memory fold of one instance's records.
+struct Instance<S: Saga> {
+    tenant: TenantId,
+    stream: StreamId,
+    version: Version,
+    state: S::State,
+    /// Causes already recorded: trigger ids, dispatch ids with a result, fired deadline ids.
+    handled: HashSet<Uuid>,
+    /// Scheduled commands without a result, in record order.
+    pending: Vec<Pending<S::Command>>,
+    /// Pending deadlines: id -> (name, due).
+    deadlines: HashMap<Uuid, (String, Timestamp)>,
+    completed: bool,
+}
+
+impl<S: Saga> Instance<S> {
+    fn new(tenant: TenantId, stream: StreamId) -> Self {
+        Self {
+            tenant,
+            stream,
+            version: Version::ZERO,
+            state: S::State::default(),
+            handled: HashSet::new(),
+            pending: Vec::new(),
+            deadlines: HashMap::new(),
+            completed: false,
+        }
+    }
+
+    fn fold(&mut self, id: Uuid, version: Version, r: RecordOf<S>) {
+        self.version = version;
+        let parse = |s: &str| Uuid::parse_str(s).unwrap_or_default();
+        match r {
+            SagaRecord::Triggered { event_id, .. } => {
+                self.handled.insert(parse(&event_id));
+            }
+            SagaRecord::StateChanged { state } => self.state = state,
+            SagaRecord::CommandScheduled { command, .. } => self.pending.push(Pending {
+                dispatch_id: id,
+                command,
+            }),
+            SagaRecord::CommandSucceeded { dispatch_id }
+            | SagaRecord::CommandFailed { dispatch_id, .. } => {
+                let d = parse(&dispatch_id);
+                self.handled.insert(d);
+                self.pending.retain(|p| p.dispatch_id != d);
+            }
+            SagaRecord::DeadlineScheduled {
+                name,
+                due_at_micros,
+            } => {
+                self.deadlines
+                    .insert(id, (name, Timestamp::from_unix_micros(due_at_micros)));
+            }
+            SagaRecord::DeadlineFired { deadline_id, .. }
+            | SagaRecord::DeadlineCancelled { deadline_id } => {
+                let d = parse(&deadline_id);
+                self.handled.insert(d);
+                self.deadlines.remove(&d);
+            }
+            SagaRecord::Completed => {
+                self.completed = true;
+                self.deadlines.clear();
+            }
+        }
+    }
+}
+
+/// What one [`SagaRunner::run_once`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SagaProgress {
+    /// Trigger events newly handled.
+    pub triggers: usize,
+    /// Commands dispatched (successfully or with a permanent failure).
+    pub dispatched: usize,
+    /// Deadlines fired.
+    pub deadlines_fired: usize,
+    /// Commands still waiting after a transient dispatch failure.
+    pub pending: usize,
+}
+
+/// Runs one [`Saga`]: follows the global log from its checkpoint, records reactions, dispatches
+/// commands through a [`CommandDispatcher`], and fires deadlines.
+pub struct SagaRunner<S: Saga, D> {
+    store: Arc<dyn EventStore>,
+    checkpoints: Arc<dyn CheckpointStore>,
+    saga: S,
+    dispatcher: D,
+    instances: BTreeMap<(TenantId, String), Instance<S>>,
+    recovered: bool,
+    batch_size: usize,
+    retry_interval: Duration,
+}
+
+impl<S: Saga, D> fmt::Debug for SagaRunner<S, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SagaRunner")
+            .field("saga", &S::NAME)
+            .field("instances", &self.instances.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
+    /// A runner reading triggers from `store`, keeping its checkpoint (named
+    /// `"saga.{NAME}"`) in `checkpoints`.
+    pub fn new(
+        store: Arc<dyn EventStore>,
+        checkpoints: Arc<dyn CheckpointStore>,
+        saga: S,
+        dispatcher: D,
+    ) -> Self {
+        Self {
+            store,
+            checkpoints,
+            saga,
+            dispatcher,
+            instances: BTreeMap::new(),
+            recovered: false,
+            batch_size: 256,
+            retry_interval: Duration::from_secs(1),
+        }
+    }
+
+    /// How long [`SagaRunner::run`] waits before re-sending after a transient dispatch failure
+    /// (default 1 s).
+    pub fn with_retry_interval(mut self, d: Duration) -> Self {
+        self.retry_interval = d;
+        self
+    }
+
+    /// The dispatcher.
+    pub fn dispatcher(&self) -> &D {
+        &self.dispatcher
+    }
+
+    /// The stream of `instance`.
+    pub fn stream_id(instance: &str) -> Result<StreamId> {
+        Ok(StreamId::parse(format!("{}{instance}", Self::prefix()))?)
+    }
+
+    fn prefix() -> String {
+        format!("saga.{}-", S::NAME)
+    }
+
+    fn checkpoint_name() -> String {
+        format!("saga.{}", S::NAME)
+    }
+
+    /// The records of one instance, decoded (for inspection and tests).
+    pub async fn records(&self, tenant: &TenantId, instance: &str) -> Result<Vec<RecordOf<S>>> {
+        let stream = Self::stream_id(instance)?;
+        self.store
+            .read_stream_forwards(tenant, &stream)
+            .await?
+            .iter()
+            .map(decode_record::<S>)
+            .collect()
+    }
+
+    /// The current state of an instance, if the runner knows it.
+    pub fn state(&self, tenant: &TenantId, instance: &str) -> Option<&S::State> {
+        self.instances
+            .get(&(tenant.clone(), instance.to_owned()))
+            .map(|i| &i.state)
+    }
+
+    /// The earliest pending deadline.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        self.instances
+            .values()
+            .filter(|i| !i.completed)
+            .flat_map(|i| i.deadlines.values().map(|(_, due)| *due))
+            .min()
+    }
+
+    /// Rebuilds the index of instances from the saga streams (once per runner).
+    async fn recover(&mut self) -> Result<()> {
+        if self.recovered {
+            return Ok(());
+        }
+        let prefix = Self::prefix();
+        let filter = EventFilter {
+            stream_prefix: Some(prefix.clone()),
+            ..EventFilter::default()
+        };
+        let records = self.store.read_all_to_end(Position::START, filter).await?;
+        for e in records {
+            let instance = e.stream.as_str()[prefix.len()..].to_owned();
+            let r = decode_record::<S>(&e)?;
+            self.instances
+                .entry((e.tenant.clone(), instance))
+                .or_insert_with(|| Instance::new(e.tenant.clone(), e.stream.clone()))
+                .fold(e.event_id.as_uuid(), e.version, r);
+        }
+        self.recovered = true;
+        Ok(())
+    }
+
+    /// Records the reaction to `cause` unless it is already handled: `decide` computes the
+    /// head record and the reaction from the instance's current state (`None`: nothing to do).
+    /// On a conflict (the stream moved, e.g. another runner) the instance is reloaded and the
+    /// decision taken again. Returns whether this call recorded it.
+    async fn record<F>(&mut self, key: &(TenantId, String), cause: Uuid, decide: F) -> Result<bool>
+    where
+        F: Fn(&S, &Instance<S>) -> Option<(RecordOf<S>, Reaction<S>)>,
+    {
+        for _ in 0..5 {
+            let Some(inst) = self.instances.get(key) else {
+                return Ok(false);
+            };
+            if inst.handled.contains(&cause) {
+                return Ok(false);
+            }
+            let Some((head, reaction)) = decide(&self.saga, inst) else {
+                return Ok(false);
+            };
+            if self.try_record(key, cause, head, reaction).await? {
+                return Ok(true);
+            }
+        }
+        Err(Error::Unavailable {
+            reason: format!(
+                "saga {} instance {}: its stream kept changing while recording",
+                S::NAME,
+                key.1
+            ),
+            retry_after: None,
+            source: None,
+        })
+    }
+
+    /// Appends the records for one cause (ids derived from `cause`) and folds them in
+    /// (`true`), or reloads the instance after a conflict or duplicate (`false`).
+    async fn try_record(
+        &mut self,
+        key: &(TenantId, String),
+        cause: Uuid,
+        head: RecordOf<S>,
+        reaction: Reaction<S>,
+    ) -> Result<bool> {
+        let now = Timestamp::now();
+        let Some(inst) = self.instances.get(key) else {
+            return Ok(false);
+        };
+        let mut records = vec![head];
+        if let Some(state) = reaction.state {
+            records.push(SagaRecord::StateChanged { state });
+        }
+        for (command, compensation) in reaction
+            .commands
+            .into_iter()
+            .map(|c| (c, false))
+            .chain(reaction.compensations.into_iter().map(|c| (c, true)))
+        {
+            records.push(SagaRecord::CommandScheduled {
+                command,
+                compensation,
+            });
+        }
+        for name in reaction.cancel {
+            for (id, (n, _)) in &inst.deadlines {
+                if *n == name {
+                    records.push(SagaRecord::DeadlineCancelled {
+                        deadline_id: id.to_string(),
+                    });
+                }
+            }
+        }
+        for (name, delay) in reaction.deadlines {
+            let due = now
+                .unix_micros()
+                .saturating_add(i64::try_from(delay.as_micros()).unwrap_or(i64::MAX));
+            records.push(SagaRecord::DeadlineScheduled {
+                name,
+                due_at_micros: due,
+            });
+        }
+        if reaction.complete {
+            records.push(SagaRecord::Completed);
+        }
+        let stream = inst.stream.clone();
+        let tenant = inst.tenant.clone();
+        let events = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let payload = serde_json::to_vec(r).map_err(|e| {
+                    Error::invalid(format!("saga {} record", S::NAME), e.to_string())
+                })?;
+                Ok(NewEvent {
+                    event_id: derived_event_id(cause, &stream, i),
+                    dedup_key: None,
+                    event_type: r.event_type().to_owned(),
+                    schema_version: 1,
+                    content_type: CONTENT_TYPE_JSON.to_owned(),
+                    payload: Bytes::from(payload),
+                    metadata: Metadata {
+                        causation_id: Some(cause.to_string()),
+                        ..Metadata::default()
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = self
+            .store
+            .append(AppendRequest {
+                tenant,
+                stream,
+                expected: ExpectedVersion::Exact(inst.version),
+                events,
+            })
+            .await;
+        match out {
+            Ok(out) if !out.duplicate => {
+                if let Some(inst) = self.instances.get_mut(key) {
+                    for (r, er) in records.into_iter().zip(out.events) {
+                        inst.fold(er.event_id.as_uuid(), er.version, r);
+                    }
+                }
+                Ok(true)
+            }
+            // Already recorded (another runner, or a retried append), or the stream moved:
+            // reload the instance from its stream.
+            Ok(_) | Err(Error::Conflict { .. }) | Err(Error::Duplicate { .. }) => {
+                self.reload(key).await.map(|()| false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reload(&mut self, key: &(TenantId, String)) -> Result<()> {
+        let stream = Self::stream_id(&key.1)?;
+        let events = self
+            .store
+            .read_stream(ReadStream::forwards(key.0.clone(), stream.clone()))
+            .await?;
+        let mut inst = Instance::new(key.0.clone(), stream);
+        for e in &events {
+            inst.fold(e.event_id.as_uuid(), e.version, decode_record::<S>(e)?);
+        }
+        self.instances.insert(key.clone(), inst);
+        Ok(())
+    }
+
+    /// Sends the instance's scheduled commands in order until none is left or one fails
+    /// transiently; returns (dispatched, transient failure).
+    async fn dispatch_pending(&mut self, key: &(TenantId, String)) -> Result<(usize, bool)> {
+        let mut sent = 0;
+        loop {
+            let Some(inst) = self.instances.get(key) else {
+                return Ok((sent, false));
+            };
+            let Some(p) = inst.pending.first() else {
+                return Ok((sent, false));
+            };
+            let (id, command) = (p.dispatch_id, p.command.clone());
+            let tenant = inst.tenant.clone();
+            let result = match self.dispatcher.dispatch(&tenant, id, &command).await {
+                Ok(()) => Ok(()),
+                Err(DispatchError::Rejected(error)) => Err(error),
+                Err(DispatchError::Transient(_)) => return Ok((sent, true)),
+            };
+            self.record(key, id, |saga, inst| {
+                Some(match &result {
+                    Ok(()) => (
+                        SagaRecord::CommandSucceeded {
+                            dispatch_id: id.to_string(),
+                        },
+                        saga.on_success(&inst.state, &command),
+                    ),
+                    Err(error) => (
+                        SagaRecord::CommandFailed {
+                            dispatch_id: id.to_string(),
+                            error: error.clone(),
+                        },
+                        saga.on_failure(&inst.state, &command, error),
+                    ),
+                })
+            })
+            .await?;
+            sent += 1;
+        }
+    }
+
+    /// One round: recovers (first call), handles new trigger events, dispatches scheduled
+    /// commands, fires due deadlines. Returns what it did.
+    pub async fn run_once(&mut self) -> Result<SagaProgress> {
+        self.recover().await?;
+        let mut progress = SagaProgress::default();
+        // Outbox entries left by a crash (or a transient failure) first.
+        let keys: Vec<_> = self.instances.keys().cloned().collect();
+        for key in &keys {
+            progress.dispatched += self.dispatch_pending(key).await?.0;
+        }
+        // New triggers.
+        let name = Self::checkpoint_name();
+        let prefix = Self::prefix();
+        loop {
+            let cp = self.checkpoints.load_checkpoint(&name).await?;
+            let from = cp.map_or(Position::START, Position::next);
+            let page = self
+                .store
+                .read_all(ReadAll::from(from, self.batch_size).filter(self.saga.filter()))
+                .await?;
+            let full = page.events.len() == self.batch_size;
+            for e in &page.events {
+                if e.stream.as_str().starts_with(&prefix) {
+                    continue;
+                }
+                let Some(instance) = self.saga.correlate(e) else {
+                    continue;
+                };
+                let key = (e.tenant.clone(), instance.clone());
+                if !self.instances.contains_key(&key) {
+                    let stream = Self::stream_id(&instance)?;
+                    self.instances
+                        .insert(key.clone(), Instance::new(e.tenant.clone(), stream));
+                }
+                let cause = e.event_id.as_uuid();
+                let recorded = self
+                    .record(&key, cause, |saga, inst| {
+                        (!inst.completed).then(|| {
+                            let head = SagaRecord::Triggered {
+                                event_id: cause.to_string(),
+                                event_type: e.event_type.clone(),
+                                stream: e.stream.as_str().to_owned(),
+                            };
+                            (head, saga.on_event(&inst.state, e))
+                        })
+                    })
+                    .await?;
+                if !recorded {
+                    continue;
+                }
+                progress.triggers += 1;
+                progress.dispatched += self.dispatch_pending(&key).await?.0;
+            }
+            let next = Position::new(page.next.get().saturating_sub(1));
+            if page.next > Position::START && cp.is_none_or(|c| c < next) {
+                self.checkpoints.save_checkpoint(&name, next).await?;
+            }
+            if !full {
+                break;
+            }
+        }
+        // Due deadlines.
+        let now = Timestamp::now();
+        let due: Vec<_> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| !i.completed)
+            .flat_map(|(k, i)| {
+                i.deadlines
+                    .iter()
+                    .filter(|(_, (_, at))| *at <= now)
+                    .map(move |(id, (name, at))| (*at, k.clone(), *id, name.clone()))
+            })
+            .collect::<Vec<_>>();
+        let mut due = due;
+        due.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+        for (_, key, id, name) in due {
+            let fired = self
+                .record(&key, id, |saga, inst| {
+                    (!inst.completed && inst.deadlines.contains_key(&id)).then(|| {
+                        let head = SagaRecord::DeadlineFired {
+                            deadline_id: id.to_string(),
+                            name: name.clone(),
+                        };
+                        (head, saga.on_deadline(&inst.state, &name))
+                    })
+                })
+                .await?;
+            if !fired {
+                continue;
+            }
+            progress.deadlines_fired += 1;
+            progress.dispatched += self.dispatch_pending(&key).await?.0;
+        }
+        progress.pending = self.instances.values().map(|i| i.pending.len()).sum();
+        Ok(progress)
+    }
+
+    /// Runs rounds until `shutdown` completes, sleeping until new events, the next deadline,
+    /// or (while commands wait after a transient failure) the retry interval.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut watch = self.store.watch_head();
+        tokio::pin!(shutdown);
+        loop {
+            watch.borrow_and_update();
+            let progress = self.run_once().await?;
+            let mut wait = Duration::from_secs(3600);
+            if let Some(due) = self.next_deadline() {
+                wait = wait.min(Timestamp::now().elapsed_until(due));
+            }
+            if progress.pending > 0 {
+                wait = wait.min(self.retry_interval);
+            }
+            tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+                changed = watch.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::Unavailable {
+                            reason: "the event store was closed".into(),
+                            retry_after: None,
+                            source: None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn decode_record<S: Saga>(e: &RecordedEvent) -> Result<RecordOf<S>> {
+    serde_json::from_slice(&e.payload).map_err(|err| {
+        Error::corruption(
+            Some(e.position),
+            format!("saga {} record {}: {err}", S::NAME, e.event_type),
+        )
+    })
+}

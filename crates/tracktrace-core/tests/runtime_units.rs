@@ -1,0 +1,330 @@
+//! Focused tests of runtime pieces the generic runtime checks do not isolate: upcaster chains,
+//! backoff bounds, a breaker whose probe is cancelled, projection error paths, and two saga
+//! runners racing on one trigger.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tracktrace_core::runtime_checks::{
+    BalanceProjection, FaultyStore, OrderSaga, RecordingDispatcher, RuntimeStores, dump,
+    seed_accounts,
+};
+use tracktrace_core::upcast::Upcaster;
+use tracktrace_core::{
+    BoxError, BreakerConfig, BreakerState, CheckpointStore, CircuitBreaker, Error, EventFilter,
+    EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent, Position, Projection,
+    ProjectionError, ProjectionRunner, ReadModelTx, RecordedEvent, RetryPolicy, SagaRecord,
+    SagaRunner, StreamId, TenantId, Upcasters,
+};
+
+fn tenant() -> TenantId {
+    TenantId::parse("acme").unwrap()
+}
+
+async fn stored(
+    store: &InMemoryStore,
+    event_type: &str,
+    version: u32,
+    body: &str,
+) -> RecordedEvent {
+    let stream = StreamId::parse(format!("S-{}", uuid::Uuid::now_v7())).unwrap();
+    let e = NewEvent::new(event_type, "application/json", body.as_bytes().to_vec())
+        .with_schema_version(version);
+    store
+        .append_to(&tenant(), &stream, ExpectedVersion::NoStream, vec![e])
+        .await
+        .unwrap();
+    store
+        .read_stream_forwards(&tenant(), &stream)
+        .await
+        .unwrap()[0]
+        .clone()
+}
+
+struct Rename;
+
+impl Upcaster for Rename {
+    fn event_type(&self) -> &str {
+        "T"
+    }
+    fn source_version(&self) -> u32 {
+        2
+    }
+    fn upcast(&self, _content_type: &str, payload: Bytes) -> Result<Bytes, BoxError> {
+        let s = String::from_utf8(payload.to_vec())?;
+        Ok(Bytes::from(s.replace("\"n\"", "\"count\"")))
+    }
+}
+
+#[tokio::test]
+async fn upcasters_chain_versions_and_report_failures() {
+    let store = InMemoryStore::new();
+    let chain = Upcasters::new()
+        .json("T", 1, |mut v| {
+            v["n"] = serde_json::json!(v["n"].as_i64().unwrap_or(0) * 10);
+            Ok(v)
+        })
+        .register(Rename);
+    let v1 = stored(&store, "T", 1, r#"{"n":4}"#).await;
+    let up = chain.upcast(v1).unwrap();
+    assert_eq!(up.schema_version, 3);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&up.payload).unwrap(),
+        serde_json::json!({"count": 40})
+    );
+    // Current version and other types pass through unchanged.
+    let v3 = stored(&store, "T", 3, r#"{"count":1}"#).await;
+    assert_eq!(chain.upcast(v3.clone()).unwrap(), v3);
+    let other = stored(&store, "U", 1, r#"{"n":1}"#).await;
+    assert_eq!(chain.upcast(other.clone()).unwrap(), other);
+    // Undecodable input is a typed corruption at the event's position, not a panic.
+    let bad = stored(&store, "T", 1, "not json").await;
+    let pos = bad.position;
+    match chain.upcast(bad) {
+        Err(Error::Corruption { position, .. }) => assert_eq!(position, Some(pos)),
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn backoff_stays_within_its_cap() {
+    let p = RetryPolicy {
+        max_attempts: 10,
+        initial_backoff: Duration::from_millis(2),
+        max_backoff: Duration::from_millis(20),
+    };
+    for retry in 1..40 {
+        let cap = Duration::from_millis(2 * (1u64 << (retry - 1).min(20))).min(p.max_backoff);
+        for _ in 0..50 {
+            assert!(p.backoff(retry) <= cap, "retry {retry}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_probe_does_not_wedge_the_breaker() {
+    let faulty = Arc::new(FaultyStore::new(Arc::new(InMemoryStore::new())));
+    let breaker = CircuitBreaker::with_config(
+        faulty.clone(),
+        BreakerConfig {
+            failure_threshold: 1,
+            open_for: Duration::from_millis(30),
+        },
+    );
+    faulty.set_down(true);
+    assert!(breaker.head().await.is_err());
+    assert_eq!(breaker.state(), BreakerState::Open);
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    // Start a probe and drop it before it completes (never polled to completion).
+    drop(breaker.head());
+    {
+        let probe = breaker.head();
+        let _ = tokio::time::timeout(Duration::ZERO, probe).await;
+    }
+    faulty.set_down(false);
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    breaker
+        .head()
+        .await
+        .expect("a new probe is let through after open_for");
+    assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+/// Fails on the event with the given sequence number.
+struct Failing {
+    fail_at: u64,
+    seen: u64,
+}
+
+#[async_trait]
+impl Projection for Failing {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    async fn apply(
+        &mut self,
+        _e: &RecordedEvent,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError> {
+        self.seen += 1;
+        if self.seen == self.fail_at {
+            return Err("boom".into());
+        }
+        tx.put("failing", self.seen.to_be_bytes(), b"x".to_vec());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failing_handler_commits_nothing_of_its_batch() {
+    let store = Arc::new(InMemoryStore::new());
+    seed_accounts(&*store, 10, 2).await.unwrap();
+    let mut r = ProjectionRunner::new(
+        store.clone(),
+        store.clone(),
+        Failing {
+            fail_at: 10,
+            seen: 0,
+        },
+    )
+    .with_batch_size(8);
+    r.step().await.unwrap();
+    let cp = r.checkpoint().await.unwrap();
+    match r.step().await {
+        Err(ProjectionError::Handler { position, .. }) => assert_eq!(position, Position::new(10)),
+        other => panic!("expected a handler error, got {other:?}"),
+    }
+    assert_eq!(store.load_checkpoint("failing").await.unwrap(), cp);
+    assert_eq!(
+        dump(&*store, "failing").await.unwrap().len(),
+        8,
+        "only the first batch"
+    );
+}
+
+/// Writes through its tx although it runs at-least-once.
+struct Writer;
+
+#[async_trait]
+impl Projection for Writer {
+    fn name(&self) -> &str {
+        "writer"
+    }
+    async fn apply(
+        &mut self,
+        _e: &RecordedEvent,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError> {
+        tx.put("w", b"k".to_vec(), b"v".to_vec());
+        Ok(())
+    }
+}
+
+/// Counts events in memory (an at-least-once consumer).
+#[derive(Default)]
+struct Counting(u64);
+
+#[async_trait]
+impl Projection for Counting {
+    fn name(&self) -> &str {
+        "counting"
+    }
+    fn filter(&self) -> EventFilter {
+        EventFilter {
+            event_types: vec!["Wanted".into()],
+            ..EventFilter::default()
+        }
+    }
+    async fn apply(
+        &mut self,
+        _e: &RecordedEvent,
+        _tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError> {
+        self.0 += 1;
+        Ok(())
+    }
+    async fn reset(&mut self) -> Result<(), BoxError> {
+        self.0 = 0;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn at_least_once_runners_keep_only_a_checkpoint() {
+    let store = Arc::new(InMemoryStore::new());
+    let checkpoints = Arc::new(InMemoryStore::new());
+    let s = StreamId::parse("X-1").unwrap();
+    for ty in ["Wanted", "Other", "Wanted", "Other", "Other"] {
+        store
+            .append_to(
+                &tenant(),
+                &s,
+                ExpectedVersion::Any,
+                vec![NewEvent::json(ty, &serde_json::json!({}))],
+            )
+            .await
+            .unwrap();
+    }
+    let mut w = ProjectionRunner::at_least_once(store.clone(), checkpoints.clone(), Writer);
+    assert!(matches!(
+        w.step().await,
+        Err(ProjectionError::Handler { .. })
+    ));
+    let mut c =
+        ProjectionRunner::at_least_once(store.clone(), checkpoints.clone(), Counting::default());
+    c.catch_up().await.unwrap();
+    assert_eq!(c.projection().0, 2);
+    // The checkpoint moves past the filtered-out tail too.
+    assert_eq!(
+        checkpoints.load_checkpoint("counting").await.unwrap(),
+        Some(Position::new(5))
+    );
+    assert_eq!(c.lag_handle().get().positions, 0);
+    c.rebuild().await.unwrap();
+    assert_eq!(c.projection().0, 2, "reset then replayed");
+}
+
+#[tokio::test]
+async fn same_store_projection_matches_the_log_after_many_restarts() {
+    let store = Arc::new(InMemoryStore::new());
+    let s = RuntimeStores::from_store(store.clone());
+    seed_accounts(&*s.events, 97, 5).await.unwrap();
+    let p = BalanceProjection::new("restarts");
+    // A new runner for every batch: each restart resumes exactly after the last commit.
+    loop {
+        let mut r = ProjectionRunner::new(s.events.clone(), s.read_models.clone(), p.clone())
+            .with_batch_size(7);
+        if r.step().await.unwrap().1 {
+            break;
+        }
+    }
+    let resumed = dump(&*store, &p.namespace()).await.unwrap();
+    let mut r = ProjectionRunner::new(s.events.clone(), s.read_models.clone(), p.clone());
+    r.rebuild().await.unwrap();
+    assert_eq!(resumed, dump(&*store, &p.namespace()).await.unwrap());
+}
+
+#[tokio::test]
+async fn two_saga_runners_record_a_trigger_once() {
+    let store = Arc::new(InMemoryStore::new());
+    let saga = OrderSaga {
+        payment_timeout: Duration::from_secs(60),
+    };
+    let d1 = RecordingDispatcher::new(store.clone());
+    let d2 = RecordingDispatcher::new(store.clone());
+    // Separate checkpoint stores: both runners see the trigger.
+    let mut r1 = SagaRunner::new(
+        store.clone(),
+        Arc::new(InMemoryStore::new()),
+        saga.clone(),
+        d1.clone(),
+    );
+    let mut r2 = SagaRunner::new(
+        store.clone(),
+        Arc::new(InMemoryStore::new()),
+        saga,
+        d2.clone(),
+    );
+    r2.run_once().await.unwrap(); // r2 recovers before the instance exists
+    let s = StreamId::parse("Order-o9").unwrap();
+    store
+        .append_to(
+            &tenant(),
+            &s,
+            ExpectedVersion::Any,
+            vec![NewEvent::json("OrderPlaced", &serde_json::json!({}))],
+        )
+        .await
+        .unwrap();
+    r1.run_once().await.unwrap();
+    r2.run_once().await.unwrap();
+    let records = r1.records(&tenant(), "o9").await.unwrap();
+    let triggered = records
+        .iter()
+        .filter(|r| matches!(r, SagaRecord::Triggered { .. }))
+        .count();
+    assert_eq!(triggered, 1, "{records:?}");
+    assert_eq!(d1.sent().len() + d2.sent().len(), 1, "Reserve sent once");
+}
