@@ -1,4 +1,5 @@
-//! The trace projection: follows the event bus (the store's global log, catch-up then live)
+//! Running the trace projection ([`TraceProjection`]) with the runtime's
+//! [`ProjectionRunner`]: it follows the event bus (the store's global log, catch-up then live)
 //! and commits timeline writes *together with* its checkpoint through
 //! [`ReadModelStore::commit`], so a crash never applies an event twice or skips one.
 //!
@@ -11,71 +12,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracktrace_core::{
-    EventStore, Position, ReadModelBatch, ReadModelStore, SubscribeOptions, Subscription,
-};
+use tracktrace_core::{EventStore, Position, ProjectionRunner, ReadModelStore};
 
 use crate::error::ApiError;
-use crate::timeline::apply_batch;
 
-/// Checkpoint name of the trace projection.
-pub const TRACE_PROJECTION: &str = "tt.trace";
+pub use crate::timeline::{TRACE_PROJECTION, TraceProjection};
 
 /// Events applied per read-model commit at most.
 const BATCH: usize = 512;
 
-/// Runs the trace projection forever (the server aborts the task at shutdown); progress (the
-/// committed checkpoint) is published on `progress`. Failures restart it from the stored
-/// checkpoint with a growing pause.
+/// Runs the trace projection with the runtime's [`ProjectionRunner`] forever (the server
+/// aborts the task at shutdown): catch up, publish the committed checkpoint on `progress`,
+/// sleep until the store's head changes. Failures (store outage, fencing by another runner)
+/// restart from the stored checkpoint after a growing pause.
 pub async fn run(
     store: Arc<dyn EventStore>,
     rm: Arc<dyn ReadModelStore>,
     progress: watch::Sender<Position>,
 ) {
+    let mut runner =
+        ProjectionRunner::new(store.clone(), rm, TraceProjection).with_batch_size(BATCH);
+    let mut head = store.watch_head();
     let mut backoff = Duration::from_millis(50);
     loop {
-        match run_once(&store, &*rm, &progress).await {
-            Ok(()) => backoff = Duration::from_millis(50),
+        // Seen before reading: a commit after the read changes the watch again.
+        head.borrow_and_update();
+        match runner.catch_up().await {
+            Ok(checkpoint) => {
+                progress.send_replace(checkpoint);
+                backoff = Duration::from_millis(50);
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "trace projection stopped; restarting from its checkpoint");
+                tracing::warn!(error = %e, "trace projection failed; retrying from its checkpoint");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
             }
         }
-    }
-}
-
-async fn run_once(
-    store: &Arc<dyn EventStore>,
-    rm: &dyn ReadModelStore,
-    progress: &watch::Sender<Position>,
-) -> tracktrace_core::Result<()> {
-    let mut checkpoint = rm.load_checkpoint(TRACE_PROJECTION).await?;
-    progress.send_replace(checkpoint.unwrap_or_default());
-    let mut sub = Subscription::new(
-        store.clone(),
-        SubscribeOptions {
-            from: checkpoint.map(Position::next).unwrap_or(Position::START),
-            batch_size: BATCH,
-            ..SubscribeOptions::default()
-        },
-    );
-    loop {
-        sub.wait().await?;
-        let events = sub.next_batch(BATCH).await?;
-        let Some(last) = events.last().map(|e| e.position) else {
-            continue;
-        };
-        let writes = apply_batch(rm, &events).await?;
-        rm.commit(ReadModelBatch {
-            checkpoint: TRACE_PROJECTION.into(),
-            expected_checkpoint: checkpoint,
-            position: last,
-            writes,
-        })
-        .await?;
-        checkpoint = Some(last);
-        progress.send_replace(last);
+        if head.changed().await.is_err() {
+            return;
+        }
     }
 }
 

@@ -9,12 +9,11 @@
 //! Tenant ids and entity ids contain no `0x00`, so one tenant's or entity's keys are one
 //! contiguous range, and a tenant can never read another's rows.
 
-use std::collections::HashMap;
-
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracktrace_core::{
-    Direction, KeyRange, Position, ReadModelStore, ReadModelWrite, RecordedEvent, TenantId,
+    BoxError, Direction, EventFilter, KeyRange, Position, Projection, ReadModelStore, ReadModelTx,
+    RecordedEvent, TenantId,
 };
 
 use crate::auth::SYSTEM_TENANT;
@@ -179,43 +178,62 @@ fn unreachable_raw() -> Box<RawValue> {
     unreachable!("`{{}}` is valid JSON")
 }
 
-/// Computes the read-model writes of a batch of events. `load` fetches a stored status
-/// record (statuses touched earlier in the batch are taken from the batch itself).
-/// Undecodable events are logged and skipped so one bad record cannot wedge the projection.
-pub async fn apply_batch(
-    rm: &dyn ReadModelStore,
-    events: &[RecordedEvent],
-) -> tracktrace_core::Result<Vec<ReadModelWrite>> {
-    let mut writes = Vec::new();
-    let mut statuses: HashMap<Vec<u8>, EntityStatus> = HashMap::new();
-    for e in events.iter().filter(|e| is_operational(e)) {
+/// The trace projection (arc42 6.1.1 "ReadModel: UpdateProjections"): per event, the
+/// timeline entry and the entity's status record, through the runtime's [`ReadModelTx`] so
+/// they commit atomically with the checkpoint. Undecodable events are logged and skipped so
+/// one bad record cannot wedge the projection.
+#[derive(Debug, Default)]
+pub struct TraceProjection;
+
+/// Checkpoint name of the trace projection.
+pub const TRACE_PROJECTION: &str = "tt.trace";
+
+#[async_trait::async_trait]
+impl Projection for TraceProjection {
+    fn name(&self) -> &str {
+        TRACE_PROJECTION
+    }
+
+    fn filter(&self) -> EventFilter {
+        EventFilter {
+            tenant: None,
+            event_types: vec![OPERATIONAL_EVENT.into()],
+            stream_prefix: Some(ENTITY_STREAM_PREFIX.into()),
+        }
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        vec![TIMELINE_NS.into(), ENTITY_NS.into()]
+    }
+
+    async fn apply(&mut self, e: &RecordedEvent, tx: &mut ReadModelTx<'_>) -> Result<(), BoxError> {
+        if !is_operational(e) {
+            return Ok(());
+        }
         let s = match StoredEvent::decode(e) {
             Ok(s) => s,
             Err(err) => {
                 tracing::error!(position = %e.position, error = %err, "undecodable operational event skipped by the trace projection");
-                continue;
+                return Ok(());
             }
         };
         let tenant = e.tenant.as_str();
         let entry = entry_from(e, &s);
-        writes.push(ReadModelWrite::Put {
-            ns: TIMELINE_NS.into(),
-            key: timeline_key(
+        tx.put(
+            TIMELINE_NS,
+            timeline_key(
                 tenant,
                 &s.entity_id,
                 s.occurred_at_us,
                 e.event_id.to_bytes(),
             ),
-            value: serde_json::to_vec(&entry).unwrap_or_default(),
-        });
+            serde_json::to_vec(&entry)?,
+        );
         let key = entity_key(tenant, &s.entity_id);
-        let prev = match statuses.remove(&key) {
-            Some(st) => Some(st),
-            None => match rm.get(ENTITY_NS, &key).await? {
-                Some(b) => serde_json::from_slice::<EntityStatus>(&b).ok(),
-                None => None,
-            },
-        };
+        let prev = tx
+            .get(ENTITY_NS, &key)
+            .await?
+            .and_then(|b| serde_json::from_slice::<EntityStatus>(&b).ok());
         let candidate = CurrentStatus {
             event_type: s.event_type.clone(),
             location: s.location.clone(),
@@ -242,16 +260,9 @@ pub async fn apply_batch(
                 current: candidate,
             },
         };
-        statuses.insert(key, status);
+        tx.put(ENTITY_NS, key, serde_json::to_vec(&status)?);
+        Ok(())
     }
-    for (key, st) in statuses {
-        writes.push(ReadModelWrite::Put {
-            ns: ENTITY_NS.into(),
-            key,
-            value: serde_json::to_vec(&st).unwrap_or_default(),
-        });
-    }
-    Ok(writes)
 }
 
 /// Loads an entity's status record.
