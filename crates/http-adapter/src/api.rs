@@ -29,7 +29,7 @@ use crate::error::{ApiError, Problem};
 use crate::projection::wait_for;
 use crate::tenants::{TenantInfo, TenantRegistry, parse_new_tenant};
 use crate::timeline::{
-    self, CurrentStatus, EntityStatus, Leg, TimelineEntry, TimelineFilter, decode_cursor,
+    self, CurrentStatus, EntityStatus, EntryMeta, Leg, TimelineEntry, TimelineFilter, decode_cursor,
 };
 
 /// API settings.
@@ -436,11 +436,11 @@ pub struct CompactEntry {
 }
 
 /// Timeline entries of a trace, per view.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Serialize)]
 #[serde(untagged)]
 pub enum Entries {
-    /// `view=full`.
-    Full(Vec<TimelineEntry>),
+    /// `view=full`: the stored entries ([`TimelineEntry`]) copied as they are.
+    Full(Vec<Box<serde_json::value::RawValue>>),
     /// `view=compact`.
     Compact(Vec<CompactEntry>),
 }
@@ -459,8 +459,10 @@ pub struct TraceView {
     pub status: StatusView,
     /// `full`, `compact` or `legs`.
     pub view: String,
-    /// Timeline entries (`full`: every field; `compact`: id, type, time, location).
+    /// Timeline entries (`full`: every field of a timeline entry; `compact`: id, type, time,
+    /// location).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<TimelineEntry>>)]
     pub events: Option<Entries>,
     /// Journey legs (`view=legs`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -680,24 +682,43 @@ async fn build_view(
         pq.limit,
     )
     .await?;
+    let corrupt = |e: serde_json::Error| {
+        tracing::error!(error = %e, "undecodable timeline entry");
+        ApiError::Internal
+    };
+    let metas = || -> Result<Vec<EntryMeta<'_>>, ApiError> {
+        page.entries
+            .iter()
+            .map(|b| EntryMeta::parse(b).map_err(corrupt))
+            .collect()
+    };
     let (events, legs, view) = match pq.view {
-        View::Full => (Some(Entries::Full(page.entries)), None, "full"),
-        View::Compact => (
-            Some(Entries::Compact(
+        View::Full => (
+            Some(Entries::Full(
                 page.entries
                     .iter()
+                    .map(|b| serde_json::from_slice(b).map_err(corrupt))
+                    .collect::<Result<_, _>>()?,
+            )),
+            None,
+            "full",
+        ),
+        View::Compact => (
+            Some(Entries::Compact(
+                metas()?
+                    .into_iter()
                     .map(|e| CompactEntry {
-                        event_id: e.event_id.clone(),
-                        event_type: e.event_type.clone(),
-                        occurred_at: e.occurred_at.clone(),
-                        location: e.location.code.clone(),
+                        event_id: e.event_id.into_owned(),
+                        event_type: e.event_type.into_owned(),
+                        occurred_at: e.occurred_at.into_owned(),
+                        location: e.location.code.into_owned(),
                     })
                     .collect(),
             )),
             None,
             "compact",
         ),
-        View::Legs => (None, Some(timeline::legs(&page.entries)), "legs"),
+        View::Legs => (None, Some(timeline::legs(&metas()?)), "legs"),
     };
     Ok(TraceView {
         entity_id: status.entity_id.clone(),

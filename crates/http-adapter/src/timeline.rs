@@ -9,6 +9,9 @@
 //! Tenant ids and entity ids contain no `0x00`, so one tenant's or entity's keys are one
 //! contiguous range, and a tenant can never read another's rows.
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tracktrace_core::{
@@ -299,10 +302,47 @@ pub struct TimelineFilter {
 }
 
 impl TimelineFilter {
-    fn matches(&self, e: &TimelineEntry) -> bool {
-        (self.event_types.is_empty() || self.event_types.contains(&e.event_type))
+    fn matches(&self, e: &EntryMeta<'_>) -> bool {
+        (self.event_types.is_empty() || self.event_types.iter().any(|t| *t == e.event_type))
             && self.location.as_ref().is_none_or(|l| *l == e.location.code)
             && self.source.as_ref().is_none_or(|s| *s == e.source)
+    }
+}
+
+/// The fields of a stored [`TimelineEntry`] that filters and the compact and legs views need,
+/// borrowed from the stored bytes (no attribute parsing, few allocations).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EntryMeta<'a> {
+    /// Event id.
+    #[serde(borrow)]
+    pub event_id: Cow<'a, str>,
+    /// Event type.
+    #[serde(borrow)]
+    pub event_type: Cow<'a, str>,
+    /// When, as sent.
+    #[serde(borrow)]
+    pub occurred_at: Cow<'a, str>,
+    /// Where.
+    #[serde(borrow)]
+    pub location: LocationMeta<'a>,
+    /// Reporting system.
+    #[serde(borrow)]
+    pub source: Cow<'a, str>,
+}
+
+/// The location code of an [`EntryMeta`].
+#[derive(Debug, Deserialize)]
+pub struct LocationMeta<'a> {
+    /// Location code.
+    #[serde(borrow)]
+    pub code: Cow<'a, str>,
+}
+
+impl<'a> EntryMeta<'a> {
+    /// Decodes the view fields of a stored entry.
+    pub fn parse(stored: &'a [u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(stored)
     }
 }
 
@@ -328,8 +368,9 @@ pub fn decode_cursor(s: &str) -> Result<Vec<u8>, ApiError> {
 /// One page of a timeline.
 #[derive(Clone, Debug)]
 pub struct TimelinePage {
-    /// Matching entries, ordered by `occurredAt` then event id.
-    pub entries: Vec<TimelineEntry>,
+    /// Matching entries (stored JSON of [`TimelineEntry`]), ordered by `occurredAt` then
+    /// event id.
+    pub entries: Vec<Bytes>,
     /// Cursor of the next page, if there are more matching entries.
     pub next_cursor: Option<String>,
 }
@@ -395,17 +436,15 @@ pub async fn read_timeline(
             .await?;
         let n = rows.len();
         for (k, v) in rows {
-            let entry: TimelineEntry = match serde_json::from_slice(&v) {
-                Ok(e) => e,
+            start = k.to_vec();
+            start.push(0);
+            match serde_json::from_slice::<EntryMeta<'_>>(&v) {
+                Ok(meta) if filter.matches(&meta) => {}
+                Ok(_) => continue,
                 Err(err) => {
                     tracing::error!(error = %err, "undecodable timeline entry skipped");
                     continue;
                 }
-            };
-            start = k.to_vec();
-            start.push(0);
-            if !filter.matches(&entry) {
-                continue;
             }
             if out.len() == limit {
                 // One more match exists: the page is full and has a successor.
@@ -416,7 +455,7 @@ pub async fn read_timeline(
                 });
             }
             last_key = Some(k.to_vec());
-            out.push(entry);
+            out.push(v);
         }
         if n < chunk {
             return Ok(TimelinePage {
@@ -444,21 +483,21 @@ pub struct Leg {
 }
 
 /// Groups entries into legs: a new leg starts whenever the location code changes.
-pub fn legs(entries: &[TimelineEntry]) -> Vec<Leg> {
+pub fn legs(entries: &[EntryMeta<'_>]) -> Vec<Leg> {
     let mut out: Vec<Leg> = Vec::new();
     for e in entries {
         match out.last_mut() {
             Some(l) if l.location == e.location.code => {
-                l.to = e.occurred_at.clone();
-                l.event_types.push(e.event_type.clone());
-                l.event_ids.push(e.event_id.clone());
+                l.to = e.occurred_at.to_string();
+                l.event_types.push(e.event_type.to_string());
+                l.event_ids.push(e.event_id.to_string());
             }
             _ => out.push(Leg {
-                location: e.location.code.clone(),
-                from: e.occurred_at.clone(),
-                to: e.occurred_at.clone(),
-                event_types: vec![e.event_type.clone()],
-                event_ids: vec![e.event_id.clone()],
+                location: e.location.code.to_string(),
+                from: e.occurred_at.to_string(),
+                to: e.occurred_at.to_string(),
+                event_types: vec![e.event_type.to_string()],
+                event_ids: vec![e.event_id.to_string()],
             }),
         }
     }
