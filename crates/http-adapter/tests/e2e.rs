@@ -577,25 +577,35 @@ async fn two_servers_on_one_postgres_see_each_others_writes() {
     let data = dir.path().join("data");
     let mut args = pg_args(&pg, &schema, data.to_str().unwrap());
     args.extend(cache_args());
-    let mut a_args = args.clone();
-    a_args.extend(["--role".into(), "all".into()]);
-    let mut b_args = args.clone();
-    b_args.extend(["--role".into(), "api".into()]);
-    let a = Server::start(
-        dir.path(),
-        "a",
-        &a_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    // Two API processes and one processor (runs the trace projection, serves only health).
+    let start = |name: &str, role: &str| {
+        let mut v = args.clone();
+        v.extend(["--role".into(), role.into()]);
+        Server::start(
+            dir.path(),
+            name,
+            &v.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let a = start("a", "api");
+    let b = start("b", "api");
+    let p = start("p", "processor");
+    assert_eq!(
+        call(&p.addr, "GET", "/readyz", None, None).await.status,
+        200
     );
-    let b = Server::start(
-        dir.path(),
-        "b",
-        &b_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    assert_eq!(
+        call(&p.addr, "GET", "/api/v1/trace/X1", None, None)
+            .await
+            .status,
+        404
     );
     let common: Vec<String> = pg_args(&pg, &schema, data.to_str().unwrap());
     let c: Vec<&str> = common.iter().map(String::as_str).collect();
     let w = cli_token(&c, &a.addr, "acme", "events:write,trace:read");
 
-    // Through A, read through B (B runs no projection: it waits on the stored checkpoint).
+    // Through A, read through B (the API processes run no projection: they wait on the
+    // checkpoint the processor stores).
     let c1 = capture(
         &a.addr,
         &w,
@@ -627,6 +637,6 @@ async fn two_servers_on_one_postgres_see_each_others_writes() {
             "stale view from {s}"
         );
     }
-    drop((a, b));
+    drop((a, b, p));
     drop_schema(&pg, &schema).await;
 }
