@@ -118,7 +118,7 @@ async fn run() {
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = server::start(&cfg, stores, listener).await.unwrap();
+    let running = server::start(&cfg, stores.clone(), listener).await.unwrap();
     let addr = running.addr.to_string();
     let keys = JwtKeys::from_secret(cfg.jwt_secret.as_deref().unwrap().as_bytes()).unwrap();
     let token = keys.sign(&Claims {
@@ -197,6 +197,77 @@ async fn run() {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Where the capture time goes: the same load without HTTP (the capture service: runtime
+    // command buses + store), and raw store appends (one event per append), with the server
+    // (and its projection) still running as above.
+    let store = stores.events.clone();
+    let service = tracktrace_http::capture::CaptureService::new(store.clone());
+    let tenant = TenantId::parse("bench").unwrap();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (service, tenant) = (service.clone(), tenant.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..per_client {
+                let ev = tracktrace_http::domain::validate_capture(&event(
+                    &format!("S{c}-{}", i / 10),
+                    i,
+                ))
+                .unwrap();
+                let cmd = tracktrace_http::capture::CaptureCommand {
+                    event: ev,
+                    enrichment: tracktrace_http::domain::Enrichment {
+                        tenant: tenant.clone(),
+                        submitted_by: "bench".into(),
+                        received_at: tracktrace_core::Timestamp::now(),
+                        correlation_id: "bench".into(),
+                    },
+                };
+                service.capture(cmd).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let e = start.elapsed();
+    println!(
+        "[{backend}] capture without HTTP (CaptureService): {total} events, {clients} tasks, {:.2} s → {:.0} events/s",
+        e.as_secs_f64(),
+        total as f64 / e.as_secs_f64()
+    );
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (store, tenant) = (store.clone(), tenant.clone());
+        tasks.push(tokio::spawn(async move {
+            use tracktrace_core::EventStoreExt;
+            for i in 0..per_client {
+                let stream =
+                    tracktrace_core::StreamId::parse(format!("Raw-{c}-{}", i / 10)).unwrap();
+                let ev = tracktrace_core::NewEvent::new("Raw", "application/json", event("R", i));
+                store
+                    .append_to(
+                        &tenant,
+                        &stream,
+                        tracktrace_core::ExpectedVersion::Any,
+                        vec![ev],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let e = start.elapsed();
+    println!(
+        "[{backend}] raw store appends (1 event each): {total} events, {clients} tasks, {:.2} s → {:.0} events/s",
+        e.as_secs_f64(),
+        total as f64 / e.as_secs_f64()
+    );
+
     for (name, miss) in [("cache miss", true), ("cache hit", false)] {
         let l = trace_latencies(&addr, &auth, samples, miss).await;
         println!(
