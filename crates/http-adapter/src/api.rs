@@ -68,6 +68,8 @@ struct Inner {
     cache: TraceCache,
     progress: Option<watch::Receiver<Position>>,
     config: ApiConfig,
+    /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
+    closing: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -98,8 +100,15 @@ impl AppState {
                 cache,
                 progress,
                 config,
+                closing: watch::Sender::new(false),
             }),
         }
+    }
+
+    /// Ends every open event stream (SSE) and refuses new ones: called at shutdown, since
+    /// graceful shutdown waits for open connections to finish.
+    pub fn close_streams(&self) {
+        self.inner.closing.send_replace(true);
     }
 
     /// The tenant registry.
@@ -842,6 +851,10 @@ async fn subscribe(
                 return Some((Ok::<_, std::convert::Infallible>(ev), sub));
             }
         }
+    });
+    let mut closing = state.inner.closing.subscribe();
+    let stream = futures_util::StreamExt::take_until(stream, async move {
+        let _ = closing.wait_for(|c| *c).await;
     });
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())

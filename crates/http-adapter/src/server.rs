@@ -225,6 +225,7 @@ pub async fn start(
         cfg.api.clone(),
     );
     background.push(tokio::spawn(state.tenants().clone().follow()));
+    let closing = state.clone();
     let app = match cfg.role {
         Role::Processor => crate::api::ops_router(state),
         _ => router(state),
@@ -234,6 +235,8 @@ pub async fn start(
         let r = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = shutdown_rx.wait_for(|s| *s).await;
+                // Open event streams would keep their connections (and the drain) forever.
+                closing.close_streams();
             })
             .await;
         for b in background {

@@ -329,6 +329,19 @@ async fn sled_end_to_end() {
     // Graceful shutdown, restart on the same directory: everything is still there.
     let w = tokens("acme", "events:write,trace:read");
     let before = trace(&addr, &w, "BAG2", "limit=1000", 0).await.json();
+    // An open event stream must not keep graceful shutdown from finishing.
+    let mut sse = TcpStream::connect(&addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/subscribe HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {w}\r\n\r\n"
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut sse, req.as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    tokio::io::AsyncReadExt::read_exact(&mut sse, &mut head)
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
     assert!(server.terminate(), "graceful shutdown failed");
     let server = Server::start(dir.path(), "sled2", &["--data-dir", &data_s]);
     let after = trace(&server.addr, &w, "BAG2", "limit=1000", 0)

@@ -940,3 +940,25 @@ async fn subscribe_streams_filtered_events_and_resumes_after_last_event_id() {
     let (s, _, _) = f.get("/api/v1/subscribe?entityId=bad%20id", Some(&t)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn shutdown_ends_open_event_streams() {
+    use http_body_util::BodyExt;
+    let f = fixture().await;
+    let req = Request::get("/api/v1/subscribe?entityId=Z1")
+        .header("authorization", format!("Bearer {}", f.writer()))
+        .body(Body::empty())
+        .unwrap();
+    let res = f.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    f.state.close_streams();
+    // The stream ends (instead of waiting for events forever), so connections can drain.
+    let mut body = res.into_body();
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the event stream did not end at shutdown");
+}
