@@ -12,7 +12,8 @@
 //! TRACKTRACE_BENCH_PG=postgres://postgres@127.0.0.1:5432/test cargo bench -p tracktrace-http --bench http_load
 //! ```
 //! Knobs: `TRACKTRACE_BENCH_EVENTS` (captures, default 20000), `TRACKTRACE_BENCH_CLIENTS` (32),
-//! `TRACKTRACE_BENCH_SAMPLES` (trace samples per case, 300).
+//! `TRACKTRACE_BENCH_SAMPLES` (trace samples per case, 300), `TRACKTRACE_BENCH_PG_POOL`
+//! (PostgreSQL pool size, 16).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,6 +102,10 @@ async fn run() {
         data_dir: dir.path().to_owned(),
         store_url: pg.clone(),
         pg_schema: schema.clone(),
+        pg_max_connections: std::env::var("TRACKTRACE_BENCH_PG_POOL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16),
         cache_url: None,
         cache: CacheConfig::default(),
         role: Role::All,

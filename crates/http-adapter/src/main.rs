@@ -54,6 +54,14 @@ struct Common {
         global = true
     )]
     pg_schema: String,
+    /// PostgreSQL connection pool size.
+    #[arg(
+        long,
+        env = "TRACKTRACE_PG_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
+    pg_max_connections: u32,
     /// JWT HS256 secret (at least 32 bytes); default: generated once in the data directory.
     #[arg(
         long,
@@ -124,6 +132,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         data_dir: c.data_dir.clone(),
         store_url: c.store.clone(),
         pg_schema: c.pg_schema.clone(),
+        pg_max_connections: c.pg_max_connections,
         cache_url: s.cache.clone(),
         cache: CacheConfig {
             ttl: Duration::from_secs(s.cache_ttl_secs.max(1)),

@@ -38,6 +38,8 @@ pub struct ServerConfig {
     pub store_url: Option<String>,
     /// PostgreSQL schema.
     pub pg_schema: String,
+    /// PostgreSQL connection pool size.
+    pub pg_max_connections: u32,
     /// `redis://…` to cache trace views in Redis.
     pub cache_url: Option<String>,
     /// Cache settings.
@@ -92,6 +94,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             let store = tracktrace_store_postgres::PgStore::connect_with(
                 tracktrace_store_postgres::PgStoreOptions::new(url.clone())
                     .schema(cfg.pg_schema.clone())
+                    .max_connections(cfg.pg_max_connections)
                     .acquire_timeout(Duration::from_secs(2)),
             )
             .await
