@@ -77,7 +77,11 @@ async fn trace_latencies(addr: &str, auth: &str, samples: usize, miss: bool) -> 
         assert_eq!(r.status, 200);
         let want = if miss { "miss" } else { "hit" };
         assert_eq!(r.header("x-cache"), Some(want));
-        assert_eq!(r.json()["events"].as_array().map(Vec::len), Some(1000));
+        // Parse only the first response: a full parse per sample would load the measuring
+        // process (the server shares it) with more work than the request itself.
+        if i == 0 {
+            assert_eq!(r.json()["events"].as_array().map(Vec::len), Some(1000));
+        }
     }
     out.sort();
     out
