@@ -922,8 +922,9 @@ fn count<St, C>(records: &[SagaRecord<St, C>], f: impl Fn(&SagaRecord<St, C>) ->
 /// exactly once, and a command recorded but not sent before the crash is sent after it with
 /// the same dispatch id.
 pub async fn saga_deadline_across_restart(s: RuntimeStores) -> CheckResult {
+    // Long enough that the first runner cannot reach the deadline before its "crash".
     let saga = OrderSaga {
-        payment_timeout: Duration::from_millis(200),
+        payment_timeout: Duration::from_millis(500),
     };
     let d1 = RecordingDispatcher::new(s.events.clone());
     d1.down.store(true, Ordering::SeqCst);
@@ -1151,6 +1152,7 @@ pub async fn saga_redelivery_is_idempotent(s: RuntimeStores) -> CheckResult {
 pub struct FaultyStore {
     inner: Arc<dyn EventStore>,
     down: AtomicBool,
+    hang: AtomicBool,
     fail_next: AtomicU32,
     calls: AtomicU64,
 }
@@ -1170,6 +1172,7 @@ impl FaultyStore {
         Self {
             inner,
             down: AtomicBool::new(false),
+            hang: AtomicBool::new(false),
             fail_next: AtomicU32::new(0),
             calls: AtomicU64::new(0),
         }
@@ -1178,6 +1181,11 @@ impl FaultyStore {
     /// Every call fails while `down`.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Every call hangs (never completes) while set: a store that stopped answering.
+    pub fn set_hang(&self, hang: bool) {
+        self.hang.store(hang, Ordering::SeqCst);
     }
 
     /// The next `n` calls fail.
@@ -1190,8 +1198,11 @@ impl FaultyStore {
         self.calls.load(Ordering::SeqCst)
     }
 
-    fn check(&self) -> Result<()> {
+    async fn check(&self) -> Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         let injected = self
             .fail_next
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -1210,27 +1221,27 @@ impl FaultyStore {
 #[async_trait]
 impl EventStore for FaultyStore {
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
-        self.check()?;
+        self.check().await?;
         self.inner.append(req).await
     }
     async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.check()?;
+        self.check().await?;
         self.inner.read_stream(req).await
     }
     async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
-        self.check()?;
+        self.check().await?;
         self.inner.read_all(req).await
     }
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        self.check()?;
+        self.check().await?;
         self.inner.stream_version(tenant, stream).await
     }
     async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
-        self.check()?;
+        self.check().await?;
         self.inner.get_event(tenant, id).await
     }
     async fn head(&self) -> Result<Position> {
-        self.check()?;
+        self.check().await?;
         self.inner.head().await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
@@ -1249,7 +1260,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
         faulty.clone(),
         BreakerConfig {
             failure_threshold: 3,
-            open_for: Duration::from_millis(100),
+            open_for: Duration::from_millis(400),
         },
     );
     ensure_eq!(breaker.state(), BreakerState::Closed, "starts closed");
@@ -1272,7 +1283,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
             Err(Error::Unavailable {
                 retry_after: Some(d),
                 ..
-            }) if d <= Duration::from_millis(100) => {}
+            }) if d <= Duration::from_millis(400) => {}
             other => {
                 return Err(CheckFailure(format!(
                     "expected fast Unavailable, got {other:?}"
@@ -1287,7 +1298,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
     );
     ensure_eq!(breaker.rejected_calls(), 10, "rejections counted");
     // Half-open probe while still down: opens again.
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
     ensure_eq!(
         breaker.state(),
         BreakerState::HalfOpen,
@@ -1305,7 +1316,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
     ensure_eq!(breaker.state(), BreakerState::Open, "failed probe re-opens");
     // Recovery.
     faulty.set_down(false);
-    tokio::time::sleep(Duration::from_millis(120)).await;
+    tokio::time::sleep(Duration::from_millis(450)).await;
     ok(breaker.stream_version(&t, &stream).await, "probe succeeds")?;
     ensure_eq!(
         breaker.state(),

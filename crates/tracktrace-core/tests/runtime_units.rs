@@ -110,21 +110,35 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
         faulty.clone(),
         BreakerConfig {
             failure_threshold: 1,
-            open_for: Duration::from_millis(30),
+            open_for: Duration::from_millis(300),
         },
     );
     faulty.set_down(true);
     assert!(breaker.head().await.is_err());
     assert_eq!(breaker.state(), BreakerState::Open);
-    tokio::time::sleep(Duration::from_millis(40)).await;
-    // Start a probe and drop it before it completes (never polled to completion).
-    drop(breaker.head());
-    {
-        let probe = breaker.head();
-        let _ = tokio::time::timeout(Duration::ZERO, probe).await;
-    }
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    // The probe hangs and its caller gives up (the probe's future is dropped).
     faulty.set_down(false);
-    tokio::time::sleep(Duration::from_millis(40)).await;
+    faulty.set_hang(true);
+    let calls = faulty.calls();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(20), breaker.head())
+            .await
+            .is_err()
+    );
+    assert_eq!(faulty.calls(), calls + 1, "the probe reached the store");
+    // While the (abandoned) probe counts as in flight, others fail fast.
+    match breaker.head().await {
+        Err(Error::Unavailable {
+            retry_after: Some(_),
+            ..
+        }) => {}
+        other => panic!("expected a fast rejection, got {other:?}"),
+    }
+    assert_eq!(faulty.calls(), calls + 1);
+    // After open_for a new probe is let through and closes the breaker.
+    faulty.set_hang(false);
+    tokio::time::sleep(Duration::from_millis(350)).await;
     breaker
         .head()
         .await
