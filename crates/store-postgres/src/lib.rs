@@ -1,5 +1,7 @@
-//! PostgreSQL backend for tracktrace: an [`EventStore`] with a gap-free global log, plus
-//! [`SnapshotStore`], [`CheckpointStore`] and [`ReadModelStore`], on sqlx (runtime-checked
+//! PostgreSQL backend for tracktrace: an [`EventStore`](tracktrace_core::EventStore) with a
+//! gap-free global log, plus [`SnapshotStore`](tracktrace_core::SnapshotStore),
+//! [`CheckpointStore`](tracktrace_core::CheckpointStore) and
+//! [`ReadModelStore`](tracktrace_core::ReadModelStore), on sqlx (runtime-checked
 //! queries only: building this crate never needs a database).
 //!
 //! ```no_run

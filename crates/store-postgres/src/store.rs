@@ -1,7 +1,7 @@
 //! [`EventStore`] for [`PgStore`].
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgPool, PgRow};
+use sqlx::postgres::{PgConnection, PgPool, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::watch;
 use uuid::Uuid;
@@ -168,6 +168,7 @@ fn limit(n: usize) -> i64 {
 impl PgStore {
     async fn append_once(
         &self,
+        conn: &mut PgConnection,
         req: &AppendRequest,
         retry: bool,
     ) -> std::result::Result<Vec<PgRow>, sqlx::Error> {
@@ -221,7 +222,7 @@ impl PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(headers)
-            .fetch_all(&self.inner.pool)
+            .fetch_all(&mut *conn)
             .await
     }
 }
@@ -268,9 +269,20 @@ impl EventStore for PgStore {
                 "must fit in a signed 32-bit integer",
             ));
         }
+        // Every attempt of one append runs on the same connection. sqlx reports a statement's
+        // error before the server has finished aborting its transaction; on this connection the
+        // next attempt starts only after that abort, so by the time this append returns, no
+        // failed attempt of it still holds the lock (and its transaction id) that would make
+        // readers' horizon lag behind this append's own events.
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| map_err("append", e))?;
         let mut retry = false;
         for _ in 0..MAX_APPEND_ATTEMPTS {
-            let rows = match self.append_once(&req, retry).await {
+            let rows = match self.append_once(&mut conn, &req, retry).await {
                 Ok(rows) => rows,
                 // A concurrent append stored one of our ids / dedup keys between our check and
                 // our insert: look the originals up and decide again.
@@ -279,6 +291,11 @@ impl EventStore for PgStore {
                     continue;
                 }
                 Err(e) => {
+                    // Let the server finish aborting the failed transaction before reporting
+                    // (see above), so a read right after this error does not lag.
+                    if matches!(e, sqlx::Error::Database(_)) {
+                        let _ = sqlx::Connection::ping(&mut *conn).await;
+                    }
                     // The failed transaction may have held back readers' horizon: wake them.
                     let head = *self.inner.shared.head.borrow();
                     self.inner.shared.committed(head);
