@@ -71,7 +71,7 @@ pub mod auth;
 pub mod cache;
 pub mod capture;
 pub mod client;
-pub mod domain;
+pub use tracktrace_domain as domain;
 pub mod error;
 pub mod projection;
 pub mod server;

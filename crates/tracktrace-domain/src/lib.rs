@@ -1,9 +1,32 @@
 //! The Track & Trace domain: the operational event, its validation (every field error at
 //! once), its enrichment and how it is stored in the event store.
 //!
+//! A crate of its own (no HTTP, no server dependencies) so that fuzz targets and other
+//! front ends (a queue consumer, a CLI importer) can validate capture payloads exactly as the
+//! server does; `tracktrace-http` re-exports it as `tracktrace_http::domain`.
+//!
 //! [`validate_capture`] is the one entry point from untrusted bytes to a valid
-//! [`OperationalEvent`]; it never panics (fuzzed by `tests/capture_fuzz.rs` and the lead's
-//! `fuzz/` target).
+//! [`OperationalEvent`]; it never panics (fuzzed by `tracktrace-http`'s
+//! `tests/capture_fuzz.rs` and the `fuzz/` targets).
+//!
+//! ```
+//! use tracktrace_domain::{CaptureError, validate_capture};
+//!
+//! let ev = validate_capture(br#"{"entityId": "0125123456", "entityType": "Bag",
+//!     "eventType": "BagLoaded", "occurredAt": "2026-11-28T08:15:00+01:00",
+//!     "location": {"code": "MAD"}}"#).map_err(|e| e.to_string())?;
+//! assert_eq!(ev.occurred_at.utc_rfc3339(), "2026-11-28T07:15:00Z");
+//! assert_eq!(ev.stream_id().map_err(|e| e.to_string())?.as_str(), "Entity-Bag-0125123456");
+//!
+//! let Err(CaptureError::Invalid { errors }) = validate_capture(br#"{"entityId": "x"}"#) else {
+//!     return Err("expected field errors".into());
+//! };
+//! assert!(errors.iter().any(|e| e.field == "occurredAt"));
+//! # Ok::<(), String>(())
+//! ```
+//!
+//! # Features
+//! - `openapi`: `utoipa::ToSchema` for the wire types (used by the server's OpenAPI document).
 
 use std::fmt;
 
@@ -38,7 +61,8 @@ pub mod limits {
 }
 
 /// One invalid field of a request: what the HTTP layer lists in a 400 problem document.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FieldError {
     /// Path of the field, e.g. `location.code` or `relatedEntities[1].relation`
     /// (empty for the document itself).
@@ -132,7 +156,8 @@ pub fn parse_instant(s: &str) -> Result<i64, String> {
 }
 
 /// Where an event happened.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Location {
     /// IATA-like location code: 3–8 characters `A–Z 0–9` (airport `MAD`, ICAO `LEMD`,
     /// UN/LOCODE `ESMAD`).
@@ -143,7 +168,8 @@ pub struct Location {
 }
 
 /// A relation to another entity (bag *containedIn* ULD, ULD *loadedOn* flight).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RelatedEntity {
     /// The other entity's id.
