@@ -1,0 +1,287 @@
+//! `tracktrace-server`: the Track & Trace reference server.
+//!
+//! ```text
+//! tracktrace-server [serve] [--data-dir ./tracktrace-data] [--listen 127.0.0.1:8080]
+//!                   [--store postgres://…] [--cache redis://…] [--role api|processor|all]
+//! tracktrace-server token --tenant acme --scopes events:write,trace:read
+//! ```
+//! Every flag has a `TRACKTRACE_*` environment variable.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracktrace_core::{BreakerConfig, TenantId};
+use tracktrace_http::api::ApiConfig;
+use tracktrace_http::auth::{Claims, SYSTEM_TENANT, Scope, now_secs};
+use tracktrace_http::cache::CacheConfig;
+use tracktrace_http::server::{self, Role, ServerConfig};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tracktrace-server",
+    version,
+    about = "Track & Trace reference server"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    serve: Serve,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Data directory: the embedded store and the generated JWT secret.
+    #[arg(
+        long,
+        env = "TRACKTRACE_DATA_DIR",
+        default_value = "./tracktrace-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// PostgreSQL URL (postgres://…); default: the embedded sled store in the data directory.
+    #[arg(long, env = "TRACKTRACE_STORE", global = true)]
+    store: Option<String>,
+    /// PostgreSQL schema of the store.
+    #[arg(
+        long,
+        env = "TRACKTRACE_PG_SCHEMA",
+        default_value = "tracktrace",
+        global = true
+    )]
+    pg_schema: String,
+    /// PostgreSQL connection pool size.
+    #[arg(
+        long,
+        env = "TRACKTRACE_PG_MAX_CONNECTIONS",
+        default_value_t = 16,
+        global = true
+    )]
+    pg_max_connections: u32,
+    /// JWT HS256 secret (at least 32 bytes); default: generated once in the data directory.
+    #[arg(
+        long,
+        env = "TRACKTRACE_JWT_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    jwt_secret: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server (the default).
+    Serve(Serve),
+    /// Print a token signed with the server's secret, creating the tenant if needed.
+    Token(Token),
+}
+
+#[derive(Args, Debug)]
+struct Serve {
+    /// Listen address.
+    #[arg(long, env = "TRACKTRACE_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Redis URL (redis://…) for the trace view cache; default: in-process cache.
+    #[arg(long, env = "TRACKTRACE_CACHE")]
+    cache: Option<String>,
+    /// What this process does.
+    #[arg(long, env = "TRACKTRACE_ROLE", value_enum, default_value_t = Role::All)]
+    role: Role,
+    /// Trace view cache time-to-live, seconds.
+    #[arg(long, env = "TRACKTRACE_CACHE_TTL_SECS", default_value_t = 60)]
+    cache_ttl_secs: u64,
+    /// In-process cache memory bound per tenant, MiB.
+    #[arg(long, env = "TRACKTRACE_CACHE_MIB_PER_TENANT", default_value_t = 32)]
+    cache_mib_per_tenant: u64,
+    /// Longest `minPosition` wait, milliseconds.
+    #[arg(long, env = "TRACKTRACE_READ_YOUR_WRITES_MS", default_value_t = 2000)]
+    read_your_writes_ms: u64,
+    /// Consecutive store failures that open the circuit breaker.
+    #[arg(long, env = "TRACKTRACE_BREAKER_FAILURES", default_value_t = 5)]
+    breaker_failures: u32,
+    /// How long the circuit breaker stays open before probing, milliseconds.
+    #[arg(long, env = "TRACKTRACE_BREAKER_OPEN_MS", default_value_t = 5000)]
+    breaker_open_ms: u64,
+}
+
+#[derive(Args, Debug)]
+struct Token {
+    /// Tenant the token acts for (created if it does not exist).
+    #[arg(long)]
+    tenant: String,
+    /// Comma-separated scopes: events:write, trace:read, metrics:read, admin.
+    #[arg(long, value_delimiter = ',', default_value = "events:write,trace:read")]
+    scopes: Vec<String>,
+    /// Token subject.
+    #[arg(long, default_value = "cli")]
+    sub: String,
+    /// Validity, seconds.
+    #[arg(long, default_value_t = 86_400)]
+    ttl_secs: u64,
+    /// Address of a running server to create the tenant through when the store is in use.
+    #[arg(long, env = "TRACKTRACE_LISTEN", default_value = "127.0.0.1:8080")]
+    server: String,
+}
+
+fn config(c: &Common, s: &Serve) -> ServerConfig {
+    ServerConfig {
+        data_dir: c.data_dir.clone(),
+        store_url: c.store.clone(),
+        pg_schema: c.pg_schema.clone(),
+        pg_max_connections: c.pg_max_connections,
+        cache_url: s.cache.clone(),
+        cache: CacheConfig {
+            ttl: Duration::from_secs(s.cache_ttl_secs.max(1)),
+            max_bytes_per_tenant: s.cache_mib_per_tenant.max(1) * 1024 * 1024,
+        },
+        role: s.role,
+        jwt_secret: c.jwt_secret.clone(),
+        api: ApiConfig {
+            read_your_writes_timeout: Duration::from_millis(s.read_your_writes_ms),
+            ..ApiConfig::default()
+        },
+        breaker: BreakerConfig {
+            failure_threshold: s.breaker_failures,
+            open_for: Duration::from_millis(s.breaker_open_ms),
+        },
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
+        .init();
+}
+
+async fn serve(common: &Common, s: &Serve) -> Result<(), String> {
+    let cfg = config(common, s);
+    let stores = server::open_stores(&cfg).await.map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", s.listen))?;
+    let running = server::start(&cfg, stores, listener)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Tests and scripts read this line to find the port (with --listen 127.0.0.1:0).
+    println!("tracktrace-server listening on http://{}", running.addr);
+    tracing::info!(addr = %running.addr, role = ?cfg.role, store = if cfg.store_url.is_some() { "postgres" } else { "sled" }, "serving");
+    let stop = running.shutdown_handle();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        tracing::info!("shutting down: draining requests");
+        let _ = stop.send(true);
+    });
+    running.wait().await.map_err(|e| e.to_string())
+}
+
+async fn token(common: &Common, serve: &Serve, t: &Token) -> Result<(), String> {
+    let scopes: Vec<String> = t
+        .scopes
+        .iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect();
+    for s in &scopes {
+        s.parse::<Scope>()?;
+    }
+    let tenant = TenantId::parse(t.tenant.as_str()).map_err(|e| e.to_string())?;
+    let cfg = config(common, serve);
+    let keys = server::keys(&cfg).map_err(|e| e.to_string())?;
+    if tenant.as_str() != SYSTEM_TENANT {
+        tracktrace_http::tenants::parse_new_tenant(tenant.as_str()).map_err(|e| e.to_string())?;
+        match server::open_stores(&cfg).await {
+            Ok(stores) => {
+                if server::ensure_tenant(&stores, &tenant, &t.sub).await? {
+                    eprintln!("created tenant {tenant}");
+                }
+            }
+            Err(e) if cfg.store_url.is_none() => {
+                // The embedded store is held by a running server: create the tenant through
+                // its admin API with a short-lived system admin token.
+                eprintln!(
+                    "store in use ({e}); creating the tenant through the server at {}",
+                    t.server
+                );
+                let admin = keys.sign(&Claims {
+                    sub: t.sub.clone(),
+                    tenant: SYSTEM_TENANT.into(),
+                    scopes: vec!["admin".into()],
+                    exp: now_secs() + 60,
+                });
+                let body = serde_json::json!({"id": tenant.as_str()}).to_string();
+                let auth = format!("Bearer {admin}");
+                let r = tracktrace_http::client::request(
+                    &t.server,
+                    "POST",
+                    "/api/v1/admin/tenants",
+                    &[
+                        ("Authorization", &auth),
+                        ("Content-Type", "application/json"),
+                    ],
+                    Some(body.as_bytes()),
+                )
+                .await
+                .map_err(|e| format!("cannot reach the server at {}: {e}", t.server))?;
+                match r.status {
+                    201 => eprintln!("created tenant {tenant}"),
+                    200 => {}
+                    s => {
+                        return Err(format!(
+                            "the server refused to create the tenant ({s}): {}",
+                            String::from_utf8_lossy(&r.body)
+                        ));
+                    }
+                }
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let token = keys.sign(&Claims {
+        sub: t.sub.clone(),
+        tenant: tenant.to_string(),
+        scopes,
+        exp: now_secs() + t.ttl_secs,
+    });
+    println!("{token}");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tracktrace-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let r = rt.block_on(async {
+        match &cli.command {
+            None => serve(&cli.common, &cli.serve).await,
+            Some(Command::Serve(s)) => serve(&cli.common, s).await,
+            Some(Command::Token(t)) => token(&cli.common, &cli.serve, t).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tracktrace-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Running the trace projection ([`TraceProjection`]) with the runtime's
+//! [`ProjectionRunner`]: it follows the event bus (the store's global log, catch-up then live)
+//! and commits timeline writes *together with* its checkpoint through
+//! [`ReadModelStore::commit`], so a crash never applies an event twice or skips one.
+//!
+//! Runs in processes with role `processor` or `all`. A second runner of the same projection
+//! (another process) is fenced off by the commit's expected checkpoint: its commit fails with
+//! [`Error::CheckpointMoved`](tracktrace_core::Error::CheckpointMoved) and it restarts from the
+//! stored checkpoint instead of writing twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracktrace_core::{EventStore, Position, ProjectionRunner, ReadModelStore};
+
+use crate::error::ApiError;
+
+pub use crate::timeline::{TRACE_PROJECTION, TraceProjection};
+
+/// Events applied per read-model commit at most.
+const BATCH: usize = 512;
+
+/// Runs the trace projection with the runtime's [`ProjectionRunner`] forever (the server
+/// aborts the task at shutdown): catch up, publish the committed checkpoint on `progress`,
+/// sleep until the store's head changes. Failures (store outage, fencing by another runner)
+/// restart from the stored checkpoint after a growing pause.
+pub async fn run(
+    store: Arc<dyn EventStore>,
+    rm: Arc<dyn ReadModelStore>,
+    progress: watch::Sender<Position>,
+) {
+    let mut runner =
+        ProjectionRunner::new(store.clone(), rm, TraceProjection).with_batch_size(BATCH);
+    let mut head = store.watch_head();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // Seen before reading: a commit after the read changes the watch again.
+        head.borrow_and_update();
+        match runner.catch_up().await {
+            Ok(checkpoint) => {
+                progress.send_replace(checkpoint);
+                backoff = Duration::from_millis(50);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "trace projection failed; retrying from its checkpoint");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        if head.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until the trace read model includes `position`, at most `timeout`.
+///
+/// With a local runner (`progress`), waits on its notifications; otherwise (API-only
+/// process) re-reads the stored checkpoint with a growing pause (5 ms … 100 ms) — a bounded
+/// wait of one request, not a polling subscription.
+pub async fn wait_for(
+    rm: &dyn ReadModelStore,
+    progress: Option<&watch::Receiver<Position>>,
+    position: Position,
+    timeout: Duration,
+) -> Result<(), ApiError> {
+    let reached = async {
+        match progress {
+            Some(rx) => {
+                let mut rx = rx.clone();
+                rx.wait_for(|p| *p >= position)
+                    .await
+                    .map(|_| ())
+                    .map_err(|_| ApiError::Unavailable {
+                        retry_after: Duration::from_secs(1),
+                    })
+            }
+            None => {
+                let mut pause = Duration::from_millis(5);
+                loop {
+                    if rm
+                        .load_checkpoint(TRACE_PROJECTION)
+                        .await?
+                        .unwrap_or_default()
+                        >= position
+                    {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(100));
+                }
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, reached).await {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::Timeout(format!(
+            "the trace read model did not reach position {position} within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
