@@ -2,7 +2,7 @@
 //!
 //! - sled (embedded default): always runs.
 //! - PostgreSQL (+ Redis when built with `--features redis`): needs the services at
-//!   `TRACKTRACE_TEST_PG` (default `postgres://postgres@127.0.0.1:5432/test`) and
+//!   `TRACKTRACE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`) and
 //!   `TRACKTRACE_TEST_REDIS` (default `redis://127.0.0.1:6379`). Unreachable: fails under
 //!   `CI=true`, otherwise skips with a message naming the variable. Each test uses a fresh
 //!   schema. PostgreSQL outages are simulated with a TCP proxy the test controls.
@@ -472,10 +472,10 @@ fn cache_args() -> Vec<String> {
 
 async fn services() -> Option<String> {
     let pg = service_url(
-        "TRACKTRACE_TEST_PG",
+        "TRACKTRACE_TEST_DATABASE_URL",
         "postgres://postgres@127.0.0.1:5432/test",
     );
-    if !reachable("TRACKTRACE_TEST_PG", &pg).await {
+    if !reachable("TRACKTRACE_TEST_DATABASE_URL", &pg).await {
         return None;
     }
     if cfg!(feature = "redis") {
