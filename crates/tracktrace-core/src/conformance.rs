@@ -48,23 +48,6 @@ impl std::error::Error for CheckFailure {}
 /// Result of one check.
 pub type CheckResult = Result<(), CheckFailure>;
 
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(CheckFailure(format!($($fmt)+)));
-        }
-    };
-}
-
-macro_rules! ensure_eq {
-    ($a:expr, $b:expr, $($fmt:tt)+) => {{
-        let (a, b) = (&$a, &$b);
-        if a != b {
-            return Err(CheckFailure(format!("{}: left {:?} != right {:?}", format!($($fmt)+), a, b)));
-        }
-    }};
-}
-
 /// Turns a store error into a check failure with context.
 fn ok<T>(r: crate::Result<T>, what: &str) -> Result<T, CheckFailure> {
     r.map_err(|e| CheckFailure(format!("{what}: unexpected error: {e}")))

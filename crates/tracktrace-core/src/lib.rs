@@ -69,6 +69,10 @@
 //!   [`runtime_checks`] every backend runs through `runtime_tests!` (not semver-stable).
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
 
+#[cfg(feature = "testing")]
+#[macro_use]
+mod check_macros;
+
 pub mod aggregate;
 pub mod codec;
 pub mod command;

@@ -31,23 +31,6 @@ use crate::{
     AllPage, AppendOutcome, AppendRequest, Direction, KeyRange, ReadAll, ReadStream, RetryPolicy,
 };
 
-macro_rules! ensure {
-    ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
-            return Err(CheckFailure(format!($($fmt)+)));
-        }
-    };
-}
-
-macro_rules! ensure_eq {
-    ($a:expr, $b:expr, $($fmt:tt)+) => {{
-        let (a, b) = (&$a, &$b);
-        if a != b {
-            return Err(CheckFailure(format!("{}: left {:?} != right {:?}", format!($($fmt)+), a, b)));
-        }
-    }};
-}
-
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, CheckFailure> {
     r.map_err(|e| CheckFailure(format!("{what}: unexpected error: {e}")))
 }
