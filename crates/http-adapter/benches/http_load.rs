@@ -44,9 +44,9 @@ fn event(entity: &str, i: usize) -> Vec<u8> {
     json!({
         "entityId": entity,
         "entityType": "Bag",
-        "eventType": if i % 3 == 0 { "BagScanned" } else { "BagSeen" },
+        "eventType": if i.is_multiple_of(3) { "BagScanned" } else { "BagSeen" },
         "occurredAt": format!("2026-11-28T{hour:02}:{minute:02}:{:02}.{:06}Z", i % 60, i % 1_000_000),
-        "location": {"code": if (i / 50) % 2 == 0 { "MAD" } else { "LHR" }, "detail": "belt 7"},
+        "location": {"code": if (i / 50).is_multiple_of(2) { "MAD" } else { "LHR" }, "detail": "belt 7"},
         "source": "bench",
         "attributes": {"flight": "IB3170", "seq": i}
     })
@@ -287,13 +287,12 @@ async fn run() {
         );
     }
     running.shutdown().await.unwrap();
-    if let Some(url) = pg {
-        if let Ok(s) = tracktrace_store_postgres::PgStore::connect_with(
+    if let Some(url) = pg
+        && let Ok(s) = tracktrace_store_postgres::PgStore::connect_with(
             tracktrace_store_postgres::PgStoreOptions::new(url).schema(schema),
         )
         .await
-        {
-            let _ = s.drop_schema().await;
-        }
+    {
+        let _ = s.drop_schema().await;
     }
 }
