@@ -14,7 +14,6 @@
 //! `CI=true`.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,10 @@ use tracktrace_core::runtime_checks::RuntimeStores;
 use tracktrace_core::runtime_checks::{BalanceProjection, dump, seed_accounts};
 use tracktrace_core::{EventStore, Position, ProjectionRunner};
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
-use tracktrace_store_sled::SledStore;
+
+mod crash_common;
+
+use crash_common::{open_sled, runtime};
 
 const CHILD_ENV: &str = "TRACKTRACE_PROJECTION_CHILD";
 const EVENTS: usize = 600;
@@ -146,33 +148,12 @@ impl Target {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn projection() -> BalanceProjection {
     BalanceProjection {
         name: "crash-balances".into(),
         // Slow enough that the parent kills the child well before it catches up.
         delay: Some(Duration::from_millis(2)),
     }
-}
-
-fn open_sled(dir: &Path) -> SledStore {
-    // The killed child's file lock is released by the kernel; retry briefly while it goes.
-    let mut last = None;
-    for _ in 0..100 {
-        match SledStore::open_path(dir) {
-            Ok(s) => return s,
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("cannot open {}: {last:?}", dir.display());
 }
 
 async fn child(s: RuntimeStores) {

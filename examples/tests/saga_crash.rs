@@ -17,7 +17,10 @@ use tracktrace_core::runtime_checks::{OrderCommand, OrderSaga, RecordingDispatch
 use tracktrace_core::{
     EventStoreExt, ExpectedVersion, NewEvent, SagaRecord, SagaRunner, StreamId, TenantId,
 };
-use tracktrace_store_sled::SledStore;
+
+mod crash_common;
+
+use crash_common::{open_sled, runtime};
 
 const CHILD_ENV: &str = "TRACKTRACE_SAGA_CHILD";
 
@@ -34,14 +37,6 @@ fn main() {
     println!("test saga_deadline_survives_kill_9 ... ok");
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn saga() -> OrderSaga {
     OrderSaga {
         payment_timeout: Duration::from_millis(800),
@@ -52,21 +47,9 @@ fn tenant() -> TenantId {
     TenantId::parse("acme").expect("tenant")
 }
 
-fn open(dir: &Path) -> SledStore {
-    let mut last = None;
-    for _ in 0..100 {
-        match SledStore::open_path(dir) {
-            Ok(s) => return s,
-            Err(e) => last = Some(e),
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("cannot open {}: {last:?}", dir.display());
-}
-
 fn child(dir: &Path) {
     runtime().block_on(async {
-        let store = Arc::new(open(dir));
+        let store = Arc::new(open_sled(dir));
         let d = RecordingDispatcher::new(store.clone());
         let mut runner = SagaRunner::new(store.clone(), store.clone(), saga(), d);
         let p = runner.run_once().await.expect("run_once");
@@ -86,7 +69,7 @@ fn parent() {
     std::fs::create_dir_all(&dir).expect("test directory");
     let rt = runtime();
     rt.block_on(async {
-        let store = open(&dir);
+        let store = open_sled(&dir);
         let s = StreamId::parse("Order-o1").expect("stream");
         store
             .append_to(
@@ -114,7 +97,7 @@ fn parent() {
     assert!(scheduled, "the child recorded the saga's reaction");
 
     rt.block_on(async {
-        let store = Arc::new(open(&dir));
+        let store = Arc::new(open_sled(&dir));
         let d = RecordingDispatcher::new(store.clone());
         let mut runner = SagaRunner::new(store.clone(), store.clone(), saga(), d.clone());
         let mut fired = 0;
@@ -144,7 +127,7 @@ fn parent() {
     });
     // Another restart: nothing fires again.
     rt.block_on(async {
-        let store = Arc::new(open(&dir));
+        let store = Arc::new(open_sled(&dir));
         let d = RecordingDispatcher::new(store.clone());
         let mut runner = SagaRunner::new(store.clone(), store.clone(), saga(), d.clone());
         let p = runner.run_once().await.expect("run_once");

@@ -83,6 +83,14 @@ fn broken(fault: Fault) -> Arc<dyn EventStore> {
     })
 }
 
+/// `must_fail!(fault, check)`: runs `conformance::check` against a store with `fault` and
+/// asserts it fails.
+macro_rules! must_fail {
+    ($fault:expr, $check:ident) => {
+        must_fail($fault, stringify!($check), conformance::$check)
+    };
+}
+
 /// Runs `check` against a store with `fault` and asserts it fails.
 fn must_fail<F, Fut>(fault: Fault, name: &str, check: F)
 where
@@ -121,89 +129,37 @@ fn the_wrapper_without_a_fault_passes() {
 #[test]
 fn ignoring_the_expected_version_is_caught() {
     let f = Fault::IgnoreExpectedVersion;
-    must_fail(
-        f,
-        "expected_version_no_stream",
-        conformance::expected_version_no_stream,
-    );
-    must_fail(
-        f,
-        "expected_version_exact",
-        conformance::expected_version_exact,
-    );
-    must_fail(
-        f,
-        "expected_version_stream_exists",
-        conformance::expected_version_stream_exists,
-    );
-    must_fail(f, "atomic_batches", conformance::atomic_batches);
-    must_fail(
-        f,
-        "concurrent_exact_appends",
-        conformance::concurrent_exact_appends,
-    );
+    must_fail!(f, expected_version_no_stream);
+    must_fail!(f, expected_version_exact);
+    must_fail!(f, expected_version_stream_exists);
+    must_fail!(f, atomic_batches);
+    must_fail!(f, concurrent_exact_appends);
     model_must_fail(f);
 }
 
 #[test]
 fn reordering_read_all_is_caught() {
     let f = Fault::ReorderReadAll;
-    must_fail(
-        f,
-        "read_all_order_and_filters",
-        conformance::read_all_order_and_filters,
-    );
-    must_fail(
-        f,
-        "concurrent_writers_with_subscriber",
-        conformance::concurrent_writers_with_subscriber,
-    );
-    must_fail(
-        f,
-        "subscription_catch_up_then_live",
-        conformance::subscription_catch_up_then_live,
-    );
+    must_fail!(f, read_all_order_and_filters);
+    must_fail!(f, concurrent_writers_with_subscriber);
+    must_fail!(f, subscription_catch_up_then_live);
     model_must_fail(f);
 }
 
 #[test]
 fn dropping_from_read_all_is_caught() {
     let f = Fault::DropFromReadAll;
-    must_fail(
-        f,
-        "read_all_order_and_filters",
-        conformance::read_all_order_and_filters,
-    );
-    must_fail(
-        f,
-        "concurrent_writers_with_subscriber",
-        conformance::concurrent_writers_with_subscriber,
-    );
-    must_fail(
-        f,
-        "subscription_catch_up_then_live",
-        conformance::subscription_catch_up_then_live,
-    );
+    must_fail!(f, read_all_order_and_filters);
+    must_fail!(f, concurrent_writers_with_subscriber);
+    must_fail!(f, subscription_catch_up_then_live);
     model_must_fail(f);
 }
 
 #[test]
 fn letting_duplicates_through_is_caught() {
     let f = Fault::LetDuplicatesThrough;
-    must_fail(
-        f,
-        "idempotent_by_event_id",
-        conformance::idempotent_by_event_id,
-    );
-    must_fail(
-        f,
-        "idempotent_by_dedup_key",
-        conformance::idempotent_by_dedup_key,
-    );
-    must_fail(
-        f,
-        "partial_duplicate_batch_rejected",
-        conformance::partial_duplicate_batch_rejected,
-    );
+    must_fail!(f, idempotent_by_event_id);
+    must_fail!(f, idempotent_by_dedup_key);
+    must_fail!(f, partial_duplicate_batch_rejected);
     model_must_fail(f);
 }

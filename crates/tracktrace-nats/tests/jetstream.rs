@@ -2,114 +2,29 @@
 //! or `TRACKTRACE_TEST_NATS_URL`), and against a private `nats-server` the outage test starts and
 //! stops itself. Each test uses its own stream and subjects, so they run in parallel.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures_util::StreamExt;
+use async_nats::jetstream;
 use tracktrace_core::{
     EventId, EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent, Position,
-    RecordedEvent, StreamId, TenantId,
+    StreamId, TenantId,
 };
 use tracktrace_nats::ingest::{IngestConfig, IngestConsumer, IngestHandler, Verdict};
-use tracktrace_nats::publisher::{BreakerState, OutboundMessage, Publisher, PublisherConfig};
+use tracktrace_nats::publisher::{BreakerState, Publisher, PublisherConfig};
+
+mod common;
+
+use common::{
+    assert_once_in_entity_order, create_stream, in_ci, mapper, read_all_messages, shared_nats,
+    unique,
+};
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-/// Connects to the shared NATS, or skips (outside CI) / fails (under CI=true).
-async fn shared_nats() -> Option<async_nats::Client> {
-    let url = std::env::var("TRACKTRACE_TEST_NATS_URL")
-        .unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    match async_nats::connect(&url).await {
-        Ok(c) => Some(c),
-        Err(e) if in_ci() => panic!("NATS at {url} unreachable under CI=true: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: NATS at {url} unreachable ({e}); set TRACKTRACE_TEST_NATS_URL");
-            None
-        }
-    }
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}{}x{}", std::process::id(), fastrand::u32(..))
-}
-
-/// The mapper the tests use: subject `<prefix>.<tenant>.<stream>.<type>`, entity = stream.
-fn mapper(prefix: String) -> impl Fn(&RecordedEvent) -> Option<OutboundMessage> + Send + Sync {
-    move |e: &RecordedEvent| {
-        Some(OutboundMessage {
-            subject: format!("{prefix}.{}.{}.{}", e.tenant, e.stream, e.event_type),
-            payload: e.payload.clone(),
-            headers: vec![
-                ("Tt-Stream".into(), e.stream.to_string()),
-                ("Tt-Version".into(), e.version.to_string()),
-            ],
-            ordering_key: e.stream.to_string(),
-        })
-    }
-}
-
-async fn create_stream(js: &jetstream::Context, name: &str, prefix: &str) {
-    js.create_stream(stream::Config {
-        name: name.into(),
-        subjects: vec![format!("{prefix}.>")],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .expect("create stream");
-}
-
-/// Every message of `stream`, as (msg id, entity, version), in stream order.
-async fn read_all_messages(
-    js: &jetstream::Context,
-    stream: &str,
-    expected: usize,
-) -> Vec<(String, String, u64)> {
-    let s = js.get_stream(stream).await.expect("stream");
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut msgs = c.messages().await.expect("messages");
-    let mut out = Vec::new();
-    while out.len() < expected {
-        let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(5), msgs.next()).await else {
-            break;
-        };
-        let m = m.expect("message");
-        let h = m.headers.clone().unwrap_or_default();
-        let get = |k: &str| h.get(k).map(|v| v.to_string()).unwrap_or_default();
-        out.push((
-            get("Nats-Msg-Id"),
-            get("Tt-Stream"),
-            get("Tt-Version").parse().unwrap_or(0),
-        ));
-    }
-    // Anything beyond `expected` would be a duplicate: look for one more message briefly.
-    if let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await {
-        let h = m.headers.clone().unwrap_or_default();
-        out.push((
-            h.get("Nats-Msg-Id")
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            String::new(),
-            0,
-        ));
-    }
-    out
-}
 
 async fn append_many(
     store: &InMemoryStore,
@@ -180,18 +95,7 @@ async fn a_thousand_events_arrive_exactly_once_in_entity_order() {
     assert_eq!((st.published, st.duplicates), (0, 1000), "{st:?}");
 
     let msgs = read_all_messages(&js, &stream_name, 1000).await;
-    assert_eq!(msgs.len(), 1000, "exactly 1000 messages on the stream");
-    let ids: HashSet<&String> = msgs.iter().map(|m| &m.0).collect();
-    assert_eq!(ids.len(), 1000, "each event once");
-    let mut per_entity: HashMap<&str, Vec<u64>> = HashMap::new();
-    for (_, entity, version) in &msgs {
-        per_entity.entry(entity).or_default().push(*version);
-    }
-    assert_eq!(per_entity.len(), 37);
-    for (entity, versions) in per_entity {
-        let want: Vec<u64> = (1..=versions.len() as u64).collect();
-        assert_eq!(versions, want, "order of {entity}");
-    }
+    assert_eq!(assert_once_in_entity_order(&msgs, 1000), 37, "entities");
     let _ = js.delete_stream(&stream_name).await;
 }
 

@@ -5,43 +5,23 @@
 //! `TT_NATS_CRASH_CHILD` set) over a durable sled store that holds both the events and the
 //! publisher's checkpoint.
 
-use std::collections::{HashMap, HashSet};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use futures_util::StreamExt;
-use tracktrace_core::{
-    EventStore, EventStoreExt, ExpectedVersion, NewEvent, RecordedEvent, StreamId, TenantId,
-};
-use tracktrace_nats::publisher::{OutboundMessage, Publisher, PublisherConfig};
+use async_nats::jetstream;
+use tracktrace_core::{EventStore, EventStoreExt, ExpectedVersion, NewEvent, StreamId, TenantId};
+use tracktrace_nats::publisher::{Publisher, PublisherConfig};
 use tracktrace_store_sled::SledStore;
+
+mod common;
+
+use common::{
+    assert_once_in_entity_order, create_stream, in_ci, mapper, nats_url, read_all_messages,
+};
 
 const EVENTS: usize = 3000;
 const ENTITIES: usize = 40;
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true")
-}
-
-fn nats_url() -> String {
-    std::env::var("TRACKTRACE_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-}
-
-fn mapper(prefix: String) -> impl Fn(&RecordedEvent) -> Option<OutboundMessage> + Send + Sync {
-    move |e: &RecordedEvent| {
-        Some(OutboundMessage {
-            subject: format!("{prefix}.{}.{}", e.tenant, e.event_type),
-            payload: e.payload.clone(),
-            headers: vec![
-                ("Tt-Stream".into(), e.stream.to_string()),
-                ("Tt-Version".into(), e.version.to_string()),
-            ],
-            ordering_key: e.stream.to_string(),
-        })
-    }
-}
 
 /// Child mode: publish everything in the store, then print `done` and exit.
 #[test]
@@ -99,14 +79,7 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_are_suppressed() {
     let js = jetstream::new(client);
     let prefix = format!("ttcrash{}x{}", std::process::id(), fastrand::u32(..));
     let name = prefix.to_uppercase();
-    js.create_stream(stream::Config {
-        name: name.clone(),
-        subjects: vec![format!("{prefix}.>")],
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .expect("stream");
+    create_stream(&js, &name, &prefix).await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     {
@@ -184,53 +157,10 @@ async fn kill_9_mid_stream_loses_nothing_and_duplicates_are_suppressed() {
         "restarted publisher: {stdout}"
     );
 
-    // Every event exactly once, in per-entity order.
-    let s = js.get_stream(&name).await.expect("stream");
-    let c = s
-        .create_consumer(consumer::pull::Config {
-            ack_policy: consumer::AckPolicy::None,
-            ..Default::default()
-        })
-        .await
-        .expect("consumer");
-    let mut msgs = c.messages().await.expect("messages");
-    let mut ids = HashSet::new();
-    let mut per_entity: HashMap<String, Vec<u64>> = HashMap::new();
-    let mut n = 0;
-    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(3), msgs.next()).await {
-        let h = m.headers.clone().unwrap_or_default();
-        ids.insert(
-            h.get("Nats-Msg-Id")
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-        );
-        per_entity
-            .entry(
-                h.get("Tt-Stream")
-                    .map(|v| v.to_string())
-                    .unwrap_or_default(),
-            )
-            .or_default()
-            .push(
-                h.get("Tt-Version")
-                    .and_then(|v| v.as_str().parse().ok())
-                    .unwrap_or(0),
-            );
-        n += 1;
-        if n == total {
-            break;
-        }
-    }
-    assert_eq!(n, total, "every event published (killed at {killed_at})");
-    assert_eq!(ids.len(), total, "no duplicate on the stream");
-    if let Ok(Some(Ok(extra))) = tokio::time::timeout(Duration::from_millis(500), msgs.next()).await
-    {
-        panic!("more messages than events: {:?}", extra.headers);
-    }
-    for (entity, versions) in per_entity {
-        let want: Vec<u64> = (1..=versions.len() as u64).collect();
-        assert_eq!(versions, want, "order of {entity}");
-    }
+    // Every event exactly once (nothing more: a duplicate would be message total + 1), in
+    // per-entity order.
+    let msgs = read_all_messages(&js, &name, total).await;
+    assert_once_in_entity_order(&msgs, total);
     eprintln!(
         "killed at {killed_at} of {total} published; restart completed without loss or duplicate"
     );
