@@ -94,7 +94,7 @@ struct Serve {
     /// Trace view cache time-to-live, seconds.
     #[arg(long, env = "TRACKTRACE_CACHE_TTL_SECS", default_value_t = 60)]
     cache_ttl_secs: u64,
-    /// In-process cache memory bound per tenant, MiB.
+    /// Trace view cache memory bound per tenant, MiB (in-process and Redis).
     #[arg(long, env = "TRACKTRACE_CACHE_MIB_PER_TENANT", default_value_t = 32)]
     cache_mib_per_tenant: u64,
     /// Longest `minPosition` wait, milliseconds.

@@ -133,7 +133,7 @@ async fn make_cache(cfg: &ServerConfig) -> Result<TraceCache, StartError> {
     match &cfg.cache_url {
         None => Ok(TraceCache::local(cfg.cache.clone())),
         #[cfg(feature = "redis")]
-        Some(url) => crate::cache::RedisCache::connect(url, cfg.cache.ttl, &store_identity(cfg))
+        Some(url) => crate::cache::RedisCache::connect(url, &cfg.cache, &store_identity(cfg))
             .await
             .map(TraceCache::Redis)
             .map_err(|e| StartError::Cache(e.to_string())),
