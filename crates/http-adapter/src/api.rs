@@ -67,6 +67,8 @@ struct Inner {
     capture: CaptureService,
     cache: TraceCache,
     progress: Option<watch::Receiver<Position>>,
+    /// Whether this process leads the background work (set by the server; absent: API only).
+    leading: std::sync::OnceLock<watch::Receiver<bool>>,
     config: ApiConfig,
     /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
     closing: watch::Sender<bool>,
@@ -99,6 +101,7 @@ impl AppState {
                 keys,
                 cache,
                 progress,
+                leading: std::sync::OnceLock::new(),
                 config,
                 closing: watch::Sender::new(false),
             }),
@@ -109,6 +112,12 @@ impl AppState {
     /// graceful shutdown waits for open connections to finish.
     pub fn close_streams(&self) {
         self.inner.closing.send_replace(true);
+    }
+
+    /// Reports, in `/readyz`, whether this process leads the background work.
+    pub fn with_leading(self, leading: watch::Receiver<bool>) -> Self {
+        let _ = self.inner.leading.set(leading);
+        self
     }
 
     /// The tenant registry.
@@ -1013,6 +1022,9 @@ async fn readyz(
     m.insert("head", head.get());
     if let Some(p) = &state.inner.progress {
         m.insert("traceProjection", p.borrow().get());
+    }
+    if let Some(l) = state.inner.leading.get() {
+        m.insert("leader", u64::from(*l.borrow()));
     }
     Ok(Json(m))
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracktrace_core::{
     BreakerConfig, CircuitBreaker, EventStore, Position, ReadModelStore, TenantId,
 };
@@ -78,7 +79,23 @@ pub struct Stores {
     pub events: Arc<dyn EventStore>,
     /// Read models and checkpoints.
     pub read_models: Arc<dyn ReadModelStore>,
+    /// Who runs the background work when several processes share the store.
+    pub leader: Leadership,
 }
+
+/// How a process becomes the one that runs background work (projections, sagas,
+/// publishing, analytics) when several `processor`/`all` processes share one store.
+#[derive(Clone, Debug)]
+pub enum Leadership {
+    /// Always this process: the embedded store is opened by one process only.
+    Local,
+    /// A PostgreSQL lease (session advisory lock, see `PgStore::try_lease`): one leader per
+    /// store schema; the others stand by and take over when its connection ends.
+    Postgres(tracktrace_store_postgres::PgStore),
+}
+
+/// Name of the lease guarding background work.
+pub const BACKGROUND_LEASE: &str = "background-work";
 
 impl std::fmt::Debug for Stores {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -102,7 +119,8 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             let s = Arc::new(store);
             Ok(Stores {
                 events: s.clone(),
-                read_models: s,
+                read_models: s.clone(),
+                leader: Leadership::Postgres((*s).clone()),
             })
         }
         None => {
@@ -116,6 +134,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             Ok(Stores {
                 events: s.clone(),
                 read_models: s,
+                leader: Leadership::Local,
             })
         }
     }
@@ -208,13 +227,10 @@ pub async fn start(
     ));
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut background = Vec::new();
+    let (leading_tx, leading) = watch::channel(false);
     let progress = if cfg.role != Role::Api {
         let (tx, rx) = watch::channel(Position::START);
-        background.push(tokio::spawn(projection::run(
-            stores.events.clone(),
-            stores.read_models.clone(),
-            tx,
-        )));
+        background.push(tokio::spawn(supervise(stores.clone(), tx, leading_tx)));
         Some(rx)
     } else {
         None
@@ -227,6 +243,7 @@ pub async fn start(
         progress,
         cfg.api.clone(),
     );
+    let state = state.with_leading(leading);
     background.push(tokio::spawn(state.tenants().clone().follow()));
     let closing = state.clone();
     let app = match cfg.role {
@@ -252,6 +269,94 @@ pub async fn start(
         shutdown,
         task,
     })
+}
+
+/// The background work of a leader: the trace projection. Aborted when leadership is lost.
+fn background_work(stores: &Stores, progress: &watch::Sender<Position>) -> Vec<JoinHandle<()>> {
+    vec![tokio::spawn(projection::run(
+        stores.events.clone(),
+        stores.read_models.clone(),
+        progress.clone(),
+    ))]
+}
+
+/// Runs [`background_work`] while this process holds the leadership; stands by otherwise.
+///
+/// A standby keeps `progress` current from the stored checkpoint (the leader's), so its
+/// `minPosition` reads still wait for the right thing. Correctness does not depend on there
+/// being one leader only (a leader that lost its lease and has not noticed yet is fenced by
+/// the projection's checkpoint; appends are idempotent): the lease avoids duplicated work.
+async fn supervise(
+    stores: Stores,
+    progress: watch::Sender<Position>,
+    leading: watch::Sender<bool>,
+) {
+    loop {
+        match &stores.leader {
+            Leadership::Local => {
+                leading.send_replace(true);
+                let work = background_work(&stores, &progress);
+                // Never lost: wait until the server aborts this task (abort ends the work too).
+                let _abort_on_drop = AbortAll(work);
+                std::future::pending::<()>().await;
+            }
+            Leadership::Postgres(pg) => {
+                let standby = tokio::spawn(follow_checkpoint(stores.clone(), progress.clone()));
+                let lease = pg.lease(BACKGROUND_LEASE, Duration::from_secs(1)).await;
+                standby.abort();
+                tracing::info!("leading background work (lease {BACKGROUND_LEASE})");
+                leading.send_replace(true);
+                let work = AbortAll(background_work(&stores, &progress));
+                lease.lost().await;
+                drop(work);
+                leading.send_replace(false);
+                tracing::warn!("lost the background-work lease; standing by");
+            }
+        }
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortAll(Vec<JoinHandle<()>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// A standby's view of the trace projection: the stored checkpoint, re-read while the log's
+/// head is ahead of it (every 20 ms) and otherwise when the head moves.
+async fn follow_checkpoint(stores: Stores, progress: watch::Sender<Position>) {
+    let mut head = stores.events.watch_head();
+    loop {
+        let target = *head.borrow_and_update();
+        // Poll until the leader's checkpoint passes the head we saw, for a bounded time (the
+        // leader may be gone; then there is nothing to wait for until the head moves again).
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match stores
+                .read_models
+                .load_checkpoint(projection::TRACE_PROJECTION)
+                .await
+            {
+                Ok(p) => {
+                    let p = p.unwrap_or_default();
+                    progress.send_if_modified(|cur| (p > *cur).then(|| *cur = p).is_some());
+                }
+                Err(e) => tracing::debug!(error = %e, "standby cannot read the trace checkpoint"),
+            }
+            if *progress.borrow() > target || tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if head.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Creates `tenant` in the store of `cfg` if it does not exist; `Ok(true)` if created.

@@ -653,3 +653,80 @@ async fn two_servers_on_one_postgres_see_each_others_writes() {
     drop((a, b, p));
     drop_schema(&pg, &schema).await;
 }
+
+/// `leader` from a server's `/readyz` (`None`: not ready or no such field).
+async fn leader(addr: &str) -> Option<u64> {
+    let r = call(addr, "GET", "/readyz", None, None).await;
+    (r.status == 200)
+        .then(|| r.json()["leader"].as_u64())
+        .flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processors_on_one_postgres_share_the_work_through_a_lease() {
+    let Some(pg) = services().await else { return };
+    let schema = fresh_schema();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = pg_args(&pg, &schema, data.to_str().unwrap());
+    let start = |name: &str, role: &str| {
+        let mut v = args.clone();
+        v.extend(["--role".into(), role.into()]);
+        Server::start(
+            dir.path(),
+            name,
+            &v.iter().map(String::as_str).collect::<Vec<_>>(),
+        )
+    };
+    let a = start("a", "api");
+    let p1 = start("p1", "processor");
+    let p2 = start("p2", "processor");
+    let c: Vec<&str> = args.iter().map(String::as_str).collect();
+    let w = cli_token(&c, &a.addr, "acme", "events:write,trace:read");
+
+    // Exactly one of the two leads (the other stands by).
+    let mut roles = (None, None);
+    for _ in 0..300 {
+        roles = (leader(&p1.addr).await, leader(&p2.addr).await);
+        if matches!(roles, (Some(1), Some(0)) | (Some(0), Some(1))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (lead, standby) = match roles {
+        (Some(1), Some(0)) => (p1, p2),
+        (Some(0), Some(1)) => (p2, p1),
+        other => panic!("expected one leader and one standby, got {other:?}"),
+    };
+    let c1 = capture(
+        &a.addr,
+        &w,
+        &event("L1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD"),
+    )
+    .await;
+    let r = trace(&a.addr, &w, "L1", "", c1["position"].as_u64().unwrap()).await;
+    assert_eq!(types(&r.json()), ["BagLoaded"]);
+
+    // The leader dies (kill -9): the standby takes over and the read model moves on.
+    drop(lead);
+    let mut took_over = false;
+    for _ in 0..300 {
+        if leader(&standby.addr).await == Some(1) {
+            took_over = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(took_over, "the standby did not take over");
+    let c2 = capture(
+        &a.addr,
+        &w,
+        &event("L1", "BagUnloaded", "2026-11-28T12:00:00Z", "LHR"),
+    )
+    .await;
+    let r = trace(&a.addr, &w, "L1", "", c2["position"].as_u64().unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(types(&r.json()), ["BagLoaded", "BagUnloaded"]);
+    drop((a, standby));
+    drop_schema(&pg, &schema).await;
+}
