@@ -27,6 +27,7 @@ use crate::domain::{
 };
 use crate::error::{ApiError, Problem};
 use crate::projection::wait_for;
+use crate::schemas::{SchemaInfo, SchemaRegistry};
 use crate::tenants::{TenantInfo, TenantRegistry, parse_new_tenant};
 use crate::timeline::{
     self, CurrentStatus, EntityStatus, EntryMeta, Leg, TimelineEntry, TimelineFilter, decode_cursor,
@@ -63,6 +64,7 @@ struct Inner {
     store: Arc<dyn EventStore>,
     read_models: Arc<dyn ReadModelStore>,
     tenants: TenantRegistry,
+    schemas: SchemaRegistry,
     keys: JwtKeys,
     capture: CaptureService,
     cache: TraceCache,
@@ -92,10 +94,12 @@ impl AppState {
         progress: Option<watch::Receiver<Position>>,
         config: ApiConfig,
     ) -> Self {
+        let schemas = SchemaRegistry::new(store.clone());
         Self {
             inner: Arc::new(Inner {
                 tenants: TenantRegistry::new(store.clone()),
-                capture: CaptureService::new(store.clone()),
+                capture: CaptureService::new(store.clone()).with_schemas(schemas.clone()),
+                schemas,
                 store,
                 read_models,
                 keys,
@@ -123,6 +127,11 @@ impl AppState {
     /// The tenant registry.
     pub fn tenants(&self) -> &TenantRegistry {
         &self.inner.tenants
+    }
+
+    /// The attribute schema registry.
+    pub fn schemas(&self) -> &SchemaRegistry {
+        &self.inner.schemas
     }
 
     /// The signing keys.
@@ -250,6 +259,15 @@ async fn capture_one(
 ) -> Result<Captured, ApiError> {
     // 6.1.1: API → Validator → (valid) CommandBus → handler → event store.
     let event = validate_capture_value(value, prefix).map_err(ApiError::Validation)?;
+    let prefixed = |e: ApiError| match e {
+        // Schema violations found by the capture service name fields of this item.
+        ApiError::Validation(errs) if !prefix.is_empty() => ApiError::Validation(
+            errs.into_iter()
+                .map(|f| FieldError::new(format!("{prefix}{}", f.field), f.message))
+                .collect(),
+        ),
+        other => other,
+    };
     let enrichment = Enrichment {
         tenant: p.tenant.clone(),
         submitted_by: p.subject.clone(),
@@ -260,7 +278,8 @@ async fn capture_one(
         .inner
         .capture
         .capture(CaptureCommand { event, enrichment })
-        .await?;
+        .await
+        .map_err(prefixed)?;
     if out.duplicate {
         tracing::info!(
             tenant = %p.tenant,
@@ -1001,6 +1020,127 @@ async fn resume_tenant(
     set_suspended(&state, &p, &id, false).await
 }
 
+/// The attribute schemas of a tenant, by event type.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/tenants/{id}/schemas",
+    tag = "admin",
+    params(("id" = String, Path, description = "Tenant id")),
+    responses(
+        (status = 200, description = "Registered schemas", body = Vec<SchemaInfo>),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a system admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn list_schemas(
+    State(state): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SchemaInfo>>, ApiError> {
+    let tenant = admin_tenant(&state, &p, &id).await?;
+    state.inner.schemas.refresh().await?;
+    Ok(Json(state.inner.schemas.list(&tenant)))
+}
+
+async fn admin_tenant(state: &AppState, p: &Principal, id: &str) -> Result<TenantId, ApiError> {
+    require_admin(p)?;
+    let tenant = TenantId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if state.inner.tenants.status(&tenant).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no tenant {tenant}")));
+    }
+    Ok(tenant)
+}
+
+fn schema_event_type(event_type: &str) -> Result<(), ApiError> {
+    let ok = !event_type.is_empty()
+        && event_type.len() <= 128
+        && event_type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(vec![FieldError::new(
+            "eventType",
+            "1-128 characters of [A-Za-z0-9_.:-]",
+        )]))
+    }
+}
+
+/// Register (or replace) the JSON Schema that `attributes` of an event type must satisfy for
+/// a tenant. The body is the schema itself. Captures violating it get 400 with one field
+/// error per violation.
+#[utoipa::path(
+    put,
+    path = "/api/v1/admin/tenants/{id}/schemas/{eventType}",
+    tag = "admin",
+    params(("id" = String, Path, description = "Tenant id"), ("eventType" = String, Path, description = "Event type")),
+    request_body(content = Object, content_type = "application/json", description = "A JSON Schema (draft 2020-12 unless `$schema` says otherwise); no remote references"),
+    responses(
+        (status = 200, description = "Registered", body = SchemaInfo),
+        (status = 400, description = "Not a usable schema", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a system admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn put_schema(
+    State(state): State<AppState>,
+    p: Principal,
+    Path((id, event_type)): Path<(String, String)>,
+    JsonBody(body): JsonBody<{ crate::schemas::MAX_SCHEMA_BYTES }>,
+) -> Result<Json<SchemaInfo>, ApiError> {
+    let tenant = admin_tenant(&state, &p, &id).await?;
+    schema_event_type(&event_type)?;
+    let schema = parse_json(&body)?;
+    Ok(Json(
+        state
+            .inner
+            .schemas
+            .set(&tenant, &event_type, schema, &p.subject)
+            .await?,
+    ))
+}
+
+/// Remove the schema of an event type: its captures accept any `attributes` object again.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/admin/tenants/{id}/schemas/{eventType}",
+    tag = "admin",
+    params(("id" = String, Path, description = "Tenant id"), ("eventType" = String, Path, description = "Event type")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a system admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown tenant or no schema", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn delete_schema(
+    State(state): State<AppState>,
+    p: Principal,
+    Path((id, event_type)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = admin_tenant(&state, &p, &id).await?;
+    if state
+        .inner
+        .schemas
+        .remove(&tenant, &event_type, &p.subject)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no schema for event type {event_type}"
+        )))
+    }
+}
+
 /// Liveness: the process serves requests.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", body = String)))]
@@ -1066,6 +1206,8 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(create_tenant, list_tenants))
         .routes(routes!(suspend_tenant))
         .routes(routes!(resume_tenant))
+        .routes(routes!(list_schemas))
+        .routes(routes!(put_schema, delete_schema))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .split_for_parts()

@@ -59,7 +59,8 @@
 //!   [`projection`] updates the read model and its checkpoint atomically.
 //! - **Trace (6.1.2)**: [`auth`] → entity status (generation) → [`cache`] → [`timeline`]
 //!   read model → view (`full`, `compact`, `legs`) → cache.
-//! - **Tenants**: [`tenants`], stored as events of the system tenant.
+//! - **Tenants**: [`tenants`], stored as events of the system tenant; optional per-tenant
+//!   JSON Schemas of `attributes` per event type: [`schemas`].
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
@@ -74,6 +75,7 @@ pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
 pub mod projection;
+pub mod schemas;
 pub mod server;
 pub mod tenants;
 pub mod timeline;

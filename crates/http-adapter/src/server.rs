@@ -245,6 +245,11 @@ pub async fn start(
     );
     let state = state.with_leading(leading);
     background.push(tokio::spawn(state.tenants().clone().follow()));
+    // Schemas are in force before the first request is served.
+    if let Err(e) = state.schemas().refresh().await {
+        tracing::warn!(error = %e, "cannot load attribute schemas yet; the follower retries");
+    }
+    background.push(tokio::spawn(state.schemas().clone().follow()));
     let closing = state.clone();
     let app = match cfg.role {
         Role::Processor => crate::api::ops_router(state),

@@ -962,3 +962,116 @@ async fn shutdown_ends_open_event_streams() {
     .await;
     assert!(drained.is_ok(), "the event stream did not end at shutdown");
 }
+
+#[tokio::test]
+async fn tenant_attribute_schemas_reject_violations_with_field_errors() {
+    let f = fixture().await;
+    let admin = f.token("_system", &["admin"]);
+    let put = |path: &str, token: &str, body: &Value| {
+        Request::put(path)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let schema = json!({
+        "type": "object",
+        "required": ["flight", "weightKg"],
+        "properties": {"flight": {"type": "string", "pattern": "^[A-Z0-9]{2}[0-9]{1,4}$"},
+                       "weightKg": {"type": "number", "minimum": 0, "maximum": 32}}
+    });
+    // Only a system admin; unknown tenants 404; unusable schemas 400.
+    let w = f.writer();
+    let (s, _, _) = f
+        .send(put(
+            "/api/v1/admin/tenants/acme/schemas/BagWeighed",
+            &w,
+            &schema,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = f
+        .send(put(
+            "/api/v1/admin/tenants/nope/schemas/BagWeighed",
+            &admin,
+            &schema,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, v) = f
+        .send(put(
+            "/api/v1/admin/tenants/acme/schemas/BagWeighed",
+            &admin,
+            &json!({"type": 7}),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["errors"][0]["field"], "schema");
+    let (s, _, v) = f
+        .send(put(
+            "/api/v1/admin/tenants/acme/schemas/BagWeighed",
+            &admin,
+            &schema,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = f
+        .get("/api/v1/admin/tenants/acme/schemas", Some(&admin))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["eventType"], "BagWeighed");
+
+    // A violating capture: 400, every violation named, nothing stored.
+    let mut bad = event("SW1", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    bad["attributes"] = json!({"flight": "iberia", "weightKg": 40});
+    let (s, v) = f.post("/api/v1/events", Some(&w), &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let mut fields: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    fields.sort();
+    assert_eq!(fields, ["attributes.flight", "attributes.weightKg"]);
+    let (s, _, _) = f.trace(&w, "SW1", "", 0).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // In a batch, the fields carry the item's prefix.
+    let (s, v) = f
+        .post("/api/v1/events:batch", Some(&w), &json!({"events": [bad]}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["results"][0]["status"], 400);
+    assert!(
+        v["results"][0]["problem"]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["field"] == "events[0].attributes.weightKg"),
+        "{v}"
+    );
+    // A conforming one is stored; other event types and other tenants are unaffected.
+    let mut good = event("SW1", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    good["attributes"] = json!({"flight": "IB3170", "weightKg": 23.5});
+    f.capture(&w, &good).await;
+    f.capture(
+        &w,
+        &event("SW2", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"),
+    )
+    .await;
+    let g = f.token("globex", &["events:write"]);
+    let mut other = event("SW3", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    other["attributes"] = json!({});
+    f.capture(&g, &other).await;
+
+    // Removed: the type accepts any attributes again.
+    let del = Request::delete("/api/v1/admin/tenants/acme/schemas/BagWeighed")
+        .header("authorization", format!("Bearer {admin}"))
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, _) = f.send(del).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut any = event("SW4", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    any["attributes"] = json!({"free": true});
+    f.capture(&w, &any).await;
+}
