@@ -117,6 +117,7 @@ mod migrate;
 mod rows;
 mod store;
 mod tasks;
+mod time_range;
 
 use std::sync::Arc;
 use std::time::Duration;
