@@ -70,6 +70,7 @@ struct Inner {
     config: ApiConfig,
     /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
     closing: watch::Sender<bool>,
+    analytics: crate::analytics::Analytics,
 }
 
 impl std::fmt::Debug for AppState {
@@ -93,6 +94,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 tenants: TenantRegistry::new(store.clone()),
+                analytics: crate::analytics::Analytics::new(store.clone()),
                 capture: CaptureService::new(store.clone()),
                 store,
                 read_models,
@@ -119,6 +121,11 @@ impl AppState {
     /// The signing keys.
     pub fn keys(&self) -> &JwtKeys {
         &self.inner.keys
+    }
+
+    /// The analytics engine (KPIs, anomalies, rejected-command counts).
+    pub fn analytics(&self) -> &crate::analytics::Analytics {
+        &self.inner.analytics
     }
 
     /// 403 unless the caller has `scope` and its tenant is active.
@@ -240,6 +247,20 @@ async fn capture_one(
     prefix: &str,
 ) -> Result<Captured, ApiError> {
     // 6.1.1: API → Validator → (valid) CommandBus → handler → event store.
+    let r = capture_validated(state, p, headers, value, prefix).await;
+    if let Err(e) = &r {
+        state.inner.analytics.record_outcome(&p.tenant, e);
+    }
+    r
+}
+
+async fn capture_validated(
+    state: &AppState,
+    p: &Principal,
+    headers: &HeaderMap,
+    value: &Value,
+    prefix: &str,
+) -> Result<Captured, ApiError> {
     let event = validate_capture_value(value, prefix).map_err(ApiError::Validation)?;
     let enrichment = Enrichment {
         tenant: p.tenant.clone(),
@@ -1056,6 +1077,7 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(resume_tenant))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .merge(crate::analytics::routes())
         .split_for_parts()
 }
 

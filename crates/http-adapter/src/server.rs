@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     /// Circuit breaker settings.
     pub breaker: BreakerConfig,
+    /// Analytics engine settings (scheduler, windows, InfluxDB).
+    pub analytics: crate::analytics::AnalyticsConfig,
 }
 
 /// Why the server could not start.
@@ -66,6 +68,9 @@ pub enum StartError {
     /// The cache could not be set up.
     #[error("cannot set up the cache: {0}")]
     Cache(String),
+    /// The analytics engine could not be set up (e.g. the InfluxDB client).
+    #[error("cannot set up analytics: {0}")]
+    Analytics(String),
     /// Binding or serving failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -228,6 +233,24 @@ pub async fn start(
         cfg.api.clone(),
     );
     background.push(tokio::spawn(state.tenants().clone().follow()));
+    state
+        .analytics()
+        .configure(cfg.analytics.clone())
+        .map_err(StartError::Analytics)?;
+    if cfg.role != Role::Processor {
+        background.push(tokio::spawn(
+            state.analytics().clone().run_rejection_flusher(),
+        ));
+    }
+    if cfg.role != Role::Api && cfg.analytics.schedule {
+        let s = state.clone();
+        background.push(tokio::spawn(state.analytics().clone().run_scheduler(
+            move || {
+                let s = s.clone();
+                async move { crate::analytics::active_tenants(&s).await }
+            },
+        )));
+    }
     let closing = state.clone();
     let app = match cfg.role {
         Role::Processor => crate::api::ops_router(state),

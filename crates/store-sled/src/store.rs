@@ -494,7 +494,10 @@ impl Shared {
         if page.is_empty() {
             return Err(corrupt(first, "empty page"));
         }
-        Ok(Some((first, decode_event(first, page.event(0))?.recorded_at)))
+        Ok(Some((
+            first,
+            decode_event(first, page.event(0))?.recorded_at,
+        )))
     }
 
     /// The first position up to `head` recorded at or after `at` (`head + 1` if none).

@@ -1510,7 +1510,10 @@ pub async fn snapshot_store(store: Arc<dyn SnapshotStore>) -> CheckResult {
 pub async fn position_at_finds_window_starts(store: Arc<dyn EventStore>) -> CheckResult {
     let (tn, other) = (t("acme"), t("other"));
     let before = Timestamp::from_unix_micros(Timestamp::now().unix_micros() - 60_000_000);
-    let empty = ok(store.position_at(before).await, "position_at on an empty store")?;
+    let empty = ok(
+        store.position_at(before).await,
+        "position_at on an empty store",
+    )?;
     for i in 0..6u64 {
         let tenant = if i % 2 == 0 { &tn } else { &other };
         let n = (i % 3 + 1) as usize;
@@ -1559,7 +1562,10 @@ pub async fn position_at_finds_window_starts(store: Arc<dyn EventStore>) -> Chec
                  must be past the last event {last}"
             ),
         }
-        ensure!(got >= previous, "position_at went backwards for a later time");
+        ensure!(
+            got >= previous,
+            "position_at went backwards for a later time"
+        );
         previous = got;
         // A read from the result finds every event recorded at or after `at`.
         let page = ok(
@@ -1568,7 +1574,11 @@ pub async fn position_at_finds_window_starts(store: Arc<dyn EventStore>) -> Chec
         )?;
         let found = page.iter().filter(|e| e.recorded_at >= at).count();
         let all = log.iter().filter(|e| e.recorded_at >= at).count();
-        ensure_eq!(found, all, "events recorded at or after {at:?} read from {got}");
+        ensure_eq!(
+            found,
+            all,
+            "events recorded at or after {at:?} read from {got}"
+        );
     }
     Ok(())
 }

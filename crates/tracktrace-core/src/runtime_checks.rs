@@ -25,8 +25,7 @@ use crate::{
     CommandError, CommandMeta, DispatchError, DomainEvent, Error, EventFilter, EventId, EventStore,
     EventStoreExt, ExpectedVersion, FieldError, JsonCodec, NewEvent, Position, Projection,
     ProjectionRunner, Reaction, ReadModelStore, ReadModelTx, RecordedEvent, Repository, Result,
-    Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters,
-    Version,
+    Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters, Version,
 };
 use crate::{
     AllPage, AppendOutcome, AppendRequest, Direction, KeyRange, ReadAll, ReadStream, RetryPolicy,

@@ -184,5 +184,8 @@ fn letting_duplicates_through_is_caught() {
 #[test]
 fn a_wrong_position_at_is_caught() {
     must_fail!(Fault::PositionAtTooLate, position_at_finds_window_starts);
-    must_fail!(Fault::PositionAtAlwaysStart, position_at_finds_window_starts);
+    must_fail!(
+        Fault::PositionAtAlwaysStart,
+        position_at_finds_window_starts
+    );
 }
