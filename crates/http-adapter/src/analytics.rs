@@ -930,7 +930,7 @@ impl Analytics {
                 v.push((start, k));
             }
         }
-        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v.sort_by_key(|a| a.0);
         Ok(v.into_iter().map(|(_, k)| k).collect())
     }
 
