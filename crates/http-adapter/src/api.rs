@@ -74,6 +74,7 @@ struct Inner {
     config: ApiConfig,
     /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
     closing: watch::Sender<bool>,
+    analytics: crate::analytics::Analytics,
 }
 
 impl std::fmt::Debug for AppState {
@@ -98,6 +99,7 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 tenants: TenantRegistry::new(store.clone()),
+                analytics: crate::analytics::Analytics::new(store.clone()),
                 capture: CaptureService::new(store.clone()).with_schemas(schemas.clone()),
                 schemas,
                 store,
@@ -137,6 +139,11 @@ impl AppState {
     /// The signing keys.
     pub fn keys(&self) -> &JwtKeys {
         &self.inner.keys
+    }
+
+    /// The analytics engine (KPIs, anomalies, rejected-command counts).
+    pub fn analytics(&self) -> &crate::analytics::Analytics {
+        &self.inner.analytics
     }
 
     /// 403 unless the caller has `scope` and its tenant is active.
@@ -258,6 +265,20 @@ async fn capture_one(
     prefix: &str,
 ) -> Result<Captured, ApiError> {
     // 6.1.1: API → Validator → (valid) CommandBus → handler → event store.
+    let r = capture_validated(state, p, headers, value, prefix).await;
+    if let Err(e) = &r {
+        state.inner.analytics.record_outcome(&p.tenant, e);
+    }
+    r
+}
+
+async fn capture_validated(
+    state: &AppState,
+    p: &Principal,
+    headers: &HeaderMap,
+    value: &Value,
+    prefix: &str,
+) -> Result<Captured, ApiError> {
     let event = validate_capture_value(value, prefix).map_err(ApiError::Validation)?;
     let prefixed = |e: ApiError| match e {
         // Schema violations found by the capture service name fields of this item.
@@ -1210,6 +1231,7 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(put_schema, delete_schema))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .merge(crate::analytics::routes())
         .split_for_parts()
 }
 

@@ -61,12 +61,17 @@
 //!   read model → view (`full`, `compact`, `legs`) → cache.
 //! - **Tenants**: [`tenants`], stored as events of the system tenant; optional per-tenant
 //!   JSON Schemas of `attributes` per event type: [`schemas`].
+//! - **Analytics (6.1.3, 6.2.3)**: [`analytics`]: hourly and on-demand KPI windows per tenant
+//!   read with `EventStore::position_at`, anomaly detection, results stored as events,
+//!   `GET /api/v1/kpis` and `/api/v1/anomalies`, optional InfluxDB output.
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
 //! # Features
 //! - `redis`: Redis as the trace view cache (`--cache redis://…`).
+//! - `influxdb`: KPIs and anomalies written to InfluxDB (`--influx-url`).
 
+pub mod analytics;
 pub mod api;
 pub mod auth;
 pub mod cache;

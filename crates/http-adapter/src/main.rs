@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tracktrace_core::{BreakerConfig, TenantId};
+use tracktrace_http::analytics::AnalyticsConfig;
 use tracktrace_http::api::ApiConfig;
 use tracktrace_http::auth::{Claims, SYSTEM_TENANT, Scope, now_secs};
 use tracktrace_http::cache::CacheConfig;
@@ -106,6 +107,49 @@ struct Serve {
     /// How long the circuit breaker stays open before probing, milliseconds.
     #[arg(long, env = "TRACKTRACE_BREAKER_OPEN_MS", default_value_t = 5000)]
     breaker_open_ms: u64,
+    #[command(flatten)]
+    analytics: AnalyticsArgs,
+}
+
+/// Analytics engine flags.
+#[derive(Args, Debug)]
+struct AnalyticsArgs {
+    /// KPI window length and scheduler period, seconds (windows align to multiples of it).
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_WINDOW_SECS", default_value_t = 3600)]
+    analytics_window_secs: u64,
+    /// Seconds after a window's end before it is computed (late commits, rejection counts).
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_GRACE_SECS", default_value_t = 60)]
+    analytics_grace_secs: u64,
+    /// Trailing windows the anomaly detector sees.
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_LOOKBACK", default_value_t = 168)]
+    analytics_lookback: usize,
+    /// Run the scheduled batch (roles processor and all).
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_SCHEDULE", default_value_t = true, action = clap::ArgAction::Set)]
+    analytics_schedule: bool,
+    /// InfluxDB 1.x base URL (http://…:8086) to write KPIs and anomalies to (feature `influxdb`).
+    #[arg(long, env = "TRACKTRACE_INFLUX_URL")]
+    influx_url: Option<String>,
+    /// InfluxDB database (created if missing).
+    #[arg(long, env = "TRACKTRACE_INFLUX_DB", default_value = "tracktrace")]
+    influx_db: String,
+}
+
+fn analytics_config(a: &AnalyticsArgs) -> AnalyticsConfig {
+    #[cfg(not(feature = "influxdb"))]
+    if a.influx_url.is_some() {
+        tracing::warn!(db = %a.influx_db, "--influx-url ignored: this build has no InfluxDB support (build with `--features influxdb`)");
+    }
+    AnalyticsConfig {
+        window: Duration::from_secs(a.analytics_window_secs.max(1)),
+        grace: Duration::from_secs(a.analytics_grace_secs),
+        lookback_windows: a.analytics_lookback.max(1),
+        schedule: a.analytics_schedule,
+        #[cfg(feature = "influxdb")]
+        influx: a.influx_url.as_ref().map(|u| {
+            tracktrace_analytics::influx::InfluxConfig::new(u.clone(), a.influx_db.clone())
+        }),
+        ..AnalyticsConfig::default()
+    }
 }
 
 #[derive(Args, Debug)]
@@ -148,6 +192,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
             failure_threshold: s.breaker_failures,
             open_for: Duration::from_millis(s.breaker_open_ms),
         },
+        analytics: analytics_config(&s.analytics),
     }
 }
 

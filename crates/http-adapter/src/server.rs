@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     /// Circuit breaker settings.
     pub breaker: BreakerConfig,
+    /// Analytics engine settings (scheduler, windows, InfluxDB).
+    pub analytics: crate::analytics::AnalyticsConfig,
 }
 
 /// Why the server could not start.
@@ -67,6 +69,9 @@ pub enum StartError {
     /// The cache could not be set up.
     #[error("cannot set up the cache: {0}")]
     Cache(String),
+    /// The analytics engine could not be set up (e.g. the InfluxDB client).
+    #[error("cannot set up analytics: {0}")]
+    Analytics(String),
     /// Binding or serving failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -228,12 +233,11 @@ pub async fn start(
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut background = Vec::new();
     let (leading_tx, leading) = watch::channel(false);
-    let progress = if cfg.role != Role::Api {
+    let (progress_tx, progress) = if cfg.role != Role::Api {
         let (tx, rx) = watch::channel(Position::START);
-        background.push(tokio::spawn(supervise(stores.clone(), tx, leading_tx)));
-        Some(rx)
+        (Some(tx), Some(rx))
     } else {
-        None
+        (None, None)
     };
     let state = AppState::new(
         guarded,
@@ -250,6 +254,25 @@ pub async fn start(
         tracing::warn!(error = %e, "cannot load attribute schemas yet; the follower retries");
     }
     background.push(tokio::spawn(state.schemas().clone().follow()));
+    state
+        .analytics()
+        .configure(cfg.analytics.clone())
+        .map_err(StartError::Analytics)?;
+    if cfg.role != Role::Processor {
+        // Every API process counts its own rejected captures.
+        background.push(tokio::spawn(
+            state.analytics().clone().run_rejection_flusher(),
+        ));
+    }
+    if let Some(tx) = progress_tx {
+        let work = leader_work(cfg, &stores, &state, tx.clone());
+        background.push(tokio::spawn(supervise(
+            stores.clone(),
+            tx,
+            leading_tx,
+            work,
+        )));
+    }
     let closing = state.clone();
     let app = match cfg.role {
         Role::Processor => crate::api::ops_router(state),
@@ -276,16 +299,38 @@ pub async fn start(
     })
 }
 
-/// The background work of a leader: the trace projection. Aborted when leadership is lost.
-fn background_work(stores: &Stores, progress: &watch::Sender<Position>) -> Vec<JoinHandle<()>> {
-    vec![tokio::spawn(projection::run(
-        stores.events.clone(),
-        stores.read_models.clone(),
-        progress.clone(),
-    ))]
+/// Starts the leader's background tasks; called again after every takeover.
+type Work = Arc<dyn Fn() -> Vec<JoinHandle<()>> + Send + Sync>;
+
+/// The background work of a leader (roles `processor` and `all`): the trace projection and
+/// the analytics scheduler. Aborted when leadership is lost.
+fn leader_work(
+    cfg: &ServerConfig,
+    stores: &Stores,
+    state: &AppState,
+    progress: watch::Sender<Position>,
+) -> Work {
+    let (stores, state, schedule) = (stores.clone(), state.clone(), cfg.analytics.schedule);
+    Arc::new(move || {
+        let mut tasks = vec![tokio::spawn(projection::run(
+            stores.events.clone(),
+            stores.read_models.clone(),
+            progress.clone(),
+        ))];
+        if schedule {
+            let s = state.clone();
+            tasks.push(tokio::spawn(state.analytics().clone().run_scheduler(
+                move || {
+                    let s = s.clone();
+                    async move { crate::analytics::active_tenants(&s).await }
+                },
+            )));
+        }
+        tasks
+    })
 }
 
-/// Runs [`background_work`] while this process holds the leadership; stands by otherwise.
+/// Runs the [`leader_work`] while this process holds the leadership; stands by otherwise.
 ///
 /// A standby keeps `progress` current from the stored checkpoint (the leader's), so its
 /// `minPosition` reads still wait for the right thing. Correctness does not depend on there
@@ -295,12 +340,13 @@ async fn supervise(
     stores: Stores,
     progress: watch::Sender<Position>,
     leading: watch::Sender<bool>,
+    work: Work,
 ) {
     loop {
         match &stores.leader {
             Leadership::Local => {
                 leading.send_replace(true);
-                let work = background_work(&stores, &progress);
+                let work = work();
                 // Never lost: wait until the server aborts this task (abort ends the work too).
                 let _abort_on_drop = AbortAll(work);
                 std::future::pending::<()>().await;
@@ -311,7 +357,7 @@ async fn supervise(
                 standby.abort();
                 tracing::info!("leading background work (lease {BACKGROUND_LEASE})");
                 leading.send_replace(true);
-                let work = AbortAll(background_work(&stores, &progress));
+                let work = AbortAll(work());
                 lease.lost().await;
                 drop(work);
                 leading.send_replace(false);

@@ -76,6 +76,13 @@ impl EventStore for Switchable {
         self.check()?;
         self.inner.head().await
     }
+    async fn position_at(
+        &self,
+        at: tracktrace_core::Timestamp,
+    ) -> tracktrace_core::Result<Position> {
+        self.check()?;
+        self.inner.position_at(at).await
+    }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
     }

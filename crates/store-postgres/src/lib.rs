@@ -118,6 +118,7 @@ mod migrate;
 mod rows;
 mod store;
 mod tasks;
+mod time_range;
 
 use std::sync::Arc;
 use std::time::Duration;
