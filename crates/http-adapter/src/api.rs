@@ -121,6 +121,11 @@ impl AppState {
         &self.inner.keys
     }
 
+    /// The event store (behind the circuit breaker).
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
     /// 403 unless the caller has `scope` and its tenant is active.
     async fn authorize(&self, p: &Principal, scope: Scope) -> Result<(), ApiError> {
         p.require(scope)?;
@@ -1056,6 +1061,7 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(resume_tenant))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .merge(crate::milestone::http::routes())
         .split_for_parts()
 }
 

@@ -60,6 +60,8 @@
 //! - **Trace (6.1.2)**: [`auth`] → entity status (generation) → [`cache`] → [`timeline`]
 //!   read model → view (`full`, `compact`, `legs`) → cache.
 //! - **Tenants**: [`tenants`], stored as events of the system tenant.
+//! - **Milestone watch**: [`milestone`], a saga raising `MILESTONE_OVERDUE` /
+//!   `MILESTONE_RECOVERED` into entity traces by per-tenant rules.
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
@@ -73,6 +75,7 @@ pub mod capture;
 pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
+pub mod milestone;
 pub mod projection;
 pub mod server;
 pub mod tenants;

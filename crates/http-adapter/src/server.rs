@@ -23,7 +23,8 @@ use crate::tenants::TenantRegistry;
 pub enum Role {
     /// Serves the API only (scale out against one PostgreSQL).
     Api,
-    /// Runs background work only (projections); serves `/healthz` and `/readyz`.
+    /// Runs background work only (projections, milestone watch); serves `/healthz` and
+    /// `/readyz`.
     Processor,
     /// Both (the default).
     All,
@@ -219,6 +220,13 @@ pub async fn start(
     } else {
         None
     };
+    if cfg.role != Role::Api {
+        background.push(tokio::spawn(crate::milestone::run(
+            stores.events.clone(),
+            stores.read_models.clone(),
+            guarded.clone(),
+        )));
+    }
     let state = AppState::new(
         guarded,
         stores.read_models.clone(),

@@ -367,6 +367,27 @@ pub fn body_correlation_id(value: &Value) -> Option<&str> {
     value.get("correlationId").and_then(Value::as_str)
 }
 
+/// Why `s` is not a valid `entityType` by the capture rules (`None`: it is valid). For other
+/// front ends that name entity types (e.g. the server's milestone rules).
+pub fn entity_type_problem(s: &str) -> Option<String> {
+    let mut c = Check {
+        prefix: "",
+        errors: Vec::new(),
+    };
+    c.entity_type("", s);
+    c.errors.pop().map(|e| e.message)
+}
+
+/// Why `s` is not a valid `eventType` by the capture rules (`None`: it is valid).
+pub fn event_type_problem(s: &str) -> Option<String> {
+    let mut c = Check {
+        prefix: "",
+        errors: Vec::new(),
+    };
+    c.event_type("", s);
+    c.errors.pop().map(|e| e.message)
+}
+
 struct Check<'p> {
     prefix: &'p str,
     errors: Vec<FieldError>,
