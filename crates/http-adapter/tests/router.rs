@@ -1290,6 +1290,8 @@ async fn the_milestone_watch_raises_overdue_into_trace_and_subscribers_then_reco
         let recovered = v["events"].as_array().unwrap().last().unwrap().clone();
         assert_eq!(recovered["eventType"], "MILESTONE_RECOVERED");
         assert_eq!(recovered["attributes"]["lateBySeconds"], 9000.0);
+        assert_eq!(recovered["occurredAt"], "2026-01-10T12:30:00.001Z");
+        assert_eq!(recovered["location"]["code"], "LHR");
         assert_eq!(
             recovered["attributes"]["overdueEventId"],
             overdue["eventId"]

@@ -805,6 +805,16 @@ mod tests {
     }
 
     #[test]
+    fn type_checks_for_other_front_ends_match_capture() {
+        assert_eq!(entity_type_problem("Bag"), None);
+        assert_eq!(event_type_problem("MILESTONE_OVERDUE"), None);
+        assert!(entity_type_problem("1Bag").is_some());
+        assert!(entity_type_problem("Bag-1").is_some());
+        assert!(event_type_problem("").is_some());
+        assert!(event_type_problem("a b").is_some());
+    }
+
+    #[test]
     fn attributes_are_size_limited() {
         let mut v = valid();
         v["attributes"] = json!({"blob": "x".repeat(limits::MAX_ATTRIBUTES_BYTES)});

@@ -32,7 +32,7 @@
 //!   raised alarm is ignored (the newer one stands); a newer trigger re-arms the watch.
 //! - `MILESTONE_OVERDUE` occurs at the deadline, at the trigger's location; attributes `rule`,
 //!   `expectedEventTypes`, `within`, `deadline`, `triggerEventType`, `triggerEventId`,
-//!   `triggerOccurredAt`. `MILESTONE_RECOVERED` occurs when the milestone did (never before the
+//!   `triggerOccurredAt`. `MILESTONE_RECOVERED` occurs 1 ms after the milestone (and after the
 //!   deadline), at its location; attributes `rule`, `expectedEventTypes`, `deadline`,
 //!   `milestoneEventType`, `milestoneEventId`, `milestoneOccurredAt`, `lateBySeconds`,
 //!   `overdueEventId`. Source `tracktrace.milestone-watch`.

@@ -410,10 +410,12 @@ impl MilestoneCommand {
                 watch,
                 milestone,
             } => {
-                // Never before the alarm it resolves, so the trace reads in order.
+                // Just after the milestone and never before the alarm it resolves (1 ms), so
+                // the trace, ordered by occurredAt, reads milestone → recovery.
                 let at = milestone
                     .occurred_at_us
-                    .max(watch.deadline_us.saturating_add(1000));
+                    .max(watch.deadline_us)
+                    .saturating_add(1000);
                 let late_us = milestone
                     .occurred_at_us
                     .saturating_sub(watch.deadline_us)
