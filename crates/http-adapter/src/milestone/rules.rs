@@ -1,7 +1,7 @@
 //! Milestone rules: what they are, how they are validated, how they are stored (events of
 //! the system tenant) and the [`RuleBook`] the watch evaluates them with.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -593,9 +593,9 @@ type History = Vec<(Position, Option<Arc<MilestoneRule>>)>;
 #[derive(Default)]
 struct TenantRules {
     history: BTreeMap<String, History>,
-    /// (entity type, event type) pairs any version of any rule ever expected: such events are
-    /// always routed to the watch, so watches opened under older terms can still be satisfied.
-    expected_ever: HashSet<(String, String)>,
+    /// (entity type, event type) pairs some version of some rule expected, with the position
+    /// of the first such rule event.
+    expected_since: HashMap<(String, String), Position>,
 }
 
 /// Every tenant's rules *with their history in the global log*, so the watch decides each
@@ -661,7 +661,9 @@ impl RuleBook {
         let t = self.tenants.entry(tenant).or_default();
         if let Some(r) = &rule {
             for x in &r.expected_event_types {
-                t.expected_ever.insert((r.entity_type.clone(), x.clone()));
+                t.expected_since
+                    .entry((r.entity_type.clone(), x.clone()))
+                    .or_insert(e.position);
             }
         }
         t.history.entry(id).or_default().push((e.position, rule));
@@ -689,8 +691,13 @@ impl RuleBook {
             .collect()
     }
 
+    /// Whether `tenant` has (or had) any rule.
+    pub fn has_rules(&self, tenant: &str) -> bool {
+        self.tenants.contains_key(tenant)
+    }
+
     /// Whether an event of `event_type` on an entity of `entity_type` at position `at` concerns
-    /// the watch: a trigger of a rule in force, or a type some rule ever expected.
+    /// the watch: a trigger of a rule in force, or a type some rule recorded before expected.
     pub fn concerns(
         &self,
         tenant: &str,
@@ -698,22 +705,27 @@ impl RuleBook {
         event_type: &str,
         at: Position,
     ) -> bool {
-        let Some(t) = self.tenants.get(tenant) else {
-            return false;
-        };
-        t.expected_ever
-            .contains(&(entity_type.to_owned(), event_type.to_owned()))
+        self.expected_before(tenant, entity_type, event_type, at)
             || self
                 .rules_at(tenant, entity_type, at)
                 .iter()
                 .any(|r| r.trigger_event_type == event_type)
     }
 
-    /// Whether `event_type` is one some rule of `tenant` ever expected for `entity_type`.
-    pub fn ever_expected(&self, tenant: &str, entity_type: &str, event_type: &str) -> bool {
+    /// Whether some rule of `tenant` recorded before position `at` expected `event_type` on
+    /// entities of `entity_type` (in any version, so watches opened under older terms can
+    /// still be satisfied after the rule changed).
+    pub fn expected_before(
+        &self,
+        tenant: &str,
+        entity_type: &str,
+        event_type: &str,
+        at: Position,
+    ) -> bool {
         self.tenants.get(tenant).is_some_and(|t| {
-            t.expected_ever
-                .contains(&(entity_type.to_owned(), event_type.to_owned()))
+            t.expected_since
+                .get(&(entity_type.to_owned(), event_type.to_owned()))
+                .is_some_and(|p| *p < at)
         })
     }
 

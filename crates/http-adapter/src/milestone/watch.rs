@@ -234,6 +234,10 @@ impl Saga for MilestoneWatch {
             self.book().apply(e);
             return None;
         }
+        // Most tenants have no rules: skip them before decoding anything.
+        if !self.book().has_rules(e.tenant.as_str()) {
+            return None;
+        }
         let f = fields(e)?;
         self.book()
             .concerns(e.tenant.as_str(), &f.entity_type, &f.event_type, e.position)
@@ -277,7 +281,7 @@ impl Saga for MilestoneWatch {
         }
         // Remember it (rules never expect their own trigger, so it cannot satisfy a watch it
         // opens below).
-        if book.ever_expected(tenant, &st.entity_type, &m.event_type) {
+        if book.expected_before(tenant, &st.entity_type, &m.event_type, e.position) {
             let s = st.seen.entry(m.event_type.clone()).or_insert(i64::MIN);
             *s = (*s).max(m.occurred_at_us);
         }
@@ -703,6 +707,37 @@ mod tests {
         f.capture("NEW2", "LOADED", past).await;
         assert_eq!(r.run_once().await.unwrap().deadlines_fired, 1);
         assert_eq!(f.count("NEW2", OVERDUE).await, 1);
+    }
+
+    #[tokio::test]
+    async fn open_watches_keep_the_terms_they_were_opened_with() {
+        let f = fx();
+        f.rule(HOUR as u64 / 1000).await;
+        let t = now_us();
+        f.capture("C", "LOADED", t).await;
+        let mut r = f.runner().await;
+        r.run_once().await.unwrap();
+        // The rule now expects UNLOADED instead of ARRIVED, within a minute.
+        let changed = MilestoneRule {
+            id: "bag-arrival".into(),
+            entity_type: "Bag".into(),
+            trigger_event_type: "LOADED".into(),
+            expected_event_types: vec!["UNLOADED".into()],
+            within_ms: 60_000,
+        };
+        rules::set(&*f.store, &f.tenant, &changed, "test")
+            .await
+            .unwrap();
+        f.capture("C2", "LOADED", t).await;
+        // ARRIVED still satisfies the watch opened under the old terms.
+        f.capture("C", "ARRIVED", t + 1).await;
+        let p = r.run_once().await.unwrap();
+        assert_eq!(p.triggers, 2);
+        assert!(r.state(&f.tenant, "Bag-C").unwrap().rules.is_empty());
+        let st = r.state(&f.tenant, "Bag-C2").unwrap();
+        let open = st.rules["bag-arrival"].open.as_ref().unwrap();
+        assert_eq!(open.rule.expected_event_types, ["UNLOADED"]);
+        assert_eq!(open.deadline_us, t + 60_000_000);
     }
 
     #[tokio::test]
