@@ -146,6 +146,11 @@ impl AppState {
         &self.inner.analytics
     }
 
+    /// The event store (behind the circuit breaker).
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
     /// 403 unless the caller has `scope` and its tenant is active.
     async fn authorize(&self, p: &Principal, scope: Scope) -> Result<(), ApiError> {
         p.require(scope)?;
@@ -1232,6 +1237,7 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .merge(crate::analytics::routes())
+        .merge(crate::milestone::http::routes())
         .split_for_parts()
 }
 

@@ -64,6 +64,8 @@
 //! - **Analytics (6.1.3, 6.2.3)**: [`analytics`]: hourly and on-demand KPI windows per tenant
 //!   read with `EventStore::position_at`, anomaly detection, results stored as events,
 //!   `GET /api/v1/kpis` and `/api/v1/anomalies`, optional InfluxDB output.
+//! - **Milestone watch**: [`milestone`], a saga raising `MILESTONE_OVERDUE` /
+//!   `MILESTONE_RECOVERED` into entity traces by per-tenant rules.
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
@@ -79,6 +81,7 @@ pub mod capture;
 pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
+pub mod milestone;
 pub mod projection;
 pub mod schemas;
 pub mod server;

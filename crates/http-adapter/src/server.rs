@@ -24,7 +24,8 @@ use crate::tenants::TenantRegistry;
 pub enum Role {
     /// Serves the API only (scale out against one PostgreSQL).
     Api,
-    /// Runs background work only (projections); serves `/healthz` and `/readyz`.
+    /// Runs background work only (projections, milestone watch); serves `/healthz` and
+    /// `/readyz`.
     Processor,
     /// Both (the default).
     All,
@@ -302,8 +303,8 @@ pub async fn start(
 /// Starts the leader's background tasks; called again after every takeover.
 type Work = Arc<dyn Fn() -> Vec<JoinHandle<()>> + Send + Sync>;
 
-/// The background work of a leader (roles `processor` and `all`): the trace projection and
-/// the analytics scheduler. Aborted when leadership is lost.
+/// The background work of a leader (roles `processor` and `all`): the trace projection, the
+/// milestone watch and the analytics scheduler. Aborted when leadership is lost.
 fn leader_work(
     cfg: &ServerConfig,
     stores: &Stores,
@@ -312,11 +313,18 @@ fn leader_work(
 ) -> Work {
     let (stores, state, schedule) = (stores.clone(), state.clone(), cfg.analytics.schedule);
     Arc::new(move || {
-        let mut tasks = vec![tokio::spawn(projection::run(
-            stores.events.clone(),
-            stores.read_models.clone(),
-            progress.clone(),
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(projection::run(
+                stores.events.clone(),
+                stores.read_models.clone(),
+                progress.clone(),
+            )),
+            tokio::spawn(crate::milestone::run(
+                stores.events.clone(),
+                stores.read_models.clone(),
+                state.store().clone(),
+            )),
+        ];
         if schedule {
             let s = state.clone();
             tasks.push(tokio::spawn(state.analytics().clone().run_scheduler(
