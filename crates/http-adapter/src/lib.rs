@@ -60,6 +60,7 @@
 //! - **Trace (6.1.2)**: [`auth`] → entity status (generation) → [`cache`] → [`timeline`]
 //!   read model → view (`full`, `compact`, `legs`) → cache.
 //! - **Tenants**: [`tenants`], stored as events of the system tenant.
+//! - **Metrics**: [`metrics`], Prometheus text on `GET /metrics` (contract in `ops/README.md`).
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
@@ -73,6 +74,7 @@ pub mod capture;
 pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
+pub mod metrics;
 pub mod projection;
 pub mod server;
 pub mod tenants;
