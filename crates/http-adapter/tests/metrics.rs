@@ -36,11 +36,13 @@ use tracktrace_http::projection;
 
 use common::{Exposition, in_ci};
 
-/// The in-memory store whose appends fail with `Unavailable` while `down` is set (reads keep
-/// working, so only the command path sees the outage).
+/// The in-memory store whose appends fail while `down` (`Unavailable`: an outage) or
+/// `contended` (`Conflict`: another writer always wins) is set. Reads keep working, so only
+/// the command path sees the failure.
 struct FailingAppends {
     inner: Arc<InMemoryStore>,
     down: Arc<AtomicBool>,
+    contended: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -51,6 +53,14 @@ impl EventStore for FailingAppends {
                 reason: "test outage".into(),
                 retry_after: None,
                 source: None,
+            });
+        }
+        if self.contended.load(Ordering::SeqCst) {
+            return Err(Error::Conflict {
+                tenant: req.tenant,
+                stream: req.stream,
+                expected: req.expected,
+                actual: Version::new(u64::MAX),
             });
         }
         self.inner.append(req).await
@@ -89,6 +99,7 @@ struct Fixture {
     state: AppState,
     keys: JwtKeys,
     down: Arc<AtomicBool>,
+    contended: Arc<AtomicBool>,
     store: Arc<dyn EventStore>,
 }
 
@@ -96,11 +107,13 @@ struct Fixture {
 async fn fixture() -> Fixture {
     let mem = Arc::new(InMemoryStore::new());
     let down = Arc::new(AtomicBool::new(false));
+    let contended = Arc::new(AtomicBool::new(false));
     let metrics = Metrics::new();
     let store = guarded_store(
         Arc::new(FailingAppends {
             inner: mem.clone(),
             down: down.clone(),
+            contended: contended.clone(),
         }),
         "memory",
         BreakerConfig {
@@ -137,6 +150,7 @@ async fn fixture() -> Fixture {
         state,
         keys,
         down,
+        contended,
         store,
     }
 }
@@ -594,6 +608,18 @@ async fn failing_commands_count_with_their_reason() {
     assert_eq!(e.get(COMMANDS, &[("outcome", "rejected")]), 4.0);
     assert_eq!(e.get(COMMANDS, &[("outcome", "failed")]), 0.0);
     assert_eq!(e.get(INGESTED, &[("tenant", "acme")]), 1.0);
+
+    // Contention: still conflicting after the command bus's retries (503, a failed command).
+    f.contended.store(true, Ordering::SeqCst);
+    let (s, v) = f
+        .post("/api/v1/events", &acme, &event("BAG1", "Bag", "BagScanned"))
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["type"], "/problems/contention");
+    f.contended.store(false, Ordering::SeqCst);
+    let e = f.scrape().await;
+    assert_eq!(e.get(FAILURES, &[("reason", "contention")]), 1.0);
+    assert_eq!(e.get(COMMANDS, &[("outcome", "failed")]), 1.0);
     let breaker = [("component", "event_store")];
     assert_eq!(
         e.value("tracktrace_circuit_breaker_state", &breaker),
@@ -614,7 +640,7 @@ async fn failing_commands_count_with_their_reason() {
     }
     let e = f.scrape().await;
     assert_eq!(e.get(FAILURES, &[("reason", "unavailable")]), 3.0);
-    assert_eq!(e.get(COMMANDS, &[("outcome", "failed")]), 3.0);
+    assert_eq!(e.get(COMMANDS, &[("outcome", "failed")]), 4.0);
     assert_eq!(
         e.value("tracktrace_circuit_breaker_state", &breaker),
         Some(2.0)
