@@ -26,6 +26,7 @@ use crate::domain::{
     CaptureError, Enrichment, FieldError, limits, parse_instant, validate_capture_value,
 };
 use crate::error::{ApiError, Problem};
+use crate::metrics::{CacheResult, Metrics};
 use crate::projection::wait_for;
 use crate::schemas::{SchemaInfo, SchemaRegistry};
 use crate::tenants::{TenantInfo, TenantRegistry, parse_new_tenant};
@@ -75,6 +76,7 @@ struct Inner {
     /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
     closing: watch::Sender<bool>,
     analytics: crate::analytics::Analytics,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for AppState {
@@ -95,6 +97,35 @@ impl AppState {
         progress: Option<watch::Receiver<Position>>,
         config: ApiConfig,
     ) -> Self {
+        Self::with_metrics(
+            store,
+            read_models,
+            keys,
+            cache,
+            progress,
+            config,
+            Metrics::new(),
+        )
+    }
+
+    /// Like [`AppState::new`], exporting into `metrics` (see [`crate::metrics`]): the head of
+    /// `store` and, with `progress`, the trace projection's lag are measured at scrape time.
+    pub fn with_metrics(
+        store: Arc<dyn EventStore>,
+        read_models: Arc<dyn ReadModelStore>,
+        keys: JwtKeys,
+        cache: TraceCache,
+        progress: Option<watch::Receiver<Position>>,
+        config: ApiConfig,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.watch_event_store(&store);
+        if let Some(p) = &progress
+            && let Err(e) =
+                metrics.register_projection(crate::projection::TRACE_PROJECTION, &store, p.clone())
+        {
+            tracing::warn!(error = %e, "trace projection lag not exported twice");
+        }
         let schemas = SchemaRegistry::new(store.clone());
         Self {
             inner: Arc::new(Inner {
@@ -110,8 +141,14 @@ impl AppState {
                 leading: std::sync::OnceLock::new(),
                 config,
                 closing: watch::Sender::new(false),
+                metrics,
             }),
         }
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Ends every open event stream (SSE) and refuses new ones: called at shutdown, since
@@ -261,8 +298,21 @@ fn correlation_id(headers: &HeaderMap, body: &Value) -> Result<String, ApiError>
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()))
 }
 
-/// Validates and dispatches one capture (shared by the single and batch endpoints).
+/// Validates and dispatches one capture (shared by the single and batch endpoints), and
+/// counts it in the metrics.
 async fn capture_one(
+    state: &AppState,
+    p: &Principal,
+    headers: &HeaderMap,
+    value: &Value,
+    prefix: &str,
+) -> Result<Captured, ApiError> {
+    let r = dispatch_capture(state, p, headers, value, prefix).await;
+    state.inner.metrics.record_capture(&p.tenant, &r);
+    r
+}
+
+async fn dispatch_capture(
     state: &AppState,
     p: &Principal,
     headers: &HeaderMap,
@@ -343,7 +393,7 @@ fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
         (status = 409, description = "The entity has another type", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Event store unavailable (Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Event store unavailable, or the entity still contended after retries (Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -353,8 +403,12 @@ async fn capture(
     headers: HeaderMap,
     JsonBody(body): JsonBody<{ limits::MAX_EVENT_BODY_BYTES }>,
 ) -> Result<Response, ApiError> {
-    state.authorize(&p, Scope::EventsWrite).await?;
-    let value = parse_json(&body)?;
+    let refused = |e| state.inner.metrics.command_refused(e);
+    state
+        .authorize(&p, Scope::EventsWrite)
+        .await
+        .map_err(refused)?;
+    let value = parse_json(&body).map_err(refused)?;
     let out = capture_one(&state, &p, &headers, &value, "").await?;
     let status = if out.duplicate {
         StatusCode::OK
@@ -414,22 +468,27 @@ async fn capture_batch(
     headers: HeaderMap,
     JsonBody(body): JsonBody<{ limits::MAX_BATCH_BODY_BYTES }>,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    state.authorize(&p, Scope::EventsWrite).await?;
-    let value = parse_json(&body)?;
+    // A batch refused as a whole counts as one refused command.
+    let refused = |e| state.inner.metrics.command_refused(e);
+    state
+        .authorize(&p, Scope::EventsWrite)
+        .await
+        .map_err(refused)?;
+    let value = parse_json(&body).map_err(refused)?;
     let items = match value.get("events") {
         Some(Value::Array(a)) if value.as_object().is_some_and(|o| o.len() == 1) => a,
         _ => {
-            return Err(ApiError::Validation(vec![FieldError::new(
+            return Err(refused(ApiError::Validation(vec![FieldError::new(
                 "events",
                 "the body must be an object with exactly one field, `events`, an array",
-            )]));
+            )])));
         }
     };
     if items.is_empty() || items.len() > limits::MAX_BATCH_ITEMS {
-        return Err(ApiError::Validation(vec![FieldError::new(
+        return Err(refused(ApiError::Validation(vec![FieldError::new(
             "events",
             format!("must hold 1–{} events", limits::MAX_BATCH_ITEMS),
-        )]));
+        )])));
     }
     let mut results = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
@@ -716,17 +775,24 @@ async fn trace(
         )
         .await?;
     }
+    // Query latency excludes the read-your-writes wait (that is the projection's lag).
+    let started = std::time::Instant::now();
+    let metrics = &state.inner.metrics;
     // 6.1.2: the entity's generation, then the cache, then the read store.
     let status = timeline::load_status(rm, &p.tenant, &entity_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("entity {entity_id}")))?;
     let key = cache_key(&p.tenant, &entity_id, status.last_position, &pq.key);
     if let Some(hit) = state.inner.cache.get(&p.tenant, &key).await {
+        metrics.cache_lookup(CacheResult::Hit);
+        metrics.trace_query(CacheResult::Hit, started.elapsed());
         return Ok(json_bytes_response(hit, "hit"));
     }
+    metrics.cache_lookup(CacheResult::Miss);
     let view = build_view(rm, &p.tenant, &status, &pq).await?;
     let bytes = Bytes::from(serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?);
     state.inner.cache.put(&p.tenant, key, bytes.clone()).await;
+    metrics.trace_query(CacheResult::Miss, started.elapsed());
     Ok(json_bytes_response(bytes, "miss"))
 }
 
@@ -1195,6 +1261,28 @@ async fn readyz(
     Ok(Json(m))
 }
 
+/// Technical metrics in the Prometheus text format (see `ops/README.md` for the contract).
+/// Needs a token of the system tenant with the `metrics:read` scope.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a metrics:read token of the system tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+async fn scrape_metrics(State(state): State<AppState>, p: Principal) -> Result<Response, ApiError> {
+    crate::metrics::authorize_scrape(&p)?;
+    let body = state.inner.metrics.scrape().await;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        body,
+    )
+        .into_response())
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tracktrace Track & Trace API", description = "Operational event capture and per-entity traces."),
@@ -1236,6 +1324,7 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(put_schema, delete_schema))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(scrape_metrics))
         .merge(crate::analytics::routes())
         .merge(crate::milestone::http::routes())
         .split_for_parts()
@@ -1257,11 +1346,12 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// Only `/healthz` and `/readyz` (processes with role `processor`).
+/// Only `/healthz`, `/readyz` and `/metrics` (processes with role `processor`).
 pub fn ops_router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(scrape_metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(state)
 }

@@ -165,7 +165,7 @@ fn command_error<E: std::error::Error + 'static>(e: CommandError<E>) -> ApiError
         CommandError::Rejected(r) => ApiError::Conflict(r.to_string()),
         CommandError::Conflict { stream, .. } => {
             tracing::warn!(%stream, "capture still conflicting after retries");
-            ApiError::Unavailable {
+            ApiError::Contention {
                 retry_after: std::time::Duration::from_secs(1),
             }
         }

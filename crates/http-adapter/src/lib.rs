@@ -66,6 +66,7 @@
 //!   `GET /api/v1/kpis` and `/api/v1/anomalies`, optional InfluxDB output.
 //! - **Milestone watch**: [`milestone`], a saga raising `MILESTONE_OVERDUE` /
 //!   `MILESTONE_RECOVERED` into entity traces by per-tenant rules.
+//! - **Metrics**: [`metrics`], Prometheus text on `GET /metrics` (contract in `ops/README.md`).
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
@@ -81,6 +82,7 @@ pub mod capture;
 pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
+pub mod metrics;
 pub mod milestone;
 pub mod projection;
 pub mod schemas;

@@ -9,13 +9,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracktrace_core::{
-    BreakerConfig, CircuitBreaker, EventStore, Position, ReadModelStore, TenantId,
-};
+use tracktrace_core::{BreakerConfig, EventStore, Position, ReadModelStore, TenantId};
 
 use crate::api::{ApiConfig, AppState, router};
 use crate::auth::JwtKeys;
 use crate::cache::{CacheConfig, TraceCache};
+use crate::metrics::{Metrics, guarded_store};
 use crate::projection;
 use crate::tenants::TenantRegistry;
 
@@ -188,6 +187,15 @@ pub fn store_identity(cfg: &ServerConfig) -> String {
     }
 }
 
+/// The `backend` label of the configured store's append latency.
+fn backend_label(cfg: &ServerConfig) -> &'static str {
+    if cfg.store_url.is_some() {
+        "postgres"
+    } else {
+        "sled"
+    }
+}
+
 /// A running server.
 #[derive(Debug)]
 pub struct Running {
@@ -227,10 +235,13 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let keys = keys(cfg)?;
     let cache = make_cache(cfg).await?;
-    let guarded: Arc<dyn EventStore> = Arc::new(CircuitBreaker::with_config(
+    let metrics = Metrics::new();
+    let guarded = guarded_store(
         stores.events.clone(),
+        backend_label(cfg),
         cfg.breaker,
-    ));
+        &metrics,
+    );
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut background = Vec::new();
     let (leading_tx, leading) = watch::channel(false);
@@ -240,13 +251,14 @@ pub async fn start(
     } else {
         (None, None)
     };
-    let state = AppState::new(
+    let state = AppState::with_metrics(
         guarded,
         stores.read_models.clone(),
         keys,
         cache,
         progress,
         cfg.api.clone(),
+        metrics,
     );
     let state = state.with_leading(leading);
     background.push(tokio::spawn(state.tenants().clone().follow()));
@@ -314,10 +326,11 @@ fn leader_work(
     let (stores, state, schedule) = (stores.clone(), state.clone(), cfg.analytics.schedule);
     Arc::new(move || {
         let mut tasks = vec![
-            tokio::spawn(projection::run(
+            tokio::spawn(projection::run_with_metrics(
                 stores.events.clone(),
                 stores.read_models.clone(),
                 progress.clone(),
+                state.metrics().clone(),
             )),
             tokio::spawn(crate::milestone::run(
                 stores.events.clone(),

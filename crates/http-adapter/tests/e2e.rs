@@ -20,6 +20,9 @@ use tokio::sync::Mutex;
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
 use tracktrace_http::client::{ClientResponse, request};
 
+mod common;
+use common::Exposition;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tracktrace-server");
 const SECRET: &str = "e2e-secret-0123456789abcdefghijklmnopqrstuvwxyz";
 
@@ -155,6 +158,42 @@ fn types(v: &Value) -> Vec<String> {
         .iter()
         .map(|e| e["eventType"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// `/metrics` read with a `metrics:read` token of the system tenant, parsed.
+async fn scrape(addr: &str, token: &str) -> Exposition {
+    let r = call(addr, "GET", "/metrics", Some(token), None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let text = String::from_utf8(r.body).unwrap();
+    Exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// One more capture moves the tenant's ingestion counter by exactly one and times the
+/// appends under the server's backend.
+async fn capture_is_metered(addr: &str, scraper: &str, writer: &str, backend: &str) {
+    let ingested = [("tenant", "acme")];
+    let appends = [("backend", backend)];
+    let count = "tracktrace_append_duration_seconds_count";
+    let before = scrape(addr, scraper).await;
+    capture(
+        addr,
+        writer,
+        &event("METERED", "BagLoaded", "2026-11-28T10:00:00Z", "MAD"),
+    )
+    .await;
+    let after = scrape(addr, scraper).await;
+    assert_eq!(
+        after.get("tracktrace_events_ingested_total", &ingested),
+        before.get("tracktrace_events_ingested_total", &ingested) + 1.0
+    );
+    assert!(after.get(count, &appends) > before.get(count, &appends));
+    assert_eq!(
+        after.value(
+            "tracktrace_circuit_breaker_state",
+            &[("component", "event_store")]
+        ),
+        Some(0.0)
+    );
 }
 
 /// The scenario of the issue, against any running server.
@@ -326,8 +365,9 @@ async fn sled_end_to_end() {
         cli_token(&c, &addr, tenant, scopes)
     };
     scenario(&addr, &keys, &tokens).await;
-    // Graceful shutdown, restart on the same directory: everything is still there.
     let w = tokens("acme", "events:write,trace:read");
+    capture_is_metered(&addr, &tokens("_system", "metrics:read"), &w, "sled").await;
+    // Graceful shutdown, restart on the same directory: everything is still there.
     let before = trace(&addr, &w, "BAG2", "limit=1000", 0).await.json();
     // An open event stream must not keep graceful shutdown from finishing.
     let mut sse = TcpStream::connect(&addr).await.unwrap();
@@ -349,6 +389,45 @@ async fn sled_end_to_end() {
         .json();
     assert_eq!(before["events"], after["events"]);
     assert_eq!(after["eventCount"], 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processor_role_serves_metrics_with_the_projection_lag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_s = data.to_str().unwrap().to_owned();
+    let server = Server::start(
+        dir.path(),
+        "processor",
+        &["--data-dir", &data_s, "--role", "processor"],
+    );
+    let addr = server.addr.clone();
+    let keys = JwtKeys::load_or_create(&data).unwrap();
+    let scraper = keys.sign(&Claims {
+        sub: "e2e".into(),
+        tenant: "_system".into(),
+        scopes: vec!["metrics:read".into()],
+        exp: now_secs() + 600,
+    });
+    assert_eq!(call(&addr, "GET", "/metrics", None, None).await.status, 401);
+    let m = scrape(&addr, &scraper).await;
+    let trace = [("projection", "tt.trace")];
+    assert!(
+        m.value("tracktrace_projection_lag_positions", &trace)
+            .is_some()
+    );
+    assert!(
+        m.value("tracktrace_projection_lag_seconds", &trace)
+            .is_some()
+    );
+    // The processor serves no API.
+    let ev = event("BAG1", "BagLoaded", "2026-11-28T10:00:00Z", "MAD");
+    assert_eq!(
+        call(&addr, "POST", "/api/v1/events", Some(&scraper), Some(&ev))
+            .await
+            .status,
+        404
+    );
 }
 
 // ---------- PostgreSQL (+ Redis) ----------
@@ -517,9 +596,14 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
         cli_token(&c, &addr, tenant, scopes)
     };
     scenario(&addr, &keys, &tokens).await;
+    let w = tokens("acme", "events:write,trace:read");
+    let scraper = tokens("_system", "metrics:read");
+    capture_is_metered(&addr, &scraper, &w, "postgres").await;
+    let unavailable = [("reason", "unavailable")];
+    let failures = "tracktrace_command_failures_total";
+    let before = scrape(&addr, &scraper).await.get(failures, &unavailable);
 
     // Outage: every capture answers 503 with Retry-After (never 500), readiness fails.
-    let w = tokens("acme", "events:write,trace:read");
     proxy.cut().await;
     let mut saw_breaker = false;
     for i in 0..6 {
@@ -543,6 +627,10 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
     }
     assert!(saw_breaker);
     assert_eq!(call(&addr, "GET", "/readyz", None, None).await.status, 503);
+    // Still scraped during the outage: six failed commands, reason unavailable.
+    let during = scrape(&addr, &scraper).await;
+    assert_eq!(during.get(failures, &unavailable), before + 6.0);
+    assert!(during.get("tracktrace_event_store_events", &[]) > 0.0);
     // Recovery: once PostgreSQL is reachable again, captures succeed and are traced.
     proxy.restore();
     let mut recovered = None;
