@@ -271,6 +271,7 @@ pub async fn start(
         .analytics()
         .configure(cfg.analytics.clone())
         .map_err(StartError::Analytics)?;
+    export_analytics(&state);
     if cfg.role != Role::Processor {
         // Every API process counts its own rejected captures.
         background.push(tokio::spawn(
@@ -310,6 +311,56 @@ pub async fn start(
         shutdown,
         task,
     })
+}
+
+/// The InfluxDB writer's counters on `/metrics` (all zero without a writer): nothing the
+/// analytics engine drops goes unnoticed.
+fn export_analytics(state: &AppState) {
+    let m = state.metrics();
+    let series: [(
+        &str,
+        &str,
+        bool,
+        fn(&crate::analytics::AnalyticsStatus) -> u64,
+    ); 4] = [
+        (
+            "tracktrace_influx_points_written_total",
+            "KPI and anomaly points InfluxDB accepted",
+            true,
+            |s| s.influx_written,
+        ),
+        (
+            "tracktrace_influx_points_dropped_total",
+            "KPI and anomaly points dropped because the writer's buffer was full (InfluxDB down too long)",
+            true,
+            |s| s.influx_dropped,
+        ),
+        (
+            "tracktrace_influx_points_rejected_total",
+            "KPI and anomaly points InfluxDB rejected as malformed",
+            true,
+            |s| s.influx_rejected,
+        ),
+        (
+            "tracktrace_influx_points_buffered",
+            "KPI and anomaly points waiting to be written to InfluxDB",
+            false,
+            |s| s.influx_buffered,
+        ),
+    ];
+    for (name, help, counter, read) in series {
+        let a = state.analytics().clone();
+        let sample =
+            move |out: &mut crate::metrics::Samples<'_>| out.push(&[], read(&a.status()) as f64);
+        let r = if counter {
+            m.register_counter(name, help, &[], sample)
+        } else {
+            m.register_gauge(name, help, &[], sample)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "analytics metric not exported");
+        }
+    }
 }
 
 /// Starts the leader's background tasks; called again after every takeover.

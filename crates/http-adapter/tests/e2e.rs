@@ -194,6 +194,11 @@ async fn capture_is_metered(addr: &str, scraper: &str, writer: &str, backend: &s
         ),
         Some(0.0)
     );
+    // The analytics writer's counters are exported by every server (zero without InfluxDB).
+    assert_eq!(
+        after.value("tracktrace_influx_points_dropped_total", &[]),
+        Some(0.0)
+    );
 }
 
 /// The scenario of the issue, against any running server.
