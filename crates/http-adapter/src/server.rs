@@ -313,16 +313,19 @@ pub async fn start(
     })
 }
 
+/// Name, help, counter (else gauge), reader.
+type Series = (
+    &'static str,
+    &'static str,
+    bool,
+    fn(&crate::analytics::AnalyticsStatus) -> u64,
+);
+
 /// The InfluxDB writer's counters on `/metrics` (all zero without a writer): nothing the
 /// analytics engine drops goes unnoticed.
 fn export_analytics(state: &AppState) {
     let m = state.metrics();
-    let series: [(
-        &str,
-        &str,
-        bool,
-        fn(&crate::analytics::AnalyticsStatus) -> u64,
-    ); 4] = [
+    let series: [Series; 4] = [
         (
             "tracktrace_influx_points_written_total",
             "KPI and anomaly points InfluxDB accepted",
