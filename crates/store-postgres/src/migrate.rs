@@ -19,6 +19,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "brin_autosummarize",
         include_str!("../migrations/0002_brin_autosummarize.sql"),
     ),
+    (
+        3,
+        "c_collation",
+        include_str!("../migrations/0003_c_collation.sql"),
+    ),
 ];
 
 /// Second half of the migration advisory-lock key (the first is the schema's lock key).

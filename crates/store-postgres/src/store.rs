@@ -29,40 +29,60 @@ const APPEND_LOCK: i32 = 1_953_759_233;
 const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version, o_position, \
      o_recorded_us FROM tt_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 
-/// The fast path: one plain statement, same parameters and result shape as [`APPEND_SQL`]
-/// (`$6`, "retry", is always false here). Kind 3 means "precondition failed: take the careful
-/// path", which decides between duplicate and conflict.
+/// The fast path: one plain statement, same parameters as [`APPEND_SQL`] (`$6`, "retry", is
+/// always false here). It returns the row of kind 0 of [`APPEND_SQL`] (first version and
+/// position), or no row when the precondition failed: then the careful path decides between
+/// duplicate and conflict.
 ///
-/// Order is forced by data dependencies: the rows the `INSERT` consumes come from `ok`, which
-/// needs `cur`, whose `FROM` takes the store's shared advisory lock. The transaction id is
-/// assigned by `pg_current_xact_id()` / the first heap insert, both evaluated on those rows, so
-/// strictly after the lock (the invariant `HORIZON_SQL` relies on).
+/// Order is forced by data dependencies: the rows the `INSERT` consumes come from `cur`, whose
+/// `FROM` takes the store's shared advisory lock. The transaction id is assigned by
+/// `pg_current_xact_id()` / the first heap insert, both evaluated on those rows, so strictly
+/// after the lock (the invariant `HORIZON_SQL` relies on).
 const FAST_APPEND_SQL: &str = "
 WITH cur AS MATERIALIZED (
     SELECT COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2 AND e.stream = $3
                      ORDER BY e.version DESC LIMIT 1), 0) AS v
     FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
-), ok AS MATERIALIZED (
-    SELECT cur.v FROM cur
-    WHERE NOT $6::boolean
-      AND CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
-                            ELSE cur.v = $5::bigint END
 ), ins AS (
     INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
                         schema_version, content_type, payload, correlation_id, causation_id,
                         headers, recorded_at)
     SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024 + u.i - 1,
-           $2, $3, ok.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb, now()
-    FROM ok, log_meta m,
+           $2, $3, cur.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb,
+           now()
+    FROM cur, log_meta m,
          unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
                 $13::text[], $14::text[], $15::text[])
          WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
-    RETURNING position
+    WHERE NOT $6::boolean
+      AND CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
+                            ELSE cur.v = $5::bigint END
+    RETURNING position, version
 )
-SELECT (CASE WHEN p.first IS NULL THEN 3 ELSE 0 END)::smallint, cardinality($7::uuid[]),
-       NULL::uuid, NULL::text, cur.v + 1, p.first,
-       (extract(epoch FROM now()) * 1000000)::bigint
-FROM cur, (SELECT min(ins.position) AS first FROM ins) p";
+SELECT 0::smallint, count(*)::integer, NULL::uuid, NULL::text, min(version), min(position),
+       NULL::bigint
+FROM ins
+HAVING count(*) > 0";
+
+/// [`FAST_APPEND_SQL`] for the common single-event append, with scalar parameters: no arrays
+/// to encode and decode, no `unnest` to set up (about a quarter of the statement's execution
+/// time for one event). `$1`–`$5` as there; `$6`–`$14` the event's columns.
+const FAST_APPEND_ONE_SQL: &str = "
+WITH cur AS MATERIALIZED (
+    SELECT COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2 AND e.stream = $3
+                     ORDER BY e.version DESC LIMIT 1), 0) AS v
+    FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+)
+INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
+                    schema_version, content_type, payload, correlation_id, causation_id,
+                    headers, recorded_at)
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024,
+       $2, $3, cur.v + 1, $6::uuid, $7::text, $8::text, $9::integer, $10::text, $11::bytea,
+       $12::text, $13::text, $14::text::jsonb, now()
+FROM cur, log_meta m
+WHERE CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
+                        ELSE cur.v = $5::bigint END
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
 
 /// The read horizon: positions below it are final.
 ///
@@ -198,6 +218,25 @@ impl PgStore {
             .iter()
             .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
             .collect();
+        if let ([e], false) = (&ev[..], retry) {
+            return sqlx::query(FAST_APPEND_ONE_SQL)
+                .bind(self.inner.lock_key)
+                .bind(req.tenant.as_str())
+                .bind(req.stream.as_str())
+                .bind(kind)
+                .bind(expected)
+                .bind(e.event_id.as_uuid())
+                .bind(e.dedup_key.as_deref())
+                .bind(e.event_type.as_str())
+                .bind(schema_versions[0])
+                .bind(e.content_type.as_str())
+                .bind(&e.payload[..])
+                .bind(e.metadata.correlation_id.as_deref())
+                .bind(e.metadata.causation_id.as_deref())
+                .bind(headers[0].as_deref())
+                .fetch_all(&mut *conn)
+                .await;
+        }
         sqlx::query(if retry { APPEND_SQL } else { FAST_APPEND_SQL })
             .bind(self.inner.lock_key)
             .bind(req.tenant.as_str())
@@ -316,14 +355,29 @@ impl EventStore for PgStore {
                     return Err(map_err("append", e));
                 }
             };
-            let first = rows.first().ok_or_else(|| {
-                Error::backend("append", std::io::Error::other("tt_append returned no row"))
-            })?;
+            let Some(first) = rows.first() else {
+                if retry {
+                    return Err(Error::backend(
+                        "append",
+                        std::io::Error::other("tt_append returned no row"),
+                    ));
+                }
+                // Fast path: the precondition failed; the careful path tells duplicates (which
+                // take precedence) from conflicts.
+                retry = true;
+                continue;
+            };
             let kind: i16 = first.try_get(0).map_err(|e| map_err("append", e))?;
             match kind {
                 0 => {
-                    let v0: i64 = first.try_get(4).map_err(|e| map_err("append", e))?;
-                    let p0 = position(first, 5)?;
+                    // One row (careful path) or one per event (fast path, in no promised
+                    // order): the batch starts at the lowest version and position.
+                    let mut v0 = i64::MAX;
+                    let mut p0 = Position::new(u64::MAX);
+                    for row in &rows {
+                        v0 = v0.min(row.try_get(4).map_err(|e| map_err("append", e))?);
+                        p0 = p0.min(position(row, 5)?);
+                    }
                     let v0 = u64::try_from(v0).unwrap_or_default();
                     let events: Vec<EventRef> = req
                         .events
@@ -364,9 +418,6 @@ impl EventStore for PgStore {
                     }
                     // Unreachable in practice: the version was checked and read in one place.
                 }
-                // Fast path: the precondition failed; the careful path tells duplicates (which
-                // take precedence) from conflicts.
-                3 => retry = true,
                 k => {
                     return Err(Error::corruption(None, format!("append returned kind {k}")));
                 }
