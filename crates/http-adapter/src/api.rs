@@ -70,6 +70,9 @@ struct Inner {
     config: ApiConfig,
     /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
     closing: watch::Sender<bool>,
+    /// Partner routes, and the publishers / bus consumer when they run in this process.
+    #[cfg(feature = "nats")]
+    propagation: crate::propagation::Propagation,
 }
 
 impl std::fmt::Debug for AppState {
@@ -94,6 +97,8 @@ impl AppState {
             inner: Arc::new(Inner {
                 tenants: TenantRegistry::new(store.clone()),
                 capture: CaptureService::new(store.clone()),
+                #[cfg(feature = "nats")]
+                propagation: crate::propagation::Propagation::new(store.clone()),
                 store,
                 read_models,
                 keys,
@@ -119,6 +124,17 @@ impl AppState {
     /// The signing keys.
     pub fn keys(&self) -> &JwtKeys {
         &self.inner.keys
+    }
+
+    /// The capture pipeline behind `POST /api/v1/events` (also fed by bus ingestion).
+    pub fn capture_service(&self) -> &CaptureService {
+        &self.inner.capture
+    }
+
+    /// Propagation: partner routes, publisher and bus-consumer status (feature `nats`).
+    #[cfg(feature = "nats")]
+    pub fn propagation(&self) -> &crate::propagation::Propagation {
+        &self.inner.propagation
     }
 
     /// 403 unless the caller has `scope` and its tenant is active.
@@ -999,7 +1015,9 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the event store answers.
+/// Readiness: the event store answers. With feature `nats`, a `propagation` component
+/// reports route breakers, lags and bus ingestion; `"status": "degraded"` there (NATS down)
+/// does not fail readiness: captures are stored and published once NATS is back.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Object),
@@ -1007,12 +1025,16 @@ async fn healthz() -> &'static str {
     ))]
 async fn readyz(
     State(state): State<AppState>,
-) -> Result<Json<BTreeMap<&'static str, u64>>, ApiError> {
+) -> Result<Json<BTreeMap<&'static str, Value>>, ApiError> {
     let head = state.inner.store.head().await?;
     let mut m = BTreeMap::new();
-    m.insert("head", head.get());
+    m.insert("head", head.get().into());
     if let Some(p) = &state.inner.progress {
-        m.insert("traceProjection", p.borrow().get());
+        m.insert("traceProjection", p.borrow().get().into());
+    }
+    #[cfg(feature = "nats")]
+    if let Some(p) = state.inner.propagation.readiness() {
+        m.insert("propagation", p);
     }
     Ok(Json(m))
 }
@@ -1046,8 +1068,10 @@ impl utoipa::Modify for BearerAuth {
 /// The documented routes and their OpenAPI description (generated from the handlers, so the
 /// two cannot drift apart).
 pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(capture))
+    let r = OpenApiRouter::with_openapi(ApiDoc::openapi());
+    #[cfg(feature = "nats")]
+    let r = r.merge(crate::propagation::admin::routes());
+    r.routes(routes!(capture))
         .routes(routes!(capture_batch))
         .routes(routes!(trace))
         .routes(routes!(subscribe))

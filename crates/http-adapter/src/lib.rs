@@ -60,11 +60,15 @@
 //! - **Trace (6.1.2)**: [`auth`] → entity status (generation) → [`cache`] → [`timeline`]
 //!   read model → view (`full`, `compact`, `legs`) → cache.
 //! - **Tenants**: [`tenants`], stored as events of the system tenant.
+//! - **Propagation (feature `nats`)**: [`propagation`]: per-tenant partner routes, one outbox
+//!   publisher per route to NATS JetStream, and bus ingestion into the capture pipeline.
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
 //! # Features
 //! - `redis`: Redis as the trace view cache (`--cache redis://…`).
+//! - `nats`: NATS JetStream propagation and bus ingestion (`--nats-publish`, `--nats-ingest`)
+//!   and the partner-route admin API.
 
 pub mod api;
 pub mod auth;
@@ -74,6 +78,7 @@ pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
 pub mod projection;
+pub mod propagation;
 pub mod server;
 pub mod tenants;
 pub mod timeline;

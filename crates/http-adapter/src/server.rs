@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     /// Circuit breaker settings.
     pub breaker: BreakerConfig,
+    /// NATS propagation (publishers, bus ingestion; feature `nats`).
+    pub propagation: crate::propagation::PropagationConfig,
 }
 
 /// Why the server could not start.
@@ -69,6 +71,9 @@ pub enum StartError {
     /// Binding or serving failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// NATS propagation could not be set up.
+    #[error("cannot set up NATS propagation: {0}")]
+    Propagation(String),
 }
 
 /// An opened store: the event store and its read-model store (same backend).
@@ -202,6 +207,12 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let keys = keys(cfg)?;
     let cache = make_cache(cfg).await?;
+    #[cfg(not(feature = "nats"))]
+    if cfg.propagation.enabled() {
+        return Err(StartError::Propagation(
+            "this build has no NATS support (build with `--features nats`)".into(),
+        ));
+    }
     let guarded: Arc<dyn EventStore> = Arc::new(CircuitBreaker::with_config(
         stores.events.clone(),
         cfg.breaker,
@@ -228,6 +239,19 @@ pub async fn start(
         cfg.api.clone(),
     );
     background.push(tokio::spawn(state.tenants().clone().follow()));
+    // Publishers and the bus consumer are background work: roles `processor` and `all`.
+    #[cfg(feature = "nats")]
+    if cfg.role != Role::Api {
+        background.extend(
+            crate::propagation::spawn(&cfg.propagation, &state, &stores)
+                .await
+                .map_err(StartError::Propagation)?,
+        );
+    } else if cfg.propagation.enabled() {
+        tracing::warn!(
+            "role api: --nats-publish / --nats-ingest run only in roles processor and all"
+        );
+    }
     let closing = state.clone();
     let app = match cfg.role {
         Role::Processor => crate::api::ops_router(state),

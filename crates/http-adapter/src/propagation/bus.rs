@@ -1,0 +1,217 @@
+//! Bus ingestion: messages published on `tracktrace.ingest.<tenant>` go through the same
+//! pipeline as `POST /api/v1/events` — tenant active? → [`validate_capture_value`] (every
+//! field error) → enrichment (received-at, source, correlation id) → [`CaptureService`]
+//! (entity type claim, de-duplication by event id or dedup key, durable append).
+//!
+//! The consumer ([`tracktrace_nats::ingest`]) acknowledges a message only after the append
+//! returned (or the event was recognised as a duplicate). Unknown or suspended tenants,
+//! malformed JSON, invalid fields and entity-type conflicts are dead-lettered with their
+//! errors; an unavailable store is retried.
+//!
+//! A message with neither `eventId` nor `dedupKey` gets a deterministic event id (UUIDv5 of
+//! the tenant and its `Nats-Msg-Id`, or of its bytes when it has none): a redelivery after a
+//! crash between append and acknowledgement is then stored once, not twice.
+
+use serde_json::Value;
+use tracktrace_core::{EventId, TenantId, Timestamp};
+use tracktrace_nats::ingest::{IngestHandler, IngestMessage, Verdict};
+use uuid::Uuid;
+
+use crate::capture::{CaptureCommand, CaptureService};
+use crate::domain::{Enrichment, body_correlation_id, limits, validate_capture_value};
+use crate::error::ApiError;
+use crate::tenants::TenantRegistry;
+
+use super::envelope::untoken;
+
+/// Namespace of event ids derived for bus messages without `eventId`/`dedupKey`.
+const BUS_EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5d1e_7f2a_93c4_4b8e_a6f0_2c71_d4e9_b318);
+
+/// The "submitted by" of bus captures (and their `source` when the message names none).
+pub const BUS_SUBMITTER: &str = "nats-ingest";
+
+/// The bus ingestion pipeline.
+#[derive(Clone, Debug)]
+pub struct BusPipeline {
+    tenants: TenantRegistry,
+    capture: CaptureService,
+}
+
+impl BusPipeline {
+    /// The pipeline over the server's tenant registry and capture service.
+    pub fn new(tenants: TenantRegistry, capture: CaptureService) -> Self {
+        Self { tenants, capture }
+    }
+
+    /// Processes one message body for the tenant token `tenant`.
+    pub async fn process(
+        &self,
+        tenant: &str,
+        body: &[u8],
+        msg_id: Option<&str>,
+        correlation_header: Option<&str>,
+    ) -> Verdict {
+        let tenant = match TenantId::parse(untoken(tenant).into_owned()) {
+            Ok(t) => t,
+            Err(e) => return Verdict::Invalid(vec![format!("tenant: {e}")]),
+        };
+        if body.len() > limits::MAX_EVENT_BODY_BYTES {
+            return Verdict::Invalid(vec![format!(
+                "body: {} bytes; at most {} are allowed",
+                body.len(),
+                limits::MAX_EVENT_BODY_BYTES
+            )]);
+        }
+        if let Err(e) = self.tenants.require_active(&tenant).await {
+            return verdict_of(e);
+        }
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return Verdict::Invalid(vec![format!("malformed JSON: {e}")]),
+        };
+        let mut event = match validate_capture_value(&value, "") {
+            Ok(ev) => ev,
+            Err(errors) => return verdict_of(ApiError::Validation(errors)),
+        };
+        if event.event_id.is_none() && event.dedup_key.is_none() {
+            let name = match msg_id {
+                Some(id) => [tenant.as_str().as_bytes(), b"\nmsg-id\n", id.as_bytes()].concat(),
+                None => [tenant.as_str().as_bytes(), b"\nbody\n", body].concat(),
+            };
+            event.event_id = EventId::from_uuid(Uuid::new_v5(&BUS_EVENT_ID_NAMESPACE, &name)).ok();
+        }
+        let correlation_id = correlation_header
+            .filter(|c| {
+                !c.is_empty() && c.len() <= limits::MAX_TEXT_LEN && !c.chars().any(char::is_control)
+            })
+            .or_else(|| body_correlation_id(&value))
+            .map(str::to_owned)
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let enrichment = Enrichment {
+            tenant: tenant.clone(),
+            submitted_by: BUS_SUBMITTER.into(),
+            received_at: Timestamp::now(),
+            correlation_id,
+        };
+        match self
+            .capture
+            .capture(CaptureCommand { event, enrichment })
+            .await
+        {
+            Ok(c) => {
+                if c.duplicate {
+                    tracing::info!(%tenant, event_id = %c.event_id, entity_id = %c.entity_id,
+                        position = c.position, "duplicate bus capture: already stored");
+                }
+                Verdict::Stored
+            }
+            Err(e) => verdict_of(e),
+        }
+    }
+}
+
+/// Client errors are dead-lettered with their details; server-side ones are retried.
+fn verdict_of(e: ApiError) -> Verdict {
+    match e {
+        ApiError::Validation(errors) => Verdict::Invalid(
+            errors
+                .into_iter()
+                .map(|f| format!("{}: {}", f.field, f.message))
+                .collect(),
+        ),
+        ApiError::Unavailable { .. } | ApiError::Timeout(_) | ApiError::Internal => {
+            Verdict::Retry(e.to_string())
+        }
+        other => Verdict::Invalid(vec![other.to_string()]),
+    }
+}
+
+impl IngestHandler for BusPipeline {
+    async fn handle(&self, tenant: &str, body: &[u8]) -> Verdict {
+        self.process(tenant, body, None, None).await
+    }
+
+    async fn handle_message(&self, msg: IngestMessage<'_>) -> Verdict {
+        self.process(msg.tenant, msg.body, msg.msg_id, msg.correlation_id)
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use tracktrace_core::{EventStore, InMemoryStore};
+
+    fn pipeline() -> (Arc<InMemoryStore>, BusPipeline) {
+        let store = Arc::new(InMemoryStore::new());
+        let dynstore: Arc<dyn EventStore> = store.clone();
+        let p = BusPipeline::new(
+            TenantRegistry::new(dynstore.clone()),
+            CaptureService::new(dynstore),
+        );
+        (store, p)
+    }
+
+    fn body(entity: &str) -> Vec<u8> {
+        serde_json::json!({
+            "entityId": entity, "entityType": "Bag", "eventType": "BagLoaded",
+            "occurredAt": "2026-11-28T10:00:00Z", "location": {"code": "MAD"}
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn verdicts_of_the_capture_pipeline() {
+        let (store, p) = pipeline();
+        let acme = TenantId::parse("acme").unwrap();
+        let unknown = p.process("acme", &body("B1"), None, None).await;
+        assert!(
+            matches!(&unknown, Verdict::Invalid(e) if e[0].contains("unknown")),
+            "{unknown:?}"
+        );
+        p.tenants.create(&acme, "t").await.unwrap();
+        assert_eq!(
+            p.process("acme", &body("B1"), None, None).await,
+            Verdict::Stored
+        );
+        let head = store.head().await.unwrap();
+        // The same bytes again (a redelivery without ids): recognised, nothing appended.
+        assert_eq!(
+            p.process("acme", &body("B1"), None, None).await,
+            Verdict::Stored
+        );
+        // The same Nats-Msg-Id twice: stored once.
+        assert_eq!(
+            p.process("acme", &body("B2"), Some("m-1"), None).await,
+            Verdict::Stored
+        );
+        let after_b2 = store.head().await.unwrap();
+        assert!(after_b2 > head);
+        assert_eq!(
+            p.process("acme", &body("B2"), Some("m-1"), None).await,
+            Verdict::Stored
+        );
+        assert_eq!(store.head().await.unwrap(), after_b2);
+        let Verdict::Invalid(errors) = p
+            .process("acme", br#"{"entityId": "B3"}"#, None, None)
+            .await
+        else {
+            panic!("expected invalid")
+        };
+        assert!(
+            errors.iter().any(|e| e.starts_with("occurredAt:")),
+            "{errors:?}"
+        );
+        assert!(matches!(
+            p.process("acme", b"{", None, None).await,
+            Verdict::Invalid(_)
+        ));
+        assert!(matches!(
+            p.process("a b", &body("B1"), None, None).await,
+            Verdict::Invalid(_)
+        ));
+    }
+}
