@@ -1,4 +1,5 @@
-//! Helpers shared by the JetStream integration tests.
+//! Helpers shared by the JetStream integration tests (also included by tracktrace-http's
+//! propagation tests, hence `async_nats` through `tracktrace_nats`).
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{HashMap, HashSet};
@@ -7,9 +8,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use tracktrace_core::RecordedEvent;
+use tracktrace_nats::async_nats::{
+    self,
+    jetstream::{self, consumer, stream},
+};
 use tracktrace_nats::publisher::OutboundMessage;
 
 /// The Debian package's server binary (the machine's NATS service runs it).
