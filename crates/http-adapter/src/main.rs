@@ -77,7 +77,7 @@ struct Common {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server (the default).
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Print a token signed with the server's secret, creating the tenant if needed.
     Token(Token),
 }
