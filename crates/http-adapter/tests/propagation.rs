@@ -122,10 +122,12 @@ async fn a_thousand_http_captures_reach_the_partner_subject_once_in_entity_order
     };
     let js = jetstream::new(client);
     let p = unique("tte2e");
-    let (sita_stream, replay_stream) = (
+    let (sita_stream, replay_stream, feed_stream) = (
         format!("{}_SITA", p.to_uppercase()),
         format!("{}_REPLAY", p.to_uppercase()),
+        format!("{}_FEED", p.to_uppercase()),
     );
+    let feed_prefix = format!("{p}.feed");
     let dir = tempfile::tempdir().unwrap();
     let env = Env::new(dir.path());
     let url = nats_url();
@@ -138,6 +140,10 @@ async fn a_thousand_http_captures_reach_the_partner_subject_once_in_entity_order
             "--nats-publish",
             "--nats-batch-size",
             "64",
+            "--nats-feed-stream",
+            &feed_stream,
+            "--nats-subject-prefix",
+            &feed_prefix,
         ],
     );
     let addr = server.addr.clone();
@@ -257,6 +263,25 @@ async fn a_thousand_http_captures_reach_the_partner_subject_once_in_entity_order
     let want: BTreeSet<&str> = routed[499..].iter().map(|r| r.0.as_str()).collect();
     assert_eq!((msgs.len(), ids), (501, want));
 
+    // The feed carries every tenant's operational events (and nothing else).
+    eventually("the feed is published", || {
+        let js = js.clone();
+        let s = feed_stream.clone();
+        async move { stream_count(&js, &s).await >= 1020 }
+    })
+    .await;
+    let msgs = read_all_messages(&js, &feed_stream, 1020).await;
+    assert_eq!(assert_once_in_entity_order(&msgs, 1020), 25 + 10 + 10);
+    let s = js.get_stream(&feed_stream).await.unwrap();
+    let g = s
+        .get_last_raw_message_by_subject(&format!("{feed_prefix}.globex.Bag.BagLoaded"))
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&g.payload).unwrap()["entityId"],
+        "G900"
+    );
+
     // Removing a route stops its publisher.
     let r = call(
         &addr,
@@ -274,7 +299,7 @@ async fn a_thousand_http_captures_reach_the_partner_subject_once_in_entity_order
     let (status, ready) = readyz(&addr).await;
     assert_eq!(status, 200);
     assert_eq!(ready["propagation"]["status"], "ok", "{ready}");
-    for s in [&sita_stream, &replay_stream] {
+    for s in [&sita_stream, &replay_stream, &feed_stream] {
         let _ = js.delete_stream(s).await;
     }
 }
@@ -330,22 +355,35 @@ async fn the_processor_killed_mid_stream_loses_nothing_and_redeliveries_are_drop
     };
     assert_eq!(captured.len(), total);
 
-    // The processor publishes the backlog in small batches and is killed part way.
+    // The processor publishes the backlog and is killed part way, preferably inside a batch
+    // (acknowledged messages whose checkpoint is not saved yet: they will be republished).
+    // Its checkpoint moves once per batch of 512; 40 entities make about 13 acknowledgement
+    // rounds per batch.
+    let batch = 512;
     let publish = ["--role", "processor", "--nats-url", &url, "--nats-publish"];
     let first = env.start(
         dir.path(),
         "first",
-        &[&publish[..], &["--nats-batch-size", "64"]].concat(),
+        &[&publish[..], &["--nats-batch-size", &batch.to_string()]].concat(),
     );
-    let mut killed_at = 0;
     for _ in 0..6000 {
-        killed_at = stream_count(&js, &stream).await;
-        if killed_at >= (total / 4) as u64 {
+        let n = stream_count(&js, &stream).await;
+        if n >= (total / 4) as u64 && n % batch != 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     first.kill_9();
+    // What reached JetStream before the kill (publishes already on the wire still land).
+    let mut killed_at = stream_count(&js, &stream).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let n = stream_count(&js, &stream).await;
+        if n == killed_at {
+            break;
+        }
+        killed_at = n;
+    }
     assert!(
         killed_at > 0 && killed_at < total as u64,
         "killed mid-stream: {killed_at} of {total} published"
@@ -368,6 +406,9 @@ async fn the_processor_killed_mid_stream_loses_nothing_and_redeliveries_are_drop
     let ids: HashSet<String> = msgs.iter().map(|m| m.0.clone()).collect();
     assert_eq!(ids, captured, "every captured event, once");
     let st = route_status(&second.addr, "acme", "sita").await.unwrap();
+    // The restarted publisher stored exactly what was missing; whatever it republished from
+    // its checkpoint (the tail acknowledged before the kill), JetStream dropped by message id.
+    assert_eq!(st["published"], total as u64 - killed_at, "{st}");
     eprintln!(
         "killed at {killed_at} of {total}; after the restart: {} published, {} dropped as duplicates",
         st["published"], st["duplicates"]

@@ -24,6 +24,9 @@ use crate::server::Stores;
 /// Tenant and route names of the feed in [`RouteStatus`].
 pub const FEED: (&str, &str) = ("*", "feed");
 
+/// Shortest pause between two looks at the route registry.
+const ROUTE_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
+
 /// De-duplication window of the streams the server creates.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
@@ -435,6 +438,9 @@ async fn supervise_routes(prop: Propagation, ctx: PublishContext) {
         pause = Duration::from_millis(100);
         let active = prop.routes().active().await;
         prop.reconcile(active, &ctx);
+        // Route changes are rare: look for them at most a few times a second, however busy
+        // the log is (every refresh reads the log's new part).
+        tokio::time::sleep(ROUTE_REFRESH_INTERVAL).await;
         if head.changed().await.is_err() {
             return;
         }
