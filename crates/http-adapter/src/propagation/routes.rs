@@ -62,7 +62,9 @@ pub struct NewRoute {
     #[serde(default)]
     pub subject_prefix: Option<String>,
     /// JetStream stream to create (if missing) for the route's subjects, with a two-minute
-    /// de-duplication window; absent: a stream managed elsewhere must capture them.
+    /// de-duplication window; absent: a stream managed elsewhere must capture them (as the
+    /// feed's stream does for routes under the feed's prefix: JetStream refuses a second
+    /// stream over overlapping subjects, so such a route names none).
     #[serde(default)]
     pub stream: Option<String>,
     /// Message format; default `envelope`.
