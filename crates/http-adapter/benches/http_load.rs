@@ -117,6 +117,7 @@ async fn run() {
         api: ApiConfig::default(),
         breaker: BreakerConfig::default(),
         propagation: Default::default(),
+        analytics: Default::default(),
     };
     let backend = if pg.is_some() {
         "postgres"

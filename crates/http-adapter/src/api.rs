@@ -26,7 +26,9 @@ use crate::domain::{
     CaptureError, Enrichment, FieldError, limits, parse_instant, validate_capture_value,
 };
 use crate::error::{ApiError, Problem};
+use crate::metrics::{CacheResult, Metrics};
 use crate::projection::wait_for;
+use crate::schemas::{SchemaInfo, SchemaRegistry};
 use crate::tenants::{TenantInfo, TenantRegistry, parse_new_tenant};
 use crate::timeline::{
     self, CurrentStatus, EntityStatus, EntryMeta, Leg, TimelineEntry, TimelineFilter, decode_cursor,
@@ -63,13 +65,18 @@ struct Inner {
     store: Arc<dyn EventStore>,
     read_models: Arc<dyn ReadModelStore>,
     tenants: TenantRegistry,
+    schemas: SchemaRegistry,
     keys: JwtKeys,
     capture: CaptureService,
     cache: TraceCache,
     progress: Option<watch::Receiver<Position>>,
+    /// Whether this process leads the background work (set by the server; absent: API only).
+    leading: std::sync::OnceLock<watch::Receiver<bool>>,
     config: ApiConfig,
     /// Set at shutdown: ends open event streams so graceful shutdown can drain connections.
     closing: watch::Sender<bool>,
+    analytics: crate::analytics::Analytics,
+    metrics: Metrics,
     /// Partner routes, and the publishers / bus consumer when they run in this process.
     #[cfg(feature = "nats")]
     propagation: crate::propagation::Propagation,
@@ -93,10 +100,42 @@ impl AppState {
         progress: Option<watch::Receiver<Position>>,
         config: ApiConfig,
     ) -> Self {
+        Self::with_metrics(
+            store,
+            read_models,
+            keys,
+            cache,
+            progress,
+            config,
+            Metrics::new(),
+        )
+    }
+
+    /// Like [`AppState::new`], exporting into `metrics` (see [`crate::metrics`]): the head of
+    /// `store` and, with `progress`, the trace projection's lag are measured at scrape time.
+    pub fn with_metrics(
+        store: Arc<dyn EventStore>,
+        read_models: Arc<dyn ReadModelStore>,
+        keys: JwtKeys,
+        cache: TraceCache,
+        progress: Option<watch::Receiver<Position>>,
+        config: ApiConfig,
+        metrics: Metrics,
+    ) -> Self {
+        metrics.watch_event_store(&store);
+        if let Some(p) = &progress
+            && let Err(e) =
+                metrics.register_projection(crate::projection::TRACE_PROJECTION, &store, p.clone())
+        {
+            tracing::warn!(error = %e, "trace projection lag not exported twice");
+        }
+        let schemas = SchemaRegistry::new(store.clone());
         Self {
             inner: Arc::new(Inner {
                 tenants: TenantRegistry::new(store.clone()),
-                capture: CaptureService::new(store.clone()),
+                analytics: crate::analytics::Analytics::new(store.clone()),
+                capture: CaptureService::new(store.clone()).with_schemas(schemas.clone()),
+                schemas,
                 #[cfg(feature = "nats")]
                 propagation: crate::propagation::Propagation::new(store.clone()),
                 store,
@@ -104,10 +143,17 @@ impl AppState {
                 keys,
                 cache,
                 progress,
+                leading: std::sync::OnceLock::new(),
                 config,
                 closing: watch::Sender::new(false),
+                metrics,
             }),
         }
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// Ends every open event stream (SSE) and refuses new ones: called at shutdown, since
@@ -116,9 +162,20 @@ impl AppState {
         self.inner.closing.send_replace(true);
     }
 
+    /// Reports, in `/readyz`, whether this process leads the background work.
+    pub fn with_leading(self, leading: watch::Receiver<bool>) -> Self {
+        let _ = self.inner.leading.set(leading);
+        self
+    }
+
     /// The tenant registry.
     pub fn tenants(&self) -> &TenantRegistry {
         &self.inner.tenants
+    }
+
+    /// The attribute schema registry.
+    pub fn schemas(&self) -> &SchemaRegistry {
+        &self.inner.schemas
     }
 
     /// The signing keys.
@@ -126,9 +183,26 @@ impl AppState {
         &self.inner.keys
     }
 
-    /// The capture pipeline behind `POST /api/v1/events` (also fed by bus ingestion).
-    pub fn capture_service(&self) -> &CaptureService {
-        &self.inner.capture
+    /// The analytics engine (KPIs, anomalies, rejected-command counts).
+    pub fn analytics(&self) -> &crate::analytics::Analytics {
+        &self.inner.analytics
+    }
+
+    /// The event store (behind the circuit breaker).
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.inner.store
+    }
+
+    /// Captures one event for `p` exactly as `POST /api/v1/events` does once the caller is
+    /// authorized (validation, attribute schemas, enrichment, de-duplication, append,
+    /// metrics): the entry point of other front ends, such as bus ingestion.
+    pub async fn capture_event(
+        &self,
+        p: &Principal,
+        headers: &HeaderMap,
+        value: &Value,
+    ) -> Result<Captured, ApiError> {
+        capture_one(self, p, headers, value, "").await
     }
 
     /// Propagation: partner routes, publisher and bus-consumer status (feature `nats`).
@@ -247,7 +321,8 @@ fn correlation_id(headers: &HeaderMap, body: &Value) -> Result<String, ApiError>
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()))
 }
 
-/// Validates and dispatches one capture (shared by the single and batch endpoints).
+/// Validates and dispatches one capture (shared by the single and batch endpoints), and
+/// counts it in the metrics.
 async fn capture_one(
     state: &AppState,
     p: &Principal,
@@ -255,8 +330,43 @@ async fn capture_one(
     value: &Value,
     prefix: &str,
 ) -> Result<Captured, ApiError> {
+    let r = dispatch_capture(state, p, headers, value, prefix).await;
+    state.inner.metrics.record_capture(&p.tenant, &r);
+    r
+}
+
+async fn dispatch_capture(
+    state: &AppState,
+    p: &Principal,
+    headers: &HeaderMap,
+    value: &Value,
+    prefix: &str,
+) -> Result<Captured, ApiError> {
     // 6.1.1: API → Validator → (valid) CommandBus → handler → event store.
+    let r = capture_validated(state, p, headers, value, prefix).await;
+    if let Err(e) = &r {
+        state.inner.analytics.record_outcome(&p.tenant, e);
+    }
+    r
+}
+
+async fn capture_validated(
+    state: &AppState,
+    p: &Principal,
+    headers: &HeaderMap,
+    value: &Value,
+    prefix: &str,
+) -> Result<Captured, ApiError> {
     let event = validate_capture_value(value, prefix).map_err(ApiError::Validation)?;
+    let prefixed = |e: ApiError| match e {
+        // Schema violations found by the capture service name fields of this item.
+        ApiError::Validation(errs) if !prefix.is_empty() => ApiError::Validation(
+            errs.into_iter()
+                .map(|f| FieldError::new(format!("{prefix}{}", f.field), f.message))
+                .collect(),
+        ),
+        other => other,
+    };
     let enrichment = Enrichment {
         tenant: p.tenant.clone(),
         submitted_by: p.subject.clone(),
@@ -267,7 +377,8 @@ async fn capture_one(
         .inner
         .capture
         .capture(CaptureCommand { event, enrichment })
-        .await?;
+        .await
+        .map_err(prefixed)?;
     if out.duplicate {
         tracing::info!(
             tenant = %p.tenant,
@@ -305,7 +416,7 @@ fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
         (status = 409, description = "The entity has another type", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Event store unavailable (Retry-After)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Event store unavailable, or the entity still contended after retries (Retry-After)", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -315,8 +426,12 @@ async fn capture(
     headers: HeaderMap,
     JsonBody(body): JsonBody<{ limits::MAX_EVENT_BODY_BYTES }>,
 ) -> Result<Response, ApiError> {
-    state.authorize(&p, Scope::EventsWrite).await?;
-    let value = parse_json(&body)?;
+    let refused = |e| state.inner.metrics.command_refused(e);
+    state
+        .authorize(&p, Scope::EventsWrite)
+        .await
+        .map_err(refused)?;
+    let value = parse_json(&body).map_err(refused)?;
     let out = capture_one(&state, &p, &headers, &value, "").await?;
     let status = if out.duplicate {
         StatusCode::OK
@@ -376,22 +491,27 @@ async fn capture_batch(
     headers: HeaderMap,
     JsonBody(body): JsonBody<{ limits::MAX_BATCH_BODY_BYTES }>,
 ) -> Result<Json<BatchResponse>, ApiError> {
-    state.authorize(&p, Scope::EventsWrite).await?;
-    let value = parse_json(&body)?;
+    // A batch refused as a whole counts as one refused command.
+    let refused = |e| state.inner.metrics.command_refused(e);
+    state
+        .authorize(&p, Scope::EventsWrite)
+        .await
+        .map_err(refused)?;
+    let value = parse_json(&body).map_err(refused)?;
     let items = match value.get("events") {
         Some(Value::Array(a)) if value.as_object().is_some_and(|o| o.len() == 1) => a,
         _ => {
-            return Err(ApiError::Validation(vec![FieldError::new(
+            return Err(refused(ApiError::Validation(vec![FieldError::new(
                 "events",
                 "the body must be an object with exactly one field, `events`, an array",
-            )]));
+            )])));
         }
     };
     if items.is_empty() || items.len() > limits::MAX_BATCH_ITEMS {
-        return Err(ApiError::Validation(vec![FieldError::new(
+        return Err(refused(ApiError::Validation(vec![FieldError::new(
             "events",
             format!("must hold 1–{} events", limits::MAX_BATCH_ITEMS),
-        )]));
+        )])));
     }
     let mut results = Vec::with_capacity(items.len());
     for (index, item) in items.iter().enumerate() {
@@ -678,17 +798,24 @@ async fn trace(
         )
         .await?;
     }
+    // Query latency excludes the read-your-writes wait (that is the projection's lag).
+    let started = std::time::Instant::now();
+    let metrics = &state.inner.metrics;
     // 6.1.2: the entity's generation, then the cache, then the read store.
     let status = timeline::load_status(rm, &p.tenant, &entity_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("entity {entity_id}")))?;
     let key = cache_key(&p.tenant, &entity_id, status.last_position, &pq.key);
     if let Some(hit) = state.inner.cache.get(&p.tenant, &key).await {
+        metrics.cache_lookup(CacheResult::Hit);
+        metrics.trace_query(CacheResult::Hit, started.elapsed());
         return Ok(json_bytes_response(hit, "hit"));
     }
+    metrics.cache_lookup(CacheResult::Miss);
     let view = build_view(rm, &p.tenant, &status, &pq).await?;
     let bytes = Bytes::from(serde_json::to_vec(&view).map_err(|_| ApiError::Internal)?);
     state.inner.cache.put(&p.tenant, key, bytes.clone()).await;
+    metrics.trace_query(CacheResult::Miss, started.elapsed());
     Ok(json_bytes_response(bytes, "miss"))
 }
 
@@ -1008,6 +1135,127 @@ async fn resume_tenant(
     set_suspended(&state, &p, &id, false).await
 }
 
+/// The attribute schemas of a tenant, by event type.
+#[utoipa::path(
+    get,
+    path = "/api/v1/admin/tenants/{id}/schemas",
+    tag = "admin",
+    params(("id" = String, Path, description = "Tenant id")),
+    responses(
+        (status = 200, description = "Registered schemas", body = Vec<SchemaInfo>),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a system admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn list_schemas(
+    State(state): State<AppState>,
+    p: Principal,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<SchemaInfo>>, ApiError> {
+    let tenant = admin_tenant(&state, &p, &id).await?;
+    state.inner.schemas.refresh().await?;
+    Ok(Json(state.inner.schemas.list(&tenant)))
+}
+
+async fn admin_tenant(state: &AppState, p: &Principal, id: &str) -> Result<TenantId, ApiError> {
+    require_admin(p)?;
+    let tenant = TenantId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if state.inner.tenants.status(&tenant).await?.is_none() {
+        return Err(ApiError::NotFound(format!("no tenant {tenant}")));
+    }
+    Ok(tenant)
+}
+
+fn schema_event_type(event_type: &str) -> Result<(), ApiError> {
+    let ok = !event_type.is_empty()
+        && event_type.len() <= 128
+        && event_type
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Validation(vec![FieldError::new(
+            "eventType",
+            "1-128 characters of [A-Za-z0-9_.:-]",
+        )]))
+    }
+}
+
+/// Register (or replace) the JSON Schema that `attributes` of an event type must satisfy for
+/// a tenant. The body is the schema itself. Captures violating it get 400 with one field
+/// error per violation.
+#[utoipa::path(
+    put,
+    path = "/api/v1/admin/tenants/{id}/schemas/{eventType}",
+    tag = "admin",
+    params(("id" = String, Path, description = "Tenant id"), ("eventType" = String, Path, description = "Event type")),
+    request_body(content = Object, content_type = "application/json", description = "A JSON Schema (draft 2020-12 unless `$schema` says otherwise); no remote references"),
+    responses(
+        (status = 200, description = "Registered", body = SchemaInfo),
+        (status = 400, description = "Not a usable schema", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a system admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn put_schema(
+    State(state): State<AppState>,
+    p: Principal,
+    Path((id, event_type)): Path<(String, String)>,
+    JsonBody(body): JsonBody<{ crate::schemas::MAX_SCHEMA_BYTES }>,
+) -> Result<Json<SchemaInfo>, ApiError> {
+    let tenant = admin_tenant(&state, &p, &id).await?;
+    schema_event_type(&event_type)?;
+    let schema = parse_json(&body)?;
+    Ok(Json(
+        state
+            .inner
+            .schemas
+            .set(&tenant, &event_type, schema, &p.subject)
+            .await?,
+    ))
+}
+
+/// Remove the schema of an event type: its captures accept any `attributes` object again.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/admin/tenants/{id}/schemas/{eventType}",
+    tag = "admin",
+    params(("id" = String, Path, description = "Tenant id"), ("eventType" = String, Path, description = "Event type")),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a system admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown tenant or no schema", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+async fn delete_schema(
+    State(state): State<AppState>,
+    p: Principal,
+    Path((id, event_type)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = admin_tenant(&state, &p, &id).await?;
+    if state
+        .inner
+        .schemas
+        .remove(&tenant, &event_type, &p.subject)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!(
+            "no schema for event type {event_type}"
+        )))
+    }
+}
+
 /// Liveness: the process serves requests.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", body = String)))]
@@ -1036,7 +1284,32 @@ async fn readyz(
     if let Some(p) = state.inner.propagation.readiness() {
         m.insert("propagation", p);
     }
+    if let Some(l) = state.inner.leading.get() {
+        m.insert("leader", u64::from(*l.borrow()).into());
+    }
     Ok(Json(m))
+}
+
+/// Technical metrics in the Prometheus text format (see `ops/README.md` for the contract).
+/// Needs a token of the system tenant with the `metrics:read` scope.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a metrics:read token of the system tenant", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+async fn scrape_metrics(State(state): State<AppState>, p: Principal) -> Result<Response, ApiError> {
+    crate::metrics::authorize_scrape(&p)?;
+    let body = state.inner.metrics.scrape().await;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 #[derive(OpenApi)]
@@ -1078,8 +1351,13 @@ pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(create_tenant, list_tenants))
         .routes(routes!(suspend_tenant))
         .routes(routes!(resume_tenant))
+        .routes(routes!(list_schemas))
+        .routes(routes!(put_schema, delete_schema))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(scrape_metrics))
+        .merge(crate::analytics::routes())
+        .merge(crate::milestone::http::routes())
         .split_for_parts()
 }
 
@@ -1099,11 +1377,12 @@ pub fn router(state: AppState) -> axum::Router {
         .with_state(state)
 }
 
-/// Only `/healthz` and `/readyz` (processes with role `processor`).
+/// Only `/healthz`, `/readyz` and `/metrics` (processes with role `processor`).
 pub fn ops_router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(scrape_metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .with_state(state)
 }

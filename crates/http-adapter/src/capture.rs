@@ -18,6 +18,7 @@ use tracktrace_core::{
 
 use crate::domain::{Enrichment, OperationalEvent, StoredEvent};
 use crate::error::ApiError;
+use crate::schemas::SchemaRegistry;
 
 /// `CreateEventCommand` of the architecture document: a validated event and its enrichment.
 #[derive(Clone, Debug, PartialEq)]
@@ -143,6 +144,8 @@ pub struct CaptureService {
     entities: CommandBus<TrackedEntity>,
     /// Claims never change once stored, so a settled claim is cached without invalidation.
     known: moka::future::Cache<(TenantId, String), String>,
+    /// Per-tenant attribute schemas (the validator step; absent: none enforced).
+    schemas: Option<SchemaRegistry>,
 }
 
 impl std::fmt::Debug for CaptureService {
@@ -162,7 +165,7 @@ fn command_error<E: std::error::Error + 'static>(e: CommandError<E>) -> ApiError
         CommandError::Rejected(r) => ApiError::Conflict(r.to_string()),
         CommandError::Conflict { stream, .. } => {
             tracing::warn!(%stream, "capture still conflicting after retries");
-            ApiError::Unavailable {
+            ApiError::Contention {
                 retry_after: std::time::Duration::from_secs(1),
             }
         }
@@ -184,7 +187,14 @@ impl CaptureService {
             claims,
             entities,
             known: moka::future::Cache::new(100_000),
+            schemas: None,
         }
+    }
+
+    /// Enforces the tenants' attribute schemas on every capture through this service.
+    pub fn with_schemas(mut self, schemas: SchemaRegistry) -> Self {
+        self.schemas = Some(schemas);
+        self
     }
 
     async fn claim(
@@ -218,6 +228,12 @@ impl CaptureService {
     /// Dispatches a capture: claim check, then the entity's command.
     pub async fn capture(&self, cmd: CaptureCommand) -> Result<Captured, ApiError> {
         let tenant = cmd.enrichment.tenant.clone();
+        if let Some(schemas) = &self.schemas {
+            let errors = schemas.check(&tenant, &cmd.event.event_type, &cmd.event.attributes);
+            if !errors.is_empty() {
+                return Err(ApiError::Validation(errors));
+            }
+        }
         self.claim(&tenant, &cmd.event.entity_id, &cmd.event.entity_type)
             .await?;
         let id = cmd.event.aggregate_id();

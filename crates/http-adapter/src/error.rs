@@ -48,6 +48,13 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the command still conflicted with concurrent writers of the same entity after
+    /// the command bus's retries; retry later.
+    #[error("contention")]
+    Contention {
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 504: a bounded wait (read-your-writes) ran out.
     #[error("timeout: {0}")]
     Timeout(String),
@@ -69,7 +76,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::Contention { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -103,6 +112,11 @@ impl ApiError {
                 "unavailable",
                 "Service unavailable",
                 "the event store is unavailable; retry later".into(),
+            ),
+            ApiError::Contention { .. } => (
+                "contention",
+                "Contention",
+                "the entity is being changed concurrently; retry later".into(),
             ),
             ApiError::Timeout(d) => ("timeout", "Timeout", d.clone()),
             ApiError::Internal => (
@@ -154,7 +168,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"tracktrace\""),
                 );
             }
-            ApiError::Unavailable { retry_after } => {
+            ApiError::Unavailable { retry_after } | ApiError::Contention { retry_after } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                     h.insert(header::RETRY_AFTER, v);

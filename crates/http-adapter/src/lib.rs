@@ -59,7 +59,14 @@
 //!   [`projection`] updates the read model and its checkpoint atomically.
 //! - **Trace (6.1.2)**: [`auth`] → entity status (generation) → [`cache`] → [`timeline`]
 //!   read model → view (`full`, `compact`, `legs`) → cache.
-//! - **Tenants**: [`tenants`], stored as events of the system tenant.
+//! - **Tenants**: [`tenants`], stored as events of the system tenant; optional per-tenant
+//!   JSON Schemas of `attributes` per event type: [`schemas`].
+//! - **Analytics (6.1.3, 6.2.3)**: [`analytics`]: hourly and on-demand KPI windows per tenant
+//!   read with `EventStore::position_at`, anomaly detection, results stored as events,
+//!   `GET /api/v1/kpis` and `/api/v1/anomalies`, optional InfluxDB output.
+//! - **Milestone watch**: [`milestone`], a saga raising `MILESTONE_OVERDUE` /
+//!   `MILESTONE_RECOVERED` into entity traces by per-tenant rules.
+//! - **Metrics**: [`metrics`], Prometheus text on `GET /metrics` (contract in `ops/README.md`).
 //! - **Propagation (feature `nats`)**: [`propagation`]: per-tenant partner routes, one outbox
 //!   publisher per route to NATS JetStream, and bus ingestion into the capture pipeline.
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
@@ -69,7 +76,9 @@
 //! - `redis`: Redis as the trace view cache (`--cache redis://…`).
 //! - `nats`: NATS JetStream propagation and bus ingestion (`--nats-publish`, `--nats-ingest`)
 //!   and the partner-route admin API.
+//! - `influxdb`: KPIs and anomalies written to InfluxDB (`--influx-url`).
 
+pub mod analytics;
 pub mod api;
 pub mod auth;
 pub mod cache;
@@ -77,8 +86,11 @@ pub mod capture;
 pub mod client;
 pub use tracktrace_domain as domain;
 pub mod error;
+pub mod metrics;
+pub mod milestone;
 pub mod projection;
 pub mod propagation;
+pub mod schemas;
 pub mod server;
 pub mod tenants;
 pub mod timeline;

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tracktrace_core::{BreakerConfig, TenantId};
+use tracktrace_http::analytics::AnalyticsConfig;
 use tracktrace_http::api::ApiConfig;
 use tracktrace_http::auth::{Claims, SYSTEM_TENANT, Scope, now_secs};
 use tracktrace_http::cache::CacheConfig;
@@ -96,7 +97,7 @@ struct Serve {
     /// Trace view cache time-to-live, seconds.
     #[arg(long, env = "TRACKTRACE_CACHE_TTL_SECS", default_value_t = 60)]
     cache_ttl_secs: u64,
-    /// In-process cache memory bound per tenant, MiB.
+    /// Trace view cache memory bound per tenant, MiB (in-process and Redis).
     #[arg(long, env = "TRACKTRACE_CACHE_MIB_PER_TENANT", default_value_t = 32)]
     cache_mib_per_tenant: u64,
     /// Longest `minPosition` wait, milliseconds.
@@ -109,7 +110,50 @@ struct Serve {
     #[arg(long, env = "TRACKTRACE_BREAKER_OPEN_MS", default_value_t = 5000)]
     breaker_open_ms: u64,
     #[command(flatten)]
+    analytics: AnalyticsArgs,
+    #[command(flatten)]
     nats: Nats,
+}
+
+/// Analytics engine flags.
+#[derive(Args, Debug)]
+struct AnalyticsArgs {
+    /// KPI window length and scheduler period, seconds (windows align to multiples of it).
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_WINDOW_SECS", default_value_t = 3600)]
+    analytics_window_secs: u64,
+    /// Seconds after a window's end before it is computed (late commits, rejection counts).
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_GRACE_SECS", default_value_t = 60)]
+    analytics_grace_secs: u64,
+    /// Trailing windows the anomaly detector sees.
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_LOOKBACK", default_value_t = 168)]
+    analytics_lookback: usize,
+    /// Run the scheduled batch (roles processor and all).
+    #[arg(long, env = "TRACKTRACE_ANALYTICS_SCHEDULE", default_value_t = true, action = clap::ArgAction::Set)]
+    analytics_schedule: bool,
+    /// InfluxDB 1.x base URL (http://…:8086) to write KPIs and anomalies to (feature `influxdb`).
+    #[arg(long, env = "TRACKTRACE_INFLUX_URL")]
+    influx_url: Option<String>,
+    /// InfluxDB database (created if missing).
+    #[arg(long, env = "TRACKTRACE_INFLUX_DB", default_value = "tracktrace")]
+    influx_db: String,
+}
+
+fn analytics_config(a: &AnalyticsArgs) -> AnalyticsConfig {
+    #[cfg(not(feature = "influxdb"))]
+    if a.influx_url.is_some() {
+        tracing::warn!(db = %a.influx_db, "--influx-url ignored: this build has no InfluxDB support (build with `--features influxdb`)");
+    }
+    AnalyticsConfig {
+        window: Duration::from_secs(a.analytics_window_secs.max(1)),
+        grace: Duration::from_secs(a.analytics_grace_secs),
+        lookback_windows: a.analytics_lookback.max(1),
+        schedule: a.analytics_schedule,
+        #[cfg(feature = "influxdb")]
+        influx: a.influx_url.as_ref().map(|u| {
+            tracktrace_analytics::influx::InfluxConfig::new(u.clone(), a.influx_db.clone())
+        }),
+        ..AnalyticsConfig::default()
+    }
 }
 
 /// NATS JetStream propagation (builds with feature `nats`; roles `processor` and `all`).
@@ -253,6 +297,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
             failure_threshold: s.breaker_failures,
             open_for: Duration::from_millis(s.breaker_open_ms),
         },
+        analytics: analytics_config(&s.analytics),
         propagation: s.nats.config(),
     }
 }

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracktrace_core::{EventStore, Position, ProjectionRunner, ReadModelStore};
+use tracktrace_core::{EventStore, Position, ProjectionError, ProjectionRunner, ReadModelStore};
 
 use crate::error::ApiError;
+use crate::metrics::{Freshness, Metrics};
 
 pub use crate::timeline::{TRACE_PROJECTION, TraceProjection};
 
@@ -30,16 +31,27 @@ pub async fn run(
     rm: Arc<dyn ReadModelStore>,
     progress: watch::Sender<Position>,
 ) {
+    run_with_metrics(store, rm, progress, Metrics::new()).await;
+}
+
+/// [`run`], observing each event's data freshness (recorded → committed in the read model)
+/// into `metrics`.
+pub async fn run_with_metrics(
+    store: Arc<dyn EventStore>,
+    rm: Arc<dyn ReadModelStore>,
+    progress: watch::Sender<Position>,
+    metrics: Metrics,
+) {
     let mut runner =
-        ProjectionRunner::new(store.clone(), rm, TraceProjection).with_batch_size(BATCH);
+        ProjectionRunner::new(store.clone(), rm, Freshness::new(TraceProjection, metrics))
+            .with_batch_size(BATCH);
     let mut head = store.watch_head();
     let mut backoff = Duration::from_millis(50);
     loop {
         // Seen before reading: a commit after the read changes the watch again.
         head.borrow_and_update();
-        match runner.catch_up().await {
-            Ok(checkpoint) => {
-                progress.send_replace(checkpoint);
+        match catch_up(&mut runner, &progress).await {
+            Ok(()) => {
                 backoff = Duration::from_millis(50);
             }
             Err(e) => {
@@ -51,6 +63,31 @@ pub async fn run(
         }
         if head.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Batch by batch until the head: each committed batch's freshness is observed, then its
+/// checkpoint published (so a reader woken by `progress` sees the batch counted).
+async fn catch_up(
+    runner: &mut ProjectionRunner<Freshness<TraceProjection>>,
+    progress: &watch::Sender<Position>,
+) -> Result<(), ProjectionError> {
+    loop {
+        match runner.step().await {
+            Ok((_, at_head)) => {
+                runner.projection_mut().committed();
+                progress.send_replace(runner.checkpoint().await?.unwrap_or_default());
+                if at_head {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                // Not committed (or committed but its lag not measured: those few freshness
+                // observations are lost, the events are not reapplied).
+                runner.projection_mut().discard();
+                return Err(e);
+            }
         }
     }
 }

@@ -7,11 +7,12 @@
 //!   stored as events of the system tenant, so every process sees the same routes; they are
 //!   managed through the admin API ([`admin`]). Adding a route replays from a chosen position
 //!   (`fromPosition`, default: the next event after the current head).
-//! - **Outbox publishers**: in roles `processor` and `all` with `--nats-publish`, one
-//!   [`tracktrace_nats::publisher::Publisher`] per route, each following the global log from
-//!   its own persisted checkpoint (`propagation.route.<tenant>.<route>.<addedAt>`: a route
-//!   removed and added again starts afresh). The event store is the outbox: nothing is written
-//!   twice. Optionally a *feed* of every tenant's events (`--nats-feed-stream`).
+//! - **Outbox publishers**: in roles `processor` and `all` with `--nats-publish`, on the
+//!   leader of the background work, one [`tracktrace_nats::publisher::Publisher`] per route,
+//!   each following the global log from its own persisted checkpoint
+//!   (`propagation.route.<tenant>.<route>.<addedAt>`: a route removed and added again starts
+//!   afresh). The event store is the outbox: nothing is written twice. Optionally a *feed* of
+//!   every tenant's events (`--nats-feed-stream`).
 //! - **Subjects and messages** ([`envelope`]): `<subjectPrefix>.<tenant>.<entityType>.<eventType>`
 //!   (prefix `tracktrace` by default), derived from the stored `OperationalEventRecorded`
 //!   payload; other stored event types (tenant registry, claims, routes…) are never published.
@@ -27,16 +28,23 @@
 //! out of a load balancer would turn a partner outage into a capture outage. Alert on the
 //! component (or on the lag metrics) instead.
 //!
-//! # Status for metrics
+//! # Status and metrics
 //! [`Propagation::status`] is a cheap snapshot (atomic loads, one short lock) of every
 //! running route's lag in positions and seconds and breaker state, and of the ingestion
-//! counters; the server reaches it through `AppState::propagation()`.
+//! counters; the server reaches it through `AppState::propagation()`. [`spawn`] exports it
+//! to `/metrics`: `tracktrace_publisher_lag_positions`, `tracktrace_publisher_lag_seconds`,
+//! `tracktrace_publisher_breaker_state` (labels `tenant`, `route`),
+//! `tracktrace_circuit_breaker_state{component="nats_publisher"}` (the worst route) and
+//! `tracktrace_bus_ingest_messages_total{result}`.
 //!
 //! # Several processors
-//! Every `processor`/`all` process with `--nats-publish` runs every route. Two publishers of
-//! one route are safe (both move the same checkpoint forward, JetStream de-duplicates by event
-//! id within the stream's duplicate window, and per-entity order holds since each publisher
-//! awaits an entity's previous acknowledgement) but redundant: run one publishing processor.
+//! Route publishers are background work of the leader (the holder of the background-work
+//! lease on PostgreSQL, like the trace projection): the other processors stand by and take
+//! over from the stored checkpoints. Were two to publish at once (a leader that has not yet
+//! noticed it lost its lease), nothing breaks: JetStream drops the second copy by event id
+//! within the stream's duplicate window, and per-entity order holds since a publisher awaits
+//! an entity's previous acknowledgement. Bus ingestion runs in every processor: they share
+//! the durable consumer, which splits the messages between them.
 
 use std::time::Duration;
 
@@ -118,4 +126,6 @@ pub mod routes;
 mod running;
 
 #[cfg(feature = "nats")]
-pub use running::{FEED, IngestStatus, Propagation, PropagationStatus, RouteStatus, spawn};
+pub use running::{
+    BREAKER_COMPONENT, FEED, IngestStatus, Propagation, PropagationStatus, RouteStatus, spawn,
+};

@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracktrace_core::{
-    BreakerConfig, CircuitBreaker, EventStore, Position, ReadModelStore, TenantId,
-};
+use tokio::task::JoinHandle;
+use tracktrace_core::{BreakerConfig, EventStore, Position, ReadModelStore, TenantId};
 
 use crate::api::{ApiConfig, AppState, router};
 use crate::auth::JwtKeys;
 use crate::cache::{CacheConfig, TraceCache};
+use crate::metrics::{Metrics, guarded_store};
 use crate::projection;
 use crate::tenants::TenantRegistry;
 
@@ -23,7 +23,8 @@ use crate::tenants::TenantRegistry;
 pub enum Role {
     /// Serves the API only (scale out against one PostgreSQL).
     Api,
-    /// Runs background work only (projections); serves `/healthz` and `/readyz`.
+    /// Runs background work only (projections, milestone watch); serves `/healthz` and
+    /// `/readyz`.
     Processor,
     /// Both (the default).
     All,
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     pub api: ApiConfig,
     /// Circuit breaker settings.
     pub breaker: BreakerConfig,
+    /// Analytics engine settings (scheduler, windows, InfluxDB).
+    pub analytics: crate::analytics::AnalyticsConfig,
     /// NATS propagation (publishers, bus ingestion; feature `nats`).
     pub propagation: crate::propagation::PropagationConfig,
 }
@@ -68,6 +71,9 @@ pub enum StartError {
     /// The cache could not be set up.
     #[error("cannot set up the cache: {0}")]
     Cache(String),
+    /// The analytics engine could not be set up (e.g. the InfluxDB client).
+    #[error("cannot set up analytics: {0}")]
+    Analytics(String),
     /// Binding or serving failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
@@ -83,7 +89,23 @@ pub struct Stores {
     pub events: Arc<dyn EventStore>,
     /// Read models and checkpoints.
     pub read_models: Arc<dyn ReadModelStore>,
+    /// Who runs the background work when several processes share the store.
+    pub leader: Leadership,
 }
+
+/// How a process becomes the one that runs background work (projections, sagas,
+/// publishing, analytics) when several `processor`/`all` processes share one store.
+#[derive(Clone, Debug)]
+pub enum Leadership {
+    /// Always this process: the embedded store is opened by one process only.
+    Local,
+    /// A PostgreSQL lease (session advisory lock, see `PgStore::try_lease`): one leader per
+    /// store schema; the others stand by and take over when its connection ends.
+    Postgres(tracktrace_store_postgres::PgStore),
+}
+
+/// Name of the lease guarding background work.
+pub const BACKGROUND_LEASE: &str = "background-work";
 
 impl std::fmt::Debug for Stores {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -107,7 +129,8 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             let s = Arc::new(store);
             Ok(Stores {
                 events: s.clone(),
-                read_models: s,
+                read_models: s.clone(),
+                leader: Leadership::Postgres((*s).clone()),
             })
         }
         None => {
@@ -121,6 +144,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             Ok(Stores {
                 events: s.clone(),
                 read_models: s,
+                leader: Leadership::Local,
             })
         }
     }
@@ -138,7 +162,7 @@ async fn make_cache(cfg: &ServerConfig) -> Result<TraceCache, StartError> {
     match &cfg.cache_url {
         None => Ok(TraceCache::local(cfg.cache.clone())),
         #[cfg(feature = "redis")]
-        Some(url) => crate::cache::RedisCache::connect(url, cfg.cache.ttl, &store_identity(cfg))
+        Some(url) => crate::cache::RedisCache::connect(url, &cfg.cache, &store_identity(cfg))
             .await
             .map(TraceCache::Redis)
             .map_err(|e| StartError::Cache(e.to_string())),
@@ -165,6 +189,15 @@ pub fn store_identity(cfg: &ServerConfig) -> String {
                 .unwrap_or_else(|_| cfg.data_dir.clone())
                 .display()
         ),
+    }
+}
+
+/// The `backend` label of the configured store's append latency.
+fn backend_label(cfg: &ServerConfig) -> &'static str {
+    if cfg.store_url.is_some() {
+        "postgres"
+    } else {
+        "sled"
     }
 }
 
@@ -213,33 +246,51 @@ pub async fn start(
             "this build has no NATS support (build with `--features nats`)".into(),
         ));
     }
-    let guarded: Arc<dyn EventStore> = Arc::new(CircuitBreaker::with_config(
+    let metrics = Metrics::new();
+    let guarded = guarded_store(
         stores.events.clone(),
+        backend_label(cfg),
         cfg.breaker,
-    ));
+        &metrics,
+    );
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let mut background = Vec::new();
-    let progress = if cfg.role != Role::Api {
+    let (leading_tx, leading) = watch::channel(false);
+    let (progress_tx, progress) = if cfg.role != Role::Api {
         let (tx, rx) = watch::channel(Position::START);
-        background.push(tokio::spawn(projection::run(
-            stores.events.clone(),
-            stores.read_models.clone(),
-            tx,
-        )));
-        Some(rx)
+        (Some(tx), Some(rx))
     } else {
-        None
+        (None, None)
     };
-    let state = AppState::new(
+    let state = AppState::with_metrics(
         guarded,
         stores.read_models.clone(),
         keys,
         cache,
         progress,
         cfg.api.clone(),
+        metrics,
     );
+    let state = state.with_leading(leading);
     background.push(tokio::spawn(state.tenants().clone().follow()));
-    // Publishers and the bus consumer are background work: roles `processor` and `all`.
+    // Schemas are in force before the first request is served.
+    if let Err(e) = state.schemas().refresh().await {
+        tracing::warn!(error = %e, "cannot load attribute schemas yet; the follower retries");
+    }
+    background.push(tokio::spawn(state.schemas().clone().follow()));
+    state
+        .analytics()
+        .configure(cfg.analytics.clone())
+        .map_err(StartError::Analytics)?;
+    export_analytics(&state);
+    if cfg.role != Role::Processor {
+        // Every API process counts its own rejected captures.
+        background.push(tokio::spawn(
+            state.analytics().clone().run_rejection_flusher(),
+        ));
+    }
+    // Propagation in roles `processor` and `all`: bus ingestion runs in every such process
+    // (they share the durable consumer); the route publishers are leader work.
     #[cfg(feature = "nats")]
     if cfg.role != Role::Api {
         background.extend(
@@ -251,6 +302,15 @@ pub async fn start(
         tracing::warn!(
             "role api: --nats-publish / --nats-ingest run only in roles processor and all"
         );
+    }
+    if let Some(tx) = progress_tx {
+        let work = leader_work(cfg, &stores, &state, tx.clone());
+        background.push(tokio::spawn(supervise(
+            stores.clone(),
+            tx,
+            leading_tx,
+            work,
+        )));
     }
     let closing = state.clone();
     let app = match cfg.role {
@@ -276,6 +336,181 @@ pub async fn start(
         shutdown,
         task,
     })
+}
+
+/// Name, help, counter (else gauge), reader.
+type Series = (
+    &'static str,
+    &'static str,
+    bool,
+    fn(&crate::analytics::AnalyticsStatus) -> u64,
+);
+
+/// The InfluxDB writer's counters on `/metrics` (all zero without a writer): nothing the
+/// analytics engine drops goes unnoticed.
+fn export_analytics(state: &AppState) {
+    let m = state.metrics();
+    let series: [Series; 4] = [
+        (
+            "tracktrace_influx_points_written_total",
+            "KPI and anomaly points InfluxDB accepted",
+            true,
+            |s| s.influx_written,
+        ),
+        (
+            "tracktrace_influx_points_dropped_total",
+            "KPI and anomaly points dropped because the writer's buffer was full (InfluxDB down too long)",
+            true,
+            |s| s.influx_dropped,
+        ),
+        (
+            "tracktrace_influx_points_rejected_total",
+            "KPI and anomaly points InfluxDB rejected as malformed",
+            true,
+            |s| s.influx_rejected,
+        ),
+        (
+            "tracktrace_influx_points_buffered",
+            "KPI and anomaly points waiting to be written to InfluxDB",
+            false,
+            |s| s.influx_buffered,
+        ),
+    ];
+    for (name, help, counter, read) in series {
+        let a = state.analytics().clone();
+        let sample =
+            move |out: &mut crate::metrics::Samples<'_>| out.push(&[], read(&a.status()) as f64);
+        let r = if counter {
+            m.register_counter(name, help, &[], sample)
+        } else {
+            m.register_gauge(name, help, &[], sample)
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "analytics metric not exported");
+        }
+    }
+}
+
+/// Starts the leader's background tasks; called again after every takeover.
+type Work = Arc<dyn Fn() -> Vec<JoinHandle<()>> + Send + Sync>;
+
+/// The background work of a leader (roles `processor` and `all`): the trace projection, the
+/// milestone watch and the analytics scheduler. Aborted when leadership is lost.
+fn leader_work(
+    cfg: &ServerConfig,
+    stores: &Stores,
+    state: &AppState,
+    progress: watch::Sender<Position>,
+) -> Work {
+    let (stores, state, schedule) = (stores.clone(), state.clone(), cfg.analytics.schedule);
+    Arc::new(move || {
+        let mut tasks = vec![
+            tokio::spawn(projection::run_with_metrics(
+                stores.events.clone(),
+                stores.read_models.clone(),
+                progress.clone(),
+                state.metrics().clone(),
+            )),
+            tokio::spawn(crate::milestone::run(
+                stores.events.clone(),
+                stores.read_models.clone(),
+                state.store().clone(),
+            )),
+        ];
+        // Partner-route publishers (prepared by `propagation::spawn` with --nats-publish).
+        #[cfg(feature = "nats")]
+        tasks.extend(state.propagation().spawn_publishers());
+        if schedule {
+            let s = state.clone();
+            tasks.push(tokio::spawn(state.analytics().clone().run_scheduler(
+                move || {
+                    let s = s.clone();
+                    async move { crate::analytics::active_tenants(&s).await }
+                },
+            )));
+        }
+        tasks
+    })
+}
+
+/// Runs the [`leader_work`] while this process holds the leadership; stands by otherwise.
+///
+/// A standby keeps `progress` current from the stored checkpoint (the leader's), so its
+/// `minPosition` reads still wait for the right thing. Correctness does not depend on there
+/// being one leader only (a leader that lost its lease and has not noticed yet is fenced by
+/// the projection's checkpoint; appends are idempotent): the lease avoids duplicated work.
+async fn supervise(
+    stores: Stores,
+    progress: watch::Sender<Position>,
+    leading: watch::Sender<bool>,
+    work: Work,
+) {
+    loop {
+        match &stores.leader {
+            Leadership::Local => {
+                leading.send_replace(true);
+                let work = work();
+                // Never lost: wait until the server aborts this task (abort ends the work too).
+                let _abort_on_drop = AbortAll(work);
+                std::future::pending::<()>().await;
+            }
+            Leadership::Postgres(pg) => {
+                let standby = tokio::spawn(follow_checkpoint(stores.clone(), progress.clone()));
+                let lease = pg.lease(BACKGROUND_LEASE, Duration::from_secs(1)).await;
+                standby.abort();
+                tracing::info!("leading background work (lease {BACKGROUND_LEASE})");
+                leading.send_replace(true);
+                let work = AbortAll(work());
+                lease.lost().await;
+                drop(work);
+                leading.send_replace(false);
+                tracing::warn!("lost the background-work lease; standing by");
+            }
+        }
+    }
+}
+
+/// Aborts its tasks when dropped.
+struct AbortAll(Vec<JoinHandle<()>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// A standby's view of the trace projection: the stored checkpoint, re-read while the log's
+/// head is ahead of it (every 20 ms) and otherwise when the head moves.
+async fn follow_checkpoint(stores: Stores, progress: watch::Sender<Position>) {
+    let mut head = stores.events.watch_head();
+    loop {
+        let target = *head.borrow_and_update();
+        // Poll until the leader's checkpoint passes the head we saw, for a bounded time (the
+        // leader may be gone; then there is nothing to wait for until the head moves again).
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match stores
+                .read_models
+                .load_checkpoint(projection::TRACE_PROJECTION)
+                .await
+            {
+                Ok(p) => {
+                    let p = p.unwrap_or_default();
+                    progress.send_if_modified(|cur| (p > *cur).then(|| *cur = p).is_some());
+                }
+                Err(e) => tracing::debug!(error = %e, "standby cannot read the trace checkpoint"),
+            }
+            if *progress.borrow() > target || tokio::time::Instant::now() >= give_up {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if head.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Creates `tenant` in the store of `cfg` if it does not exist; `Ok(true)` if created.

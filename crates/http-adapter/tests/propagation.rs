@@ -17,7 +17,7 @@ mod common;
 #[path = "../../tracktrace-nats/tests/common/mod.rs"]
 mod nats;
 
-use common::{Server, call, cli_token, event, trace};
+use common::{Exposition, Server, call, cli_token, event, trace};
 use nats::{
     PrivateNats, assert_once_in_entity_order, nats_url, read_all_messages, shared_nats, unique,
 };
@@ -59,6 +59,16 @@ impl Env {
         cli_token(&["--data-dir", &self.data], &server.addr, tenant, scopes)
     }
 }
+
+/// `/metrics`, parsed.
+async fn scrape(addr: &str, token: &str) -> Exposition {
+    let r = call(addr, "GET", "/metrics", Some(token), None).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    Exposition::parse(&String::from_utf8(r.body).unwrap()).unwrap()
+}
+
+const SITA: [(&str, &str); 2] = [("tenant", "acme"), ("route", "sita")];
+const NATS_BREAKER: [(&str, &str); 1] = [("component", "nats_publisher")];
 
 async fn readyz(addr: &str) -> (u16, Value) {
     let r = call(addr, "GET", "/readyz", None, None).await;
@@ -504,6 +514,12 @@ async fn nats_outage_opens_the_breaker_readyz_reports_it_and_the_backlog_drains(
     assert!(r["position"].as_u64().unwrap() < last, "{ready}");
     // The trace is served throughout.
     assert_eq!(trace(&addr, &acme, "O1", "", last).await.status, 200);
+    // And /metrics shows it.
+    let scraper = env.token(&server, "_system", "metrics:read");
+    let m = scrape(&addr, &scraper).await;
+    assert!(m.get("tracktrace_publisher_breaker_state", &SITA) >= 1.0);
+    assert!(m.get("tracktrace_publisher_lag_positions", &SITA) > 0.0);
+    assert!(m.get("tracktrace_circuit_breaker_state", &NATS_BREAKER) >= 1.0);
 
     nats.restart();
     eventually("the backlog drains after NATS is back", || {
@@ -514,6 +530,19 @@ async fn nats_outage_opens_the_breaker_readyz_reports_it_and_the_backlog_drains(
     assert_eq!(assert_once_in_entity_order(&msgs, 150), 5);
     let (_, ready) = readyz(&addr).await;
     assert_eq!(ready["propagation"]["status"], "ok", "{ready}");
+    let m = scrape(&addr, &scraper).await;
+    assert_eq!(
+        m.value("tracktrace_publisher_breaker_state", &SITA),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.value("tracktrace_publisher_lag_positions", &SITA),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.value("tracktrace_circuit_breaker_state", &NATS_BREAKER),
+        Some(0.0)
+    );
 }
 
 async fn publish(js: &jetstream::Context, subject: &str, headers: &[(&str, &str)], body: &Value) {
@@ -673,6 +702,15 @@ async fn bus_ingestion_stores_valid_dead_letters_invalid_and_stores_duplicates_o
         (&ing["stored"], &ing["deadLettered"]),
         (&json!(5), &json!(3)),
         "{ready}"
+    );
+    // Bus captures count as captures (same pipeline), and the consumer's outcomes as such.
+    let m = scrape(&addr, &env.token(&server, "_system", "metrics:read")).await;
+    let bus = "tracktrace_bus_ingest_messages_total";
+    assert_eq!(m.value(bus, &[("result", "stored")]), Some(5.0));
+    assert_eq!(m.value(bus, &[("result", "dead_lettered")]), Some(3.0));
+    assert_eq!(
+        m.get("tracktrace_events_ingested_total", &[("tenant", "acme")]),
+        3.0
     );
     for s in [&in_stream, &dlq_stream] {
         let _ = js.delete_stream(s).await;

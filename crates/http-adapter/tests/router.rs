@@ -76,6 +76,13 @@ impl EventStore for Switchable {
         self.check()?;
         self.inner.head().await
     }
+    async fn position_at(
+        &self,
+        at: tracktrace_core::Timestamp,
+    ) -> tracktrace_core::Result<Position> {
+        self.check()?;
+        self.inner.position_at(at).await
+    }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
     }
@@ -84,6 +91,7 @@ impl EventStore for Switchable {
 struct Fixture {
     app: axum::Router,
     state: AppState,
+    mem: Arc<InMemoryStore>,
     keys: JwtKeys,
     down: Arc<AtomicBool>,
 }
@@ -125,6 +133,7 @@ async fn fixture_with(config: ApiConfig) -> Fixture {
     Fixture {
         app: router(state.clone()),
         state,
+        mem,
         keys,
         down,
     }
@@ -961,6 +970,470 @@ async fn shutdown_ends_open_event_streams() {
     })
     .await;
     assert!(drained.is_ok(), "the event stream did not end at shutdown");
+}
+
+// ---------- milestone watch ----------
+
+const RULES: &str = "/api/v1/admin/tenants/acme/milestone-rules";
+
+fn bag_rule(within: Value) -> Value {
+    json!({"entityType": "Bag", "triggerEventType": "LOADED",
+        "expectedEventTypes": ["ARRIVED"], "within": within})
+}
+
+impl Fixture {
+    async fn put(&self, path: &str, token: Option<&str>, body: &Value) -> (StatusCode, Value) {
+        let mut b = Request::put(path).header("content-type", "application/json");
+        if let Some(t) = token {
+            b = b.header("authorization", format!("Bearer {t}"));
+        }
+        let (s, h, v) = self
+            .send(b.body(Body::from(body.to_string())).unwrap())
+            .await;
+        if !s.is_success() {
+            assert_eq!(h["content-type"], "application/problem+json");
+        }
+        (s, v)
+    }
+
+    async fn delete(&self, path: &str, token: &str) -> StatusCode {
+        let req = Request::delete(path)
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::empty())
+            .unwrap();
+        self.send(req).await.0
+    }
+}
+
+#[tokio::test]
+async fn milestone_rules_are_created_replaced_listed_and_removed() {
+    let f = fixture().await;
+    let admin = f.token("_system", &["admin"]);
+    let (s, v) = f
+        .put(
+            &format!("{RULES}/bag-arrival"),
+            Some(&admin),
+            &bag_rule(json!("PT2H")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["within"], "PT2H");
+    assert_eq!(v["withinSeconds"], 7200.0);
+    assert_eq!(v["tenant"], "acme");
+    // Same terms: 200, nothing written; other terms: 200, replaced.
+    let (s, _) = f
+        .put(
+            &format!("{RULES}/bag-arrival"),
+            Some(&admin),
+            &bag_rule(json!("PT2H")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v) = f
+        .put(
+            &format!("{RULES}/bag-arrival"),
+            Some(&admin),
+            &bag_rule(json!(90)),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["within"], "PT1M30S");
+    let (s, _) = f
+        .put(
+            &format!("{RULES}/transfer"),
+            Some(&admin),
+            &json!({"entityType": "Bag", "triggerEventType": "TRANSFER",
+                "expectedEventTypes": "LOADED", "within": "PT45M"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, _, v) = f.get(RULES, Some(&admin)).await;
+    assert_eq!(s, StatusCode::OK);
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["bag-arrival", "transfer"]);
+    assert_eq!(v[0]["within"], "PT1M30S");
+    let (s, _, v) = f.get(&format!("{RULES}/transfer"), Some(&admin)).await;
+    assert_eq!(
+        (s, &v["expectedEventTypes"]),
+        (StatusCode::OK, &json!(["LOADED"]))
+    );
+    // Another tenant's rules are its own.
+    let (s, _, v) = f
+        .get("/api/v1/admin/tenants/globex/milestone-rules", Some(&admin))
+        .await;
+    assert_eq!((s, v), (StatusCode::OK, json!([])));
+    assert_eq!(
+        f.delete(&format!("{RULES}/transfer"), &admin).await,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        f.delete(&format!("{RULES}/transfer"), &admin).await,
+        StatusCode::NOT_FOUND
+    );
+    let (s, _, v) = f.get(&format!("{RULES}/transfer"), Some(&admin)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(problem_type(&v), "/problems/not-found");
+    let (s, _, _) = f
+        .get("/api/v1/admin/tenants/nope/milestone-rules", Some(&admin))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _) = f
+        .put(
+            "/api/v1/admin/tenants/nope/milestone-rules/r",
+            Some(&admin),
+            &bag_rule(json!("PT1H")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let doc = f.get("/openapi.json", None).await.2;
+    for p in [
+        "/api/v1/admin/tenants/{id}/milestone-rules",
+        "/api/v1/admin/tenants/{id}/milestone-rules/{ruleId}",
+        "/api/v1/milestone-watches/{entityType}/{entityId}",
+    ] {
+        assert!(
+            doc["paths"][p].is_object(),
+            "{p} missing from the OpenAPI document"
+        );
+    }
+    assert!(doc["components"]["schemas"]["RuleView"].is_object());
+}
+
+#[tokio::test]
+async fn milestone_rules_bad_input_400_with_field_errors_and_non_admins_403() {
+    let f = fixture().await;
+    let admin = f.token("_system", &["admin"]);
+    let (s, v) = f
+        .put(
+            &format!("{RULES}/bad%20id"),
+            Some(&admin),
+            &json!({"entityType": "Bag-1", "triggerEventType": "MILESTONE_OVERDUE",
+                "expectedEventTypes": [], "within": "P1M", "color": "red"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(problem_type(&v), "/problems/validation");
+    let fields: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "ruleId",
+            "color",
+            "entityType",
+            "triggerEventType",
+            "expectedEventTypes",
+            "within"
+        ]
+    );
+    for (body, field) in [
+        (bag_rule(json!("soon")), "within"),
+        (bag_rule(json!(-5)), "within"),
+        (bag_rule(json!("P31D")), "within"),
+        (
+            json!({"entityType": "Bag", "triggerEventType": "LOADED",
+                "expectedEventTypes": ["LOADED"], "within": "PT1H"}),
+            "expectedEventTypes",
+        ),
+        (
+            json!({"entityType": "Bag", "triggerEventType": "LOADED",
+                "expectedEventTypes": ["ARRIVED", 7], "within": "PT1H"}),
+            "expectedEventTypes[1]",
+        ),
+        (json!([1, 2]), ""),
+    ] {
+        let (s, v) = f.put(&format!("{RULES}/r"), Some(&admin), &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["errors"][0]["field"], field, "{body}: {v}");
+    }
+    // Malformed JSON and the wrong media type.
+    let req = Request::put(format!("{RULES}/r"))
+        .header("authorization", format!("Bearer {admin}"))
+        .header("content-type", "application/json")
+        .body(Body::from("{"))
+        .unwrap();
+    let (s, h, v) = f.send(req).await;
+    assert_eq!(
+        (s, problem_type(&v)),
+        (StatusCode::BAD_REQUEST, "/problems/malformed-json")
+    );
+    assert_eq!(h["content-type"], "application/problem+json");
+    let req = Request::put(format!("{RULES}/r"))
+        .header("authorization", format!("Bearer {admin}"))
+        .header("content-type", "text/plain")
+        .body(Body::from(bag_rule(json!("PT1H")).to_string()))
+        .unwrap();
+    assert_eq!(f.send(req).await.0, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    // Not a system admin: a tenant's own admin-scoped token, a system token without the scope.
+    for token in [
+        f.token("acme", &["admin", "events:write", "trace:read"]),
+        f.token("_system", &["trace:read"]),
+    ] {
+        let (s, v) = f
+            .put(
+                &format!("{RULES}/r"),
+                Some(&token),
+                &bag_rule(json!("PT1H")),
+            )
+            .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+        assert_eq!(problem_type(&v), "/problems/forbidden");
+        assert_eq!(f.get(RULES, Some(&token)).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            f.delete(&format!("{RULES}/r"), &token).await,
+            StatusCode::FORBIDDEN
+        );
+    }
+    let (s, _) = f
+        .put(&format!("{RULES}/r"), None, &bag_rule(json!("PT1H")))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Nothing was stored by any of this.
+    assert_eq!(f.get(RULES, Some(&admin)).await.2, json!([]));
+}
+
+/// Polls the full trace of `entity` until it holds an event of `event_type` (bounded).
+async fn trace_with(f: &Fixture, entity: &str, event_type: &str) -> Value {
+    for _ in 0..600 {
+        let (s, _, v) = f.trace(&f.writer(), entity, "view=full", 0).await;
+        if s == StatusCode::OK
+            && v["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["eventType"] == event_type)
+        {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{entity} never got a {event_type}");
+}
+
+fn count_of(trace: &Value, event_type: &str) -> usize {
+    trace["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["eventType"] == event_type)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_milestone_watch_raises_overdue_into_trace_and_subscribers_then_recovers() {
+    let f = fixture().await;
+    tokio::spawn(tracktrace_http::milestone::run(
+        f.mem.clone(),
+        f.mem.clone(),
+        f.state.store().clone(),
+    ));
+    let admin = f.token("_system", &["admin"]);
+    let (s, _) = f
+        .put(
+            &format!("{RULES}/bag-arrival"),
+            Some(&admin),
+            &bag_rule(json!("PT2H")),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let t = f.writer();
+    // Subscribed before the alarm exists: it is pushed live.
+    let sub = sse_events(
+        &f,
+        "/api/v1/subscribe?entityId=M1&eventType=MILESTONE_OVERDUE,MILESTONE_RECOVERED",
+        None,
+        2,
+    );
+    let drive = async {
+        // Loaded three hours ago, never arrived: overdue since an hour ago.
+        f.capture(
+            &t,
+            &event("M1", "LOADED", "2026-01-10T09:00:00+01:00", "MAD"),
+        )
+        .await;
+        let v = trace_with(&f, "M1", "MILESTONE_OVERDUE").await;
+        let overdue = v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["eventType"] == "MILESTONE_OVERDUE")
+            .unwrap()
+            .clone();
+        assert_eq!(overdue["occurredAt"], "2026-01-10T10:00:00Z");
+        assert_eq!(overdue["source"], "tracktrace.milestone-watch");
+        assert_eq!(overdue["location"]["code"], "MAD");
+        assert_eq!(overdue["attributes"]["rule"], "bag-arrival");
+        assert_eq!(
+            overdue["attributes"]["expectedEventTypes"],
+            json!(["ARRIVED"])
+        );
+        assert_eq!(overdue["attributes"]["deadline"], "2026-01-10T10:00:00Z");
+        assert_eq!(v["status"]["eventType"], "MILESTONE_OVERDUE");
+        let (s, _, w) = f.get("/api/v1/milestone-watches/Bag/M1", Some(&t)).await;
+        assert_eq!(s, StatusCode::OK, "{w}");
+        assert_eq!(w["open"], json!([]));
+        assert_eq!(w["overdue"][0]["rule"], "bag-arrival");
+        assert_eq!(w["overdue"][0]["deadline"], "2026-01-10T10:00:00Z");
+        // The bag turns up late.
+        f.capture(&t, &event("M1", "ARRIVED", "2026-01-10T12:30:00Z", "LHR"))
+            .await;
+        let v = trace_with(&f, "M1", "MILESTONE_RECOVERED").await;
+        assert_eq!(
+            (
+                count_of(&v, "MILESTONE_OVERDUE"),
+                count_of(&v, "MILESTONE_RECOVERED")
+            ),
+            (1, 1)
+        );
+        let recovered = v["events"].as_array().unwrap().last().unwrap().clone();
+        assert_eq!(recovered["eventType"], "MILESTONE_RECOVERED");
+        assert_eq!(recovered["attributes"]["lateBySeconds"], 9000.0);
+        assert_eq!(recovered["occurredAt"], "2026-01-10T12:30:00.001Z");
+        assert_eq!(recovered["location"]["code"], "LHR");
+        assert_eq!(
+            recovered["attributes"]["overdueEventId"],
+            overdue["eventId"]
+        );
+        let w = f.get("/api/v1/milestone-watches/Bag/M1", Some(&t)).await.2;
+        assert_eq!((&w["open"], &w["overdue"]), (&json!([]), &json!([])));
+    };
+    let (evs, ()) = tokio::join!(sub, drive);
+    assert_eq!(evs[0].1, "MILESTONE_OVERDUE");
+    assert_eq!(evs[1].1, "MILESTONE_RECOVERED");
+    // The watch of an entity no rule concerns, and bad parameters.
+    let (s, _, _) = f.get("/api/v1/milestone-watches/Bag/NOPE", Some(&t)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = f.get("/api/v1/milestone-watches/1Bag/M1", Some(&t)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let w = f.token("acme", &["events:write"]);
+    let (s, _, _) = f.get("/api/v1/milestone-watches/Bag/M1", Some(&w)).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Another tenant does not see acme's watch.
+    let g = f.token("globex", &["trace:read"]);
+    let (s, _, _) = f.get("/api/v1/milestone-watches/Bag/M1", Some(&g)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn tenant_attribute_schemas_reject_violations_with_field_errors() {
+    let f = fixture().await;
+    let admin = f.token("_system", &["admin"]);
+    let put = |path: &str, token: &str, body: &Value| {
+        Request::put(path)
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let schema = json!({
+        "type": "object",
+        "required": ["flight", "weightKg"],
+        "properties": {"flight": {"type": "string", "pattern": "^[A-Z0-9]{2}[0-9]{1,4}$"},
+                       "weightKg": {"type": "number", "minimum": 0, "maximum": 32}}
+    });
+    // Only a system admin; unknown tenants 404; unusable schemas 400.
+    let w = f.writer();
+    let (s, _, _) = f
+        .send(put(
+            "/api/v1/admin/tenants/acme/schemas/BagWeighed",
+            &w,
+            &schema,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _, _) = f
+        .send(put(
+            "/api/v1/admin/tenants/nope/schemas/BagWeighed",
+            &admin,
+            &schema,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, v) = f
+        .send(put(
+            "/api/v1/admin/tenants/acme/schemas/BagWeighed",
+            &admin,
+            &json!({"type": 7}),
+        ))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["errors"][0]["field"], "schema");
+    let (s, _, v) = f
+        .send(put(
+            "/api/v1/admin/tenants/acme/schemas/BagWeighed",
+            &admin,
+            &schema,
+        ))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, _, v) = f
+        .get("/api/v1/admin/tenants/acme/schemas", Some(&admin))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["eventType"], "BagWeighed");
+
+    // A violating capture: 400, every violation named, nothing stored.
+    let mut bad = event("SW1", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    bad["attributes"] = json!({"flight": "iberia", "weightKg": 40});
+    let (s, v) = f.post("/api/v1/events", Some(&w), &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let mut fields: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    fields.sort();
+    assert_eq!(fields, ["attributes.flight", "attributes.weightKg"]);
+    let (s, _, _) = f.trace(&w, "SW1", "", 0).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // In a batch, the fields carry the item's prefix.
+    let (s, v) = f
+        .post("/api/v1/events:batch", Some(&w), &json!({"events": [bad]}))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["results"][0]["status"], 400);
+    assert!(
+        v["results"][0]["problem"]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["field"] == "events[0].attributes.weightKg"),
+        "{v}"
+    );
+    // A conforming one is stored; other event types and other tenants are unaffected.
+    let mut good = event("SW1", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    good["attributes"] = json!({"flight": "IB3170", "weightKg": 23.5});
+    f.capture(&w, &good).await;
+    f.capture(
+        &w,
+        &event("SW2", "BagLoaded", "2026-11-28T09:00:00Z", "MAD"),
+    )
+    .await;
+    let g = f.token("globex", &["events:write"]);
+    let mut other = event("SW3", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    other["attributes"] = json!({});
+    f.capture(&g, &other).await;
+
+    // Removed: the type accepts any attributes again.
+    let del = Request::delete("/api/v1/admin/tenants/acme/schemas/BagWeighed")
+        .header("authorization", format!("Bearer {admin}"))
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, _) = f.send(del).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut any = event("SW4", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
+    any["attributes"] = json!({"free": true});
+    f.capture(&w, &any).await;
 }
 
 /// Partner-route administration (feature `nats`): system admins only, field errors, 404 for

@@ -113,10 +113,12 @@
 mod conns;
 mod error;
 mod kv;
+mod lease;
 mod migrate;
 mod rows;
 mod store;
 mod tasks;
+mod time_range;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +129,7 @@ use tokio::sync::watch;
 
 use tracktrace_core::{Error, Position, Result};
 
+pub use lease::Lease;
 pub use tracktrace_core;
 
 /// Default schema of a store.
@@ -233,6 +236,8 @@ pub struct PgStore {
 struct Inner {
     pool: PgPool,
     appenders: conns::ConnCache,
+    /// Options of the pool's connections (leases open their own).
+    conn_opts: PgConnectOptions,
     schema: String,
     lock_key: i32,
     shared: Arc<tasks::Shared>,
@@ -337,6 +342,9 @@ impl PgStore {
         );
         let channel = format!("{}_log", opts.schema);
         let shared = Arc::new(tasks::Shared::new(channel, opts.notify));
+        let lease_opts = conn_opts
+            .clone()
+            .application_name(&format!("{}-lease", opts.application_name));
         let listener_opts =
             conn_opts.application_name(&format!("{}-listener", opts.application_name));
         let guard = tasks::spawn(
@@ -349,6 +357,7 @@ impl PgStore {
             inner: Arc::new(Inner {
                 pool,
                 appenders,
+                conn_opts: lease_opts,
                 schema: opts.schema,
                 lock_key,
                 shared,

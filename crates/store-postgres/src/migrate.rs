@@ -12,8 +12,14 @@ use tracktrace_core::Result;
 use crate::error::map_err;
 
 /// `(version, name, sql)`, in order. Never edit an applied migration: add a new one.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "initial", include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "initial", include_str!("../migrations/0001_initial.sql")),
+    (
+        2,
+        "brin_autosummarize",
+        include_str!("../migrations/0002_brin_autosummarize.sql"),
+    ),
+];
 
 /// Second half of the migration advisory-lock key (the first is the schema's lock key).
 const MIGRATE_LOCK: i32 = 1_953_759_234;

@@ -513,6 +513,10 @@ impl EventStore for PgStore {
         Ok(horizon(&self.inner.pool, self.inner.lock_key).await?.head)
     }
 
+    async fn position_at(&self, at: tracktrace_core::Timestamp) -> Result<Position> {
+        crate::time_range::position_at(self, at).await
+    }
+
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.watch()
     }

@@ -477,6 +477,69 @@ impl Shared {
         Ok((first, bytes))
     }
 
+    /// The first page starting at or after `x` (and at or before `head`): its first position
+    /// and the recorded-at of its first event. A forward lookup (reverse ones are slow in sled
+    /// 0.34).
+    fn page_from(&self, x: u64, head: u64) -> Result<Option<(u64, Timestamp)>> {
+        let Some(item) = self
+            .log
+            .range(layout::page_key(x)..=layout::page_key(head))
+            .next()
+        else {
+            return Ok(None);
+        };
+        let (k, v) = item.map_err(sled_err)?;
+        let (first, bytes) = self.load_page(&k, v)?;
+        let page = layout::Page::parse(bytes.as_ref()).map_err(|d| corrupt(first, d))?;
+        if page.is_empty() {
+            return Err(corrupt(first, "empty page"));
+        }
+        Ok(Some((
+            first,
+            decode_event(first, page.event(0))?.recorded_at,
+        )))
+    }
+
+    /// The first position up to `head` recorded at or after `at` (`head + 1` if none).
+    ///
+    /// The single writer stamps events with a monotonic clock (recovered from the last event on
+    /// open), so recorded-at never decreases along the log: a binary search over positions for
+    /// the first *page* whose first event is recorded at or after `at` (each probe one forward
+    /// lookup, O(log n) probes), then a walk of the page before it.
+    pub(crate) fn position_at(&self, at: Timestamp, head: u64) -> Result<u64> {
+        // Smallest x such that the first page starting at or after x is missing or starts with
+        // an event recorded at or after `at` (monotone in x).
+        let (mut lo, mut hi) = (1u64, head + 1);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.page_from(mid, head)? {
+                Some((_, t)) if t < at => lo = mid + 1,
+                _ => hi = mid,
+            }
+        }
+        if lo == 1 {
+            return Ok(1);
+        }
+        // A page starts at lo - 1 (else the predicate would hold there too) with its first
+        // event recorded before `at`; the answer is in it or is the next page's start.
+        let next_page = self.page_from(lo, head)?.map_or(head + 1, |(p, _)| p);
+        let mut found = next_page;
+        self.walk(
+            lo - 1,
+            (next_page - 1).min(head),
+            Direction::Forwards,
+            Some(lo - 1),
+            |pos, bytes| {
+                if decode_event(pos, bytes)?.recorded_at >= at {
+                    found = pos;
+                    return Ok(true);
+                }
+                Ok(false)
+            },
+        )?;
+        Ok(found)
+    }
+
     /// The event an index entry points to, whether or not it is visible yet.
     pub(crate) fn read_event(&self, entry: layout::IndexEntry) -> Result<RecordedEvent> {
         let key = layout::page_key(entry.page);
@@ -827,6 +890,13 @@ impl EventStore for SledStore {
     async fn head(&self) -> Result<Position> {
         self.check()?;
         Ok(Position::new(self.visible_head()))
+    }
+
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        self.check()?;
+        self.shared()
+            .position_at(at, self.visible_head())
+            .map(Position::new)
     }
 
     fn watch_head(&self) -> watch::Receiver<Position> {

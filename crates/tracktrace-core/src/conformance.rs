@@ -1502,6 +1502,87 @@ pub async fn snapshot_store(store: Arc<dyn SnapshotStore>) -> CheckResult {
     Ok(())
 }
 
+/// `position_at` finds where a time window starts: for every probe time, the result is the
+/// lowest position of an event recorded at or after it (so nothing below it was recorded at or
+/// after the probe, and a read from it finds every such event); past the last event it is a
+/// position above every stored event. Appends are spread over time (short sleeps) so several
+/// distinct recorded-at values exist.
+pub async fn position_at_finds_window_starts(store: Arc<dyn EventStore>) -> CheckResult {
+    let (tn, other) = (t("acme"), t("other"));
+    let before = Timestamp::from_unix_micros(Timestamp::now().unix_micros() - 60_000_000);
+    let empty = ok(
+        store.position_at(before).await,
+        "position_at on an empty store",
+    )?;
+    for i in 0..6u64 {
+        let tenant = if i % 2 == 0 { &tn } else { &other };
+        let n = (i % 3 + 1) as usize;
+        must_append(
+            &*store,
+            tenant,
+            &s(&format!("pos-at-{}", i % 2)),
+            ExpectedVersion::Any,
+            evs("Timed", n),
+        )
+        .await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let log = all_events(&*store).await?;
+    ensure!(log.len() >= 12, "expected 12 events, read {}", log.len());
+    ensure!(
+        empty <= log[0].position,
+        "position_at before any event was {empty} on an empty store, above the first event {}",
+        log[0].position
+    );
+    let last = log.last().map(|e| e.position).unwrap_or_default();
+    // Probe at every distinct recorded-at, one microsecond before and after it, and outside.
+    let mut probes: Vec<Timestamp> = vec![before];
+    for e in &log {
+        let us = e.recorded_at.unix_micros();
+        probes.extend([us - 1, us, us + 1].map(Timestamp::from_unix_micros));
+    }
+    probes.sort();
+    probes.dedup();
+    let mut previous = Position::START;
+    for at in probes {
+        let got = ok(store.position_at(at).await, "position_at")?;
+        let expected = log
+            .iter()
+            .filter(|e| e.recorded_at >= at)
+            .map(|e| e.position)
+            .min();
+        match expected {
+            Some(p) => ensure!(
+                got == p,
+                "position_at({at:?}) = {got}, but the first event recorded at or after it is at {p}"
+            ),
+            None => ensure!(
+                got > last,
+                "position_at({at:?}) = {got}: nothing was recorded at or after it, so the result \
+                 must be past the last event {last}"
+            ),
+        }
+        ensure!(
+            got >= previous,
+            "position_at went backwards for a later time"
+        );
+        previous = got;
+        // A read from the result finds every event recorded at or after `at`.
+        let page = ok(
+            store.read_all_to_end(got, EventFilter::default()).await,
+            "read from position_at",
+        )?;
+        let found = page.iter().filter(|e| e.recorded_at >= at).count();
+        let all = log.iter().filter(|e| e.recorded_at >= at).count();
+        ensure_eq!(
+            found,
+            all,
+            "events recorded at or after {at:?} read from {got}"
+        );
+    }
+    Ok(())
+}
+
 /// Generates one test per event-store conformance check plus the model-based property test.
 /// `$make` is the path of an `async fn() -> Arc<dyn EventStore>` returning a fresh store.
 #[macro_export]
@@ -1514,7 +1595,7 @@ macro_rules! conformance_tests {
             read_stream_directions, read_all_order_and_filters, tenant_isolation,
             metadata_roundtrip, payload_size_limit, invalid_input_rejected,
             concurrent_exact_appends, concurrent_duplicate_appends, concurrent_writers_with_subscriber,
-            subscription_catch_up_then_live);
+            subscription_catch_up_then_live, position_at_finds_window_starts);
 
         #[test]
         fn conformance_model_based_proptest() {

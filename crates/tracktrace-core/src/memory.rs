@@ -215,6 +215,13 @@ impl EventStore for InMemoryStore {
         Ok(Position::new(self.lock().log.len() as u64))
     }
 
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        // Recorded-at never decreases along the log (one lock, monotonic clock).
+        let st = self.lock();
+        let idx = st.log.partition_point(|e| e.recorded_at < at);
+        Ok(Position::new(idx as u64 + 1))
+    }
+
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.head.subscribe()
     }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
-use crate::id::{EventId, Position, StreamId, TenantId, Version};
+use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
 use crate::store::{AllPage, AppendOutcome, AppendRequest, EventStore, ReadAll, ReadStream};
 
 /// Bounded exponential backoff with full jitter: before retry `n` (1-based) wait a uniformly
@@ -145,6 +145,9 @@ impl<S: EventStore> EventStore for Retrying<S> {
     }
     async fn head(&self) -> Result<Position> {
         self.run(|| self.inner.head()).await
+    }
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        self.run(|| self.inner.position_at(at)).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
@@ -364,6 +367,9 @@ impl<S: EventStore> EventStore for CircuitBreaker<S> {
     }
     async fn head(&self) -> Result<Position> {
         self.guard(|| self.inner.head()).await
+    }
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        self.guard(|| self.inner.position_at(at)).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()

@@ -25,7 +25,7 @@ use crate::{
     CommandError, CommandMeta, DispatchError, DomainEvent, Error, EventFilter, EventId, EventStore,
     EventStoreExt, ExpectedVersion, FieldError, JsonCodec, NewEvent, Position, Projection,
     ProjectionRunner, Reaction, ReadModelStore, ReadModelTx, RecordedEvent, Repository, Result,
-    Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Upcasters, Version,
+    Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters, Version,
 };
 use crate::{
     AllPage, AppendOutcome, AppendRequest, Direction, KeyRange, ReadAll, ReadStream, RetryPolicy,
@@ -381,6 +381,9 @@ impl EventStore for AlwaysConflict {
     }
     async fn head(&self) -> Result<Position> {
         self.0.head().await
+    }
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        self.0.position_at(at).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.0.watch_head()
@@ -1226,6 +1229,10 @@ impl EventStore for FaultyStore {
     async fn head(&self) -> Result<Position> {
         self.check().await?;
         self.inner.head().await
+    }
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        self.check().await?;
+        self.inner.position_at(at).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()

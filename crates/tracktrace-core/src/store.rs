@@ -345,6 +345,22 @@ pub trait EventStore: Send + Sync + 'static {
     /// Highest position readers may read up to (no gaps below it can be filled later).
     async fn head(&self) -> Result<Position>;
 
+    /// Where a time window starts in the global log: the lowest position of an event recorded
+    /// (store clock, [`RecordedEvent::recorded_at`]) at or after `at`; if there is none, the
+    /// position where a read of the log's head starts (so events committed later are found).
+    ///
+    /// Guarantee (every backend): every event below the result was recorded before `at`, and a
+    /// [`EventStore::read_all`] from the result finds every event recorded at or after `at`.
+    /// Backends whose recorded-at never decreases along the log (in-memory, sled: one writer,
+    /// monotonic clock) also guarantee that every event at or above the result was recorded at
+    /// or after `at`. On PostgreSQL, recorded-at is the appending transaction's start and
+    /// positions follow transaction ids, so concurrent appends may interleave by the time an
+    /// append takes to get its id: a reader of `[from, to)` starts at `position_at(from)`,
+    /// reads on a little past `to` (a slack) and filters on recorded-at exactly.
+    ///
+    /// Backends answer without scanning the whole log (binary search, or an index).
+    async fn position_at(&self, at: Timestamp) -> Result<Position>;
+
     /// A channel that changes whenever new events may have become readable. Its value is a
     /// hint (a recent head), not a promise; subscribers re-read with [`EventStore::read_all`].
     fn watch_head(&self) -> watch::Receiver<Position>;
@@ -373,6 +389,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     async fn head(&self) -> Result<Position> {
         (**self).head().await
+    }
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        (**self).position_at(at).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         (**self).watch_head()

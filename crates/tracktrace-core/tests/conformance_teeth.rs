@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use tracktrace_core::conformance::{self, CheckResult};
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, EventId, EventStore, ExpectedVersion, InMemoryStore,
-    Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId, Version,
+    Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId, Timestamp, Version,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -22,6 +22,10 @@ enum Fault {
     DropFromReadAll,
     /// Gives every appended event a fresh id and no dedup key, so duplicates get stored.
     LetDuplicatesThrough,
+    /// `position_at` answers one position too late (skips the window's first event).
+    PositionAtTooLate,
+    /// `position_at` answers the start of the log (correct but a full scan for readers).
+    PositionAtAlwaysStart,
 }
 
 struct Broken {
@@ -69,6 +73,15 @@ impl EventStore for Broken {
 
     async fn head(&self) -> Result<Position> {
         self.inner.head().await
+    }
+
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        let p = self.inner.position_at(at).await?;
+        Ok(match self.fault {
+            Fault::PositionAtTooLate => p.next(),
+            Fault::PositionAtAlwaysStart => Position::START,
+            _ => p,
+        })
     }
 
     fn watch_head(&self) -> watch::Receiver<Position> {
@@ -123,6 +136,10 @@ fn the_wrapper_without_a_fault_passes() {
     conformance::run(conformance::read_all_order_and_filters(broken(Fault::None))).unwrap();
     conformance::run(conformance::idempotent_by_event_id(broken(Fault::None))).unwrap();
     conformance::run(conformance::expected_version_exact(broken(Fault::None))).unwrap();
+    conformance::run(conformance::position_at_finds_window_starts(broken(
+        Fault::None,
+    )))
+    .unwrap();
     conformance::model_test(|| async { broken(Fault::None) }, 16).unwrap();
 }
 
@@ -162,4 +179,13 @@ fn letting_duplicates_through_is_caught() {
     must_fail!(f, idempotent_by_dedup_key);
     must_fail!(f, partial_duplicate_batch_rejected);
     model_must_fail(f);
+}
+
+#[test]
+fn a_wrong_position_at_is_caught() {
+    must_fail!(Fault::PositionAtTooLate, position_at_finds_window_starts);
+    must_fail!(
+        Fault::PositionAtAlwaysStart,
+        position_at_finds_window_starts
+    );
 }

@@ -367,6 +367,27 @@ pub fn body_correlation_id(value: &Value) -> Option<&str> {
     value.get("correlationId").and_then(Value::as_str)
 }
 
+/// Why `s` is not a valid `entityType` by the capture rules (`None`: it is valid). For other
+/// front ends that name entity types (e.g. the server's milestone rules).
+pub fn entity_type_problem(s: &str) -> Option<String> {
+    let mut c = Check {
+        prefix: "",
+        errors: Vec::new(),
+    };
+    c.entity_type("", s);
+    c.errors.pop().map(|e| e.message)
+}
+
+/// Why `s` is not a valid `eventType` by the capture rules (`None`: it is valid).
+pub fn event_type_problem(s: &str) -> Option<String> {
+    let mut c = Check {
+        prefix: "",
+        errors: Vec::new(),
+    };
+    c.event_type("", s);
+    c.errors.pop().map(|e| e.message)
+}
+
 struct Check<'p> {
     prefix: &'p str,
     errors: Vec<FieldError>,
@@ -781,6 +802,16 @@ mod tests {
             validate_capture(b"[1]"),
             Err(CaptureError::Invalid { errors }) if errors[0].message == "must be a JSON object"
         ));
+    }
+
+    #[test]
+    fn type_checks_for_other_front_ends_match_capture() {
+        assert_eq!(entity_type_problem("Bag"), None);
+        assert_eq!(event_type_problem("MILESTONE_OVERDUE"), None);
+        assert!(entity_type_problem("1Bag").is_some());
+        assert!(entity_type_problem("Bag-1").is_some());
+        assert!(event_type_problem("").is_some());
+        assert!(event_type_problem("a b").is_some());
     }
 
     #[test]

@@ -1,26 +1,30 @@
 //! Bus ingestion: messages published on `tracktrace.ingest.<tenant>` go through the same
-//! pipeline as `POST /api/v1/events` — tenant active? → [`validate_capture_value`] (every
-//! field error) → enrichment (received-at, source, correlation id) → [`CaptureService`]
-//! (entity type claim, de-duplication by event id or dedup key, durable append).
+//! pipeline as `POST /api/v1/events` ([`AppState::capture_event`]): tenant active? →
+//! validation (every field error, attribute schemas) → enrichment (received-at, source,
+//! correlation id) → `CaptureService` (entity type claim, de-duplication by event id or dedup
+//! key, durable append) → the same metrics and rejected-command counts.
 //!
 //! The consumer ([`tracktrace_nats::ingest`]) acknowledges a message only after the append
 //! returned (or the event was recognised as a duplicate). Unknown or suspended tenants,
 //! malformed JSON, invalid fields and entity-type conflicts are dead-lettered with their
-//! errors; an unavailable store is retried.
+//! errors; an unavailable store is retried. The submitter is `nats-ingest` (also the
+//! `source` of a message that names none); `X-Correlation-Id` is taken from the message
+//! headers, else the body's `correlationId`, else generated.
 //!
 //! A message with neither `eventId` nor `dedupKey` gets a deterministic event id (UUIDv5 of
 //! the tenant and its `Nats-Msg-Id`, or of its bytes when it has none): a redelivery after a
 //! crash between append and acknowledgement is then stored once, not twice.
 
+use axum::http::{HeaderMap, HeaderValue};
 use serde_json::Value;
-use tracktrace_core::{EventId, TenantId, Timestamp};
+use tracktrace_core::TenantId;
 use tracktrace_nats::ingest::{IngestHandler, IngestMessage, Verdict};
 use uuid::Uuid;
 
-use crate::capture::{CaptureCommand, CaptureService};
-use crate::domain::{Enrichment, body_correlation_id, limits, validate_capture_value};
+use crate::api::AppState;
+use crate::auth::{Principal, Scope};
+use crate::domain::{FieldError, limits};
 use crate::error::ApiError;
-use crate::tenants::TenantRegistry;
 
 use super::envelope::untoken;
 
@@ -30,17 +34,16 @@ const BUS_EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5d1e_7f2a_93c4_4b8e_a6f0_
 /// The "submitted by" of bus captures (and their `source` when the message names none).
 pub const BUS_SUBMITTER: &str = "nats-ingest";
 
-/// The bus ingestion pipeline.
+/// The bus ingestion pipeline: the server's own capture path.
 #[derive(Clone, Debug)]
 pub struct BusPipeline {
-    tenants: TenantRegistry,
-    capture: CaptureService,
+    state: AppState,
 }
 
 impl BusPipeline {
-    /// The pipeline over the server's tenant registry and capture service.
-    pub fn new(tenants: TenantRegistry, capture: CaptureService) -> Self {
-        Self { tenants, capture }
+    /// The pipeline of the server whose state is `state`.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
     }
 
     /// Processes one message body for the tenant token `tenant`.
@@ -62,42 +65,45 @@ impl BusPipeline {
                 limits::MAX_EVENT_BODY_BYTES
             )]);
         }
-        if let Err(e) = self.tenants.require_active(&tenant).await {
+        // What the HTTP layer checks before a capture: the tenant is known and active.
+        if let Err(e) = self.state.tenants().require_active(&tenant).await {
             return verdict_of(e);
         }
-        let value: Value = match serde_json::from_slice(body) {
+        let mut value: Value = match serde_json::from_slice(body) {
             Ok(v) => v,
             Err(e) => return Verdict::Invalid(vec![format!("malformed JSON: {e}")]),
         };
-        let mut event = match validate_capture_value(&value, "") {
-            Ok(ev) => ev,
-            Err(errors) => return verdict_of(ApiError::Validation(errors)),
-        };
-        if event.event_id.is_none() && event.dedup_key.is_none() {
+        if let Some(obj) = value.as_object_mut()
+            && !obj.contains_key("eventId")
+            && !obj.contains_key("dedupKey")
+        {
             let name = match msg_id {
                 Some(id) => [tenant.as_str().as_bytes(), b"\nmsg-id\n", id.as_bytes()].concat(),
                 None => [tenant.as_str().as_bytes(), b"\nbody\n", body].concat(),
             };
-            event.event_id = EventId::from_uuid(Uuid::new_v5(&BUS_EVENT_ID_NAMESPACE, &name)).ok();
+            let id = Uuid::new_v5(&BUS_EVENT_ID_NAMESPACE, &name);
+            obj.insert("eventId".into(), id.to_string().into());
         }
-        let correlation_id = correlation_header
-            .filter(|c| {
-                !c.is_empty() && c.len() <= limits::MAX_TEXT_LEN && !c.chars().any(char::is_control)
-            })
-            .or_else(|| body_correlation_id(&value))
-            .map(str::to_owned)
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
-        let enrichment = Enrichment {
+        let mut headers = HeaderMap::new();
+        if let Some(c) = correlation_header {
+            match HeaderValue::from_str(c) {
+                Ok(v) => {
+                    headers.insert("x-correlation-id", v);
+                }
+                Err(_) => {
+                    return verdict_of(ApiError::Validation(vec![FieldError::new(
+                        "X-Correlation-Id",
+                        "must be visible ASCII characters",
+                    )]));
+                }
+            }
+        }
+        let principal = Principal {
+            subject: BUS_SUBMITTER.into(),
             tenant: tenant.clone(),
-            submitted_by: BUS_SUBMITTER.into(),
-            received_at: Timestamp::now(),
-            correlation_id,
+            scopes: vec![Scope::EventsWrite],
         };
-        match self
-            .capture
-            .capture(CaptureCommand { event, enrichment })
-            .await
-        {
+        match self.state.capture_event(&principal, &headers, &value).await {
             Ok(c) => {
                 if c.duplicate {
                     tracing::info!(%tenant, event_id = %c.event_id, entity_id = %c.entity_id,
@@ -119,6 +125,7 @@ fn verdict_of(e: ApiError) -> Verdict {
                 .map(|f| format!("{}: {}", f.field, f.message))
                 .collect(),
         ),
+        ApiError::Malformed(m) => Verdict::Invalid(vec![format!("malformed JSON: {m}")]),
         ApiError::Unavailable { .. } | ApiError::Timeout(_) | ApiError::Internal => {
             Verdict::Retry(e.to_string())
         }
@@ -142,16 +149,22 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::api::ApiConfig;
+    use crate::auth::JwtKeys;
+    use crate::cache::{CacheConfig, TraceCache};
     use tracktrace_core::{EventStore, InMemoryStore};
 
     fn pipeline() -> (Arc<InMemoryStore>, BusPipeline) {
         let store = Arc::new(InMemoryStore::new());
-        let dynstore: Arc<dyn EventStore> = store.clone();
-        let p = BusPipeline::new(
-            TenantRegistry::new(dynstore.clone()),
-            CaptureService::new(dynstore),
+        let state = AppState::new(
+            store.clone(),
+            store.clone(),
+            JwtKeys::from_secret(&[7; 32]).unwrap(),
+            TraceCache::local(CacheConfig::default()),
+            None,
+            ApiConfig::default(),
         );
-        (store, p)
+        (store, BusPipeline::new(state))
     }
 
     fn body(entity: &str) -> Vec<u8> {
@@ -172,7 +185,7 @@ mod tests {
             matches!(&unknown, Verdict::Invalid(e) if e[0].contains("unknown")),
             "{unknown:?}"
         );
-        p.tenants.create(&acme, "t").await.unwrap();
+        p.state.tenants().create(&acme, "t").await.unwrap();
         assert_eq!(
             p.process("acme", &body("B1"), None, None).await,
             Verdict::Stored
@@ -183,15 +196,17 @@ mod tests {
             p.process("acme", &body("B1"), None, None).await,
             Verdict::Stored
         );
+        assert_eq!(store.head().await.unwrap(), head);
         // The same Nats-Msg-Id twice: stored once.
+        let m = Some("m-1");
         assert_eq!(
-            p.process("acme", &body("B2"), Some("m-1"), None).await,
+            p.process("acme", &body("B2"), m, None).await,
             Verdict::Stored
         );
         let after_b2 = store.head().await.unwrap();
         assert!(after_b2 > head);
         assert_eq!(
-            p.process("acme", &body("B2"), Some("m-1"), None).await,
+            p.process("acme", &body("B2"), m, None).await,
             Verdict::Stored
         );
         assert_eq!(store.head().await.unwrap(), after_b2);
@@ -213,5 +228,15 @@ mod tests {
             p.process("a b", &body("B1"), None, None).await,
             Verdict::Invalid(_)
         ));
+        // Another entity type for B1: the claim conflict is the client's problem.
+        let mut uld: Value = serde_json::from_slice(&body("B1")).unwrap();
+        uld["entityType"] = "ULD".into();
+        let v = p
+            .process("acme", uld.to_string().as_bytes(), None, None)
+            .await;
+        assert!(
+            matches!(&v, Verdict::Invalid(e) if e[0].contains("conflict")),
+            "{v:?}"
+        );
     }
 }

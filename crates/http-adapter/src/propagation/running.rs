@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -19,6 +19,7 @@ use super::bus::BusPipeline;
 use super::envelope::RouteMapper;
 use super::routes::{RouteInfo, RouteRegistry};
 use crate::api::AppState;
+use crate::metrics::{Metrics, Samples};
 use crate::server::Stores;
 
 /// Tenant and route names of the feed in [`RouteStatus`].
@@ -82,13 +83,14 @@ pub struct IngestStatus {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PropagationStatus {
-    /// Publishers run here (`--nats-publish` in role `processor` or `all`).
+    /// This process publishes (`--nats-publish` in role `processor` or `all`); the route
+    /// publishers run only while it leads the background work (see `/readyz`'s `leader`).
     pub publishing: bool,
     /// The ingestion consumer runs here.
     pub ingesting: bool,
     /// NATS connection: `connected`, `disconnected`, `pending` or `none`.
     pub nats: &'static str,
-    /// Every running route publisher (and the feed).
+    /// Every route publisher (and the feed) running here.
     pub routes: Vec<RouteStatus>,
     /// The ingestion consumer, if it runs here.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -119,6 +121,8 @@ struct Hub {
     ingesting: AtomicBool,
     client: Mutex<Option<async_nats::Client>>,
     publishers: Mutex<BTreeMap<(String, String), RunningRoute>>,
+    /// Set by [`spawn`] with `publish`: what [`Propagation::spawn_publishers`] needs.
+    publish: Mutex<Option<Arc<PublishContext>>>,
     ingest: Mutex<Option<IngestConsumer>>,
 }
 
@@ -149,6 +153,7 @@ impl Propagation {
                 ingesting: AtomicBool::new(false),
                 client: Mutex::new(None),
                 publishers: Mutex::new(BTreeMap::new()),
+                publish: Mutex::new(None),
                 ingest: Mutex::new(None),
             }),
         }
@@ -230,6 +235,14 @@ impl Propagation {
             );
         }
         Some(v)
+    }
+
+    /// Starts the route publishers (and the feed) if [`spawn`] prepared publishing: the
+    /// server calls it when this process becomes the leader of the background work, and
+    /// aborts the task (stopping every publisher) when it stops leading.
+    pub fn spawn_publishers(&self) -> Option<JoinHandle<()>> {
+        let ctx = lock(&self.hub.publish).clone()?;
+        Some(tokio::spawn(supervise_routes(self.clone(), ctx)))
     }
 
     fn reconcile(&self, active: Vec<RouteInfo>, ctx: &PublishContext) {
@@ -321,6 +334,85 @@ impl PublishContext {
     }
 }
 
+/// `component` of the publishers in `tracktrace_circuit_breaker_state`: the worst breaker of
+/// the routes running in the process.
+pub const BREAKER_COMPONENT: &str = "nats_publisher";
+
+type RouteSeries = (&'static str, &'static str, fn(&RouteStatus) -> f64);
+
+/// Exports propagation to `/metrics` (read at scrape time from [`Propagation::status`]):
+/// per route `tracktrace_publisher_lag_positions`, `…_lag_seconds` and `…_breaker_state`
+/// (labels `tenant`, `route`; the feed is `*`/`feed`), the worst route breaker as
+/// `tracktrace_circuit_breaker_state{component="nats_publisher"}`, and
+/// `tracktrace_bus_ingest_messages_total{result}` (`stored`, `dead_lettered`, `retried`).
+fn register_metrics(prop: &Propagation, m: &Metrics, publishing: bool, ingesting: bool) {
+    let weak = Arc::downgrade(&prop.hub);
+    let status = move |w: &Weak<Hub>| w.upgrade().map(|hub| Propagation { hub }.status());
+    let mut results = Vec::new();
+    if publishing {
+        let series: [RouteSeries; 3] = [
+            (
+                "tracktrace_publisher_lag_positions",
+                "Log positions a partner-route publisher has still to consider (0: caught up)",
+                |r| r.lag_positions as f64,
+            ),
+            (
+                "tracktrace_publisher_lag_seconds",
+                "Age of the oldest event a partner-route publisher read but JetStream has not acknowledged",
+                |r| r.lag_seconds,
+            ),
+            (
+                "tracktrace_publisher_breaker_state",
+                "Breaker of a partner-route publisher: 0 closed, 1 half-open, 2 open",
+                |r| f64::from(r.breaker.as_gauge()),
+            ),
+        ];
+        for (name, help, value) in series {
+            let w = weak.clone();
+            results.push(
+                m.register_gauge(name, help, &["tenant", "route"], move |out| {
+                    for r in status(&w).map(|s| s.routes).unwrap_or_default() {
+                        out.push(&[&r.tenant, &r.route], value(&r));
+                    }
+                }),
+            );
+        }
+        let w = weak.clone();
+        results.push(m.register_breaker(BREAKER_COMPONENT, move || {
+            let worst = status(&w)?
+                .routes
+                .iter()
+                .map(|r| r.breaker.as_gauge())
+                .max()?;
+            Some(match worst {
+                0 => tracktrace_core::BreakerState::Closed,
+                1 => tracktrace_core::BreakerState::HalfOpen,
+                _ => tracktrace_core::BreakerState::Open,
+            })
+        }));
+    }
+    if ingesting {
+        let w = weak;
+        results.push(m.register_counter(
+            "tracktrace_bus_ingest_messages_total",
+            "Bus ingestion messages handled: stored (or duplicates), dead_lettered, retried",
+            &["result"],
+            move |out: &mut Samples<'_>| {
+                if let Some(i) = status(&w).and_then(|s| s.ingest) {
+                    out.push(&["stored"], i.stored as f64);
+                    out.push(&["dead_lettered"], i.dead_lettered as f64);
+                    out.push(&["retried"], i.retried as f64);
+                }
+            },
+        ));
+    }
+    for r in results {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "propagation metric not exported");
+        }
+    }
+}
+
 /// Stops what a supervisor started when its task ends (aborted at shutdown).
 struct StopOnDrop {
     hub: Arc<Hub>,
@@ -338,9 +430,10 @@ impl Drop for StopOnDrop {
 }
 
 /// Starts propagation for a `processor` or `all` process: connects to NATS (in the
-/// background: an unreachable NATS shows as open breakers, not as a start failure) and
-/// spawns the route supervisor (`publish`) and the ingestion consumer (`ingest`). Returns
-/// the tasks to abort at shutdown.
+/// background: an unreachable NATS shows as open breakers, not as a start failure), prepares
+/// the route publishers (`publish`; started by [`Propagation::spawn_publishers`] under the
+/// background-work leadership) and spawns the ingestion consumer (`ingest`). Returns the
+/// tasks to abort at shutdown.
 pub async fn spawn(
     cfg: &PropagationConfig,
     state: &AppState,
@@ -358,23 +451,20 @@ pub async fn spawn(
     let js = jetstream::new(client.clone());
     let prop = state.propagation().clone();
     *lock(&prop.hub.client) = Some(client);
+    register_metrics(&prop, state.metrics(), cfg.publish, cfg.ingest);
     let mut tasks = Vec::new();
     if cfg.publish {
         prop.hub.publishing.store(true, Ordering::Relaxed);
-        let ctx = PublishContext {
+        *lock(&prop.hub.publish) = Some(Arc::new(PublishContext {
             store: stores.events.clone(),
             checkpoints: stores.read_models.clone(),
             js: js.clone(),
             cfg: cfg.clone(),
-        };
-        tasks.push(tokio::spawn(supervise_routes(prop.clone(), ctx)));
+        }));
     }
     if cfg.ingest {
         prop.hub.ingesting.store(true, Ordering::Relaxed);
-        let pipeline = Arc::new(BusPipeline::new(
-            state.tenants().clone(),
-            state.capture_service().clone(),
-        ));
+        let pipeline = Arc::new(BusPipeline::new(state.clone()));
         let icfg = IngestConfig {
             stream: cfg.ingest_stream.clone(),
             subject_prefix: cfg.ingest_prefix.clone(),
@@ -391,7 +481,7 @@ pub async fn spawn(
 
 /// Runs the feed and one publisher per active route, following route changes (woken by the
 /// store's head notifications, like the tenant registry).
-async fn supervise_routes(prop: Propagation, ctx: PublishContext) {
+async fn supervise_routes(prop: Propagation, ctx: Arc<PublishContext>) {
     let _stop = StopOnDrop {
         hub: prop.hub.clone(),
         publishers: true,

@@ -173,6 +173,9 @@ impl EventStore for TestStore {
     async fn head(&self) -> Result<Position> {
         self.store.head().await
     }
+    async fn position_at(&self, at: tracktrace_core::Timestamp) -> Result<Position> {
+        self.store.position_at(at).await
+    }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.store.watch_head()
     }
