@@ -1,4 +1,5 @@
-//! Bus ingestion: messages published on `tracktrace.ingest.<tenant>` go through the same
+//! Bus ingestion: messages published on `tracktrace.ingest.<tenant>` (a `.` in the tenant id
+//! written `~`, as in published subjects) go through the same
 //! pipeline as `POST /api/v1/events` ([`AppState::capture_event`]): tenant active? →
 //! validation (every field error, attribute schemas) → enrichment (received-at, source,
 //! correlation id) → `CaptureService` (entity type claim, de-duplication by event id or dedup
