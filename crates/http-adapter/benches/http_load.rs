@@ -116,6 +116,7 @@ async fn run() {
         jwt_secret: Some("bench-secret-0123456789abcdefghijklmnop".into()),
         api: ApiConfig::default(),
         breaker: BreakerConfig::default(),
+        propagation: Default::default(),
         analytics: Default::default(),
     };
     let backend = if pg.is_some() {

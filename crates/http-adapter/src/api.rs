@@ -77,6 +77,9 @@ struct Inner {
     closing: watch::Sender<bool>,
     analytics: crate::analytics::Analytics,
     metrics: Metrics,
+    /// Partner routes, and the publishers / bus consumer when they run in this process.
+    #[cfg(feature = "nats")]
+    propagation: crate::propagation::Propagation,
 }
 
 impl std::fmt::Debug for AppState {
@@ -133,6 +136,8 @@ impl AppState {
                 analytics: crate::analytics::Analytics::new(store.clone()),
                 capture: CaptureService::new(store.clone()).with_schemas(schemas.clone()),
                 schemas,
+                #[cfg(feature = "nats")]
+                propagation: crate::propagation::Propagation::new(store.clone()),
                 store,
                 read_models,
                 keys,
@@ -186,6 +191,24 @@ impl AppState {
     /// The event store (behind the circuit breaker).
     pub fn store(&self) -> &Arc<dyn EventStore> {
         &self.inner.store
+    }
+
+    /// Captures one event for `p` exactly as `POST /api/v1/events` does once the caller is
+    /// authorized (validation, attribute schemas, enrichment, de-duplication, append,
+    /// metrics): the entry point of other front ends, such as bus ingestion.
+    pub async fn capture_event(
+        &self,
+        p: &Principal,
+        headers: &HeaderMap,
+        value: &Value,
+    ) -> Result<Captured, ApiError> {
+        capture_one(self, p, headers, value, "").await
+    }
+
+    /// Propagation: partner routes, publisher and bus-consumer status (feature `nats`).
+    #[cfg(feature = "nats")]
+    pub fn propagation(&self) -> &crate::propagation::Propagation {
+        &self.inner.propagation
     }
 
     /// 403 unless the caller has `scope` and its tenant is active.
@@ -1240,7 +1263,9 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the event store answers.
+/// Readiness: the event store answers. With feature `nats`, a `propagation` component
+/// reports route breakers, lags and bus ingestion; `"status": "degraded"` there (NATS down)
+/// does not fail readiness: captures are stored and published once NATS is back.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Object),
@@ -1248,15 +1273,19 @@ async fn healthz() -> &'static str {
     ))]
 async fn readyz(
     State(state): State<AppState>,
-) -> Result<Json<BTreeMap<&'static str, u64>>, ApiError> {
+) -> Result<Json<BTreeMap<&'static str, Value>>, ApiError> {
     let head = state.inner.store.head().await?;
     let mut m = BTreeMap::new();
-    m.insert("head", head.get());
+    m.insert("head", head.get().into());
     if let Some(p) = &state.inner.progress {
-        m.insert("traceProjection", p.borrow().get());
+        m.insert("traceProjection", p.borrow().get().into());
+    }
+    #[cfg(feature = "nats")]
+    if let Some(p) = state.inner.propagation.readiness() {
+        m.insert("propagation", p);
     }
     if let Some(l) = state.inner.leading.get() {
-        m.insert("leader", u64::from(*l.borrow()));
+        m.insert("leader", u64::from(*l.borrow()).into());
     }
     Ok(Json(m))
 }
@@ -1312,8 +1341,10 @@ impl utoipa::Modify for BearerAuth {
 /// The documented routes and their OpenAPI description (generated from the handlers, so the
 /// two cannot drift apart).
 pub fn api_routes() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .routes(routes!(capture))
+    let r = OpenApiRouter::with_openapi(ApiDoc::openapi());
+    #[cfg(feature = "nats")]
+    let r = r.merge(crate::propagation::admin::routes());
+    r.routes(routes!(capture))
         .routes(routes!(capture_batch))
         .routes(routes!(trace))
         .routes(routes!(subscribe))

@@ -67,11 +67,15 @@
 //! - **Milestone watch**: [`milestone`], a saga raising `MILESTONE_OVERDUE` /
 //!   `MILESTONE_RECOVERED` into entity traces by per-tenant rules.
 //! - **Metrics**: [`metrics`], Prometheus text on `GET /metrics` (contract in `ops/README.md`).
+//! - **Propagation (feature `nats`)**: [`propagation`]: per-tenant partner routes, one outbox
+//!   publisher per route to NATS JetStream, and bus ingestion into the capture pipeline.
 //! - **Server**: [`server`] (store selection, roles, graceful shutdown) behind the
 //!   `tracktrace-server` binary.
 //!
 //! # Features
 //! - `redis`: Redis as the trace view cache (`--cache redis://…`).
+//! - `nats`: NATS JetStream propagation and bus ingestion (`--nats-publish`, `--nats-ingest`)
+//!   and the partner-route admin API.
 //! - `influxdb`: KPIs and anomalies written to InfluxDB (`--influx-url`).
 
 pub mod analytics;
@@ -85,6 +89,7 @@ pub mod error;
 pub mod metrics;
 pub mod milestone;
 pub mod projection;
+pub mod propagation;
 pub mod schemas;
 pub mod server;
 pub mod tenants;

@@ -3,6 +3,7 @@
 //! ```text
 //! tracktrace-server [serve] [--data-dir ./tracktrace-data] [--listen 127.0.0.1:8080]
 //!                   [--store postgres://…] [--cache redis://…] [--role api|processor|all]
+//!                   [--nats-url nats://…] [--nats-publish] [--nats-ingest] (feature `nats`)
 //! tracktrace-server token --tenant acme --scopes events:write,trace:read
 //! ```
 //! Every flag has a `TRACKTRACE_*` environment variable.
@@ -17,6 +18,7 @@ use tracktrace_http::analytics::AnalyticsConfig;
 use tracktrace_http::api::ApiConfig;
 use tracktrace_http::auth::{Claims, SYSTEM_TENANT, Scope, now_secs};
 use tracktrace_http::cache::CacheConfig;
+use tracktrace_http::propagation::PropagationConfig;
 use tracktrace_http::server::{self, Role, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -76,7 +78,7 @@ struct Common {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the server (the default).
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Print a token signed with the server's secret, creating the tenant if needed.
     Token(Token),
 }
@@ -109,6 +111,8 @@ struct Serve {
     breaker_open_ms: u64,
     #[command(flatten)]
     analytics: AnalyticsArgs,
+    #[command(flatten)]
+    nats: Nats,
 }
 
 /// Analytics engine flags.
@@ -149,6 +153,107 @@ fn analytics_config(a: &AnalyticsArgs) -> AnalyticsConfig {
             tracktrace_analytics::influx::InfluxConfig::new(u.clone(), a.influx_db.clone())
         }),
         ..AnalyticsConfig::default()
+    }
+}
+
+/// NATS JetStream propagation (builds with feature `nats`; roles `processor` and `all`).
+#[derive(Args, Debug)]
+struct Nats {
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
+    /// Publish events to NATS: one outbox publisher per partner route (and the feed).
+    #[arg(long, env = "TRACKTRACE_NATS_PUBLISH")]
+    nats_publish: bool,
+    /// Consume operational events published on `<ingest prefix>.<tenant>`.
+    #[arg(long, env = "TRACKTRACE_NATS_INGEST")]
+    nats_ingest: bool,
+    /// Also publish every tenant's events into this stream (created if missing), on
+    /// `<subject prefix>.<tenant>.<entityType>.<eventType>`.
+    #[arg(long, env = "TRACKTRACE_NATS_FEED_STREAM")]
+    nats_feed_stream: Option<String>,
+    /// Subject prefix of the feed.
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_SUBJECT_PREFIX",
+        default_value = "tracktrace"
+    )]
+    nats_subject_prefix: String,
+    /// Bus ingestion stream (created if missing).
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_INGEST_STREAM",
+        default_value = "TRACKTRACE_INGEST"
+    )]
+    nats_ingest_stream: String,
+    /// Bus ingestion subject prefix: tenants publish on `<prefix>.<tenant>`.
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_INGEST_PREFIX",
+        default_value = "tracktrace.ingest"
+    )]
+    nats_ingest_prefix: String,
+    /// Durable consumer of bus ingestion (shared by every processor).
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_INGEST_DURABLE",
+        default_value = "tracktrace-ingest"
+    )]
+    nats_ingest_durable: String,
+    /// Dead-letter subject prefix (`<prefix>.<tenant>`).
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_DEAD_LETTER_PREFIX",
+        default_value = "tracktrace.deadletter"
+    )]
+    nats_dead_letter_prefix: String,
+    /// Dead-letter stream (created if missing).
+    #[arg(
+        long,
+        env = "TRACKTRACE_NATS_DEAD_LETTER_STREAM",
+        default_value = "TRACKTRACE_DEADLETTER"
+    )]
+    nats_dead_letter_stream: String,
+    /// Deliveries of a failing ingest message before it is dead-lettered.
+    #[arg(long, env = "TRACKTRACE_NATS_INGEST_MAX_DELIVER", default_value_t = 10)]
+    nats_ingest_max_deliver: i64,
+    /// Events per publish batch (and checkpoint interval).
+    #[arg(long, env = "TRACKTRACE_NATS_BATCH_SIZE", default_value_t = 256)]
+    nats_batch_size: usize,
+    /// How long a publisher waits for JetStream's acknowledgement, milliseconds.
+    #[arg(long, env = "TRACKTRACE_NATS_ACK_TIMEOUT_MS", default_value_t = 5000)]
+    nats_ack_timeout_ms: u64,
+    /// Consecutive publish failures that open a route's breaker.
+    #[arg(long, env = "TRACKTRACE_NATS_BREAKER_FAILURES", default_value_t = 3)]
+    nats_breaker_failures: u32,
+    /// How long a route's breaker stays open before a probe, milliseconds.
+    #[arg(long, env = "TRACKTRACE_NATS_BREAKER_OPEN_MS", default_value_t = 2000)]
+    nats_breaker_open_ms: u64,
+}
+
+impl Nats {
+    fn config(&self) -> PropagationConfig {
+        PropagationConfig {
+            nats_url: self.nats_url.clone(),
+            publish: self.nats_publish,
+            ingest: self.nats_ingest,
+            subject_prefix: self.nats_subject_prefix.clone(),
+            feed_stream: self.nats_feed_stream.clone(),
+            ingest_stream: self.nats_ingest_stream.clone(),
+            ingest_prefix: self.nats_ingest_prefix.clone(),
+            ingest_durable: self.nats_ingest_durable.clone(),
+            dead_letter_prefix: self.nats_dead_letter_prefix.clone(),
+            dead_letter_stream: self.nats_dead_letter_stream.clone(),
+            ingest_max_deliver: self.nats_ingest_max_deliver,
+            batch_size: self.nats_batch_size,
+            ack_timeout: Duration::from_millis(self.nats_ack_timeout_ms),
+            breaker_failures: self.nats_breaker_failures,
+            breaker_open_for: Duration::from_millis(self.nats_breaker_open_ms),
+        }
     }
 }
 
@@ -193,6 +298,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
             open_for: Duration::from_millis(s.breaker_open_ms),
         },
         analytics: analytics_config(&s.analytics),
+        propagation: s.nats.config(),
     }
 }
 

@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub breaker: BreakerConfig,
     /// Analytics engine settings (scheduler, windows, InfluxDB).
     pub analytics: crate::analytics::AnalyticsConfig,
+    /// NATS propagation (publishers, bus ingestion; feature `nats`).
+    pub propagation: crate::propagation::PropagationConfig,
 }
 
 /// Why the server could not start.
@@ -75,6 +77,9 @@ pub enum StartError {
     /// Binding or serving failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// NATS propagation could not be set up.
+    #[error("cannot set up NATS propagation: {0}")]
+    Propagation(String),
 }
 
 /// An opened store: the event store and its read-model store (same backend).
@@ -235,6 +240,12 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let keys = keys(cfg)?;
     let cache = make_cache(cfg).await?;
+    #[cfg(not(feature = "nats"))]
+    if cfg.propagation.enabled() {
+        return Err(StartError::Propagation(
+            "this build has no NATS support (build with `--features nats`)".into(),
+        ));
+    }
     let metrics = Metrics::new();
     let guarded = guarded_store(
         stores.events.clone(),
@@ -277,6 +288,20 @@ pub async fn start(
         background.push(tokio::spawn(
             state.analytics().clone().run_rejection_flusher(),
         ));
+    }
+    // Propagation in roles `processor` and `all`: bus ingestion runs in every such process
+    // (they share the durable consumer); the route publishers are leader work.
+    #[cfg(feature = "nats")]
+    if cfg.role != Role::Api {
+        background.extend(
+            crate::propagation::spawn(&cfg.propagation, &state, &stores)
+                .await
+                .map_err(StartError::Propagation)?,
+        );
+    } else if cfg.propagation.enabled() {
+        tracing::warn!(
+            "role api: --nats-publish / --nats-ingest run only in roles processor and all"
+        );
     }
     if let Some(tx) = progress_tx {
         let work = leader_work(cfg, &stores, &state, tx.clone());
@@ -392,6 +417,9 @@ fn leader_work(
                 state.store().clone(),
             )),
         ];
+        // Partner-route publishers (prepared by `propagation::spawn` with --nats-publish).
+        #[cfg(feature = "nats")]
+        tasks.extend(state.propagation().spawn_publishers());
         if schedule {
             let s = state.clone();
             tasks.push(tokio::spawn(state.analytics().clone().run_scheduler(

@@ -1435,3 +1435,88 @@ async fn tenant_attribute_schemas_reject_violations_with_field_errors() {
     any["attributes"] = json!({"free": true});
     f.capture(&w, &any).await;
 }
+
+/// Partner-route administration (feature `nats`): system admins only, field errors, 404 for
+/// unknown tenants and routes, idempotent creation, 409 on a different route of that name.
+#[cfg(feature = "nats")]
+#[tokio::test]
+async fn partner_route_admin_api() {
+    let f = fixture().await;
+    let admin = f.token("_system", &["admin"]);
+    let path = "/api/v1/admin/tenants/acme/routes";
+    let sita = json!({"name": "sita", "partner": "SITA", "eventTypes": ["BagLoaded"],
+        "subjectPrefix": "partners.sita", "stream": "SITA"});
+    // Tenant tokens, even with the admin scope, cannot manage routes.
+    let (s, v) = f
+        .post(path, Some(&f.token("acme", &["admin"])), &sita)
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    let (s, _) = f.post(path, None, &sita).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // Every invalid field is listed.
+    let bad = json!({"name": "No Spaces", "eventTypes": ["ok", 7], "stream": "a.b",
+        "format": "xml", "fromPosition": "0", "colour": "red"});
+    let (s, v) = f.post(path, Some(&admin), &bad).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["type"], "/problems/validation");
+    let fields: Vec<&str> = v["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["field"].as_str().unwrap())
+        .collect();
+    for want in [
+        "name",
+        "eventTypes[1]",
+        "stream",
+        "format",
+        "fromPosition",
+        "colour",
+    ] {
+        assert!(fields.contains(&want), "{want} missing in {v}");
+    }
+    let (s, _) = f
+        .post("/api/v1/admin/tenants/nobody/routes", Some(&admin), &sita)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // Created, then the same again (200), then a different one under that name (409).
+    let (s, created) = f.post(path, Some(&admin), &sita).await;
+    assert_eq!(s, StatusCode::CREATED, "{created}");
+    assert_eq!(created["subjectPrefix"], "partners.sita");
+    assert_eq!(created["format"], "envelope");
+    assert!(created["fromPosition"].as_u64().unwrap() > 0);
+    let (s, again) = f.post(path, Some(&admin), &sita).await;
+    assert_eq!((s, &again), (StatusCode::OK, &created));
+    let (s, _) = f
+        .post(
+            path,
+            Some(&admin),
+            &json!({"name": "sita", "eventTypes": ["BagSeen"]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    let (s, _, list) = f.get(path, Some(&admin)).await;
+    assert_eq!((s, list), (StatusCode::OK, json!([created.clone()])));
+    let (s, _, one) = f.get(&format!("{path}/sita"), Some(&admin)).await;
+    assert_eq!((s, one), (StatusCode::OK, created));
+    let (s, _, _) = f.get(&format!("{path}/nope"), Some(&admin)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let delete = |name: &str| {
+        Request::delete(format!("{path}/{name}"))
+            .header("authorization", format!("Bearer {admin}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    assert_eq!(f.send(delete("sita")).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(f.send(delete("sita")).await.0, StatusCode::NOT_FOUND);
+    let (_, _, list) = f.get(path, Some(&admin)).await;
+    assert_eq!(list, json!([]));
+    // Documented, and no propagation component in /readyz when nothing propagates here.
+    let (_, _, doc) = f.get("/openapi.json", None).await;
+    assert!(doc["paths"]["/api/v1/admin/tenants/{id}/routes"]["post"].is_object());
+    assert!(doc["paths"]["/api/v1/admin/tenants/{id}/routes/{name}"]["delete"].is_object());
+    assert!(doc["components"]["schemas"]["RouteInfo"].is_object());
+    let (s, _, ready) = f.get("/readyz", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(ready.get("propagation").is_none(), "{ready}");
+}

@@ -560,6 +560,14 @@ impl Subscription {
         self.last
     }
 
+    /// Where a new subscription with the same filter would start to deliver exactly what this
+    /// one has not delivered yet: the first buffered event, or where the next read starts.
+    /// Every matching event below it has been delivered (a filtered subscriber uses it to
+    /// tell "caught up" from "behind" without events of its own to count).
+    pub fn resume_position(&self) -> Position {
+        self.buf.front().map_or(self.next, |e| e.position)
+    }
+
     /// Reads one page; `false` when nothing new was found.
     async fn fill(&mut self) -> Result<bool> {
         // Mark the current notification seen *before* reading: a commit that lands after the

@@ -1,6 +1,6 @@
 //! Focused tests of runtime pieces the generic runtime checks do not isolate: upcaster chains,
-//! backoff bounds, a breaker whose probe is cancelled, projection error paths, and two saga
-//! runners racing on one trigger.
+//! backoff bounds, a breaker whose probe is cancelled, projection error paths, two saga
+//! runners racing on one trigger, and where a filtered subscription resumes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,4 +341,43 @@ async fn two_saga_runners_record_a_trigger_once() {
         .count();
     assert_eq!(triggered, 1, "{records:?}");
     assert_eq!(d1.sent().len() + d2.sent().len(), 1, "Reserve sent once");
+}
+
+#[tokio::test]
+async fn a_filtered_subscription_resumes_past_events_it_filtered_out() {
+    let store = Arc::new(InMemoryStore::new());
+    let other = TenantId::parse("globex").unwrap();
+    let append = |t: TenantId| {
+        let store = store.clone();
+        async move {
+            store
+                .append_to(
+                    &t,
+                    &StreamId::parse("S-1").unwrap(),
+                    ExpectedVersion::Any,
+                    vec![NewEvent::json("E", &serde_json::json!({}))],
+                )
+                .await
+                .unwrap()
+                .last_position()
+        }
+    };
+    let mine = append(tenant()).await;
+    append(other.clone()).await;
+    let head = append(other).await;
+    let mut sub = tracktrace_core::Subscription::new(
+        store.clone(),
+        tracktrace_core::SubscribeOptions {
+            from: Position::START,
+            filter: EventFilter::tenant(tenant()),
+            batch_size: 1,
+        },
+    );
+    assert_eq!(sub.resume_position(), Position::START);
+    let batch = sub.next_batch(10).await.unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].position, mine);
+    // Nothing of ours is left; the read considered the other tenant's events too.
+    assert!(sub.next_batch(10).await.unwrap().is_empty());
+    assert_eq!(sub.resume_position(), head.next());
 }

@@ -2,12 +2,16 @@
 //! `<prefix>.<tenant>` subjects that hands each message to an [`IngestHandler`] (the same
 //! validation, enrichment and de-duplication pipeline as the HTTP capture).
 //!
+//! The streams capture `<prefix>.*` (the tenant is exactly one subject token), so they never
+//! overlap a stream of published events such as `tracktrace.*.*.*`.
+//!
 //! A message is acknowledged only after the handler says it is durably stored
 //! ([`Verdict::Stored`]) or is invalid ([`Verdict::Invalid`], then it is first published to the
 //! dead-letter subject `<dead_letter_prefix>.<tenant>` with the validation errors). Transient
 //! failures are negatively acknowledged with a delay and redelivered; a message that keeps
 //! failing is dead-lettered after `max_deliver` attempts, so a poison message never blocks the
-//! consumer.
+//! consumer. Each message is handled in its own task under `handle_timeout`: a handler that
+//! panics dead-letters that message, one that hangs is retried, and the consumer goes on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +32,21 @@ pub enum Verdict {
     Retry(String),
 }
 
+/// One message as the consumer hands it to [`IngestHandler::handle_message`].
+#[derive(Clone, Copy, Debug)]
+pub struct IngestMessage<'a> {
+    /// The tenant token of the subject `<prefix>.<tenant>`.
+    pub tenant: &'a str,
+    /// The whole subject.
+    pub subject: &'a str,
+    /// The body.
+    pub body: &'a [u8],
+    /// The `Nats-Msg-Id` header, if the sender set one (its de-duplication id).
+    pub msg_id: Option<&'a str>,
+    /// The `X-Correlation-Id` header, if present.
+    pub correlation_id: Option<&'a str>,
+}
+
 /// The ingestion pipeline behind the consumer.
 pub trait IngestHandler: Send + Sync + 'static {
     /// Processes the body of one message published on `<prefix>.<tenant>`.
@@ -36,6 +55,15 @@ pub trait IngestHandler: Send + Sync + 'static {
         tenant: &str,
         body: &[u8],
     ) -> impl std::future::Future<Output = Verdict> + Send;
+
+    /// Processes one message with its headers; by default [`IngestHandler::handle`] of its
+    /// tenant and body.
+    fn handle_message(
+        &self,
+        msg: IngestMessage<'_>,
+    ) -> impl std::future::Future<Output = Verdict> + Send {
+        self.handle(msg.tenant, msg.body)
+    }
 }
 
 /// Consumer settings.
@@ -55,6 +83,8 @@ pub struct IngestConfig {
     pub max_deliver: i64,
     /// Redelivery delay after a transient failure.
     pub retry_delay: Duration,
+    /// Longest time the handler may take for one message before it is redelivered.
+    pub handle_timeout: Duration,
 }
 
 impl Default for IngestConfig {
@@ -67,6 +97,7 @@ impl Default for IngestConfig {
             dead_letter_stream: "TRACKTRACE_DEADLETTER".into(),
             max_deliver: 10,
             retry_delay: Duration::from_secs(1),
+            handle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -129,14 +160,14 @@ impl IngestConsumer {
         let stream = js
             .get_or_create_stream(stream::Config {
                 name: cfg.stream.clone(),
-                subjects: vec![format!("{}.>", cfg.subject_prefix)],
+                subjects: vec![format!("{}.*", cfg.subject_prefix)],
                 ..Default::default()
             })
             .await
             .map_err(|e| err(&e))?;
         js.get_or_create_stream(stream::Config {
             name: cfg.dead_letter_stream.clone(),
-            subjects: vec![format!("{}.>", cfg.dead_letter_prefix)],
+            subjects: vec![format!("{}.*", cfg.dead_letter_prefix)],
             ..Default::default()
         })
         .await
@@ -164,6 +195,48 @@ impl IngestConsumer {
             stored: self.counters.stored.load(Ordering::Relaxed),
             dead_lettered: self.counters.dead_lettered.load(Ordering::Relaxed),
             retried: self.counters.retried.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Runs the handler on one message in a task of its own, so a panic or a hang affects only
+/// that message.
+async fn handle_isolated<H: IngestHandler>(
+    handler: &Arc<H>,
+    cfg: &IngestConfig,
+    tenant: &str,
+    subject: &str,
+    msg: &jetstream::Message,
+) -> Verdict {
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.to_string())
+    };
+    let handler = handler.clone();
+    let (tenant, subject, body) = (tenant.to_owned(), subject.to_owned(), msg.payload.clone());
+    let (msg_id, correlation_id) = (header("Nats-Msg-Id"), header("X-Correlation-Id"));
+    let timeout = cfg.handle_timeout;
+    let task = tokio::spawn(async move {
+        let m = IngestMessage {
+            tenant: &tenant,
+            subject: &subject,
+            body: &body,
+            msg_id: msg_id.as_deref(),
+            correlation_id: correlation_id.as_deref(),
+        };
+        tokio::time::timeout(timeout, handler.handle_message(m)).await
+    });
+    match task.await {
+        Ok(Ok(v)) => v,
+        Ok(Err(_)) => Verdict::Retry(format!(
+            "the pipeline did not answer within {} ms",
+            timeout.as_millis()
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, "the ingest pipeline failed on a message");
+            Verdict::Invalid(vec![format!("the pipeline failed on this message: {e}")])
         }
     }
 }
@@ -205,7 +278,7 @@ async fn consume<H: IngestHandler>(
                     cfg.subject_prefix
                 )])
             } else {
-                handler.handle(&tenant, &msg.payload).await
+                handle_isolated(&handler, &cfg, &tenant, &subject, &msg).await
             };
             let verdict =
                 match verdict {

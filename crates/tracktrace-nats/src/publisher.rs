@@ -9,6 +9,11 @@
 //! Order: messages with the same [`OutboundMessage::ordering_key`] (the entity) are never in
 //! flight together, so they reach the stream in log order even when a publish fails and is
 //! retried; messages of different entities are pipelined.
+//!
+//! Lag ([`PublisherStatus::lag_positions`], [`PublisherStatus::lag_time`]) is measured against
+//! the store's head: a filtered publisher that has nothing to publish is caught up (lag 0)
+//! however far its last published event lies behind, and the time lag is the age of the
+//! oldest event read but not yet acknowledged (it grows while the broker is down).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,6 +22,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use bytes::Bytes;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracktrace_core::{
     CheckpointStore, EventFilter, EventStore, Position, RecordedEvent, SubscribeOptions,
@@ -72,6 +78,9 @@ pub struct PublisherConfig {
     pub breaker_threshold: u32,
     /// How long the breaker stays open before one probe attempt.
     pub breaker_open_for: Duration,
+    /// A JetStream stream to create (if missing) before publishing, e.g. one capturing this
+    /// publisher's subjects with a de-duplication window. Retried under the breaker.
+    pub create_stream: Option<jetstream::stream::Config>,
 }
 
 impl PublisherConfig {
@@ -87,6 +96,7 @@ impl PublisherConfig {
             max_backoff: Duration::from_secs(10),
             breaker_threshold: 3,
             breaker_open_for: Duration::from_secs(2),
+            create_stream: None,
         }
     }
 }
@@ -136,9 +146,16 @@ pub struct PublisherStatus {
     pub breaker: BreakerState,
     /// `recorded_at` of the last acknowledged event (for lag in seconds).
     pub last_recorded_at: Option<Timestamp>,
+    /// The store's head as last seen (notification hint or measured).
+    pub head: Position,
+    /// Positions between what this publisher has considered (published, or skipped by its
+    /// filter or mapper) and the head: an upper bound on the events still to look at; 0 when
+    /// caught up.
+    pub lag_positions: u64,
+    /// Age of the oldest event read but not yet acknowledged (zero when nothing is pending).
+    pub lag_time: Duration,
 }
 
-#[derive(Default)]
 struct Shared {
     published: AtomicU64,
     duplicates: AtomicU64,
@@ -146,11 +163,36 @@ struct Shared {
     position: AtomicU64,
     breaker: AtomicU8,
     last_recorded_at: AtomicI64,
+    /// Every event below this position is acknowledged or not for this publisher.
+    considered_below: AtomicU64,
+    /// Highest head measured by the task.
+    head: AtomicU64,
+    /// `recorded_at` (µs) of the oldest read, unacknowledged event; `NONE` when none.
+    pending_since: AtomicI64,
+}
+
+const NONE: i64 = i64::MIN;
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            published: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            position: AtomicU64::new(0),
+            breaker: AtomicU8::new(0),
+            last_recorded_at: AtomicI64::new(NONE),
+            considered_below: AtomicU64::new(0),
+            head: AtomicU64::new(0),
+            pending_since: AtomicI64::new(NONE),
+        }
+    }
 }
 
 /// A running publisher task. Dropping the handle stops it.
 pub struct Publisher {
     shared: Arc<Shared>,
+    head: watch::Receiver<Position>,
     task: JoinHandle<()>,
 }
 
@@ -178,6 +220,10 @@ impl Publisher {
         config: PublisherConfig,
     ) -> Self {
         let shared = Arc::new(Shared::default());
+        shared
+            .considered_below
+            .store(config.start.get(), Ordering::Relaxed);
+        let head = store.watch_head();
         let task = tokio::spawn(run(
             store,
             checkpoints,
@@ -186,20 +232,34 @@ impl Publisher {
             config,
             shared.clone(),
         ));
-        Self { shared, task }
+        Self { shared, head, task }
     }
 
-    /// Current counters and state.
+    /// Current counters, state and lag: a few atomic loads, no I/O.
     pub fn status(&self) -> PublisherStatus {
         let s = &self.shared;
-        let t = s.last_recorded_at.load(Ordering::Relaxed);
+        let position = s.position.load(Ordering::Acquire);
+        let t = s.last_recorded_at.load(Ordering::Acquire);
+        let head = s.head.load(Ordering::Relaxed).max(self.head.borrow().get());
+        // Everything in [considered_below, head] may still hold events for this publisher.
+        let below = s.considered_below.load(Ordering::Acquire);
+        let lag_positions = (head + 1).saturating_sub(below.max(1));
+        let pending = s.pending_since.load(Ordering::Acquire);
+        let lag_time = if pending == NONE {
+            Duration::ZERO
+        } else {
+            Timestamp::from_unix_micros(pending).elapsed_until(Timestamp::now())
+        };
         PublisherStatus {
             published: s.published.load(Ordering::Relaxed),
             duplicates: s.duplicates.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
-            position: Position::new(s.position.load(Ordering::Relaxed)),
+            position: Position::new(position),
             breaker: BreakerState::from_u8(s.breaker.load(Ordering::Relaxed)),
-            last_recorded_at: (t != i64::MIN && t != 0).then(|| Timestamp::from_unix_micros(t)),
+            last_recorded_at: (t != NONE).then(|| Timestamp::from_unix_micros(t)),
+            head: Position::new(head),
+            lag_positions,
+            lag_time,
         }
     }
 
@@ -259,6 +319,13 @@ async fn run(
         delay: cfg.min_backoff,
         consecutive: 0,
     };
+    if let Some(stream) = &cfg.create_stream {
+        while let Err(e) = js.get_or_create_stream(stream.clone()).await {
+            tracing::warn!(error = %e, name = %cfg.name, stream = %stream.name, "cannot create the JetStream stream");
+            backoff.failure().await;
+        }
+        backoff.success();
+    }
     let checkpoint = loop {
         match checkpoints.load_checkpoint(&cfg.name).await {
             Ok(c) => break c,
@@ -273,8 +340,10 @@ async fn run(
     if let Some(c) = checkpoint {
         shared.position.store(c.get(), Ordering::Relaxed);
     }
+    shared.considered_below.store(from.get(), Ordering::Relaxed);
+    measure_head(&*store, &shared).await;
     let mut sub = Subscription::new(
-        store,
+        store.clone(),
         SubscribeOptions {
             from,
             filter: cfg.filter.clone(),
@@ -282,7 +351,18 @@ async fn run(
         },
     );
     loop {
-        let batch = match next_batch(&mut sub, cfg.batch_size.max(1)).await {
+        let batch = match sub.next_batch(cfg.batch_size.max(1)).await {
+            Ok(b) if b.is_empty() => {
+                // Caught up: everything up to where the next read starts is considered.
+                shared
+                    .considered_below
+                    .store(sub.resume_position().get(), Ordering::Relaxed);
+                if let Err(e) = sub.wait().await {
+                    tracing::warn!(error = %e, name = %cfg.name, "waiting for the log failed");
+                    backoff.failure().await;
+                }
+                continue;
+            }
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(error = %e, name = %cfg.name, "reading the log failed");
@@ -290,8 +370,12 @@ async fn run(
                 continue;
             }
         };
+        measure_head(&*store, &shared).await;
         let mut done = 0;
         while done < batch.len() {
+            shared
+                .pending_since
+                .store(batch[done].recorded_at.unix_micros(), Ordering::Relaxed);
             match publish(&js, &*mapper, &cfg, &shared, &batch[done..]).await {
                 Ok(()) => {
                     backoff.success();
@@ -314,25 +398,24 @@ async fn run(
                 }
             }
         }
+        // Lag first: whoever sees the new position also sees the lag that goes with it.
         shared
-            .position
-            .store(last.position.get(), Ordering::Relaxed);
+            .considered_below
+            .store(sub.resume_position().get(), Ordering::Release);
+        shared.pending_since.store(NONE, Ordering::Release);
         shared
             .last_recorded_at
-            .store(last.recorded_at.unix_micros(), Ordering::Relaxed);
+            .store(last.recorded_at.unix_micros(), Ordering::Release);
+        shared
+            .position
+            .store(last.position.get(), Ordering::Release);
     }
 }
 
-async fn next_batch(
-    sub: &mut Subscription,
-    max: usize,
-) -> tracktrace_core::Result<Vec<RecordedEvent>> {
-    loop {
-        let batch = sub.next_batch(max).await?;
-        if !batch.is_empty() {
-            return Ok(batch);
-        }
-        sub.wait().await?;
+/// Records the store's head for the lag (a failed read keeps the previous value).
+async fn measure_head(store: &dyn EventStore, shared: &Shared) {
+    if let Ok(head) = store.head().await {
+        shared.head.fetch_max(head.get(), Ordering::Relaxed);
     }
 }
 

@@ -3,16 +3,13 @@
 //! stops itself. Each test uses its own stream and subjects, so they run in parallel.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use tracktrace_core::{
-    EventId, EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent, Position,
-    StreamId, TenantId,
+    EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent,
+    Position, StreamId, TenantId,
 };
 use tracktrace_nats::ingest::{IngestConfig, IngestConsumer, IngestHandler, Verdict};
 use tracktrace_nats::publisher::{BreakerState, Publisher, PublisherConfig};
@@ -20,11 +17,9 @@ use tracktrace_nats::publisher::{BreakerState, Publisher, PublisherConfig};
 mod common;
 
 use common::{
-    assert_once_in_entity_order, create_stream, in_ci, mapper, read_all_messages, shared_nats,
-    unique,
+    PrivateNats, assert_once_in_entity_order, create_stream, mapper, read_all_messages,
+    shared_nats, unique,
 };
-
-const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
 async fn append_many(
     store: &InMemoryStore,
@@ -99,76 +94,6 @@ async fn a_thousand_events_arrive_exactly_once_in_entity_order() {
     let _ = js.delete_stream(&stream_name).await;
 }
 
-/// A private nats-server with JetStream on a free port, which the test can stop and restart.
-struct PrivateNats {
-    port: u16,
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl PrivateNats {
-    fn start() -> Option<Self> {
-        if !Path::new(NATS_SERVER).exists() {
-            assert!(!in_ci(), "{NATS_SERVER} missing under CI=true");
-            eprintln!("SKIPPED: {NATS_SERVER} not found");
-            return None;
-        }
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("port");
-        let mut n = Self {
-            port,
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        n.restart();
-        Some(n)
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new(NATS_SERVER)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn nats-server");
-        self.child = Some(child);
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("nats-server did not start");
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_while_nats_is_down_and_the_backlog_drains_after() {
     let Some(mut nats) = PrivateNats::start() else {
@@ -217,9 +142,14 @@ async fn breaker_opens_while_nats_is_down_and_the_backlog_drains_after() {
         "the breaker must open while NATS is down: {:?}",
         publisher.status()
     );
+    let st = publisher.status();
     assert!(
-        publisher.status().position < head,
+        st.position < head,
         "nothing can be acknowledged while NATS is down"
+    );
+    assert!(
+        st.lag_positions > 0 && st.lag_time > Duration::ZERO,
+        "the lag shows the backlog: {st:?}"
     );
 
     nats.restart();
@@ -229,6 +159,12 @@ async fn breaker_opens_while_nats_is_down_and_the_backlog_drains_after() {
         publisher.status()
     );
     assert_eq!(publisher.status().breaker, BreakerState::Closed);
+    let st = publisher.status();
+    assert_eq!(
+        (st.lag_positions, st.lag_time),
+        (0, Duration::ZERO),
+        "{st:?}"
+    );
     let msgs = read_all_messages(&js, "OUTAGE", 300).await;
     let ids: HashSet<&String> = msgs.iter().map(|m| &m.0).collect();
     assert_eq!(
@@ -238,6 +174,67 @@ async fn breaker_opens_while_nats_is_down_and_the_backlog_drains_after() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_publisher_creates_its_stream_and_is_caught_up_without_own_events() {
+    let Some(client) = shared_nats().await else {
+        return;
+    };
+    let js = jetstream::new(client);
+    let prefix = unique("ttfilt");
+    let stream_name = prefix.to_uppercase();
+    let store = Arc::new(InMemoryStore::new());
+    let acme = TenantId::parse("acme").expect("tenant");
+    let globex = TenantId::parse("globex").expect("tenant");
+    append_many(&store, &acme, 50, 5).await;
+    let head = append_many(&store, &globex, 20, 2).await;
+
+    let publisher_for = |tenant: &TenantId, name: &str| {
+        let mut cfg = PublisherConfig::new(name);
+        cfg.filter = EventFilter::tenant(tenant.clone());
+        cfg.create_stream = Some(async_nats::jetstream::stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        });
+        Publisher::spawn(
+            store.clone() as Arc<dyn EventStore>,
+            store.clone(),
+            js.clone(),
+            Arc::new(mapper(prefix.clone())),
+            cfg,
+        )
+    };
+    let globex_pub = publisher_for(&globex, "pub-globex");
+    assert!(
+        globex_pub.wait_for(head, Duration::from_secs(60)).await,
+        "{:?}",
+        globex_pub.status()
+    );
+    // A tenant with no events after the start: caught up at once, lag 0, nothing published.
+    let nobody = publisher_for(&TenantId::parse("nobody").expect("tenant"), "pub-nobody");
+    let mut caught_up = false;
+    for _ in 0..400 {
+        let st = nobody.status();
+        if st.lag_positions == 0 && st.head >= head {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(caught_up, "{:?}", nobody.status());
+    assert_eq!(nobody.status().published, 0);
+    assert_eq!(
+        globex_pub.status().lag_positions,
+        0,
+        "{:?}",
+        globex_pub.status()
+    );
+    // Only globex's 20 events are on the stream the publisher created.
+    let msgs = read_all_messages(&js, &stream_name, 20).await;
+    assert_eq!(assert_once_in_entity_order(&msgs, 20), 2);
+    let _ = js.delete_stream(&stream_name).await;
+}
+
 /// A tiny ingestion pipeline for the test: `{"entityId": "...", "eventId": "..."}` bodies.
 struct TestPipeline {
     store: InMemoryStore,
@@ -245,6 +242,9 @@ struct TestPipeline {
 
 impl IngestHandler for TestPipeline {
     async fn handle(&self, tenant: &str, body: &[u8]) -> Verdict {
+        if body == b"boom" {
+            panic!("a poison message the pipeline cannot survive");
+        }
         let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else {
             return Verdict::Invalid(vec!["body: not JSON".into()]);
         };
@@ -290,6 +290,7 @@ async fn bus_ingestion_stores_valid_dead_letters_invalid_and_dedups() {
         dead_letter_stream: format!("{}_DLQ", p.to_uppercase()),
         max_deliver: 3,
         retry_delay: Duration::from_millis(100),
+        handle_timeout: Duration::from_secs(10),
     };
     let pipeline = Arc::new(TestPipeline {
         store: InMemoryStore::new(),
@@ -300,7 +301,10 @@ async fn bus_ingestion_stores_valid_dead_letters_invalid_and_dedups() {
 
     let id = EventId::new().to_string();
     let valid = serde_json::json!({"entityId": "Bag-1", "eventId": id});
+    // A poison message first: the pipeline panics on it; it is dead-lettered and the
+    // consumer goes on with the next ones.
     for body in [
+        "boom".to_string(),
         valid.to_string(),
         "{\"entityId\": \"\"}".to_string(),
         valid.to_string(),
@@ -313,13 +317,13 @@ async fn bus_ingestion_stores_valid_dead_letters_invalid_and_dedups() {
     }
     for _ in 0..200 {
         let s = consumer.stats();
-        if s.stored + s.dead_lettered >= 3 {
+        if s.stored + s.dead_lettered >= 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let s = consumer.stats();
-    assert_eq!((s.stored, s.dead_lettered), (2, 1), "{s:?}");
+    assert_eq!((s.stored, s.dead_lettered), (2, 2), "{s:?}");
     let tenant = TenantId::parse("acme").expect("tenant");
     let events = pipeline
         .store
@@ -340,6 +344,13 @@ async fn bus_ingestion_stores_valid_dead_letters_invalid_and_dedups() {
     let errors = body["errors"].to_string();
     assert!(
         errors.contains("entityId: required") && errors.contains("eventId"),
+        "{body}"
+    );
+    let poison = dlq.get_raw_message(1).await.expect("first dead letter");
+    let body: serde_json::Value = serde_json::from_slice(&poison.payload).expect("json");
+    assert_eq!(body["payload"], "boom", "{body}");
+    assert!(
+        body["errors"].to_string().contains("pipeline failed"),
         "{body}"
     );
     for s in [&cfg.stream, &cfg.dead_letter_stream] {

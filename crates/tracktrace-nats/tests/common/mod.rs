@@ -1,13 +1,23 @@
-//! Helpers shared by the JetStream integration tests.
+//! Helpers shared by the JetStream integration tests (also included by tracktrace-http's
+//! propagation tests, hence `async_nats` through `tracktrace_nats`).
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
 use futures_util::StreamExt;
 use tracktrace_core::RecordedEvent;
+use tracktrace_nats::async_nats::{
+    self,
+    jetstream::{self, consumer, stream},
+};
 use tracktrace_nats::publisher::OutboundMessage;
+
+/// The Debian package's server binary (the machine's NATS service runs it).
+pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -114,4 +124,74 @@ pub fn assert_once_in_entity_order(msgs: &[(String, String, u64)], total: usize)
         assert_eq!(versions, &want, "order of {entity}");
     }
     per_entity.len()
+}
+
+/// A private nats-server with JetStream on a free port, which the test can stop and restart.
+pub struct PrivateNats {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> Option<Self> {
+        if !Path::new(NATS_SERVER).exists() {
+            assert!(!in_ci(), "{NATS_SERVER} missing under CI=true");
+            eprintln!("SKIPPED: {NATS_SERVER} not found");
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let mut n = Self {
+            port,
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        n.restart();
+        Some(n)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new(NATS_SERVER)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("nats-server did not start");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
