@@ -836,10 +836,16 @@ impl EventStore for SledStore {
             // (no need to look at the next one).
             self.shared()
                 .walk(from, head, Direction::Forwards, None, |pos, bytes| {
-                    let e = decode_event(pos, bytes)?;
-                    if req.filter.matches(&e) {
-                        events.push(e);
+                    // Filtered reads (a tenant's registry, one event type) skip most events:
+                    // look at their head before decoding them.
+                    if !req.filter.is_empty() {
+                        let h = envelope::peek(bytes).map_err(|d| corrupt(pos, d.to_string()))?;
+                        if !req.filter.matches_head(h.tenant, h.stream, h.event_type) {
+                            return Ok(false);
+                        }
                     }
+                    let e = decode_event(pos, bytes)?;
+                    events.push(e);
                     if events.len() >= req.limit {
                         next = Position::new(pos + 1);
                         return Ok(true);

@@ -212,6 +212,47 @@ pub mod envelope {
         out
     }
 
+    /// The fields an [`crate::EventFilter`] looks at, borrowed from an encoded event.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Head<'a> {
+        /// Tenant id.
+        pub tenant: &'a str,
+        /// Stream id.
+        pub stream: &'a str,
+        /// Event type.
+        pub event_type: &'a str,
+    }
+
+    /// Reads only the [`Head`] of bytes produced by [`encode`], without allocating: lets a
+    /// backend skip events a filter rejects before decoding them. Errors as [`decode`] would
+    /// for the part it reads; a `Head` does not prove the rest is well formed.
+    pub fn peek(bytes: &[u8]) -> Result<Head<'_>, CodecError> {
+        let mut r = Reader { b: bytes };
+        let tag = r.byte()?;
+        if tag != FORMAT_V1 {
+            return Err(err(format!("unknown envelope format {tag}")));
+        }
+        let tenant = r.str()?;
+        let stream = r.str()?;
+        r.var()?; // version
+        r.var()?; // position
+        r.var()?; // recorded at
+        r.take(16)?; // event id
+        match r.byte()? {
+            0 => {}
+            1 => {
+                r.str()?;
+            }
+            t => return Err(err(format!("bad option tag {t}"))),
+        }
+        let event_type = r.str()?;
+        Ok(Head {
+            tenant,
+            stream,
+            event_type,
+        })
+    }
+
     /// Decodes bytes produced by [`encode`]. Never panics; any inconsistency is an error.
     pub fn decode(bytes: &[u8]) -> Result<RecordedEvent, CodecError> {
         let mut r = Reader { b: bytes };
@@ -361,6 +402,12 @@ pub mod envelope {
             Ok(head)
         }
 
+        fn str(&mut self) -> Result<&'a str, CodecError> {
+            let n = self.len()?;
+            let s = self.take(n)?;
+            std::str::from_utf8(s).map_err(|e| err(e.to_string()))
+        }
+
         fn string(&mut self) -> Result<String, CodecError> {
             let n = self.len()?;
             let s = self.take(n)?;
@@ -464,12 +511,29 @@ mod tests {
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(envelope::decode(&longer).is_err());
+        // The head agrees with the decoded event, with and without a dedup key.
+        let mut keyed = e.clone();
+        keyed.dedup_key = Some("dk-1".into());
+        for ev in [&e, &keyed] {
+            let encoded = envelope::encode(ev);
+            let h = envelope::peek(&encoded).unwrap();
+            assert_eq!(
+                (h.tenant, h.stream, h.event_type),
+                (
+                    ev.tenant.as_str(),
+                    ev.stream.as_str(),
+                    ev.event_type.as_str()
+                )
+            );
+        }
+        assert!(envelope::peek(&bytes[..3]).is_err());
     }
 
     proptest! {
         #[test]
         fn decoders_never_panic_on_random_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = envelope::decode(&bytes);
+            let _ = envelope::peek(&bytes);
             let _ = JsonCodec::decode::<Sample>(&bytes);
             let _ = PostcardCodec::decode::<Sample>(&bytes);
             let _ = PostcardCodec::decode::<Vec<String>>(&bytes);

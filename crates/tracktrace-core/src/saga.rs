@@ -424,7 +424,16 @@ pub struct SagaRunner<S: Saga, D> {
     recovered: bool,
     batch_size: usize,
     retry_interval: Duration,
+    /// Last position considered (in memory; the stored checkpoint may lag behind it).
+    cursor: Option<Position>,
+    /// When the checkpoint was last stored.
+    saved_at: Option<std::time::Instant>,
 }
+
+/// How often a runner stores its checkpoint while it only passes over events it does not
+/// react to. Storing it is a durable write; re-reading up to this much of the log after a
+/// restart is cheap and safe (a trigger already recorded is recognised by its cause).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 impl<S: Saga, D> fmt::Debug for SagaRunner<S, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -453,6 +462,8 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
             recovered: false,
             batch_size: 256,
             retry_interval: Duration::from_secs(1),
+            cursor: None,
+            saved_at: None,
         }
     }
 
@@ -731,8 +742,12 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
         let name = Self::checkpoint_name();
         let prefix = Self::prefix();
         loop {
-            let cp = self.checkpoints.load_checkpoint(&name).await?;
+            let cp = match self.cursor {
+                Some(c) => Some(c),
+                None => self.checkpoints.load_checkpoint(&name).await?,
+            };
             let from = cp.map_or(Position::START, Position::next);
+            let triggers_before = progress.triggers;
             let page = self
                 .store
                 .read_all(ReadAll::from(from, self.batch_size).filter(self.saga.filter()))
@@ -772,7 +787,16 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
             }
             let next = Position::new(page.next.get().saturating_sub(1));
             if page.next > Position::START && cp.is_none_or(|c| c < next) {
-                self.checkpoints.save_checkpoint(&name, next).await?;
+                let reacted = progress.triggers > triggers_before;
+                if reacted
+                    || self
+                        .saved_at
+                        .is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY)
+                {
+                    self.checkpoints.save_checkpoint(&name, next).await?;
+                    self.saved_at = Some(std::time::Instant::now());
+                }
+                self.cursor = Some(next);
             }
             if !full {
                 break;

@@ -129,6 +129,22 @@ impl EventFilter {
                 .is_none_or(|p| e.stream.as_str().starts_with(p.as_str()))
     }
 
+    /// Whether an event with these fields passes the filter (for backends that can read them
+    /// before decoding a whole event; same answer as [`EventFilter::matches`]).
+    pub fn matches_head(&self, tenant: &str, stream: &str, event_type: &str) -> bool {
+        self.tenant.as_ref().is_none_or(|t| t.as_str() == tenant)
+            && (self.event_types.is_empty() || self.event_types.iter().any(|t| t == event_type))
+            && self
+                .stream_prefix
+                .as_ref()
+                .is_none_or(|p| stream.starts_with(p.as_str()))
+    }
+
+    /// Whether the filter lets every event through.
+    pub fn is_empty(&self) -> bool {
+        self.tenant.is_none() && self.event_types.is_empty() && self.stream_prefix.is_none()
+    }
+
     /// Only `tenant`'s events.
     pub fn tenant(tenant: TenantId) -> Self {
         Self {
