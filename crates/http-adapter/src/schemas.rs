@@ -304,6 +304,10 @@ impl SchemaRegistry {
                 tracing::warn!(error = %e, "schema registry refresh failed");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
+            // A busy log changes the head after every commit: refresh a few times a second
+            // at most (this process applies its own changes at once; others' arrive within
+            // this pause).
+            tokio::time::sleep(crate::tenants::FOLLOW_PAUSE).await;
             if watch.changed().await.is_err() {
                 return;
             }

@@ -24,6 +24,8 @@ const CREATED: &str = "tt.TenantCreated";
 const SUSPENDED: &str = "tt.TenantSuspended";
 const RESUMED: &str = "tt.TenantResumed";
 const STREAM_PREFIX: &str = "tenant-";
+/// Least time between two refreshes of a registry follower.
+pub(crate) const FOLLOW_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A tenant's lifecycle state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -146,6 +148,10 @@ impl TenantRegistry {
                 tracing::warn!(error = %e, "tenant registry refresh failed");
                 tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             }
+            // A busy log changes the head after every commit: refresh a few times a second
+            // at most (this process applies its own changes at once; others' arrive within
+            // this pause).
+            tokio::time::sleep(crate::tenants::FOLLOW_PAUSE).await;
             if watch.changed().await.is_err() {
                 return;
             }

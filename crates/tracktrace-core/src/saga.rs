@@ -428,6 +428,8 @@ pub struct SagaRunner<S: Saga, D> {
     cursor: Option<Position>,
     /// When the checkpoint was last stored.
     saved_at: Option<std::time::Instant>,
+    /// Least time between two passes over new events (see [`SagaRunner::with_min_interval`]).
+    min_interval: Duration,
 }
 
 /// How often a runner stores its checkpoint while it only passes over events it does not
@@ -464,6 +466,7 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
             retry_interval: Duration::from_secs(1),
             cursor: None,
             saved_at: None,
+            min_interval: Duration::ZERO,
         }
     }
 
@@ -471,6 +474,14 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
     /// (default 1 s).
     pub fn with_retry_interval(mut self, d: Duration) -> Self {
         self.retry_interval = d;
+        self
+    }
+
+    /// Least time between two passes of [`SagaRunner::run`] over new events (default: none).
+    /// A saga whose reactions are not urgent (deadlines of minutes) can batch a busy log's
+    /// wake-ups instead of reading after every commit; deadlines still fire on time.
+    pub fn with_min_interval(mut self, d: Duration) -> Self {
+        self.min_interval = d;
         self
     }
 
@@ -844,7 +855,15 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
     pub async fn run(&mut self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut watch = self.store.watch_head();
         tokio::pin!(shutdown);
+        let mut last_pass: Option<std::time::Instant> = None;
         loop {
+            if let Some(rest) = last_pass.and_then(|t| self.min_interval.checked_sub(t.elapsed())) {
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    _ = tokio::time::sleep(rest) => {}
+                }
+            }
+            last_pass = Some(std::time::Instant::now());
             watch.borrow_and_update();
             let progress = self.run_once().await?;
             let mut wait = Duration::from_secs(3600);

@@ -69,6 +69,9 @@ pub const RECOVERED: &str = "MILESTONE_RECOVERED";
 /// `source` of the events the watch raises.
 pub const SOURCE: &str = "tracktrace.milestone-watch";
 
+/// Least time between two passes of the watch over new events.
+const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
+
 /// Runs the milestone watch forever (the server aborts the task at shutdown): loads the rules,
 /// then a [`SagaRunner`] from its checkpoint in `checkpoints`, reading triggers from `store` and
 /// capturing alarms through a [`CaptureService`] over `capture_store` (the circuit-broken
@@ -89,7 +92,10 @@ pub async fn run(
                 checkpoints.clone(),
                 watch,
                 CaptureDispatcher::new(capture.clone()),
-            );
+            )
+            // Deadlines are minutes to hours: read a busy log a few times a second, not
+            // after every commit.
+            .with_min_interval(FOLLOW_PAUSE);
             runner.run(std::future::pending::<()>()).await
         }
         .await;
