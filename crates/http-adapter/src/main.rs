@@ -271,9 +271,24 @@ struct Token {
     /// Validity, seconds.
     #[arg(long, default_value_t = 86_400)]
     ttl_secs: u64,
-    /// Address of a running server to create the tenant through when the store is in use.
-    #[arg(long, env = "TRACKTRACE_LISTEN", default_value = "127.0.0.1:8080")]
+    /// Address of a running server to create the tenant through when the store is in use
+    /// (`host:port`, or `http://host:port`).
+    #[arg(long, env = "TRACKTRACE_LISTEN", default_value = "127.0.0.1:8080", value_parser = server_addr)]
     server: String,
+}
+
+/// `host:port` of `--server`, accepting an `http://` URL as well (the form the server prints).
+fn server_addr(s: &str) -> Result<String, String> {
+    if s.starts_with("https://") {
+        return Err("the token command talks plain HTTP to the server; give host:port".into());
+    }
+    let a = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
+    if a.is_empty() || a.contains('/') || !a.contains(':') {
+        return Err(format!(
+            "expected host:port (or http://host:port), got {s:?}"
+        ));
+    }
+    Ok(a.to_owned())
 }
 
 fn config(c: &Common, s: &Serve) -> ServerConfig {
