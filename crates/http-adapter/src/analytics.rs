@@ -1484,6 +1484,19 @@ pub async fn active_tenants(state: &AppState) -> Result<Vec<TenantId>, ApiError>
         .collect())
 }
 
+/// The checks of a listing (`metrics:read`, an active tenant) and its `from`/`to`.
+async fn listing_range(
+    state: &AppState,
+    p: &Principal,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(i64, i64), ApiError> {
+    p.require(Scope::MetricsRead)?;
+    state.tenants().require_active(&p.tenant).await?;
+    let Query(q) =
+        q.map_err(|e| ApiError::Validation(vec![FieldError::new("query", e.body_text())]))?;
+    parse_list_range(&q)
+}
+
 /// List the stored KPI windows of the caller's tenant.
 #[utoipa::path(
     get,
@@ -1503,11 +1516,7 @@ pub(crate) async fn list_kpis(
     p: Principal,
     q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<KpiWindow>>, ApiError> {
-    p.require(Scope::MetricsRead)?;
-    state.tenants().require_active(&p.tenant).await?;
-    let Query(q) =
-        q.map_err(|e| ApiError::Validation(vec![FieldError::new("query", e.body_text())]))?;
-    let (from, to) = parse_list_range(&q)?;
+    let (from, to) = listing_range(&state, &p, q).await?;
     Ok(Json(state.analytics().kpis(&p.tenant, from, to).await?))
 }
 
@@ -1530,11 +1539,7 @@ pub(crate) async fn list_anomalies(
     p: Principal,
     q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<AnomalyDto>>, ApiError> {
-    p.require(Scope::MetricsRead)?;
-    state.tenants().require_active(&p.tenant).await?;
-    let Query(q) =
-        q.map_err(|e| ApiError::Validation(vec![FieldError::new("query", e.body_text())]))?;
-    let (from, to) = parse_list_range(&q)?;
+    let (from, to) = listing_range(&state, &p, q).await?;
     Ok(Json(
         state.analytics().anomalies(&p.tenant, from, to).await?,
     ))
@@ -1596,9 +1601,7 @@ async fn known_tenant(state: &AppState, p: &Principal, tenant: &str) -> Result<T
     let t = TenantId::parse(tenant)
         .map_err(|e| ApiError::Validation(vec![FieldError::new("tenant", e.to_string())]))?;
     require_admin_of(p, &t)?;
-    if state.tenants().status(&t).await?.is_none() {
-        return Err(ApiError::NotFound(format!("tenant {t}")));
-    }
+    crate::api::require_tenant(state, &t).await?;
     Ok(t)
 }
 

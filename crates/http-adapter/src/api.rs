@@ -1011,13 +1011,26 @@ pub struct NewTenant {
     pub id: String,
 }
 
-fn require_admin(p: &Principal) -> Result<(), ApiError> {
+/// 403 unless `p` holds an admin token of the system tenant; `what` names what needs it.
+pub(crate) fn require_system_admin(p: &Principal, what: &str) -> Result<(), ApiError> {
     if p.is_system_admin() {
         Ok(())
     } else {
-        Err(ApiError::Forbidden(
-            "tenant administration needs an admin token of the system tenant".into(),
-        ))
+        Err(ApiError::Forbidden(format!(
+            "{what}: an admin token of the system tenant is required"
+        )))
+    }
+}
+
+fn require_admin(p: &Principal) -> Result<(), ApiError> {
+    require_system_admin(p, "tenant administration")
+}
+
+/// 404 unless `tenant` is in the registry (looked up again on a miss).
+pub(crate) async fn require_tenant(state: &AppState, tenant: &TenantId) -> Result<(), ApiError> {
+    match state.inner.tenants.status(tenant).await? {
+        Some(_) => Ok(()),
+        None => Err(ApiError::NotFound(format!("tenant {tenant}"))),
     }
 }
 
@@ -1162,9 +1175,7 @@ async fn list_schemas(
 async fn admin_tenant(state: &AppState, p: &Principal, id: &str) -> Result<TenantId, ApiError> {
     require_admin(p)?;
     let tenant = TenantId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    if state.inner.tenants.status(&tenant).await?.is_none() {
-        return Err(ApiError::NotFound(format!("no tenant {tenant}")));
-    }
+    require_tenant(state, &tenant).await?;
     Ok(tenant)
 }
 

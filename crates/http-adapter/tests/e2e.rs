@@ -466,6 +466,13 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
     drop_schema(&pg, &schema).await;
 }
 
+/// A server process with `args` and `--role role`.
+fn start_with_role(dir: &std::path::Path, name: &str, args: &[String], role: &str) -> Server {
+    let mut v = args.to_vec();
+    v.extend(["--role".into(), role.into()]);
+    Server::start(dir, name, &v.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_postgres_see_each_others_writes() {
     let Some(pg) = services().await else { return };
@@ -475,15 +482,7 @@ async fn two_servers_on_one_postgres_see_each_others_writes() {
     let mut args = pg_args(&pg, &schema, data.to_str().unwrap());
     args.extend(cache_args());
     // Two API processes and one processor (runs the trace projection, serves only health).
-    let start = |name: &str, role: &str| {
-        let mut v = args.clone();
-        v.extend(["--role".into(), role.into()]);
-        Server::start(
-            dir.path(),
-            name,
-            &v.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
+    let start = |name: &str, role: &str| start_with_role(dir.path(), name, &args, role);
     let a = start("a", "api");
     let b = start("b", "api");
     let p = start("p", "processor");
@@ -732,7 +731,8 @@ async fn sled_milestone_watch_survives_kill_9() {
     );
 }
 
-/// Two processors on one PostgreSQL both run the watch: each alarm is still raised once.
+/// Two processors on one PostgreSQL (one runs the watch under the background-work lease, the
+/// other stands by): each alarm is raised once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_two_processors_raise_each_milestone_alarm_once() {
     let Some(pg) = services().await else { return };
@@ -741,15 +741,7 @@ async fn postgres_two_processors_raise_each_milestone_alarm_once() {
     let data = dir.path().join("data");
     let mut args = pg_args(&pg, &schema, data.to_str().unwrap());
     args.extend(cache_args());
-    let start = |name: &str, role: &str| {
-        let mut v = args.clone();
-        v.extend(["--role".into(), role.into()]);
-        Server::start(
-            dir.path(),
-            name,
-            &v.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
+    let start = |name: &str, role: &str| start_with_role(dir.path(), name, &args, role);
     let api = start("api", "api");
     let p1 = start("p1", "processor");
     let p2 = start("p2", "processor");
@@ -808,15 +800,7 @@ async fn two_processors_on_one_postgres_share_the_work_through_a_lease() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let args = pg_args(&pg, &schema, data.to_str().unwrap());
-    let start = |name: &str, role: &str| {
-        let mut v = args.clone();
-        v.extend(["--role".into(), role.into()]);
-        Server::start(
-            dir.path(),
-            name,
-            &v.iter().map(String::as_str).collect::<Vec<_>>(),
-        )
-    };
+    let start = |name: &str, role: &str| start_with_role(dir.path(), name, &args, role);
     let a = start("a", "api");
     let p1 = start("p1", "processor");
     let p2 = start("p2", "processor");

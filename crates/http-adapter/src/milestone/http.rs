@@ -11,29 +11,21 @@ use utoipa_axum::routes;
 
 use super::rules::{self, RuleRequest, RuleView, SetOutcome, check_rule_id, validate_rule};
 use super::watch::{CaptureDispatcher, MilestoneCommand, MilestoneWatch, Watch, WatchState};
-use crate::api::{AppState, JsonBody};
+use crate::api::{AppState, JsonBody, require_system_admin, require_tenant};
 use crate::auth::{Principal, Scope};
 use crate::domain::{FieldError, entity_type_problem, format_micros};
 use crate::error::{ApiError, Problem};
 
 fn require_admin(p: &Principal) -> Result<(), ApiError> {
-    if p.is_system_admin() {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(
-            "milestone rules are managed with an admin token of the system tenant".into(),
-        ))
-    }
+    require_system_admin(p, "milestone rules")
 }
 
 /// The tenant of the path, which must exist (404 otherwise).
 async fn existing_tenant(state: &AppState, id: &str) -> Result<TenantId, ApiError> {
     let tenant = TenantId::parse(id)
         .map_err(|e| ApiError::Validation(vec![FieldError::new("tenant", e.to_string())]))?;
-    match state.tenants().get(&tenant).await? {
-        Some(_) => Ok(tenant),
-        None => Err(ApiError::NotFound(format!("tenant {tenant}"))),
-    }
+    require_tenant(state, &tenant).await?;
+    Ok(tenant)
 }
 
 /// Create or replace a milestone rule of a tenant.

@@ -11,27 +11,19 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::routes::{NewRoute, RouteInfo, validate};
-use crate::api::{AppState, JsonBody};
+use crate::api::{AppState, JsonBody, require_system_admin, require_tenant};
 use crate::auth::Principal;
 use crate::error::{ApiError, Problem};
 
 fn require_admin(p: &Principal) -> Result<(), ApiError> {
-    if p.is_system_admin() {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden(
-            "partner routes need an admin token of the system tenant".into(),
-        ))
-    }
+    require_system_admin(p, "partner routes")
 }
 
 /// The tenant of the path: 400 if the id is invalid, 404 if there is no such tenant.
 async fn existing_tenant(state: &AppState, id: &str) -> Result<TenantId, ApiError> {
     let tenant = TenantId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    match state.tenants().get(&tenant).await? {
-        Some(_) => Ok(tenant),
-        None => Err(ApiError::NotFound(format!("tenant {tenant}"))),
-    }
+    require_tenant(state, &tenant).await?;
+    Ok(tenant)
 }
 
 /// Add a partner route: which of the tenant's event types are published where. Publishing
