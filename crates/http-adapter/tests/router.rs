@@ -1327,13 +1327,6 @@ async fn the_milestone_watch_raises_overdue_into_trace_and_subscribers_then_reco
 async fn tenant_attribute_schemas_reject_violations_with_field_errors() {
     let f = fixture().await;
     let admin = f.token("_system", &["admin"]);
-    let put = |path: &str, token: &str, body: &Value| {
-        Request::put(path)
-            .header("content-type", "application/json")
-            .header("authorization", format!("Bearer {token}"))
-            .body(Body::from(body.to_string()))
-            .unwrap()
-    };
     let schema = json!({
         "type": "object",
         "required": ["flight", "weightKg"],
@@ -1342,37 +1335,37 @@ async fn tenant_attribute_schemas_reject_violations_with_field_errors() {
     });
     // Only a system admin; unknown tenants 404; unusable schemas 400.
     let w = f.writer();
-    let (s, _, _) = f
-        .send(put(
+    let (s, _) = f
+        .put(
             "/api/v1/admin/tenants/acme/schemas/BagWeighed",
-            &w,
+            Some(&w),
             &schema,
-        ))
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
-    let (s, _, _) = f
-        .send(put(
+    let (s, _) = f
+        .put(
             "/api/v1/admin/tenants/nope/schemas/BagWeighed",
-            &admin,
+            Some(&admin),
             &schema,
-        ))
+        )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _, v) = f
-        .send(put(
+    let (s, v) = f
+        .put(
             "/api/v1/admin/tenants/acme/schemas/BagWeighed",
-            &admin,
+            Some(&admin),
             &json!({"type": 7}),
-        ))
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["errors"][0]["field"], "schema");
-    let (s, _, v) = f
-        .send(put(
+    let (s, v) = f
+        .put(
             "/api/v1/admin/tenants/acme/schemas/BagWeighed",
-            &admin,
+            Some(&admin),
             &schema,
-        ))
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, _, v) = f
@@ -1425,12 +1418,11 @@ async fn tenant_attribute_schemas_reject_violations_with_field_errors() {
     f.capture(&g, &other).await;
 
     // Removed: the type accepts any attributes again.
-    let del = Request::delete("/api/v1/admin/tenants/acme/schemas/BagWeighed")
-        .header("authorization", format!("Bearer {admin}"))
-        .body(Body::empty())
-        .unwrap();
-    let (s, _, _) = f.send(del).await;
-    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(
+        f.delete("/api/v1/admin/tenants/acme/schemas/BagWeighed", &admin)
+            .await,
+        StatusCode::NO_CONTENT
+    );
     let mut any = event("SW4", "BagWeighed", "2026-11-28T09:00:00Z", "MAD");
     any["attributes"] = json!({"free": true});
     f.capture(&w, &any).await;
