@@ -64,6 +64,15 @@
 //! duplicates end exactly as the kernel's rule says. There is no separate stream-head table to
 //! update: one heap insert per event is all an append writes.
 //!
+//! # Group appends
+//! Under load, single-event appends share statements: at most
+//! [`PgStoreOptions::append_groups`] of them run at once, and one that finds them all busy is
+//! queued; the next statement takes every queued single-event append (distinct streams, up to
+//! 256) as one group, in one transaction, with the same precondition check per request. A
+//! request the group could not store (failed precondition, duplicate, lost race) is finished
+//! alone on the careful path, so results are exactly those of single appends; an idle store
+//! runs each append at once. Batches (more than one event) are never grouped.
+//!
 //! # Gap-free global log
 //! A sequence hands out numbers in one order while transactions commit in another, so a
 //! reader by position could skip an event that commits late. Here the position of an event is
@@ -112,6 +121,7 @@
 
 mod conns;
 mod error;
+mod group;
 mod kv;
 mod lease;
 mod migrate;
@@ -139,6 +149,9 @@ pub const DEFAULT_SCHEMA: &str = "tracktrace";
 /// identifiers are limited to 63 bytes).
 pub const MAX_SCHEMA_LEN: usize = 48;
 
+/// Default of [`PgStoreOptions::append_groups`].
+pub const DEFAULT_APPEND_GROUPS: usize = 4;
+
 /// How to connect a [`PgStore`].
 #[derive(Clone, Debug)]
 pub struct PgStoreOptions {
@@ -151,6 +164,7 @@ pub struct PgStoreOptions {
     application_name: String,
     listen: bool,
     notify: bool,
+    append_groups: usize,
 }
 
 impl PgStoreOptions {
@@ -167,6 +181,7 @@ impl PgStoreOptions {
             application_name: "tracktrace".to_owned(),
             listen: true,
             notify: true,
+            append_groups: DEFAULT_APPEND_GROUPS,
         }
     }
 
@@ -218,6 +233,17 @@ impl PgStoreOptions {
         self
     }
 
+    /// How many single-event append statements run at once before further single-event
+    /// appends are grouped (default [`DEFAULT_APPEND_GROUPS`]; `0` never groups). When that
+    /// many are in flight, the next statement to start takes every queued single-event append
+    /// (to distinct streams) as one group: one statement and one transaction, so PostgreSQL
+    /// pays its per-transaction costs once for the group. See "Group appends" in the crate docs.
+    /// Capped at [`PgStoreOptions::max_connections`].
+    pub fn append_groups(mut self, n: usize) -> Self {
+        self.append_groups = n;
+        self
+    }
+
     /// Whether to run the `LISTEN` task that wakes subscribers on appends made by other
     /// processes (default `true`; appends of this store wake its own subscribers either way).
     pub fn listen(mut self, on: bool) -> Self {
@@ -241,6 +267,8 @@ struct Inner {
     schema: String,
     lock_key: i32,
     shared: Arc<tasks::Shared>,
+    /// Group appends (`None`: disabled).
+    grouper: Option<group::Grouper>,
     _tasks: tasks::TaskGuard,
 }
 
@@ -367,6 +395,9 @@ impl PgStore {
                 schema: opts.schema,
                 lock_key,
                 shared,
+                grouper: (opts.append_groups > 0).then(|| {
+                    group::Grouper::new(opts.append_groups.min(opts.max_connections as usize))
+                }),
                 _tasks: guard,
             }),
         })

@@ -14,6 +14,7 @@ use tracktrace_core::{
 
 use crate::PgStore;
 use crate::error::{is_unique_violation, map_err};
+use crate::group::{Entry, Reply};
 use crate::rows::{EVENT_COLUMNS, decode_event, decode_event_with_ids, position, to_i64};
 
 /// How often an append is re-run after losing a race (unique violation from a concurrent
@@ -159,13 +160,19 @@ where
     })
 }
 
-fn expected_params(e: ExpectedVersion) -> Result<(i16, i64)> {
+pub(crate) fn expected_params(e: ExpectedVersion) -> Result<(i16, i64)> {
     Ok(match e {
         ExpectedVersion::Any => (0, 0),
         ExpectedVersion::NoStream => (1, 0),
         ExpectedVersion::StreamExists => (2, 0),
         ExpectedVersion::Exact(v) => (3, to_i64("expected", v.get())?),
     })
+}
+
+/// The `headers` column of an event: its headers as JSON text, `None` when it has none.
+pub(crate) fn headers_json(e: &tracktrace_core::NewEvent) -> Option<String> {
+    (!e.metadata.headers.is_empty())
+        .then(|| serde_json::to_string(&e.metadata.headers).unwrap_or_default())
 }
 
 /// Carries a decoding error out of a sqlx row mapper ...
@@ -207,13 +214,7 @@ impl PgStore {
         let ev = &req.events;
         let (kind, expected) =
             expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let headers: Vec<Option<String>> = ev
-            .iter()
-            .map(|e| {
-                (!e.metadata.headers.is_empty())
-                    .then(|| serde_json::to_string(&e.metadata.headers).unwrap_or_default())
-            })
-            .collect();
+        let headers: Vec<Option<String>> = ev.iter().map(headers_json).collect();
         let schema_versions: Vec<i32> = ev
             .iter()
             .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
@@ -305,21 +306,9 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
     Ok(out)
 }
 
-#[async_trait]
-impl EventStore for PgStore {
-    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
-        validate_batch(&req.events)?;
-        if let Some((i, _)) = req
-            .events
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.schema_version > i32::MAX as u32)
-        {
-            return Err(Error::invalid(
-                format!("events[{i}].schema_version"),
-                "must fit in a signed 32-bit integer",
-            ));
-        }
+impl PgStore {
+    /// One append on its own (not grouped); `careful` starts with the careful path.
+    async fn append_alone(&self, req: AppendRequest, careful: bool) -> Result<AppendOutcome> {
         // Every attempt of one append runs on the same connection. sqlx reports a statement's
         // error before the server has finished aborting its transaction; on this connection the
         // next attempt starts only after that abort, so by the time this append returns, no
@@ -331,7 +320,7 @@ impl EventStore for PgStore {
             .get()
             .await
             .map_err(|e| map_err("append", e))?;
-        let mut retry = false;
+        let mut retry = careful;
         for _ in 0..MAX_APPEND_ATTEMPTS {
             let rows = match self.append_once(conn.conn(), &req, retry).await {
                 Ok(rows) => rows,
@@ -431,6 +420,48 @@ impl EventStore for PgStore {
             retry_after: None,
             source: None,
         })
+    }
+}
+
+#[async_trait]
+impl EventStore for PgStore {
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
+        validate_batch(&req.events)?;
+        if let Some((i, _)) = req
+            .events
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.schema_version > i32::MAX as u32)
+        {
+            return Err(Error::invalid(
+                format!("events[{i}].schema_version"),
+                "must fit in a signed 32-bit integer",
+            ));
+        }
+        if req.events.len() == 1
+            && let Some(grouper) = &self.inner.grouper
+        {
+            return match grouper.enter(self, req) {
+                Entry::Alone(slot, req) => {
+                    let out = self.append_alone(req, false).await;
+                    drop(slot);
+                    out
+                }
+                Entry::Queued(reply) => match reply.await {
+                    Ok(Reply::Done(outcome)) => Ok(outcome),
+                    Ok(Reply::Careful(req)) => self.append_alone(req, true).await,
+                    Ok(Reply::Alone(req)) => self.append_alone(req, false).await,
+                    Err(_) => Err(Error::Unavailable {
+                        reason: "append: the group it was queued in was abandoned (runtime \
+                                 shutting down); it may or may not be stored"
+                            .to_owned(),
+                        retry_after: None,
+                        source: None,
+                    }),
+                },
+            };
+        }
+        self.append_alone(req, false).await
     }
 
     async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
