@@ -12,6 +12,12 @@
 //! (bigserial position, tenant, stream, version, event id, type, content type, payload,
 //! recorded-at) and one unique index on `(tenant, stream, version)`.
 //!
+//! `TRACKTRACE_BENCH_INTERLEAVE=<rounds>` alternates short runs of the single-event raw
+//! baselines and the store's matching workloads (1 and 8 connections) and prints per-round
+//! and median ratios instead of running criterion: the robust comparison on a busy machine.
+//! `TRACKTRACE_BENCH_PG_GROUPS` sets `PgStoreOptions::append_groups` (default
+//! `DEFAULT_APPEND_GROUPS`; `0` turns group appends off).
+//!
 //! Database: `TRACKTRACE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
 //! Without a reachable database the bench prints a message and measures nothing (under
 //! `CI=true` it fails instead). Everything lives in a fresh schema, dropped at the end.
@@ -216,6 +222,78 @@ fn long_stream_read(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn EventStore>
     g.finish();
 }
 
+/// `TRACKTRACE_BENCH_INTERLEAVE=<rounds>`: instead of criterion, alternate short runs of each
+/// raw baseline and the store's matching workload, round after round, and print every round's
+/// ratio and the median. On a shared, noisy machine this keeps slow phases from landing on one
+/// side only (criterion measures all raw baselines first, then the store).
+fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore>, rounds: usize) {
+    const ONE: u64 = 400;
+    const PER_WRITER: u64 = 250;
+    let (mut one, mut writers) = rt.block_on(async {
+        let mut w = Vec::new();
+        for _ in 0..8 {
+            w.push(Raw::new(opts).await);
+        }
+        (Raw::new(opts).await, w)
+    });
+    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    let (mut r1, mut r8) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let (raw1, ours1, raw8, ours8) = rt.block_on(async {
+            let t = Instant::now();
+            for _ in 0..ONE {
+                one.insert_one().await;
+            }
+            let raw1 = rate(ONE, t.elapsed());
+            let stream = tracktrace_benches::fresh_stream("interleaved");
+            let t = Instant::now();
+            for i in 0..ONE {
+                tracktrace_benches::append_one(store.as_ref(), &stream, i)
+                    .await
+                    .expect("append");
+            }
+            let ours1 = rate(ONE, t.elapsed());
+            let t = Instant::now();
+            let tasks: Vec<_> = writers
+                .drain(..)
+                .map(|mut w| {
+                    tokio::spawn(async move {
+                        for _ in 0..PER_WRITER {
+                            w.insert_one().await;
+                        }
+                        w
+                    })
+                })
+                .collect();
+            for task in tasks {
+                writers.push(task.await.expect("raw writer"));
+            }
+            let raw8 = rate(8 * PER_WRITER, t.elapsed());
+            let d = tracktrace_benches::concurrent_appends(store, 8, PER_WRITER)
+                .await
+                .expect("concurrent appends");
+            (raw1, ours1, raw8, rate(8 * PER_WRITER, d))
+        });
+        println!(
+            "round {round}: 1 conn raw {raw1:.0}/s ours {ours1:.0}/s ({:.0} %); \
+             8 conns raw {raw8:.0}/s ours {ours8:.0}/s ({:.0} %)",
+            100.0 * ours1 / raw1,
+            100.0 * ours8 / raw8
+        );
+        r1.push(ours1 / raw1);
+        r8.push(ours8 / raw8);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "median of {rounds} rounds: 1 conn {:.0} % of raw, 8 conns {:.0} % of raw",
+        100.0 * median(&mut r1),
+        100.0 * median(&mut r8)
+    );
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let rt = runtime();
@@ -226,6 +304,12 @@ fn main() {
         PgStoreOptions::new(&url)
             .schema(&schema)
             .max_connections(16)
+            .append_groups(
+                std::env::var("TRACKTRACE_BENCH_PG_GROUPS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(tracktrace_store_postgres::DEFAULT_APPEND_GROUPS),
+            )
             .connect_timeout(Duration::from_secs(5)),
     ));
     let store = match store {
@@ -250,10 +334,18 @@ fn main() {
         conn.close().await.ok();
     });
 
-    raw_baselines(&mut c, &rt, &opts);
     let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
-    bench_store(&mut c, &rt, "postgres", dyn_store.clone());
-    long_stream_read(&mut c, &rt, &dyn_store);
+    let rounds = std::env::var("TRACKTRACE_BENCH_INTERLEAVE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    match rounds {
+        Some(rounds) => interleaved(&rt, &opts, &dyn_store, rounds.max(1)),
+        None => {
+            raw_baselines(&mut c, &rt, &opts);
+            bench_store(&mut c, &rt, "postgres", dyn_store.clone());
+            long_stream_read(&mut c, &rt, &dyn_store);
+        }
+    }
 
     rt.block_on(async {
         let mut conn = opts.connect().await.expect("cleanup connection");

@@ -13,7 +13,8 @@
 //! ```
 //! Knobs: `TRACKTRACE_BENCH_EVENTS` (captures, default 20000), `TRACKTRACE_BENCH_CLIENTS` (32),
 //! `TRACKTRACE_BENCH_SAMPLES` (trace samples per case, 300), `TRACKTRACE_BENCH_PG_POOL`
-//! (PostgreSQL pool size, 16).
+//! (PostgreSQL pool size, 16), `TRACKTRACE_BENCH_PG_GROUPS` (PostgreSQL group-append slots,
+//! `PgStoreOptions::append_groups`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,6 +111,10 @@ async fn run() {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(16),
+        pg_append_groups: env_usize(
+            "TRACKTRACE_BENCH_PG_GROUPS",
+            tracktrace_store_postgres::DEFAULT_APPEND_GROUPS,
+        ),
         cache_url: None,
         cache: CacheConfig::default(),
         role: Role::All,

@@ -65,6 +65,15 @@ struct Common {
         global = true
     )]
     pg_max_connections: u32,
+    /// PostgreSQL: how many single-event append statements run at once before further
+    /// single-event appends are grouped into one transaction (0: never group).
+    #[arg(
+        long,
+        env = "TRACKTRACE_PG_APPEND_GROUPS",
+        default_value_t = tracktrace_store_postgres::DEFAULT_APPEND_GROUPS,
+        global = true
+    )]
+    pg_append_groups: usize,
     /// JWT HS256 secret (at least 32 bytes); default: generated once in the data directory.
     #[arg(
         long,
@@ -297,6 +306,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         store_url: c.store.clone(),
         pg_schema: c.pg_schema.clone(),
         pg_max_connections: c.pg_max_connections,
+        pg_append_groups: c.pg_append_groups,
         cache_url: s.cache.clone(),
         cache: CacheConfig {
             ttl: Duration::from_secs(s.cache_ttl_secs.max(1)),

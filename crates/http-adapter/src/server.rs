@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub pg_schema: String,
     /// PostgreSQL connection pool size.
     pub pg_max_connections: u32,
+    /// PostgreSQL group appends (see `PgStoreOptions::append_groups`).
+    pub pg_append_groups: usize,
     /// `redis://…` to cache trace views in Redis.
     pub cache_url: Option<String>,
     /// Cache settings.
@@ -122,6 +124,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
                 tracktrace_store_postgres::PgStoreOptions::new(url.clone())
                     .schema(cfg.pg_schema.clone())
                     .max_connections(cfg.pg_max_connections)
+                    .append_groups(cfg.pg_append_groups)
                     .acquire_timeout(Duration::from_secs(2)),
             )
             .await
