@@ -19,6 +19,11 @@
 //! alone from the start (appends are idempotent by event id, so one whose commit was in fact
 //! durable is reported as a duplicate of itself, with its original position).
 //!
+//! Groups insert in `(tenant, stream)` order, so two groups touching the same streams wait for
+//! each other in one direction only. (Two groups crossing on *event ids or dedup keys* of
+//! different streams could still deadlock; PostgreSQL then aborts one after
+//! `deadlock_timeout` and its requests run alone, as above.)
+//!
 //! Positions stay gap-free for readers: the group's events share one transaction id, taken
 //! after the shared lock like any append's, at positions `(xid + offset) * 1024 + index`.
 //!
@@ -184,6 +189,13 @@ impl Grouper {
             }
         }
         *q = later;
+        drop(q);
+        // Every group inserts in one global order of streams: two groups running at once
+        // that touch the same streams then wait for each other in one direction only (a
+        // unique-index wait on a row of the other's uncommitted insert), never in a cycle.
+        group.sort_unstable_by(|a, b| {
+            (&a.req.tenant, &a.req.stream).cmp(&(&b.req.tenant, &b.req.stream))
+        });
         group
     }
 }
