@@ -85,6 +85,24 @@ WHERE CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v
                         ELSE cur.v = $5::bigint END
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
 
+/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream expected not to exist
+/// (`NoStream` or `Exact(0)`, what a command on a new aggregate sends): no version lookup. The
+/// event is inserted at version 1; if the stream has events, version 1 exists and the unique
+/// `(tenant, stream, version)` index refuses the row, and the careful path reports the
+/// conflict (or the duplicate). `$1`–`$3` as there; `$4`–`$12` the event's columns.
+const FAST_APPEND_NEW_SQL: &str = "
+WITH l AS MATERIALIZED (
+    SELECT 1 FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+)
+INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
+                    schema_version, content_type, payload, correlation_id, causation_id,
+                    headers, recorded_at)
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024,
+       $2, $3, 1, $4::uuid, $5::text, $6::text, $7::integer, $8::text, $9::bytea,
+       $10::text, $11::text, $12::text::jsonb, now()
+FROM l, log_meta m
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
+
 /// The read horizon: positions below it are final.
 ///
 /// Order matters and is forced by data dependencies: the statement snapshot (t0) is taken
@@ -219,6 +237,23 @@ impl PgStore {
             .iter()
             .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
             .collect();
+        if let ([e], false, 1 | 3, 0) = (&ev[..], retry, kind, expected) {
+            return sqlx::query(FAST_APPEND_NEW_SQL)
+                .bind(self.inner.lock_key)
+                .bind(req.tenant.as_str())
+                .bind(req.stream.as_str())
+                .bind(e.event_id.as_uuid())
+                .bind(e.dedup_key.as_deref())
+                .bind(e.event_type.as_str())
+                .bind(schema_versions[0])
+                .bind(e.content_type.as_str())
+                .bind(&e.payload[..])
+                .bind(e.metadata.correlation_id.as_deref())
+                .bind(e.metadata.causation_id.as_deref())
+                .bind(headers[0].as_deref())
+                .fetch_all(&mut *conn)
+                .await;
+        }
         if let ([e], false) = (&ev[..], retry) {
             return sqlx::query(FAST_APPEND_ONE_SQL)
                 .bind(self.inner.lock_key)
