@@ -65,6 +65,8 @@ pub const MILESTONE_OVERDUE: &str = "MILESTONE_OVERDUE";
 /// Namespace of the deterministic (UUIDv5) result event ids.
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x6a0e_2f4c_9d1b_4e57_8c3a_b1f0_7d25_e943);
 const PAGE: usize = 1000;
+/// Events of the first page of a window scan (then ×8 per page up to [`PAGE`]).
+const FIRST_PAGE: usize = 16;
 const US_PER_S: i64 = 1_000_000;
 
 /// Engine settings (server flags).
@@ -808,9 +810,14 @@ impl Analytics {
         let mut pos = store
             .position_at(Timestamp::from_unix_micros(from_us))
             .await?;
+        // Most windows the scheduler checks on start are empty (it looks back days): their
+        // scan ends at the first event read, so the first pages are small and grow to `PAGE`
+        // (a full first page cost ~8 % of the CPU of a capture load started with the server).
+        let mut limit = FIRST_PAGE;
         loop {
-            let page = store.read_all(ReadAll::from(pos, PAGE)).await?;
-            let short = page.events.len() < PAGE;
+            let page = store.read_all(ReadAll::from(pos, limit)).await?;
+            let short = page.events.len() < limit;
+            limit = (limit * 8).min(PAGE);
             for e in &page.events {
                 let at = e.recorded_at.unix_micros();
                 if at >= end_us {
