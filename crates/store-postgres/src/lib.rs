@@ -61,7 +61,9 @@
 //! violation (or a failed precondition) the append is re-run through the PL/pgSQL function
 //! `tt_append`, which takes a per-stream lock, looks duplicates up by event id, then dedup key,
 //! and only then compares versions: so a conflict carries the actual version, and concurrent
-//! duplicates end exactly as the kernel's rule says. There is no separate stream-head table to
+//! duplicates end exactly as the kernel's rule says. A single event to a stream expected not to
+//! exist (`NoStream` / `Exact(0)`) skips the version read: version 1 is inserted, and the unique
+//! index refuses it if the stream has events. There is no separate stream-head table to
 //! update: one heap insert per event is all an append writes.
 //!
 //! # Group appends
