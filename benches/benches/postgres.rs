@@ -125,6 +125,26 @@ impl Raw {
     }
 }
 
+/// Every raw writer inserts `per_writer` single rows, all at once; the wall time.
+async fn raw_concurrent(writers: &mut Vec<Raw>, per_writer: u64) -> Duration {
+    let start = Instant::now();
+    let tasks: Vec<_> = writers
+        .drain(..)
+        .map(|mut w| {
+            tokio::spawn(async move {
+                for _ in 0..per_writer {
+                    w.insert_one().await;
+                }
+                w
+            })
+        })
+        .collect();
+    for t in tasks {
+        writers.push(t.await.expect("raw writer"));
+    }
+    start.elapsed()
+}
+
 fn raw_baselines(c: &mut Criterion, rt: &Runtime, opts: &PgConnectOptions) {
     let mut one = rt.block_on(Raw::new(opts));
     let mut g = c.benchmark_group("append_1");
@@ -167,26 +187,7 @@ fn raw_baselines(c: &mut Criterion, rt: &Runtime, opts: &PgConnectOptions) {
     let mut g = c.benchmark_group("concurrent_8");
     configure(&mut g, 8);
     g.bench_function("raw-insert-8conn", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let start = Instant::now();
-                let tasks: Vec<_> = writers
-                    .drain(..)
-                    .map(|mut w| {
-                        tokio::spawn(async move {
-                            for _ in 0..iters {
-                                w.insert_one().await;
-                            }
-                            w
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    writers.push(t.await.expect("raw writer"));
-                }
-                start.elapsed()
-            })
-        })
+        b.iter_custom(|iters| rt.block_on(raw_concurrent(&mut writers, iters)))
     });
     g.finish();
 
@@ -253,22 +254,10 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
                     .expect("append");
             }
             let ours1 = rate(ONE, t.elapsed());
-            let t = Instant::now();
-            let tasks: Vec<_> = writers
-                .drain(..)
-                .map(|mut w| {
-                    tokio::spawn(async move {
-                        for _ in 0..PER_WRITER {
-                            w.insert_one().await;
-                        }
-                        w
-                    })
-                })
-                .collect();
-            for task in tasks {
-                writers.push(task.await.expect("raw writer"));
-            }
-            let raw8 = rate(8 * PER_WRITER, t.elapsed());
+            let raw8 = rate(
+                8 * PER_WRITER,
+                raw_concurrent(&mut writers, PER_WRITER).await,
+            );
             let d = tracktrace_benches::concurrent_appends(store, 8, PER_WRITER)
                 .await
                 .expect("concurrent appends");

@@ -285,7 +285,7 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
         ids.push(e.event_id.as_uuid());
         dedup.push(e.dedup_key.as_deref());
         types.push(e.event_type.as_str());
-        schema_versions.push(i32::try_from(e.schema_version).unwrap_or(i32::MAX));
+        schema_versions.push(crate::store::schema_version_param(e));
         content_types.push(e.content_type.as_str());
         payloads.push(&e.payload[..]);
         correlation.push(e.metadata.correlation_id.as_deref());
@@ -318,15 +318,8 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
     let rows = match res {
         Ok(rows) => rows,
         Err(e) => {
-            // As for a single append: let the server finish aborting before the requests are
-            // retried alone, so their horizon does not wait on this transaction.
-            if matches!(e, sqlx::Error::Database(_)) {
-                let _ = sqlx::Connection::ping(conn.conn()).await;
-            } else {
-                conn.broken = true;
-            }
-            let head = *store.inner.shared.head.borrow();
-            store.inner.shared.committed(head);
+            // As for a single append, before the requests are retried alone.
+            store.settle_failed_append(&mut conn, &e).await;
             return Err(map_err("group append", e));
         }
     };

@@ -8,8 +8,8 @@ use uuid::Uuid;
 
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, Direction, Error, EventId, EventRef, EventStore,
-    ExpectedVersion, Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId,
-    Version, resolve_duplicates, validate_batch,
+    ExpectedVersion, NewEvent, Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId,
+    TenantId, Version, resolve_duplicates, validate_batch,
 };
 
 use crate::PgStore;
@@ -188,9 +188,30 @@ pub(crate) fn expected_params(e: ExpectedVersion) -> Result<(i16, i64)> {
 }
 
 /// The `headers` column of an event: its headers as JSON text, `None` when it has none.
-pub(crate) fn headers_json(e: &tracktrace_core::NewEvent) -> Option<String> {
+pub(crate) fn headers_json(e: &NewEvent) -> Option<String> {
     (!e.metadata.headers.is_empty())
         .then(|| serde_json::to_string(&e.metadata.headers).unwrap_or_default())
+}
+
+/// The `schema_version` column of an event (`append` has checked that it fits).
+pub(crate) fn schema_version_param(e: &NewEvent) -> i32 {
+    i32::try_from(e.schema_version).unwrap_or(i32::MAX)
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds one event's nine columns (id, dedup key, type, schema version, content type, payload,
+/// correlation, causation, headers), in that order, after the parameters `q` already has.
+fn bind_event<'q>(q: PgQuery<'q>, e: &'q NewEvent) -> PgQuery<'q> {
+    q.bind(e.event_id.as_uuid())
+        .bind(e.dedup_key.as_deref())
+        .bind(e.event_type.as_str())
+        .bind(schema_version_param(e))
+        .bind(e.content_type.as_str())
+        .bind(&e.payload[..])
+        .bind(e.metadata.correlation_id.as_deref())
+        .bind(e.metadata.causation_id.as_deref())
+        .bind(headers_json(e))
 }
 
 /// Carries a decoding error out of a sqlx row mapper ...
@@ -232,47 +253,24 @@ impl PgStore {
         let ev = &req.events;
         let (kind, expected) =
             expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        let headers: Vec<Option<String>> = ev.iter().map(headers_json).collect();
-        let schema_versions: Vec<i32> = ev
-            .iter()
-            .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
-            .collect();
         if let ([e], false, 1 | 3, 0) = (&ev[..], retry, kind, expected) {
-            return sqlx::query(FAST_APPEND_NEW_SQL)
+            let q = sqlx::query(FAST_APPEND_NEW_SQL)
                 .bind(self.inner.lock_key)
                 .bind(req.tenant.as_str())
-                .bind(req.stream.as_str())
-                .bind(e.event_id.as_uuid())
-                .bind(e.dedup_key.as_deref())
-                .bind(e.event_type.as_str())
-                .bind(schema_versions[0])
-                .bind(e.content_type.as_str())
-                .bind(&e.payload[..])
-                .bind(e.metadata.correlation_id.as_deref())
-                .bind(e.metadata.causation_id.as_deref())
-                .bind(headers[0].as_deref())
-                .fetch_all(&mut *conn)
-                .await;
+                .bind(req.stream.as_str());
+            return bind_event(q, e).fetch_all(&mut *conn).await;
         }
         if let ([e], false) = (&ev[..], retry) {
-            return sqlx::query(FAST_APPEND_ONE_SQL)
+            let q = sqlx::query(FAST_APPEND_ONE_SQL)
                 .bind(self.inner.lock_key)
                 .bind(req.tenant.as_str())
                 .bind(req.stream.as_str())
                 .bind(kind)
-                .bind(expected)
-                .bind(e.event_id.as_uuid())
-                .bind(e.dedup_key.as_deref())
-                .bind(e.event_type.as_str())
-                .bind(schema_versions[0])
-                .bind(e.content_type.as_str())
-                .bind(&e.payload[..])
-                .bind(e.metadata.correlation_id.as_deref())
-                .bind(e.metadata.causation_id.as_deref())
-                .bind(headers[0].as_deref())
-                .fetch_all(&mut *conn)
-                .await;
+                .bind(expected);
+            return bind_event(q, e).fetch_all(&mut *conn).await;
         }
+        let headers: Vec<Option<String>> = ev.iter().map(headers_json).collect();
+        let schema_versions: Vec<i32> = ev.iter().map(schema_version_param).collect();
         sqlx::query(if retry { APPEND_SQL } else { FAST_APPEND_SQL })
             .bind(self.inner.lock_key)
             .bind(req.tenant.as_str())
@@ -342,6 +340,24 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
 }
 
 impl PgStore {
+    /// After an append statement failed on `conn`: let the server finish aborting its
+    /// transaction before the error is reported or the append retried (so a read right after
+    /// does not lag behind it), discard the connection after an I/O or protocol error, and
+    /// wake readers whose horizon the failed transaction may have held back.
+    pub(crate) async fn settle_failed_append(
+        &self,
+        conn: &mut crate::conns::CachedConn<'_>,
+        e: &sqlx::Error,
+    ) {
+        if matches!(e, sqlx::Error::Database(_)) {
+            let _ = sqlx::Connection::ping(conn.conn()).await;
+        } else {
+            conn.broken = true;
+        }
+        let head = *self.inner.shared.head.borrow();
+        self.inner.shared.committed(head);
+    }
+
     /// One append on its own (not grouped); `careful` starts with the careful path.
     async fn append_alone(&self, req: AppendRequest, careful: bool) -> Result<AppendOutcome> {
         // Every attempt of one append runs on the same connection. sqlx reports a statement's
@@ -366,16 +382,7 @@ impl PgStore {
                     continue;
                 }
                 Err(e) => {
-                    // Let the server finish aborting the failed transaction before reporting
-                    // (see above), so a read right after this error does not lag.
-                    if matches!(e, sqlx::Error::Database(_)) {
-                        let _ = sqlx::Connection::ping(conn.conn()).await;
-                    } else {
-                        conn.broken = true;
-                    }
-                    // The failed transaction may have held back readers' horizon: wake them.
-                    let head = *self.inner.shared.head.borrow();
-                    self.inner.shared.committed(head);
+                    self.settle_failed_append(&mut conn, &e).await;
                     return Err(map_err("append", e));
                 }
             };
