@@ -48,29 +48,41 @@ pub(crate) const MAX_GROUP: usize = 256;
 
 /// One statement for a group of single-event appends to distinct streams. `$1` the store's
 /// lock key; per request: `$2` tenant, `$3` stream, `$4` expected kind (as in the single
-/// append), `$5` expected version, `$6`–`$14` the event's columns. Returns `(position,
+/// append), `$5` expected version, `$6`–`$14` the event's columns, `$15` the version the stream
+/// is believed to be at (`PgStore::believed_version`, NULL: unknown). Returns `(position,
 /// version)` of every inserted row; `position % 1024` is the request's index.
+///
+/// A believed version `h` is used as the single-event statements use it: the event goes to
+/// `h + 1` if version `h` exists (`v = -1` otherwise: not inserted), and the unique index turns
+/// a stale `h` into a conflict (`DO NOTHING`: not inserted); an unknown one is looked up.
 ///
 /// Order is forced by data dependencies as in the single append: `r` takes the shared lock
 /// before anything reads a version, and `pg_current_xact_id()` is evaluated on `r`'s rows.
 const GROUP_APPEND_SQL: &str = "
 WITH r AS MATERIALIZED (
     SELECT q.i, q.t, q.s, q.k, q.x, q.id, q.dk, q.ty, q.sv, q.ct, q.pl, q.co, q.ca, q.hd,
-           COALESCE((SELECT e.version FROM events e WHERE e.tenant = q.t AND e.stream = q.s
-                     ORDER BY e.version DESC LIMIT 1), 0) AS v
+           CASE WHEN q.h IS NULL
+                THEN COALESCE((SELECT e.version FROM events e WHERE e.tenant = q.t
+                               AND e.stream = q.s ORDER BY e.version DESC LIMIT 1), 0)
+                WHEN q.h = 0 OR (SELECT e.version FROM events e WHERE e.tenant = q.t
+                                 AND e.stream = q.s AND e.version >= q.h
+                                 ORDER BY e.version LIMIT 1) = q.h
+                THEN q.h
+                ELSE -1
+           END AS v
     FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233),
          unnest($2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::uuid[], $7::text[],
                 $8::text[], $9::integer[], $10::text[], $11::bytea[], $12::text[], $13::text[],
-                $14::text[])
-         WITH ORDINALITY AS q(t, s, k, x, id, dk, ty, sv, ct, pl, co, ca, hd, i)
+                $14::text[], $15::bigint[])
+         WITH ORDINALITY AS q(t, s, k, x, id, dk, ty, sv, ct, pl, co, ca, hd, h, i)
 )
 INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
                     schema_version, content_type, payload, correlation_id, causation_id,
                     headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024 + r.i - 1,
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024 + r.i - 1,
        r.t, r.s, r.v + 1, r.id, r.dk, r.ty, r.sv, r.ct, r.pl, r.co, r.ca, r.hd::jsonb, now()
-FROM r, log_meta m
-WHERE CASE r.k WHEN 0 THEN true WHEN 1 THEN r.v = 0 WHEN 2 THEN r.v > 0 ELSE r.v = r.x END
+FROM r
+WHERE r.v >= 0 AND CASE r.k WHEN 0 THEN true WHEN 1 THEN r.v = 0 WHEN 2 THEN r.v > 0 ELSE r.v = r.x END
 ON CONFLICT DO NOTHING
 RETURNING position, version";
 
@@ -244,15 +256,22 @@ async fn run_group(store: &PgStore, group: Vec<Pending>) {
     }
     for (p, stored) in group.into_iter().zip(stored) {
         let reply = match stored {
-            Some((pos, version)) => Reply::Done(AppendOutcome {
-                events: vec![EventRef {
-                    event_id: p.req.events[0].event_id,
-                    stream: p.req.stream.clone(),
-                    version: Version::new(version),
-                    position: pos,
-                }],
-                duplicate: false,
-            }),
+            Some((pos, version)) => {
+                let stream = p.req.stream.as_str();
+                store
+                    .inner
+                    .hints
+                    .set(p.req.tenant.as_str(), stream, version);
+                Reply::Done(AppendOutcome {
+                    events: vec![EventRef {
+                        event_id: p.req.events[0].event_id,
+                        stream: p.req.stream.clone(),
+                        version: Version::new(version),
+                        position: pos,
+                    }],
+                    duplicate: false,
+                })
+            }
             None => Reply::Careful(p.req),
         };
         let _ = p.tx.send(reply);
@@ -275,6 +294,7 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
     let mut correlation = Vec::with_capacity(n);
     let mut causation = Vec::with_capacity(n);
     let mut headers = Vec::with_capacity(n);
+    let mut believed = Vec::with_capacity(n);
     for p in group {
         let e = &p.req.events[0];
         let (k, x) = crate::store::expected_params(p.req.expected)?;
@@ -291,6 +311,11 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
         correlation.push(e.metadata.correlation_id.as_deref());
         causation.push(e.metadata.causation_id.as_deref());
         headers.push(crate::store::headers_json(e));
+        believed.push(
+            store
+                .believed_version(&p.req)
+                .and_then(|v| i64::try_from(v).ok()),
+        );
     }
     let mut conn = store
         .inner
@@ -313,6 +338,7 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
         .bind(correlation)
         .bind(causation)
         .bind(headers)
+        .bind(believed)
         .fetch_all(conn.conn())
         .await;
     let rows = match res {

@@ -124,6 +124,7 @@
 mod conns;
 mod error;
 mod group;
+mod hints;
 mod kv;
 mod lease;
 mod migrate;
@@ -271,6 +272,8 @@ struct Inner {
     shared: Arc<tasks::Shared>,
     /// Group appends (`None`: disabled).
     grouper: Option<group::Grouper>,
+    /// Last versions of recently appended streams (see `hints`).
+    hints: hints::VersionHints,
     _tasks: tasks::TaskGuard,
 }
 
@@ -400,6 +403,7 @@ impl PgStore {
                 grouper: (opts.append_groups > 0).then(|| {
                     group::Grouper::new(opts.append_groups.min(opts.max_connections as usize))
                 }),
+                hints: hints::VersionHints::new(),
                 _tasks: guard,
             }),
         })

@@ -24,6 +24,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "c_collation",
         include_str!("../migrations/0003_c_collation.sql"),
     ),
+    (
+        4,
+        "xid_offset_function",
+        include_str!("../migrations/0004_xid_offset_function.sql"),
+    ),
 ];
 
 /// Second half of the migration advisory-lock key (the first is the schema's lock key).
@@ -83,6 +88,27 @@ pub(crate) async fn run(conn: &mut PgConnection, schema: &str, lock_key: i32) ->
     .execute(&mut *tx)
     .await
     .map_err(e)?;
+    // The append statements read the offset from `tt_xid_offset()` (migration 4): keep it equal
+    // to `log_meta`. Replacing it invalidates the cached plans that inlined the old value.
+    let (offset, inlined): (i64, i64) =
+        sqlx::query_as("SELECT m.xid_offset, tt_xid_offset() FROM log_meta m")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(e)?;
+    if offset != inlined {
+        sqlx::raw_sql(AssertSqlSafe(xid_offset_function(offset)))
+            .execute(&mut *tx)
+            .await
+            .map_err(e)?;
+    }
     tx.commit().await.map_err(e)?;
     Ok(())
+}
+
+/// `CREATE OR REPLACE` of `tt_xid_offset()` returning `offset` (an integer: nothing to quote).
+fn xid_offset_function(offset: i64) -> String {
+    format!(
+        "CREATE OR REPLACE FUNCTION tt_xid_offset() RETURNS bigint \
+         LANGUAGE sql IMMUTABLE PARALLEL SAFE AS 'SELECT {offset}::bigint'"
+    )
 }

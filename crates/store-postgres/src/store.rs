@@ -48,10 +48,10 @@ WITH cur AS MATERIALIZED (
     INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
                         schema_version, content_type, payload, correlation_id, causation_id,
                         headers, recorded_at)
-    SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024 + u.i - 1,
+    SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024 + u.i - 1,
            $2, $3, cur.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb,
            now()
-    FROM cur, log_meta m,
+    FROM cur,
          unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
                 $13::text[], $14::text[], $15::text[])
          WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
@@ -77,10 +77,10 @@ WITH cur AS MATERIALIZED (
 INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
                     schema_version, content_type, payload, correlation_id, causation_id,
                     headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024,
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
        $2, $3, cur.v + 1, $6::uuid, $7::text, $8::text, $9::integer, $10::text, $11::bytea,
        $12::text, $13::text, $14::text::jsonb, now()
-FROM cur, log_meta m
+FROM cur
 WHERE CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
                         ELSE cur.v = $5::bigint END
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
@@ -97,10 +97,38 @@ WITH l AS MATERIALIZED (
 INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
                     schema_version, content_type, payload, correlation_id, causation_id,
                     headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + m.xid_offset) * 1024,
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
        $2, $3, 1, $4::uuid, $5::text, $6::text, $7::integer, $8::text, $9::bytea,
        $10::text, $11::text, $12::text::jsonb, now()
-FROM l, log_meta m
+FROM l
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
+
+/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream believed to be at version `$4`
+/// (> 0): the expected version of an `Exact` append, or the store's hint (see `hints`). No
+/// version lookup: the event is inserted at `$4 + 1` if version `$4` exists (a forward probe
+/// of the unique index that stops at the first entry past it; written with `ORDER BY` so that
+/// even a generic plan made while the table was empty uses that index, which an `EXISTS` with
+/// three equalities does not guarantee). If the stream has fewer events the probe fails and no row is
+/// returned; if it has more, the unique index refuses `$4 + 1`. Either way the careful path
+/// decides, so a stale hint costs a statement, never a wrong version. When the row is inserted
+/// the stream was at exactly `$4`, so every expected-version kind but `NoStream` (never sent
+/// here) is satisfied. `$1`–`$3` as there; `$5`–`$13` the event's columns.
+///
+/// The probe (an init plan) may run before the lock: harmless, versions are never removed.
+const FAST_APPEND_HINT_SQL: &str = "
+WITH l AS MATERIALIZED (
+    SELECT 1 FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+)
+INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
+                    schema_version, content_type, payload, correlation_id, causation_id,
+                    headers, recorded_at)
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
+       $2, $3, $4::bigint + 1, $5::uuid, $6::text, $7::text, $8::integer, $9::text, $10::bytea,
+       $11::text, $12::text, $13::text::jsonb, now()
+FROM l
+WHERE (SELECT e.version FROM events e
+       WHERE e.tenant = $2 AND e.stream = $3 AND e.version >= $4::bigint
+       ORDER BY e.version LIMIT 1) = $4::bigint
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
 
 /// The read horizon: positions below it are final.
@@ -141,7 +169,7 @@ WITH s AS MATERIALIZED (
             FROM pg_catalog.pg_stat_get_activity(h.pid) a) AS x
     FROM holders h, s
 ), h AS (
-    SELECT least(s.xmax, (SELECT min(xids.x) FROM xids)) + (SELECT m.xid_offset FROM log_meta m)
+    SELECT least(s.xmax, (SELECT min(xids.x) FROM xids)) + tt_xid_offset()
            AS hx
     FROM s
 )
@@ -235,6 +263,20 @@ fn limit(n: usize) -> i64 {
 }
 
 impl PgStore {
+    /// The version the request's stream is believed to be at: known for `NoStream` and
+    /// `Exact`, hinted for `Any` / `StreamExists` when this process appended to it recently
+    /// (see `hints`). Append statements verify it.
+    pub(crate) fn believed_version(&self, req: &AppendRequest) -> Option<u64> {
+        match req.expected {
+            ExpectedVersion::NoStream => Some(0),
+            ExpectedVersion::Exact(v) => Some(v.get()),
+            ExpectedVersion::Any | ExpectedVersion::StreamExists => self
+                .inner
+                .hints
+                .get(req.tenant.as_str(), req.stream.as_str()),
+        }
+    }
+
     /// A cached connection (see `conns`), errors mapped.
     async fn conn(&self) -> Result<crate::conns::CachedConn<'_>> {
         self.inner
@@ -253,20 +295,24 @@ impl PgStore {
         let ev = &req.events;
         let (kind, expected) =
             expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
-        if let ([e], false, 1 | 3, 0) = (&ev[..], retry, kind, expected) {
-            let q = sqlx::query(FAST_APPEND_NEW_SQL)
-                .bind(self.inner.lock_key)
-                .bind(req.tenant.as_str())
-                .bind(req.stream.as_str());
-            return bind_event(q, e).fetch_all(&mut *conn).await;
-        }
         if let ([e], false) = (&ev[..], retry) {
-            let q = sqlx::query(FAST_APPEND_ONE_SQL)
-                .bind(self.inner.lock_key)
-                .bind(req.tenant.as_str())
-                .bind(req.stream.as_str())
-                .bind(kind)
-                .bind(expected);
+            let q = match self.believed_version(req) {
+                Some(0) => sqlx::query(FAST_APPEND_NEW_SQL)
+                    .bind(self.inner.lock_key)
+                    .bind(req.tenant.as_str())
+                    .bind(req.stream.as_str()),
+                Some(v) => sqlx::query(FAST_APPEND_HINT_SQL)
+                    .bind(self.inner.lock_key)
+                    .bind(req.tenant.as_str())
+                    .bind(req.stream.as_str())
+                    .bind(to_i64("expected", v).map_err(|e| sqlx::Error::Encode(e.into()))?),
+                None => sqlx::query(FAST_APPEND_ONE_SQL)
+                    .bind(self.inner.lock_key)
+                    .bind(req.tenant.as_str())
+                    .bind(req.stream.as_str())
+                    .bind(kind)
+                    .bind(expected),
+            };
             return bind_event(q, e).fetch_all(&mut *conn).await;
         }
         let headers: Vec<Option<String>> = ev.iter().map(headers_json).collect();
@@ -423,6 +469,11 @@ impl PgStore {
                         .collect();
                     if let Some(last) = events.last() {
                         self.inner.shared.committed(last.position);
+                        self.inner.hints.set(
+                            req.tenant.as_str(),
+                            req.stream.as_str(),
+                            last.version.get(),
+                        );
                     }
                     return Ok(AppendOutcome {
                         events,
