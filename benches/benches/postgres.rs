@@ -12,9 +12,10 @@
 //! (bigserial position, tenant, stream, version, event id, type, content type, payload,
 //! recorded-at) and one unique index on `(tenant, stream, version)`.
 //!
-//! `TRACKTRACE_BENCH_INTERLEAVE=<rounds>` alternates short runs of the single-event raw
-//! baselines and the store's matching workloads (1 and 8 connections) and prints per-round
-//! and median ratios instead of running criterion: the robust comparison on a busy machine.
+//! `TRACKTRACE_BENCH_INTERLEAVE=<rounds>` alternates short runs of the raw baselines and the
+//! store's matching workloads (single events on 1 and 8 connections, batches of 100) and prints
+//! per-round and median ratios instead of running criterion: the robust comparison on a busy
+//! machine.
 //! `TRACKTRACE_BENCH_PG_GROUPS` sets `PgStoreOptions::append_groups` (default
 //! `DEFAULT_APPEND_GROUPS`; `0` turns group appends off).
 //!
@@ -237,10 +238,11 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
         }
         (Raw::new(opts).await, w)
     });
+    const BATCHES: u64 = 40;
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
-    let (mut r1, mut r8) = (Vec::new(), Vec::new());
+    let (mut r1, mut r8, mut rb) = (Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let (raw1, ours1, raw8, ours8) = rt.block_on(async {
+        let (raw1, ours1, raw8, ours8, rawb, oursb) = rt.block_on(async {
             let t = Instant::now();
             for _ in 0..ONE {
                 one.insert_one().await;
@@ -261,25 +263,44 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
             let d = tracktrace_benches::concurrent_appends(store, 8, PER_WRITER)
                 .await
                 .expect("concurrent appends");
-            (raw1, ours1, raw8, rate(8 * PER_WRITER, d))
+            let ours8 = rate(8 * PER_WRITER, d);
+            let events = BATCHES * BATCH as u64;
+            let t = Instant::now();
+            for _ in 0..BATCHES {
+                one.insert_batch(BATCH).await;
+            }
+            let rawb = rate(events, t.elapsed());
+            let stream = tracktrace_benches::fresh_stream("interleaved-batch");
+            let t = Instant::now();
+            for _ in 0..BATCHES {
+                tracktrace_benches::append_batch(store.as_ref(), &stream, BATCH)
+                    .await
+                    .expect("batch append");
+            }
+            (raw1, ours1, raw8, ours8, rawb, rate(events, t.elapsed()))
         });
         println!(
             "round {round}: 1 conn raw {raw1:.0}/s ours {ours1:.0}/s ({:.0} %); \
-             8 conns raw {raw8:.0}/s ours {ours8:.0}/s ({:.0} %)",
+             8 conns raw {raw8:.0}/s ours {ours8:.0}/s ({:.0} %); \
+             batches of {BATCH} raw {rawb:.0} ev/s ours {oursb:.0} ev/s ({:.0} %)",
             100.0 * ours1 / raw1,
-            100.0 * ours8 / raw8
+            100.0 * ours8 / raw8,
+            100.0 * oursb / rawb
         );
         r1.push(ours1 / raw1);
         r8.push(ours8 / raw8);
+        rb.push(oursb / rawb);
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
     println!(
-        "median of {rounds} rounds: 1 conn {:.0} % of raw, 8 conns {:.0} % of raw",
+        "median of {rounds} rounds: 1 conn {:.0} % of raw, 8 conns {:.0} % of raw, \
+         batches of {BATCH} {:.0} % of raw",
         100.0 * median(&mut r1),
-        100.0 * median(&mut r8)
+        100.0 * median(&mut r8),
+        100.0 * median(&mut rb)
     );
 }
 
