@@ -61,10 +61,18 @@
 //! violation (or a failed precondition) the append is re-run through the PL/pgSQL function
 //! `tt_append`, which takes a per-stream lock, looks duplicates up by event id, then dedup key,
 //! and only then compares versions: so a conflict carries the actual version, and concurrent
-//! duplicates end exactly as the kernel's rule says. A single event to a stream expected not to
-//! exist (`NoStream` / `Exact(0)`) skips the version read: version 1 is inserted, and the unique
-//! index refuses it if the stream has events. There is no separate stream-head table to
+//! duplicates end exactly as the kernel's rule says. There is no separate stream-head table to
 //! update: one heap insert per event is all an append writes.
+//!
+//! A single event to a stream whose version is known skips the version read (a backward index
+//! scan that checks every entry of the stream on the index's last leaf page, the costliest part
+//! of the statement after the commit): `NoStream` / `Exact(0)` insert version 1, which the
+//! unique index refuses if the stream has events; `Exact(v)` inserts `v + 1` if version `v`
+//! exists (a forward probe that stops at the first entry past `v`); `Any` and `StreamExists`
+//! do the same with the version this process last saw the stream at (a small lock-free table of
+//! recent streams, `hints.rs`). The database verifies the believed version either way, so a
+//! stale one (another process appended meanwhile) only costs the careful path's extra
+//! statement, never a misplaced event. Group appends use the same believed versions.
 //!
 //! # Group appends
 //! Under load, single-event appends share statements: at most
@@ -93,7 +101,11 @@
 //! it. `read_stream`, `get_event` and `stream_version` need no horizon.
 //!
 //! After a logical restore into another cluster (lower transaction ids), [`PgStore::migrate`]
-//! raises `offset` so new positions stay above the restored ones.
+//! raises `offset` so new positions stay above the restored ones. `log_meta` records the
+//! offset; append statements read it from `tt_xid_offset()`, an `IMMUTABLE` SQL function with
+//! a constant body that PostgreSQL inlines into their plans (no table read per append).
+//! `migrate` replaces the function whenever the offset changes, which invalidates every cached
+//! plan that inlined the old value, in every session.
 //!
 //! # Notifications
 //! After a commit the appending process wakes its local subscribers at once and asks a
