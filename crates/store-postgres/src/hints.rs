@@ -5,10 +5,11 @@
 //! `(tenant, stream, version)` index, `ORDER BY version DESC LIMIT 1`) is the most expensive
 //! part of an append after the commit itself: PostgreSQL reads, and checks the keys of, every
 //! entry of the stream on the index's last leaf page, not just the last one. With a hint `h`
-//! the append instead inserts at `h + 1` on the condition that version `h` exists (one equality
-//! probe): the unique index refuses `h + 1` if the stream has moved on, and the probe fails if
-//! it has fewer events, so the database verifies the hint and a wrong one only costs the
-//! careful path's extra statement, never a wrong version (versions are contiguous from 1).
+//! the append instead inserts at `h + 1` on the condition that version `h` exists (a forward
+//! probe that stops at the first entry past `h`): the unique index refuses `h + 1` if the stream
+//! has moved on, and the probe fails if it has fewer events, so the database verifies the hint
+//! and a wrong one only costs the careful path's extra statement, never a wrong version
+//! (versions are contiguous from 1).
 //!
 //! The table is direct-mapped and lock-free: a slot holds a hash tag and a version. Collisions,
 //! evictions and torn reads between concurrent writers of one slot only produce wrong hints,
