@@ -48,7 +48,7 @@
 //! pool sets `search_path` to the store's schema.
 //!
 //! Tables: `events` (the global log: primary key `position`; unique `(tenant, stream, version)`
-//! for stream reads and versions, `(tenant, event_id)` and `(tenant, dedup_key)` for
+//! for stream reads and versions, `(event_id, tenant)` and `(tenant, dedup_key)` for
 //! idempotency; a BRIN index on `recorded_at` for time-range scans), `snapshots`,
 //! `checkpoints`, `read_models`, and the one-row `log_meta`.
 //!

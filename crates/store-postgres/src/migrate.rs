@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "xid_offset_function",
         include_str!("../migrations/0004_xid_offset_function.sql"),
     ),
+    (
+        5,
+        "event_id_index_order",
+        include_str!("../migrations/0005_event_id_index_order.sql"),
+    ),
 ];
 
 /// Second half of the migration advisory-lock key (the first is the schema's lock key).

@@ -7,7 +7,8 @@
 //! and conflicts report the actual version; with group appends on and off.
 //! The offset test simulates a restore into a cluster whose transaction ids are lower than the
 //! stored positions: after `migrate`, appends of every connected store (cached plans included)
-//! get positions above the stored ones.
+//! get positions above the stored ones. And stream lookups have a single candidate index, so no
+//! generic plan can scan a tenant's whole log instead.
 
 mod common;
 
@@ -200,4 +201,27 @@ async fn raised_xid_offset_reaches_connected_stores() {
     assert_eq!(positions.len(), 9);
     assert!(positions.windows(2).all(|w| w[0] < w[1]), "{positions:?}");
     assert_eq!(positions[3], restored as u64);
+}
+
+/// Stream lookups (`tenant = $1 AND stream = $2 ORDER BY version`) must have exactly one
+/// candidate index: a second full index led by `tenant` let generic plans made while the table
+/// was small filter and sort the tenant's whole log instead (migration 5).
+#[tokio::test]
+async fn stream_lookups_have_one_candidate_index() {
+    let Some(s) = common::try_store().await else {
+        return;
+    };
+    let led_by_tenant: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text
+         FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+         WHERE i.indrelid = 'events'::regclass AND a.attname = 'tenant'
+           AND i.indpred IS NULL
+         ORDER BY 1",
+    )
+    .fetch_all(s.store.pool())
+    .await
+    .unwrap();
+    assert_eq!(led_by_tenant, vec!["events_stream_version_key".to_owned()]);
 }
