@@ -81,7 +81,10 @@
 //! 256) as one group, in one transaction, with the same precondition check per request. A
 //! request the group could not store (failed precondition, duplicate, lost race) is finished
 //! alone on the careful path, so results are exactly those of single appends; an idle store
-//! runs each append at once. Batches (more than one event) are never grouped.
+//! runs each append at once. While no group is running, up to twice as many appends run alone
+//! before anything is queued: with a few more appenders than slots, groups would hold one or
+//! two requests, too few to pay for the group statement, and the slot limit would only cut the
+//! number of commits in flight. Batches (more than one event) are never grouped.
 //!
 //! # Gap-free global log
 //! A sequence hands out numbers in one order while transactions commit in another, so a
@@ -252,8 +255,10 @@ impl PgStoreOptions {
     /// appends are grouped (default [`DEFAULT_APPEND_GROUPS`]; `0` never groups). When that
     /// many are in flight, the next statement to start takes every queued single-event append
     /// (to distinct streams) as one group: one statement and one transaction, so PostgreSQL
-    /// pays its per-transaction costs once for the group. See "Group appends" in the crate docs.
-    /// Capped at [`PgStoreOptions::max_connections`].
+    /// pays its per-transaction costs once for the group. While no group is running, up to as
+    /// many again run alone before anything is queued (a few more appenders than slots make
+    /// groups of one or two, which cost more than they save). See "Group appends" in the crate
+    /// docs. Capped at [`PgStoreOptions::max_connections`].
     pub fn append_groups(mut self, n: usize) -> Self {
         self.append_groups = n;
         self
