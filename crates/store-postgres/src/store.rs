@@ -31,9 +31,10 @@ const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version,
      o_recorded_us FROM tt_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 
 /// The fast path: one plain statement, same parameters as [`APPEND_SQL`] (`$6`, "retry", is
-/// always false here). It returns the row of kind 0 of [`APPEND_SQL`] (first version and
-/// position), or no row when the precondition failed: then the careful path decides between
-/// duplicate and conflict.
+/// always false here) and `$16`, the version the stream is believed to be at (NULL: look it
+/// up; see [`FAST_APPEND_HINT_SQL`] for how a belief is checked). It returns the row of kind 0
+/// of [`APPEND_SQL`] (first version and position), or no row when the precondition failed (or
+/// the belief was wrong): then the careful path decides between duplicate and conflict.
 ///
 /// Order is forced by data dependencies: the rows the `INSERT` consumes come from `cur`, whose
 /// `FROM` takes the store's shared advisory lock. The transaction id is assigned by
@@ -41,8 +42,15 @@ const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version,
 /// after the lock (the invariant `HORIZON_SQL` relies on).
 const FAST_APPEND_SQL: &str = "
 WITH cur AS MATERIALIZED (
-    SELECT COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2 AND e.stream = $3
-                     ORDER BY e.version DESC LIMIT 1), 0) AS v
+    SELECT CASE WHEN $16::bigint IS NULL
+                THEN COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2
+                               AND e.stream = $3 ORDER BY e.version DESC LIMIT 1), 0)
+                WHEN $16::bigint = 0 OR (SELECT e.version FROM events e WHERE e.tenant = $2
+                                         AND e.stream = $3 AND e.version >= $16::bigint
+                                         ORDER BY e.version LIMIT 1) = $16::bigint
+                THEN $16::bigint
+                ELSE -1
+           END AS v
     FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
 ), ins AS (
     INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
@@ -55,7 +63,7 @@ WITH cur AS MATERIALIZED (
          unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
                 $13::text[], $14::text[], $15::text[])
          WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
-    WHERE NOT $6::boolean
+    WHERE NOT $6::boolean AND cur.v >= 0
       AND CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
                             ELSE cur.v = $5::bigint END
     RETURNING position, version
@@ -317,7 +325,7 @@ impl PgStore {
         }
         let headers: Vec<Option<String>> = ev.iter().map(headers_json).collect();
         let schema_versions: Vec<i32> = ev.iter().map(schema_version_param).collect();
-        sqlx::query(if retry { APPEND_SQL } else { FAST_APPEND_SQL })
+        let q = sqlx::query(if retry { APPEND_SQL } else { FAST_APPEND_SQL })
             .bind(self.inner.lock_key)
             .bind(req.tenant.as_str())
             .bind(req.stream.as_str())
@@ -352,9 +360,16 @@ impl PgStore {
                     .map(|e| e.metadata.causation_id.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(headers)
-            .fetch_all(&mut *conn)
-            .await
+            .bind(headers);
+        let q = if retry {
+            q
+        } else {
+            q.bind(
+                self.believed_version(req)
+                    .and_then(|v| i64::try_from(v).ok()),
+            )
+        };
+        q.fetch_all(&mut *conn).await
     }
 }
 

@@ -24,6 +24,13 @@ fn ev(i: usize) -> NewEvent {
     NewEvent::json("Scanned", &serde_json::json!({ "i": i }))
 }
 
+/// The `i` of an [`ev`] payload.
+fn i_of(payload: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(payload).unwrap()["i"]
+        .as_u64()
+        .unwrap()
+}
+
 /// A second store on the schema of `first` (as another process would connect).
 async fn second(first: &PgStore, groups: usize) -> PgStore {
     PgStore::connect_with(
@@ -56,10 +63,16 @@ async fn stale_hints_never_misplace_an_event(groups: usize) {
                 ("b", b.clone() as Arc<dyn EventStore>),
             ] {
                 let (tenant, s) = (tenant.clone(), s.clone());
-                let i = round * 100 + k * 2 + usize::from(who == "b");
+                // `a` appends batches of two (the batch statement), `b` single events.
+                let i = round * 100 + k * 4 + if who == "b" { 3 } else { 0 };
+                let events = if who == "a" {
+                    vec![ev(i), ev(i + 1)]
+                } else {
+                    vec![ev(i)]
+                };
                 tasks.push(tokio::spawn(async move {
                     store
-                        .append_to(&tenant, &s, ExpectedVersion::Any, vec![ev(i)])
+                        .append_to(&tenant, &s, ExpectedVersion::Any, events)
                         .await
                         .map(|o| o.events[0].version)
                 }));
@@ -73,11 +86,18 @@ async fn stale_hints_never_misplace_an_event(groups: usize) {
     for s in &streams {
         let events = a.read_stream_forwards(&tenant, s).await.unwrap();
         let versions: Vec<u64> = events.iter().map(|e| e.version.get()).collect();
-        assert_eq!(versions, (1..=24).collect::<Vec<u64>>(), "stream {s}");
+        assert_eq!(versions, (1..=36).collect::<Vec<u64>>(), "stream {s}");
         let mut payloads: Vec<&[u8]> = events.iter().map(|e| &e.payload[..]).collect();
         payloads.sort();
         payloads.dedup();
-        assert_eq!(payloads.len(), 24, "every append stored once in {s}");
+        assert_eq!(payloads.len(), 36, "every append stored once in {s}");
+        // A batch's events are consecutive.
+        for w in events.windows(2) {
+            let (x, y) = (i_of(&w[0].payload), i_of(&w[1].payload));
+            if x % 4 == 0 {
+                assert_eq!(y, x + 1, "batch split in {s}");
+            }
+        }
     }
     assert_eq!(written, 12 * 4 * 2);
 
@@ -86,19 +106,24 @@ async fn stale_hints_never_misplace_an_event(groups: usize) {
     b.append_to(&tenant, s, ExpectedVersion::Any, vec![ev(1000)])
         .await
         .unwrap();
-    // An expected version behind the stream, and one ahead of it: conflicts with the actual one.
-    for expected in [24, 30] {
-        match a
-            .append_to(
-                &tenant,
-                s,
-                ExpectedVersion::Exact(Version::new(expected)),
-                vec![ev(2000 + expected as usize)],
-            )
-            .await
-        {
-            Err(Error::Conflict { actual, .. }) => assert_eq!(actual, Version::new(25)),
-            other => panic!("Exact({expected}) on a stream at 25: {other:?}"),
+    // An expected version behind the stream, and one ahead of it, for a single event and a
+    // batch: conflicts with the actual one.
+    for expected in [36, 40] {
+        for n in [1, 2] {
+            match a
+                .append_to(
+                    &tenant,
+                    s,
+                    ExpectedVersion::Exact(Version::new(expected)),
+                    (0..n)
+                        .map(|j| ev(2000 + expected as usize * 2 + j))
+                        .collect(),
+                )
+                .await
+            {
+                Err(Error::Conflict { actual, .. }) => assert_eq!(actual, Version::new(37)),
+                other => panic!("Exact({expected}) on a stream at 37: {other:?}"),
+            }
         }
     }
     // `Any` through the stale hint lands right after the other store's event.
@@ -106,19 +131,19 @@ async fn stale_hints_never_misplace_an_event(groups: usize) {
         .append_to(&tenant, s, ExpectedVersion::Any, vec![ev(3000)])
         .await
         .unwrap();
-    assert_eq!(out.events[0].version, Version::new(26));
+    assert_eq!(out.events[0].version, Version::new(38));
     let out = a
         .append_to(
             &tenant,
             s,
-            ExpectedVersion::Exact(Version::new(26)),
-            vec![ev(3001)],
+            ExpectedVersion::Exact(Version::new(38)),
+            vec![ev(3001), ev(3002)],
         )
         .await
         .unwrap();
-    assert_eq!(out.events[0].version, Version::new(27));
+    assert_eq!(out.events[0].version, Version::new(39));
     let n = a.read_stream_forwards(&tenant, s).await.unwrap().len();
-    assert_eq!(n, 27);
+    assert_eq!(n, 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
