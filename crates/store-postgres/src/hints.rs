@@ -1,6 +1,6 @@
 //! Stream-version hints: the last version this process saw each recently appended stream at.
 //!
-//! A single-event append without a known expected version (`Any`, `StreamExists`) has to find
+//! An append without a known expected version (`Any`, `StreamExists`) has to find
 //! the stream's current version. The statement that reads it (a backward scan of the
 //! `(tenant, stream, version)` index, `ORDER BY version DESC LIMIT 1`) is the most expensive
 //! part of an append after the commit itself: PostgreSQL reads, and checks the keys of, every

@@ -64,16 +64,15 @@
 //! duplicates end exactly as the kernel's rule says. There is no separate stream-head table to
 //! update: one heap insert per event is all an append writes.
 //!
-//! An append to a stream whose version is known skips the version read (a backward index
-//! scan that checks every entry of the stream on the index's last leaf page, the costliest part
-//! of a single-event statement after the commit): `NoStream` / `Exact(0)` insert version 1, which the
-//! unique index refuses if the stream has events; `Exact(v)` inserts `v + 1` if version `v`
-//! exists (a forward probe that stops at the first entry past `v`); `Any` and `StreamExists`
-//! do the same with the version this process last saw the stream at (a small lock-free table of
-//! recent streams, `hints.rs`). The database verifies the believed version either way, so a
-//! stale one (another process appended meanwhile) only costs the careful path's extra
-//! statement, never a misplaced event. Batches and group appends use the same believed
-//! versions.
+//! An append to a stream whose version is known skips the version read (a backward index scan that
+//! checks every entry of the stream on the index's last leaf page, the costliest part of a
+//! single-event statement after the commit): `NoStream` / `Exact(0)` insert version 1, which the
+//! unique index refuses if the stream has events; `Exact(v)` inserts `v + 1` if version `v` exists
+//! (a forward probe that stops at the first entry past `v`); `Any` and `StreamExists` do the same
+//! with the version this process last saw the stream at (a small lock-free table of recent streams,
+//! `hints.rs`). The database verifies the believed version either way, so a stale one (another
+//! process appended meanwhile) only costs the careful path's extra statement, never a misplaced
+//! event. Batches and group appends use the same believed versions.
 //!
 //! # Group appends
 //! Under load, single-event appends share statements: at most

@@ -111,16 +111,16 @@ SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
 FROM l
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
 
-/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream believed to be at version `$4`
-/// (> 0): the expected version of an `Exact` append, or the store's hint (see `hints`). No
-/// version lookup: the event is inserted at `$4 + 1` if version `$4` exists (a forward probe
-/// of the unique index that stops at the first entry past it; written with `ORDER BY` so that
-/// even a generic plan made while the table was empty uses that index, which an `EXISTS` with
-/// three equalities does not guarantee). If the stream has fewer events the probe fails and no row is
-/// returned; if it has more, the unique index refuses `$4 + 1`. Either way the careful path
-/// decides, so a stale hint costs a statement, never a wrong version. When the row is inserted
-/// the stream was at exactly `$4`, so every expected-version kind but `NoStream` (never sent
-/// here) is satisfied. `$1`–`$3` as there; `$5`–`$13` the event's columns.
+/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream believed to be at version `$4` (> 0): the
+/// expected version of an `Exact` append, or the store's hint (see `hints`). No version lookup: the
+/// event is inserted at `$4 + 1` if version `$4` exists (a forward probe of the unique index that
+/// stops at the first entry past it; written with `ORDER BY` so that even a generic plan made while
+/// the table was empty uses that index, which an `EXISTS` with three equalities does not
+/// guarantee). If the stream has fewer events the probe fails and no row is returned; if it has
+/// more, the unique index refuses `$4 + 1`. Either way the careful path decides, so a stale hint
+/// costs a statement, never a wrong version. When the row is inserted the stream was at exactly
+/// `$4`, so every expected-version kind but `NoStream` (never sent here) is satisfied. `$1`–`$3` as
+/// there; `$5`–`$13` the event's columns.
 ///
 /// The probe (an init plan) may run before the lock: harmless, versions are never removed.
 const FAST_APPEND_HINT_SQL: &str = "
