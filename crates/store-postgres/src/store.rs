@@ -93,17 +93,34 @@ WHERE CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v
                         ELSE cur.v = $5::bigint END
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
 
-/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream believed to be at version `$4`: the
-/// expected version of a `NoStream` (0) or `Exact` append, or the store's hint for `Any` /
-/// `StreamExists` (see `hints`). No version lookup: the event is inserted at `$4 + 1` if `$4` is 0
-/// or version `$4` exists (a forward probe of the unique index that stops at the first entry past
-/// it, written with `ORDER BY` so that even a generic plan made while the table was empty uses
-/// that index, which an `EXISTS` with three equalities does not guarantee; with `$4 = 0` the
-/// probe is not run). If the stream has fewer events the probe fails and no row is returned; if
-/// it has more, the unique index refuses `$4 + 1`. Either way the careful path decides, so a
-/// stale belief costs a statement, never a wrong version. When the row is inserted the stream was
-/// at exactly `$4`, so the expected version it came from is satisfied. `$1`–`$3` as there;
-/// `$5`–`$13` the event's columns.
+/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream expected not to exist
+/// (`NoStream` or `Exact(0)`, what a command on a new aggregate sends): no version lookup. The
+/// event is inserted at version 1; if the stream has events, version 1 exists and the unique
+/// `(tenant, stream, version)` index refuses the row, and the careful path reports the
+/// conflict (or the duplicate). `$1`–`$3` as there; `$4`–`$12` the event's columns.
+const FAST_APPEND_NEW_SQL: &str = "
+WITH l AS MATERIALIZED (
+    SELECT 1 FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+)
+INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
+                    schema_version, content_type, payload, correlation_id, causation_id,
+                    headers, recorded_at)
+SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
+       $2, $3, 1, $4::uuid, $5::text, $6::text, $7::integer, $8::text, $9::bytea,
+       $10::text, $11::text, $12::text::jsonb, now()
+FROM l
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
+
+/// [`FAST_APPEND_ONE_SQL`] for a single event to a stream believed to be at version `$4` (> 0): the
+/// expected version of an `Exact` append, or the store's hint (see `hints`). No version lookup: the
+/// event is inserted at `$4 + 1` if version `$4` exists (a forward probe of the unique index that
+/// stops at the first entry past it; written with `ORDER BY` so that even a generic plan made while
+/// the table was empty uses that index, which an `EXISTS` with three equalities does not
+/// guarantee). If the stream has fewer events the probe fails and no row is returned; if it has
+/// more, the unique index refuses `$4 + 1`. Either way the careful path decides, so a stale hint
+/// costs a statement, never a wrong version. When the row is inserted the stream was at exactly
+/// `$4`, so every expected-version kind but `NoStream` (never sent here) is satisfied. `$1`–`$3` as
+/// there; `$5`–`$13` the event's columns.
 ///
 /// The probe (an init plan) may run before the lock: harmless, versions are never removed.
 const FAST_APPEND_HINT_SQL: &str = "
@@ -117,8 +134,7 @@ SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
        $2, $3, $4::bigint + 1, $5::uuid, $6::text, $7::text, $8::integer, $9::text, $10::bytea,
        $11::text, $12::text, $13::text::jsonb, now()
 FROM l
-WHERE $4::bigint = 0
-   OR (SELECT e.version FROM events e
+WHERE (SELECT e.version FROM events e
        WHERE e.tenant = $2 AND e.stream = $3 AND e.version >= $4::bigint
        ORDER BY e.version LIMIT 1) = $4::bigint
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
@@ -289,6 +305,10 @@ impl PgStore {
             expected_params(req.expected).map_err(|e| sqlx::Error::Encode(e.into()))?;
         if let ([e], false) = (&ev[..], retry) {
             let q = match self.believed_version(req) {
+                Some(0) => sqlx::query(FAST_APPEND_NEW_SQL)
+                    .bind(self.inner.lock_key)
+                    .bind(req.tenant.as_str())
+                    .bind(req.stream.as_str()),
                 Some(v) => sqlx::query(FAST_APPEND_HINT_SQL)
                     .bind(self.inner.lock_key)
                     .bind(req.tenant.as_str())
