@@ -98,6 +98,10 @@ RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigin
 /// event is inserted at version 1; if the stream has events, version 1 exists and the unique
 /// `(tenant, stream, version)` index refuses the row, and the careful path reports the
 /// conflict (or the duplicate). `$1`–`$3` as there; `$4`–`$12` the event's columns.
+///
+/// Kept apart from [`FAST_APPEND_HINT_SQL`] (which could take `$4 = 0` and skip its probe): the
+/// probe's never-run init plan still opens and locks the index at every execution (pgbench
+/// without fsync, same run: 68–92 µs here vs 95–103 µs merged).
 const FAST_APPEND_NEW_SQL: &str = "
 WITH l AS MATERIALIZED (
     SELECT 1 FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
