@@ -34,6 +34,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "event_id_index_order",
         include_str!("../migrations/0005_event_id_index_order.sql"),
     ),
+    (
+        6,
+        "careful_path_duplicate_probes",
+        include_str!("../migrations/0006_careful_path_duplicate_probes.sql"),
+    ),
 ];
 
 /// Second half of the migration advisory-lock key (the first is the schema's lock key).
