@@ -389,10 +389,22 @@ impl PgStore {
         // custom one (index probes and an INSERT ... SELECT FROM unnest). Left to `auto`, the
         // planner keeps choosing custom plans (a custom plan knows the arrays' lengths, so it
         // looks cheaper) and re-plans the CTE on every append: ~130 µs, more than executing it.
+        //
+        // The same connections read the log and streams. A generic plan estimates a parameter
+        // range (`position >= $1 AND position < $2`) at a fixed 0.5 % of the table, so a
+        // filtered `read_all` page was planned as a bitmap scan of the whole range (and, with a
+        // tenant filter, of the tenant's index entries) followed by a sort: every page of a
+        // catch-up would read everything up to the horizon (`EXPLAIN` at 5,000 and 200,000
+        // events). Every statement on these connections has an index that delivers its rows in
+        // order (appends, version probes, stream reads by `(tenant, stream, version)`, log
+        // pages by `position`), so bitmap scans and sorts are switched off here, where they are
+        // only ever the wrong choice; the ordered index scans stop at the page's `LIMIT`.
         let appenders = conns::ConnCache::new(
-            conn_opts
-                .clone()
-                .options([("plan_cache_mode", "force_generic_plan")]),
+            conn_opts.clone().options([
+                ("plan_cache_mode", "force_generic_plan"),
+                ("enable_bitmapscan", "off"),
+                ("enable_sort", "off"),
+            ]),
             opts.max_connections,
             opts.acquire_timeout,
         );
