@@ -37,6 +37,7 @@
 //! skipped if it had not started.
 
 use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sqlx::Row;
@@ -63,7 +64,8 @@ pub(crate) const MAX_GROUP: usize = 256;
 ///
 /// Order is forced by data dependencies as in the single append: `r` takes the shared lock
 /// before anything reads a version, and `pg_current_xact_id()` is evaluated on `r`'s rows.
-const GROUP_APPEND_SQL: &str = "
+const GROUP_APPEND_SQL: &str = concat!(
+    "
 WITH r AS MATERIALIZED (
     SELECT q.i, q.t, q.s, q.k, q.x, q.id, q.dk, q.ty, q.sv, q.ct, q.pl, q.co, q.ca, q.hd,
            CASE WHEN q.h IS NULL
@@ -75,21 +77,25 @@ WITH r AS MATERIALIZED (
                 THEN q.h
                 ELSE -1
            END AS v
-    FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233),
+    FROM ",
+    append_lock!(),
+    ",
          unnest($2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::uuid[], $7::text[],
                 $8::text[], $9::integer[], $10::text[], $11::bytea[], $12::text[], $13::text[],
                 $14::text[], $15::bigint[])
          WITH ORDINALITY AS q(t, s, k, x, id, dk, ty, sv, ct, pl, co, ca, hd, h, i)
 )
-INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
-                    schema_version, content_type, payload, correlation_id, causation_id,
-                    headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024 + r.i - 1,
+",
+    insert_events!(),
+    "SELECT ",
+    first_position!(),
+    " + r.i - 1,
        r.t, r.s, r.v + 1, r.id, r.dk, r.ty, r.sv, r.ct, r.pl, r.co, r.ca, r.hd::jsonb, now()
 FROM r
 WHERE r.v >= 0 AND CASE r.k WHEN 0 THEN true WHEN 1 THEN r.v = 0 WHEN 2 THEN r.v > 0 ELSE r.v = r.x END
 ON CONFLICT DO NOTHING
-RETURNING position, version";
+RETURNING position, version",
+);
 
 /// What a queued request's caller does next.
 pub(crate) enum Reply {
@@ -112,7 +118,7 @@ pub(crate) struct Grouper {
     /// As many again, for appends that run alone while no group is being run.
     extra: Arc<Semaphore>,
     /// Drainers running (spawned and not yet finished).
-    draining: std::sync::atomic::AtomicUsize,
+    draining: AtomicUsize,
     queue: Mutex<VecDeque<Pending>>,
 }
 
@@ -129,12 +135,18 @@ pub(crate) enum Entry {
 pub(crate) struct SlotGuard {
     store: PgStore,
     permit: Option<OwnedSemaphorePermit>,
+    /// Held by a drainer: counted in `Grouper::draining` from its spawn until this drops (also
+    /// when the drainer panics or its task is cancelled before it ran).
+    drainer: bool,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
         drop(self.permit.take());
         if let Some(grouper) = &self.store.inner.grouper {
+            if self.drainer {
+                grouper.draining.fetch_sub(1, Ordering::AcqRel);
+            }
             grouper.kick(&self.store);
         }
     }
@@ -145,7 +157,7 @@ impl Grouper {
         Self {
             slots: Arc::new(Semaphore::new(slots.max(1))),
             extra: Arc::new(Semaphore::new(slots.max(1))),
-            draining: std::sync::atomic::AtomicUsize::new(0),
+            draining: AtomicUsize::new(0),
             queue: Mutex::new(VecDeque::new()),
         }
     }
@@ -157,7 +169,7 @@ impl Grouper {
     /// Takes a free slot (when nothing is queued: queued requests go first) or queues `req`.
     pub(crate) fn enter(&self, store: &PgStore, req: AppendRequest) -> Entry {
         let queued_before = !self.queue().is_empty();
-        let grouping = self.draining.load(std::sync::atomic::Ordering::Acquire) > 0;
+        let grouping = self.draining.load(Ordering::Acquire) > 0;
         if !queued_before
             && let Ok(permit) = (self.slots.clone().try_acquire_owned()).or_else(|e| {
                 if grouping {
@@ -170,6 +182,7 @@ impl Grouper {
             let guard = SlotGuard {
                 store: store.clone(),
                 permit: Some(permit),
+                drainer: false,
             };
             return Entry::Alone(guard, req);
         }
@@ -191,9 +204,12 @@ impl Grouper {
         };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                self.draining
-                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-                rt.spawn(drain(store.clone(), permit));
+                self.draining.fetch_add(1, Ordering::AcqRel);
+                rt.spawn(drain(SlotGuard {
+                    store: store.clone(),
+                    permit: Some(permit),
+                    drainer: true,
+                }));
             }
             Err(_) => {
                 // No runtime (a store dropped outside of one): nobody could await the replies
@@ -235,11 +251,8 @@ impl Grouper {
 }
 
 /// Runs queued groups while there are any, then releases its slot (and re-checks the queue).
-async fn drain(store: PgStore, permit: OwnedSemaphorePermit) {
-    let guard = SlotGuard {
-        store: store.clone(),
-        permit: Some(permit),
-    };
+async fn drain(guard: SlotGuard) {
+    let store = &guard.store;
     let Some(grouper) = &store.inner.grouper else {
         return;
     };
@@ -248,12 +261,8 @@ async fn drain(store: PgStore, permit: OwnedSemaphorePermit) {
         if group.is_empty() {
             break;
         }
-        run_group(&store, group).await;
+        run_group(store, group).await;
     }
-    grouper
-        .draining
-        .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    drop(guard);
 }
 
 async fn run_group(store: &PgStore, group: Vec<Pending>) {
@@ -336,11 +345,7 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
         correlation.push(e.metadata.correlation_id.as_deref());
         causation.push(e.metadata.causation_id.as_deref());
         headers.push(crate::store::headers_json(e));
-        believed.push(
-            store
-                .believed_version(&p.req)
-                .and_then(|v| i64::try_from(v).ok()),
-        );
+        believed.push(store.believed_version(&p.req));
     }
     let mut conn = store
         .inner

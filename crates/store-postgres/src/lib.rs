@@ -136,6 +136,8 @@
 //! read models, `stream_version`, `get_event`) use the sqlx pool ([`PgStore::pool`]), also
 //! without ping-before-use.
 
+#[macro_use]
+mod sql;
 mod conns;
 mod error;
 mod group;

@@ -23,7 +23,7 @@ use crate::rows::{EVENT_COLUMNS, decode_event, decode_event_with_ids, position, 
 const MAX_APPEND_ATTEMPTS: usize = 16;
 
 /// Second half of the append advisory-lock key (see `tt_append` and [`horizon`]).
-const APPEND_LOCK: i32 = 1_953_759_233;
+pub(crate) const APPEND_LOCK: i32 = 1_953_759_233;
 
 /// The careful path (`tt_append`, PL/pgSQL): duplicates looked up first, then the version;
 /// used after the fast path reports a failed precondition or hits a unique violation.
@@ -40,7 +40,8 @@ const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version,
 /// `FROM` takes the store's shared advisory lock. The transaction id is assigned by
 /// `pg_current_xact_id()` / the first heap insert, both evaluated on those rows, so strictly
 /// after the lock (the invariant `HORIZON_SQL` relies on).
-const FAST_APPEND_SQL: &str = "
+const FAST_APPEND_SQL: &str = concat!(
+    "
 WITH cur AS MATERIALIZED (
     SELECT CASE WHEN $16::bigint IS NULL
                 THEN COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2
@@ -51,12 +52,15 @@ WITH cur AS MATERIALIZED (
                 THEN $16::bigint
                 ELSE -1
            END AS v
-    FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+    FROM ",
+    append_lock!(),
+    "
 ), ins AS (
-    INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
-                        schema_version, content_type, payload, correlation_id, causation_id,
-                        headers, recorded_at)
-    SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024 + u.i - 1,
+    ",
+    insert_events!(),
+    "    SELECT ",
+    first_position!(),
+    " + u.i - 1,
            $2, $3, cur.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb,
            now()
     FROM cur,
@@ -71,27 +75,33 @@ WITH cur AS MATERIALIZED (
 SELECT 0::smallint, count(*)::integer, NULL::uuid, NULL::text, min(version), min(position),
        NULL::bigint
 FROM ins
-HAVING count(*) > 0";
+HAVING count(*) > 0",
+);
 
 /// [`FAST_APPEND_SQL`] for the common single-event append, with scalar parameters: no arrays
 /// to encode and decode, no `unnest` to set up (about a quarter of the statement's execution
 /// time for one event). `$1`–`$5` as there; `$6`–`$14` the event's columns.
-const FAST_APPEND_ONE_SQL: &str = "
+const FAST_APPEND_ONE_SQL: &str = concat!(
+    "
 WITH cur AS MATERIALIZED (
     SELECT COALESCE((SELECT e.version FROM events e WHERE e.tenant = $2 AND e.stream = $3
                      ORDER BY e.version DESC LIMIT 1), 0) AS v
-    FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
+    FROM ",
+    append_lock!(),
+    "
 )
-INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
-                    schema_version, content_type, payload, correlation_id, causation_id,
-                    headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
+",
+    insert_events!(),
+    "SELECT ",
+    first_position!(),
+    ",
        $2, $3, cur.v + 1, $6::uuid, $7::text, $8::text, $9::integer, $10::text, $11::bytea,
        $12::text, $13::text, $14::text::jsonb, now()
 FROM cur
 WHERE CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
                         ELSE cur.v = $5::bigint END
-RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint",
+);
 
 /// [`FAST_APPEND_ONE_SQL`] for a single event to a stream expected not to exist
 /// (`NoStream` or `Exact(0)`, what a command on a new aggregate sends): no version lookup. The
@@ -102,18 +112,17 @@ RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigin
 /// Kept apart from [`FAST_APPEND_HINT_SQL`] (which could take `$4 = 0` and skip its probe): the
 /// probe's never-run init plan still opens and locks the index at every execution (pgbench
 /// without fsync, same run: 68–92 µs here vs 95–103 µs merged).
-const FAST_APPEND_NEW_SQL: &str = "
-WITH l AS MATERIALIZED (
-    SELECT 1 FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
-)
-INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
-                    schema_version, content_type, payload, correlation_id, causation_id,
-                    headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
+const FAST_APPEND_NEW_SQL: &str = concat!(
+    lock_cte!(),
+    insert_events!(),
+    "SELECT ",
+    first_position!(),
+    ",
        $2, $3, 1, $4::uuid, $5::text, $6::text, $7::integer, $8::text, $9::bytea,
        $10::text, $11::text, $12::text::jsonb, now()
 FROM l
-RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint",
+);
 
 /// [`FAST_APPEND_ONE_SQL`] for a single event to a stream believed to be at version `$4` (> 0): the
 /// expected version of an `Exact` append, or the store's hint (see `hints`). No version lookup: the
@@ -127,21 +136,20 @@ RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigin
 /// there; `$5`–`$13` the event's columns.
 ///
 /// The probe (an init plan) may run before the lock: harmless, versions are never removed.
-const FAST_APPEND_HINT_SQL: &str = "
-WITH l AS MATERIALIZED (
-    SELECT 1 FROM pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)
-)
-INSERT INTO events (position, tenant, stream, version, event_id, dedup_key, event_type,
-                    schema_version, content_type, payload, correlation_id, causation_id,
-                    headers, recorded_at)
-SELECT (pg_catalog.pg_current_xact_id()::text::bigint + tt_xid_offset()) * 1024,
+const FAST_APPEND_HINT_SQL: &str = concat!(
+    lock_cte!(),
+    insert_events!(),
+    "SELECT ",
+    first_position!(),
+    ",
        $2, $3, $4::bigint + 1, $5::uuid, $6::text, $7::text, $8::integer, $9::text, $10::bytea,
        $11::text, $12::text, $13::text::jsonb, now()
 FROM l
 WHERE (SELECT e.version FROM events e
        WHERE e.tenant = $2 AND e.stream = $3 AND e.version >= $4::bigint
        ORDER BY e.version LIMIT 1) = $4::bigint
-RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint";
+RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint",
+);
 
 /// The read horizon: positions below it are final.
 ///
@@ -275,18 +283,20 @@ fn limit(n: usize) -> i64 {
 }
 
 impl PgStore {
-    /// The version the request's stream is believed to be at: known for `NoStream` and
-    /// `Exact`, hinted for `Any` / `StreamExists` when this process appended to it recently
-    /// (see `hints`). Append statements verify it.
-    pub(crate) fn believed_version(&self, req: &AppendRequest) -> Option<u64> {
-        match req.expected {
+    /// The version the request's stream is believed to be at, as the statements' parameter:
+    /// known for `NoStream` and `Exact`, hinted for `Any` / `StreamExists` when this process
+    /// appended to it recently (see `hints`); `None` (look it up) otherwise or beyond `i64`.
+    /// Append statements verify it.
+    pub(crate) fn believed_version(&self, req: &AppendRequest) -> Option<i64> {
+        let v = match req.expected {
             ExpectedVersion::NoStream => Some(0),
             ExpectedVersion::Exact(v) => Some(v.get()),
             ExpectedVersion::Any | ExpectedVersion::StreamExists => self
                 .inner
                 .hints
                 .get(req.tenant.as_str(), req.stream.as_str()),
-        }
+        };
+        v.and_then(|v| i64::try_from(v).ok())
     }
 
     /// A cached connection (see `conns`), errors mapped.
@@ -317,7 +327,7 @@ impl PgStore {
                     .bind(self.inner.lock_key)
                     .bind(req.tenant.as_str())
                     .bind(req.stream.as_str())
-                    .bind(to_i64("expected", v).map_err(|e| sqlx::Error::Encode(e.into()))?),
+                    .bind(v),
                 None => sqlx::query(FAST_APPEND_ONE_SQL)
                     .bind(self.inner.lock_key)
                     .bind(req.tenant.as_str())
@@ -368,10 +378,7 @@ impl PgStore {
         let q = if retry {
             q
         } else {
-            q.bind(
-                self.believed_version(req)
-                    .and_then(|v| i64::try_from(v).ok()),
-            )
+            q.bind(self.believed_version(req))
         };
         q.fetch_all(&mut *conn).await
     }
