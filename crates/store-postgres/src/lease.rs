@@ -16,6 +16,8 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::watch;
 use tracktrace_core::{Error, Result};
 
+use async_trait::async_trait;
+
 use crate::PgStore;
 use crate::error::map_err;
 
@@ -124,5 +126,30 @@ impl PgStore {
             }
             tokio::time::sleep(every).await;
         }
+    }
+}
+
+#[async_trait]
+impl tracktrace_core::Lease for Lease {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn is_held(&self) -> bool {
+        Lease::is_held(self)
+    }
+
+    async fn lost(&self) {
+        Lease::lost(self).await
+    }
+}
+
+/// Every process on the store's schema competes for the same names (see [`PgStore::try_lease`]).
+#[async_trait]
+impl tracktrace_core::Leases for PgStore {
+    async fn try_lease(&self, name: &str) -> Result<Option<Box<dyn tracktrace_core::Lease>>> {
+        Ok(PgStore::try_lease(self, name)
+            .await?
+            .map(|l| Box::new(l) as Box<dyn tracktrace_core::Lease>))
     }
 }

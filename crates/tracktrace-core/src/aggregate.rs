@@ -89,6 +89,11 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// changes: snapshots of another version are ignored (the state is replayed instead).
     const SNAPSHOT_VERSION: u32 = 1;
 
+    /// How the command bus appends this aggregate's events: [`Concurrency::Optimistic`] (the
+    /// default) for aggregates with invariants, [`Concurrency::Unchecked`] for append-only
+    /// aggregates whose decisions do not depend on the events other writers may add meanwhile.
+    const CONCURRENCY: Concurrency = Concurrency::Optimistic;
+
     /// What callers ask the aggregate to do.
     type Command: Send + Sync;
     /// What happened.
@@ -105,6 +110,26 @@ pub trait Aggregate: Default + Clone + Send + Sync + 'static {
 
     /// Folds one event into the state. Must not fail: the event already happened.
     fn apply(&mut self, event: &Self::Event);
+}
+
+/// How the command bus appends an aggregate's events (see [`Aggregate::CONCURRENCY`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Concurrency {
+    /// Append with `ExpectedVersion::Exact(v)`, `v` the version the handler decided on: a
+    /// concurrent writer makes the append conflict, and the bus reloads the aggregate and runs
+    /// the handler again (bounded, with backoff). Required whenever `handle` enforces an
+    /// invariant over the events already in the stream (a balance, a state machine, a claim).
+    Optimistic,
+    /// Append with `ExpectedVersion::Any`: the store puts the events after whatever the stream
+    /// holds when the append commits, so concurrent commands on one aggregate never conflict
+    /// and never retry. Stream versions stay contiguous (the store assigns them); the order of
+    /// concurrent commands is the order their appends commit. Only for aggregates whose
+    /// `handle` accepts a command whatever other writers appended meanwhile, e.g. a log of
+    /// observations ordered by their own timestamps. The state passed to `handle` may then miss
+    /// events of concurrent commands; the repository caches and snapshots a state only when no
+    /// other writer's events were interleaved.
+    Unchecked,
 }
 
 /// One problem with one field of a command (what the HTTP layer turns into a 400 with a list).

@@ -1,6 +1,7 @@
 //! The command path: [`Repository`] (load an aggregate from snapshot + tail, append its new
-//! events with `Exact(version)`) and [`CommandBus`] (validate → load → handle → append, retrying
-//! version conflicts with backoff and jitter).
+//! events with `Exact(version)`, or `Any` for [`Concurrency::Unchecked`] aggregates) and
+//! [`CommandBus`] (validate → load → handle → append, retrying version conflicts with backoff
+//! and jitter).
 //!
 //! ```
 //! # use serde::{Deserialize, Serialize};
@@ -51,7 +52,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::aggregate::{Aggregate, DomainEvent, FieldError, Validator};
+use crate::aggregate::{Aggregate, Concurrency, DomainEvent, FieldError, Validator};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::event::{EventRef, Metadata, NewEvent, RecordedEvent};
@@ -485,6 +486,12 @@ impl<A: Aggregate> Repository<A> {
         }
     }
 
+    fn forget(&self, key: &(TenantId, StreamId)) {
+        if let Some(c) = &self.inner.cache {
+            lock(c).map.remove(key);
+        }
+    }
+
     fn to_new_events(
         &self,
         stream: &StreamId,
@@ -523,9 +530,14 @@ impl<A: Aggregate> Repository<A> {
             .collect()
     }
 
-    /// Appends `events` produced from `loaded` (with `Exact(loaded.version)`), then updates
-    /// the cache and, when a snapshot boundary is crossed, the snapshot. Returns the outcome and
-    /// the state after the events.
+    /// Appends `events` produced from `loaded` (with `Exact(loaded.version)`, or `Any` for
+    /// [`Concurrency::Unchecked`] aggregates), then updates the cache and, when a snapshot
+    /// boundary is crossed, the snapshot. Returns the outcome and the state after the events.
+    ///
+    /// For an unchecked aggregate whose append landed after events of other writers (its
+    /// first version is not `loaded.version + 1`), the returned state is `loaded` with only
+    /// this command's events applied, at the stream's new version: it is neither cached nor
+    /// snapshotted (the cached entry is dropped), so the next load reads the whole tail.
     pub async fn save(
         &self,
         tenant: &TenantId,
@@ -544,7 +556,10 @@ impl<A: Aggregate> Repository<A> {
             .append(AppendRequest {
                 tenant: tenant.clone(),
                 stream: stream.clone(),
-                expected: ExpectedVersion::Exact(loaded.version),
+                expected: match A::CONCURRENCY {
+                    Concurrency::Optimistic => ExpectedVersion::Exact(loaded.version),
+                    Concurrency::Unchecked => ExpectedVersion::Any,
+                },
                 events: new_events,
             })
             .await;
@@ -558,6 +573,12 @@ impl<A: Aggregate> Repository<A> {
             after.state.apply(e);
         }
         after.version = out.last_version();
+        let contiguous = out.events.first().is_some_and(|r| r.version == old.next());
+        if !contiguous {
+            // Other writers' events sit between `old` and ours: this state lacks them.
+            self.forget(&key);
+            return Ok((out, after));
+        }
         self.remember(&key, &after);
         if let Some(s) = &self.inner.snapshots
             && old.get() / s.every != after.version.get() / s.every
@@ -642,7 +663,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Executes commands against aggregates of type `A`: validate → load → handle → append with
 /// `Exact(version)`; a version conflict reloads and re-runs the handler after a jittered
-/// backoff ([`RetryPolicy`]). Cheap to clone.
+/// backoff ([`RetryPolicy`]). Aggregates declaring [`Concurrency::Unchecked`] append with
+/// `Any` instead and never conflict. Cheap to clone.
 ///
 /// Transient store failures ([`Error::Unavailable`]) are *not* retried here: wrap the store in
 /// [`crate::Retrying`] / [`crate::CircuitBreaker`] for that.

@@ -79,6 +79,7 @@ pub mod command;
 mod error;
 mod event;
 mod id;
+pub mod lease;
 mod memory;
 pub mod projection;
 pub mod resilience;
@@ -91,7 +92,7 @@ pub mod conformance;
 #[cfg(feature = "testing")]
 pub mod runtime_checks;
 
-pub use aggregate::{Aggregate, DomainEvent, FieldError, Validator};
+pub use aggregate::{Aggregate, Concurrency, DomainEvent, FieldError, Validator};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use command::{
     CommandBus, CommandError, CommandMeta, CommandOutcome, Loaded, Repository, derived_event_id,
@@ -101,6 +102,7 @@ pub use event::{
     CONTENT_TYPE_JSON, EventRef, Metadata, NewEvent, RecordedEvent, limits, validate_batch,
 };
 pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
+pub use lease::{Lease, Leases, LocalLeases};
 pub use memory::InMemoryStore;
 pub use projection::{Lag, LagHandle, Projection, ProjectionError, ProjectionRunner, ReadModelTx};
 pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};

@@ -258,6 +258,113 @@ pub async fn concurrent_commands(s: RuntimeStores) -> CheckResult {
     Ok(())
 }
 
+/// An append-only log of readings: an aggregate without invariants
+/// ([`crate::Concurrency::Unchecked`]), for [`unchecked_concurrent_commands`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readings {
+    /// Readings applied.
+    pub count: u64,
+    /// Sum of the readings.
+    pub sum: i64,
+}
+
+/// A reading was taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadingTaken {
+    /// The value.
+    pub value: i64,
+}
+
+impl DomainEvent for ReadingTaken {
+    fn event_type(&self) -> &'static str {
+        "ReadingTaken"
+    }
+}
+
+impl Aggregate for Readings {
+    const TYPE: &'static str = "Readings";
+    const CONCURRENCY: crate::Concurrency = crate::Concurrency::Unchecked;
+    type Command = i64;
+    type Event = ReadingTaken;
+    type Error = std::convert::Infallible;
+    type Codec = JsonCodec;
+
+    fn handle(&self, value: &i64) -> Result<Vec<ReadingTaken>, std::convert::Infallible> {
+        Ok(vec![ReadingTaken { value: *value }])
+    }
+
+    fn apply(&mut self, e: &ReadingTaken) {
+        self.count += 1;
+        self.sum += e.value;
+    }
+}
+
+/// 32 concurrent commands on one [`crate::Concurrency::Unchecked`] aggregate, through two
+/// buses (two processes) that may not retry at all: every command succeeds at its first
+/// attempt, the stream holds 32 events at versions 1..=32, and loads through either bus (cache,
+/// snapshots every 5) equal a full replay afterwards.
+pub async fn unchecked_concurrent_commands(s: RuntimeStores) -> CheckResult {
+    let t = tenant();
+    let no_retry = RetryPolicy {
+        max_attempts: 1,
+        ..RetryPolicy::default()
+    };
+    let bus = || {
+        CommandBus::new(
+            Repository::<Readings>::new(s.events.clone())
+                .with_snapshots(s.snapshots.clone(), 5)
+                .with_cache(64),
+        )
+        .with_retry(no_retry)
+    };
+    let buses = [bus(), bus()];
+    let mut tasks = Vec::new();
+    for i in 0..32i64 {
+        let bus = buses[i as usize % 2].clone();
+        let t = t.clone();
+        tasks.push(tokio::spawn(
+            async move { bus.execute(&t, "r-1", i + 1).await },
+        ));
+    }
+    let mut versions = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let out = ok(task.await.map_err(|e| e.to_string()), "join command task")?;
+        let out = ok(out, &format!("command {i} (no retries allowed)"))?;
+        ensure_eq!(out.attempts, 1, "an unchecked command never conflicts");
+        ensure_eq!(out.events.len(), 1, "one event per command");
+        versions.push(out.version.get());
+    }
+    versions.sort_unstable();
+    ensure_eq!(
+        versions,
+        (1..=32).collect::<Vec<u64>>(),
+        "each command got its own version, contiguous from 1"
+    );
+    let replayed = ok(
+        Repository::<Readings>::new(s.events.clone())
+            .replay(&t, "r-1")
+            .await,
+        "replay",
+    )?;
+    ensure_eq!(replayed.version, Version::new(32), "32 events stored");
+    ensure_eq!(
+        replayed.state.sum,
+        (1..=32).sum::<i64>(),
+        "every reading stored once"
+    );
+    for bus in &buses {
+        let loaded = ok(bus.repository().load(&t, "r-1").await, "load via bus")?;
+        ensure_eq!(loaded, replayed, "cached/snapshot load == replay");
+    }
+    // A later command on a warm cache still lands at the end of the stream.
+    let out = ok(
+        buses[0].execute(&t, "r-1", 100).await,
+        "command after the race",
+    )?;
+    ensure_eq!(out.version, Version::new(33), "appended after the others");
+    Ok(())
+}
+
 /// Validation, domain rejection, idempotent command ids and typed conflict after retries.
 pub async fn command_errors(s: RuntimeStores) -> CheckResult {
     let t = tenant();
@@ -1365,7 +1472,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
 macro_rules! runtime_tests {
     ($make:path) => {
         $crate::__runtime_tests!($make;
-            concurrent_commands, command_errors, upcaster_v1_to_v2,
+            concurrent_commands, unchecked_concurrent_commands, command_errors, upcaster_v1_to_v2,
             projection_restart_and_rebuild, saga_deadline_across_restart, saga_compensation,
             saga_redelivery_is_idempotent, circuit_breaker);
 
