@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::event::EventRef;
+use crate::event_ref::EventRef;
 use crate::id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Version};
 
 /// Boxed source error from a backend.

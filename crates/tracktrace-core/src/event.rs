@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
+use crate::event_ref::EventRef;
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
 
 /// Size limits every backend enforces at append time (documented, and tested by the
@@ -110,19 +111,6 @@ impl NewEvent {
         self.metadata = m;
         self
     }
-}
-
-/// Where a stored event is.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct EventRef {
-    /// The event.
-    pub event_id: EventId,
-    /// Its stream.
-    pub stream: StreamId,
-    /// Its version within the stream.
-    pub version: Version,
-    /// Its position in the global log.
-    pub position: Position,
 }
 
 /// A stored event as read back from a store.

@@ -78,6 +78,7 @@ pub mod codec;
 pub mod command;
 mod error;
 mod event;
+mod event_ref;
 mod id;
 pub mod lease;
 mod memory;
@@ -98,9 +99,8 @@ pub use command::{
     CommandBus, CommandError, CommandMeta, CommandOutcome, Loaded, Repository, derived_event_id,
 };
 pub use error::{BoxError, Error, Result};
-pub use event::{
-    CONTENT_TYPE_JSON, EventRef, Metadata, NewEvent, RecordedEvent, limits, validate_batch,
-};
+pub use event::{CONTENT_TYPE_JSON, Metadata, NewEvent, RecordedEvent, limits, validate_batch};
+pub use event_ref::EventRef;
 pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
 pub use lease::{Lease, Leases, LocalLeases};
 pub use memory::InMemoryStore;

@@ -11,7 +11,8 @@ use tokio::sync::watch;
 
 use crate::Error;
 use crate::error::Result;
-use crate::event::{EventRef, RecordedEvent, validate_batch};
+use crate::event::{RecordedEvent, validate_batch};
+use crate::event_ref::EventRef;
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
 use crate::store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventStore, KeyRange,

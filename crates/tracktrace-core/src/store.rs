@@ -9,7 +9,8 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
-use crate::event::{EventRef, NewEvent, RecordedEvent};
+use crate::event::{NewEvent, RecordedEvent};
+use crate::event_ref::EventRef;
 use crate::id::{EventId, ExpectedVersion, Position, StreamId, TenantId, Timestamp, Version};
 
 /// An atomic append of one or more events to one stream.

@@ -1,0 +1,18 @@
+//! [`EventRef`], where a stored event is. A module of its own because both the event
+//! envelopes (`RecordedEvent::to_ref`) and the error type (`Error::Duplicate`) need it, and
+//! `error` must not import `event`, which imports `error` for its validation errors.
+
+use crate::id::{EventId, Position, StreamId, Version};
+
+/// Where a stored event is.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct EventRef {
+    /// The event.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its version within the stream.
+    pub version: Version,
+    /// Its position in the global log.
+    pub position: Position,
+}
