@@ -30,23 +30,10 @@ use crate::{
     TenantId, Timestamp, Version, limits,
 };
 
+mod failure;
 mod model;
+pub use failure::{CheckFailure, CheckResult};
 pub use model::model_test;
-
-/// A conformance violation, with a description of what was expected.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckFailure(pub String);
-
-impl std::fmt::Display for CheckFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CheckFailure {}
-
-/// Result of one check.
-pub type CheckResult = Result<(), CheckFailure>;
 
 /// Turns a store error into a check failure with context.
 fn ok<T>(r: crate::Result<T>, what: &str) -> Result<T, CheckFailure> {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
-use super::CheckFailure;
+use super::failure::CheckFailure;
 use crate::{
     AppendOutcome, Direction, Error, EventFilter, EventId, EventStore, ExpectedVersion, NewEvent,
     Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId, Version,
