@@ -16,8 +16,8 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::watch;
 use tracktrace_core::{Error, Result};
 
-use crate::PgStore;
 use crate::error::map_err;
+use crate::handle::PgStore;
 
 /// How often a holder checks its connection, and how long a check may take.
 const HEARTBEAT: Duration = Duration::from_secs(1);
