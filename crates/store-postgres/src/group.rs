@@ -2,9 +2,10 @@
 //!
 //! A single-event append costs PostgreSQL far more per transaction (snapshot, advisory lock,
 //! transaction id, commit record, WAL flush, one client round trip) than per row. At most
-//! [`crate::PgStoreOptions::append_groups`] append statements of single-event requests run at
-//! once; a request that finds them all busy joins a queue, and the next statement to start
-//! takes everything queued (distinct streams, up to [`MAX_GROUP`] requests) as one group.
+//! [`PgStoreOptions::append_groups`](crate::handle::PgStoreOptions::append_groups) append
+//! statements of single-event requests run at once; a request that finds them all busy joins a
+//! queue, and the next statement to start takes everything queued (distinct streams, up to
+//! [`MAX_GROUP`](crate::group_queue::MAX_GROUP) requests) as one group.
 //! A caller that finds a free slot runs alone at once, so an idle store adds no latency and a
 //! busy one trades waiting for a slot against per-transaction overhead. While no group is
 //! running (no drainer), a caller that finds every slot busy may still run alone on one of as
@@ -35,22 +36,22 @@
 //! Queued requests are run by a spawned task (the *drainer*), never by another caller's future:
 //! a caller that gives up (its future is dropped) cancels nothing but its own request, which is
 //! skipped if it had not started.
+//!
+//! The slots and the queue are in `group_queue.rs` (the store's handle holds them); this module
+//! enters them, spawns the drainers and runs the groups.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 
 use sqlx::Row;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use tracktrace_core::{AppendOutcome, AppendRequest, EventRef, Position, Result, Version};
 
-use crate::PgStore;
+use crate::bind::{expected_params, headers_json, schema_version_param};
 use crate::error::map_err;
+use crate::group_queue::{Grouper, Pending, Reply};
+use crate::handle::PgStore;
 use crate::rows::position;
-
-/// Most requests in one group (positions of a transaction are `xid * 1024 + index`).
-pub(crate) const MAX_GROUP: usize = 256;
 
 /// One statement for a group of single-event appends to distinct streams. `$1` the store's
 /// lock key; per request: `$2` tenant, `$3` stream, `$4` expected kind (as in the single
@@ -97,31 +98,6 @@ ON CONFLICT DO NOTHING
 RETURNING position, version",
 );
 
-/// What a queued request's caller does next.
-pub(crate) enum Reply {
-    /// Stored by the group.
-    Done(AppendOutcome),
-    /// Not stored by the group (precondition, duplicate or lost race): run the careful path.
-    Careful(AppendRequest),
-    /// The group's statement failed as a whole: run the append alone from the start.
-    Alone(AppendRequest),
-}
-
-struct Pending {
-    req: AppendRequest,
-    tx: oneshot::Sender<Reply>,
-}
-
-/// The slots and the queue of one store.
-pub(crate) struct Grouper {
-    slots: Arc<Semaphore>,
-    /// As many again, for appends that run alone while no group is being run.
-    extra: Arc<Semaphore>,
-    /// Drainers running (spawned and not yet finished).
-    draining: AtomicUsize,
-    queue: Mutex<VecDeque<Pending>>,
-}
-
 /// How a single-event append proceeds.
 pub(crate) enum Entry {
     /// A slot was free: run alone now, holding the slot until the guard drops.
@@ -153,19 +129,6 @@ impl Drop for SlotGuard {
 }
 
 impl Grouper {
-    pub(crate) fn new(slots: usize) -> Self {
-        Self {
-            slots: Arc::new(Semaphore::new(slots.max(1))),
-            extra: Arc::new(Semaphore::new(slots.max(1))),
-            draining: AtomicUsize::new(0),
-            queue: Mutex::new(VecDeque::new()),
-        }
-    }
-
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Takes a free slot (when nothing is queued: queued requests go first) or queues `req`.
     pub(crate) fn enter(&self, store: &PgStore, req: AppendRequest) -> Entry {
         let queued_before = !self.queue().is_empty();
@@ -218,35 +181,6 @@ impl Grouper {
                 self.queue().clear();
             }
         }
-    }
-
-    /// Up to [`MAX_GROUP`] queued requests for distinct streams, oldest first; requests whose
-    /// caller has gone are dropped unrun.
-    fn take(&self) -> Vec<Pending> {
-        let mut q = self.queue();
-        let mut seen = HashSet::new();
-        let mut group = Vec::new();
-        let mut later = VecDeque::new();
-        while let Some(p) = q.pop_front() {
-            if p.tx.is_closed() {
-                continue;
-            }
-            if group.len() < MAX_GROUP && seen.insert((p.req.tenant.clone(), p.req.stream.clone()))
-            {
-                group.push(p);
-            } else {
-                later.push_back(p);
-            }
-        }
-        *q = later;
-        drop(q);
-        // Every group inserts in one global order of streams: two groups running at once
-        // that touch the same streams then wait for each other in one direction only (a
-        // unique-index wait on a row of the other's uncommitted insert), never in a cycle.
-        group.sort_unstable_by(|a, b| {
-            (&a.req.tenant, &a.req.stream).cmp(&(&b.req.tenant, &b.req.stream))
-        });
-        group
     }
 }
 
@@ -331,7 +265,7 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
     let mut believed = Vec::with_capacity(n);
     for p in group {
         let e = &p.req.events[0];
-        let (k, x) = crate::store::expected_params(p.req.expected)?;
+        let (k, x) = expected_params(p.req.expected)?;
         tenants.push(p.req.tenant.as_str());
         streams.push(p.req.stream.as_str());
         kinds.push(k);
@@ -339,12 +273,12 @@ async fn execute(store: &PgStore, group: &[Pending]) -> Result<Vec<(Position, u6
         ids.push(e.event_id.as_uuid());
         dedup.push(e.dedup_key.as_deref());
         types.push(e.event_type.as_str());
-        schema_versions.push(crate::store::schema_version_param(e));
+        schema_versions.push(schema_version_param(e));
         content_types.push(e.content_type.as_str());
         payloads.push(&e.payload[..]);
         correlation.push(e.metadata.correlation_id.as_deref());
         causation.push(e.metadata.causation_id.as_deref());
-        headers.push(crate::store::headers_json(e));
+        headers.push(headers_json(e));
         believed.push(store.believed_version(&p.req));
     }
     let mut conn = store

@@ -12,8 +12,8 @@ use tracktrace_core::{
     ReadModelWrite, Result, Snapshot, SnapshotStore, StreamId, TenantId, Version,
 };
 
-use crate::PgStore;
 use crate::error::map_err;
+use crate::handle::PgStore;
 use crate::rows::to_i64;
 
 fn checkpoint_from(v: i64) -> Result<Position> {

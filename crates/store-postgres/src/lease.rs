@@ -18,8 +18,8 @@ use tracktrace_core::{Error, Result};
 
 use async_trait::async_trait;
 
-use crate::PgStore;
 use crate::error::map_err;
+use crate::handle::PgStore;
 
 /// How often a holder checks its connection, and how long a check may take.
 const HEARTBEAT: Duration = Duration::from_secs(1);

@@ -2,7 +2,7 @@
 //! the parts that must be the same in every one of them.
 
 /// Takes the store's shared append lock (`$1` the store's key, second half
-/// `store::APPEND_LOCK`); see `HORIZON_SQL` for why every append takes it before its id.
+/// `horizon::APPEND_LOCK`); see `HORIZON_SQL` for why every append takes it before its id.
 macro_rules! append_lock {
     () => {
         "pg_catalog.pg_advisory_xact_lock_shared($1, 1953759233)"
@@ -46,7 +46,7 @@ WITH l AS MATERIALIZED (
 mod tests {
     #[test]
     fn the_append_lock_is_the_one_readers_look_for() {
-        let key = crate::store::APPEND_LOCK.to_string();
+        let key = crate::horizon::APPEND_LOCK.to_string();
         assert!(
             append_lock!().contains(&format!(", {key})")),
             "{}",

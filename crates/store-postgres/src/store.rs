@@ -8,22 +8,24 @@ use uuid::Uuid;
 
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, Direction, Error, EventId, EventRef, EventStore,
-    ExpectedVersion, NewEvent, Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId,
-    TenantId, Version, resolve_duplicates, validate_batch,
+    Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId, Version,
+    resolve_duplicates, validate_batch,
 };
 
-use crate::PgStore;
+use crate::bind::{bind_event, expected_params, headers_json, schema_version_param};
+use crate::conns::CachedConn;
 use crate::error::{is_unique_violation, map_err};
-use crate::group::{Entry, Reply};
+use crate::group::Entry;
+use crate::group_queue::Reply;
+use crate::handle::PgStore;
+use crate::horizon::horizon;
 use crate::rows::{EVENT_COLUMNS, decode_event, decode_event_with_ids, position, to_i64};
+use crate::time_range::position_at;
 
 /// How often an append is re-run after losing a race (unique violation from a concurrent
 /// duplicate, or a concurrent append that took the same versions) before giving up as
 /// `Unavailable`. Retries serialise per stream, so more than two are rare.
 const MAX_APPEND_ATTEMPTS: usize = 16;
-
-/// Second half of the append advisory-lock key (see `tt_append` and [`horizon`]).
-pub(crate) const APPEND_LOCK: i32 = 1_953_759_233;
 
 /// The careful path (`tt_append`, PL/pgSQL): duplicates looked up first, then the version;
 /// used after the fast path reports a failed precondition or hits a unique violation.
@@ -151,117 +153,6 @@ WHERE (SELECT e.version FROM events e
 RETURNING 0::smallint, 1, NULL::uuid, NULL::text, version, position, NULL::bigint",
 );
 
-/// The read horizon: positions below it are final.
-///
-/// Order matters and is forced by data dependencies: the statement snapshot (t0) is taken
-/// before execution; the lock table is read (t1) when the first holder row is needed; each
-/// holder's transaction id is read from its PGPROC via `pg_stat_get_activity` (t2), which needs
-/// that row. Every append that may still commit then either
-/// - held the store's advisory lock at t1 and had its id at t2: the horizon is at most that id;
-/// - held it at t1 but got its id after t2, or took the lock after t1: its id is at least
-///   `nextXid(t0) >= xmax(t0)`;
-/// - held it at t1 and ended before t2: it is visible to the caller's next statement.
-///
-/// The id is read from PGPROC (set in the same instant the id is assigned) rather than from the
-/// transaction's `transactionid` lock, which is taken a moment later: a reader in between would
-/// miss the id. A holder whose details this role may not see (another role without
-/// `pg_read_all_stats`) counts as the snapshot's xmin, which is never above its id.
-/// The caller reads rows with a *later* statement, whose snapshot contains every append below
-/// the horizon.
-const HORIZON_SQL: &str = "
-WITH s AS MATERIALIZED (
-    SELECT pg_catalog.pg_snapshot_xmax(snap)::text::bigint AS xmax,
-           pg_catalog.pg_snapshot_xmin(snap)::text::bigint AS xmin
-    FROM pg_catalog.pg_current_snapshot() AS snap
-), holders AS MATERIALIZED (
-    SELECT l.pid
-    FROM pg_catalog.pg_locks l
-    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-      AND l.classid = $1::integer::oid AND l.objid = $2::integer::oid
-      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
-                        WHERE d.datname = pg_catalog.current_database())
-), xids AS (
-    SELECT (SELECT CASE
-                       WHEN a.state IS NULL THEN s.xmin
-                       ELSE s.xmax + ((a.backend_xid::text::bigint - s.xmax % 4294967296
-                                       + 6442450944) % 4294967296) - 2147483648
-                   END
-            FROM pg_catalog.pg_stat_get_activity(h.pid) a) AS x
-    FROM holders h, s
-), h AS (
-    SELECT least(s.xmax, (SELECT min(xids.x) FROM xids)) + tt_xid_offset()
-           AS hx
-    FROM s
-)
-SELECT h.hx * 1024,
-       COALESCE((SELECT e.position FROM events e WHERE e.position < h.hx * 1024
-                 ORDER BY e.position DESC LIMIT 1), 0),
-       COALESCE((SELECT e.position FROM events e ORDER BY e.position DESC LIMIT 1), 0)
-FROM h";
-
-/// Result of [`horizon`].
-pub(crate) struct Horizon {
-    /// Positions below this are final.
-    pub(crate) horizon: Position,
-    /// Highest stored position below the horizon (0: none).
-    pub(crate) head: Position,
-    /// Highest stored position (may be at or above the horizon).
-    pub(crate) max: Position,
-}
-
-pub(crate) async fn horizon<'c, E>(executor: E, lock_key: i32) -> Result<Horizon>
-where
-    E: sqlx::PgExecutor<'c>,
-{
-    let row = sqlx::query(HORIZON_SQL)
-        .bind(lock_key)
-        .bind(APPEND_LOCK)
-        .fetch_one(executor)
-        .await
-        .map_err(|e| map_err("read horizon", e))?;
-    Ok(Horizon {
-        horizon: position(&row, 0)?,
-        head: position(&row, 1)?,
-        max: position(&row, 2)?,
-    })
-}
-
-pub(crate) fn expected_params(e: ExpectedVersion) -> Result<(i16, i64)> {
-    Ok(match e {
-        ExpectedVersion::Any => (0, 0),
-        ExpectedVersion::NoStream => (1, 0),
-        ExpectedVersion::StreamExists => (2, 0),
-        ExpectedVersion::Exact(v) => (3, to_i64("expected", v.get())?),
-    })
-}
-
-/// The `headers` column of an event: its headers as JSON text, `None` when it has none.
-pub(crate) fn headers_json(e: &NewEvent) -> Option<String> {
-    (!e.metadata.headers.is_empty())
-        .then(|| serde_json::to_string(&e.metadata.headers).unwrap_or_default())
-}
-
-/// The `schema_version` column of an event (`append` has checked that it fits).
-pub(crate) fn schema_version_param(e: &NewEvent) -> i32 {
-    i32::try_from(e.schema_version).unwrap_or(i32::MAX)
-}
-
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
-/// Binds one event's nine columns (id, dedup key, type, schema version, content type, payload,
-/// correlation, causation, headers), in that order, after the parameters `q` already has.
-fn bind_event<'q>(q: PgQuery<'q>, e: &'q NewEvent) -> PgQuery<'q> {
-    q.bind(e.event_id.as_uuid())
-        .bind(e.dedup_key.as_deref())
-        .bind(e.event_type.as_str())
-        .bind(schema_version_param(e))
-        .bind(e.content_type.as_str())
-        .bind(&e.payload[..])
-        .bind(e.metadata.correlation_id.as_deref())
-        .bind(e.metadata.causation_id.as_deref())
-        .bind(headers_json(e))
-}
-
 /// Carries a decoding error out of a sqlx row mapper ...
 fn to_sqlx(e: Error) -> sqlx::Error {
     sqlx::Error::Decode(Box::new(e))
@@ -283,24 +174,8 @@ fn limit(n: usize) -> i64 {
 }
 
 impl PgStore {
-    /// The version the request's stream is believed to be at, as the statements' parameter:
-    /// known for `NoStream` and `Exact`, hinted for `Any` / `StreamExists` when this process
-    /// appended to it recently (see `hints`); `None` (look it up) otherwise or beyond `i64`.
-    /// Append statements verify it.
-    pub(crate) fn believed_version(&self, req: &AppendRequest) -> Option<i64> {
-        let v = match req.expected {
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(v) => Some(v.get()),
-            ExpectedVersion::Any | ExpectedVersion::StreamExists => self
-                .inner
-                .hints
-                .get(req.tenant.as_str(), req.stream.as_str()),
-        };
-        v.and_then(|v| i64::try_from(v).ok())
-    }
-
     /// A cached connection (see `conns`), errors mapped.
-    async fn conn(&self) -> Result<crate::conns::CachedConn<'_>> {
+    async fn conn(&self) -> Result<CachedConn<'_>> {
         self.inner
             .appenders
             .get()
@@ -412,24 +287,6 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
 }
 
 impl PgStore {
-    /// After an append statement failed on `conn`: let the server finish aborting its
-    /// transaction before the error is reported or the append retried (so a read right after
-    /// does not lag behind it), discard the connection after an I/O or protocol error, and
-    /// wake readers whose horizon the failed transaction may have held back.
-    pub(crate) async fn settle_failed_append(
-        &self,
-        conn: &mut crate::conns::CachedConn<'_>,
-        e: &sqlx::Error,
-    ) {
-        if matches!(e, sqlx::Error::Database(_)) {
-            let _ = sqlx::Connection::ping(conn.conn()).await;
-        } else {
-            conn.broken = true;
-        }
-        let head = *self.inner.shared.head.borrow();
-        self.inner.shared.committed(head);
-    }
-
     /// One append on its own (not grouped); `careful` starts with the careful path.
     async fn append_alone(&self, req: AppendRequest, careful: bool) -> Result<AppendOutcome> {
         // Every attempt of one append runs on the same connection. sqlx reports a statement's
@@ -715,7 +572,7 @@ impl EventStore for PgStore {
     }
 
     async fn position_at(&self, at: tracktrace_core::Timestamp) -> Result<Position> {
-        crate::time_range::position_at(self, at).await
+        position_at(self, at).await
     }
 
     fn watch_head(&self) -> watch::Receiver<Position> {

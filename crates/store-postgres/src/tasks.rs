@@ -11,6 +11,8 @@ use tokio::task::JoinHandle;
 
 use tracktrace_core::Position;
 
+use crate::horizon::horizon;
+
 /// State shared by a store and its tasks.
 pub(crate) struct Shared {
     /// The value subscribers watch (a recent head; every change wakes them).
@@ -141,7 +143,7 @@ async fn rechecker(shared: Arc<Shared>, pool: PgPool, lock_key: i32) {
             if target == 0 {
                 break;
             }
-            match crate::store::horizon(&pool, lock_key).await {
+            match horizon(&pool, lock_key).await {
                 Ok(h) if h.horizon > Position::new(target) => {
                     shared.bump(Position::START);
                     if shared

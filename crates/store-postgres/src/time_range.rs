@@ -17,9 +17,9 @@
 use sqlx::Row;
 use tracktrace_core::{Position, Result, Timestamp};
 
-use crate::PgStore;
 use crate::error::map_err;
-use crate::store::horizon;
+use crate::handle::PgStore;
+use crate::horizon::horizon;
 
 const POSITION_AT_SQL: &str = "
 WITH w AS MATERIALIZED (

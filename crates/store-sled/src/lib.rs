@@ -75,11 +75,15 @@
 //!
 //! The key layout is documented in [`layout`].
 
+mod keys;
 mod options;
+mod read;
+mod shared;
 mod store;
 mod writer;
 
 pub mod layout;
 
+pub use keys::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN};
 pub use options::{DEFAULT_CACHE_CAPACITY, Durability, OpenError, SledOptions};
-pub use store::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN, SledStats, SledStore};
+pub use store::{SledStats, SledStore};

@@ -19,9 +19,10 @@ use tracktrace_core::{
     RecordedEvent, Result, Snapshot, Timestamp, Version, monotonic_now, resolve_duplicates,
 };
 
+use crate::keys::{check_namespace, read_model_key};
 use crate::layout::{self, Run};
 use crate::options::Durability;
-use crate::store::{Shared, sled_err};
+use crate::shared::{Shared, sled_err};
 
 /// Most requests committed together in one group.
 const MAX_GROUP_REQUESTS: usize = 1024;
@@ -561,13 +562,13 @@ impl Writer {
         for (i, w) in batch.writes.into_iter().enumerate() {
             match w {
                 ReadModelWrite::Put { ns, key, value } => {
-                    pending.insert(crate::store::read_model_key(i, &ns, &key)?, Some(value));
+                    pending.insert(read_model_key(i, &ns, &key)?, Some(value));
                 }
                 ReadModelWrite::Delete { ns, key } => {
-                    pending.insert(crate::store::read_model_key(i, &ns, &key)?, None);
+                    pending.insert(read_model_key(i, &ns, &key)?, None);
                 }
                 ReadModelWrite::Clear { ns } => {
-                    crate::store::check_namespace(i, &ns)?;
+                    check_namespace(i, &ns)?;
                     let prefix = layout::namespace_prefix(&ns);
                     for k in tree.scan_prefix(&prefix).keys() {
                         pending.insert(k.map_err(sled_err)?.to_vec(), None);
