@@ -1,62 +1,15 @@
-//! Bearer-token authentication: HS256 JWTs with `sub`, `tenant`, `scopes` and `exp`.
+//! Bearer-token authentication: HS256 JWTs with `sub`, `tenant`, `scopes` and `exp`, verified
+//! into the application's [`Actor`].
 
 use std::fmt;
 use std::path::Path;
-use std::str::FromStr;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use tracktrace_app::access::{Actor, Scope};
 use tracktrace_core::TenantId;
 
 use crate::error::ApiError;
-
-/// What a token allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Scope {
-    /// Capture events.
-    EventsWrite,
-    /// Read traces and subscribe.
-    TraceRead,
-    /// Read metrics.
-    MetricsRead,
-    /// Manage tenants (tokens of the system tenant only).
-    Admin,
-}
-
-impl Scope {
-    /// The scope's wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::EventsWrite => "events:write",
-            Scope::TraceRead => "trace:read",
-            Scope::MetricsRead => "metrics:read",
-            Scope::Admin => "admin",
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Scope {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        Ok(match s {
-            "events:write" => Scope::EventsWrite,
-            "trace:read" => Scope::TraceRead,
-            "metrics:read" => Scope::MetricsRead,
-            "admin" => Scope::Admin,
-            other => {
-                return Err(format!(
-                    "unknown scope {other:?} (events:write, trace:read, metrics:read, admin)"
-                ));
-            }
-        })
-    }
-}
 
 /// The claims of a tracktrace token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,36 +24,15 @@ pub struct Claims {
     pub exp: u64,
 }
 
-/// The tenant id of the system itself: its tokens administer tenants; it owns the tenant
-/// registry stream and can never be created through the API.
-pub const SYSTEM_TENANT: &str = "_system";
-
-/// An authenticated caller.
+/// The authenticated caller of a request: the application's [`Actor`], extracted from the
+/// bearer token (see `FromRequestParts` in [`crate::extract`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal {
-    /// Token subject.
-    pub subject: String,
-    /// Tenant.
-    pub tenant: TenantId,
-    /// Scopes.
-    pub scopes: Vec<Scope>,
-}
+pub struct Principal(pub Actor);
 
-impl Principal {
-    /// 403 unless the token carries `scope`.
-    pub fn require(&self, scope: Scope) -> Result<(), ApiError> {
-        if self.scopes.contains(&scope) {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(format!(
-                "the token lacks the {scope} scope"
-            )))
-        }
-    }
-
-    /// Whether this is a system administrator.
-    pub fn is_system_admin(&self) -> bool {
-        self.tenant.as_str() == SYSTEM_TENANT && self.scopes.contains(&Scope::Admin)
+impl std::ops::Deref for Principal {
+    type Target = Actor;
+    fn deref(&self) -> &Actor {
+        &self.0
     }
 }
 
@@ -183,8 +115,9 @@ impl JwtKeys {
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.enc).unwrap_or_default()
     }
 
-    /// Verifies a bearer token (signature, algorithm, expiry) and parses its claims.
-    pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
+    /// Verifies a bearer token (signature, algorithm, expiry) and parses its claims (unknown
+    /// scopes are ignored).
+    pub fn verify(&self, token: &str) -> Result<Actor, ApiError> {
         use jsonwebtoken::errors::ErrorKind;
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation).map_err(|e| {
@@ -202,11 +135,7 @@ impl JwtKeys {
             .iter()
             .filter_map(|s| s.parse::<Scope>().ok())
             .collect();
-        Ok(Principal {
-            subject: c.sub,
-            tenant,
-            scopes,
-        })
+        Ok(Actor::new(c.sub, tenant, scopes))
     }
 }
 

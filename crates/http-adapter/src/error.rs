@@ -1,4 +1,5 @@
-//! [`ApiError`]: every failure of the API as an RFC 9457 `application/problem+json` response.
+//! [`ApiError`]: every failure of the API as an RFC 9457 `application/problem+json` response,
+//! and the mapping of the application's [`AppError`] onto it.
 
 use std::time::Duration;
 
@@ -6,7 +7,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::domain::{CaptureError, FieldError};
+use tracktrace_app::AppError;
+use tracktrace_domain::FieldError;
 
 /// Media type of problem documents.
 pub const PROBLEM_JSON: &str = "application/problem+json";
@@ -180,32 +182,29 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<CaptureError> for ApiError {
-    fn from(e: CaptureError) -> Self {
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
         match e {
-            CaptureError::Malformed { detail } => ApiError::Malformed(detail),
-            CaptureError::Invalid { errors } => ApiError::Validation(errors),
-        }
-    }
-}
-
-impl From<tracktrace_core::Error> for ApiError {
-    fn from(e: tracktrace_core::Error) -> Self {
-        use tracktrace_core::Error as E;
-        match e {
-            E::Unavailable { retry_after, .. } => {
-                tracing::warn!(error = %e, "event store unavailable");
-                ApiError::Unavailable {
-                    retry_after: retry_after.unwrap_or(Duration::from_secs(1)),
+            AppError::Malformed(d) => ApiError::Malformed(d),
+            AppError::Validation(errors) => ApiError::Validation(errors),
+            AppError::BadRequest(d) => ApiError::BadRequest(d),
+            AppError::Forbidden(d) => ApiError::Forbidden(d),
+            AppError::NotFound(d) => ApiError::NotFound(d),
+            AppError::Conflict(d) => ApiError::Conflict(d),
+            AppError::TooLarge { .. } => ApiError::PayloadTooLarge,
+            e @ (AppError::Unavailable { .. } | AppError::Contention(_)) => {
+                let retry_after = e.retry_after().unwrap_or(Duration::from_secs(1));
+                tracing::warn!(error = %e, "request failed: retry later");
+                if matches!(e, AppError::Contention(_)) {
+                    ApiError::Contention { retry_after }
+                } else {
+                    ApiError::Unavailable { retry_after }
                 }
             }
-            E::InvalidInput { field, reason } => {
-                ApiError::Validation(vec![FieldError::new(field, reason)])
-            }
-            E::Conflict { .. } => ApiError::Conflict(e.to_string()),
-            E::Duplicate { .. } => ApiError::Conflict(e.to_string()),
-            E::NotFound { what } => ApiError::NotFound(what),
+            AppError::Timeout(d) => ApiError::Timeout(d),
             other => {
+                // Internal errors (and variants added later) are logged with their cause;
+                // the client learns nothing about our internals.
                 tracing::error!(error = %other, "internal error");
                 ApiError::Internal
             }

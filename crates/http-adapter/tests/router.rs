@@ -12,15 +12,15 @@ use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tower::ServiceExt;
+use tracktrace_app::{App, AppConfig};
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, BreakerConfig, CircuitBreaker, Error, EventId,
     EventStore, InMemoryStore, Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId,
     Version,
 };
-use tracktrace_http::api::{ApiConfig, AppState, router};
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
 use tracktrace_http::cache::{CacheConfig, TraceCache};
-use tracktrace_http::projection;
+use tracktrace_http::{HttpState, router};
 
 /// An event store that fails with `Unavailable` while `down` is set (a store outage).
 struct Switchable {
@@ -90,7 +90,7 @@ impl EventStore for Switchable {
 
 struct Fixture {
     app: axum::Router,
-    state: AppState,
+    state: HttpState,
     mem: Arc<InMemoryStore>,
     keys: JwtKeys,
     down: Arc<AtomicBool>,
@@ -98,7 +98,7 @@ struct Fixture {
 
 const SECRET: &[u8] = b"router-test-secret-0123456789abcdef";
 
-async fn fixture_with(config: ApiConfig) -> Fixture {
+async fn fixture_with(config: AppConfig) -> Fixture {
     let mem = Arc::new(InMemoryStore::new());
     let down = Arc::new(AtomicBool::new(false));
     let switchable: Arc<dyn EventStore> = Arc::new(Switchable {
@@ -114,17 +114,16 @@ async fn fixture_with(config: ApiConfig) -> Fixture {
     ));
     let keys = JwtKeys::from_secret(SECRET).unwrap();
     let (tx, rx) = watch::channel(Position::START);
-    tokio::spawn(projection::run(mem.clone(), mem.clone(), tx));
-    let state = AppState::new(
-        guarded,
+    tokio::spawn(tracktrace_app::trace::runner::run(
         mem.clone(),
-        keys.clone(),
-        TraceCache::local(CacheConfig::default()),
-        Some(rx),
-        config,
-    );
+        mem.clone(),
+        tx,
+    ));
+    let app = App::new(guarded, mem.clone(), Some(rx), config);
+    let state = HttpState::new(app, keys.clone(), TraceCache::local(CacheConfig::default()));
     for t in ["acme", "globex"] {
         state
+            .app()
             .tenants()
             .create(&TenantId::parse(t).unwrap(), "test")
             .await
@@ -140,7 +139,7 @@ async fn fixture_with(config: ApiConfig) -> Fixture {
 }
 
 async fn fixture() -> Fixture {
-    fixture_with(ApiConfig::default()).await
+    fixture_with(AppConfig::default()).await
 }
 
 impl Fixture {
@@ -746,9 +745,9 @@ async fn batch_capture_has_per_item_results() {
 
 #[tokio::test]
 async fn min_position_beyond_the_log_504() {
-    let f = fixture_with(ApiConfig {
+    let f = fixture_with(AppConfig {
         read_your_writes_timeout: Duration::from_millis(50),
-        ..ApiConfig::default()
+        ..AppConfig::default()
     })
     .await;
     let t = f.writer();
@@ -1231,10 +1230,10 @@ fn count_of(trace: &Value, event_type: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_milestone_watch_raises_overdue_into_trace_and_subscribers_then_recovers() {
     let f = fixture().await;
-    tokio::spawn(tracktrace_http::milestone::run(
+    tokio::spawn(tracktrace_app::milestone::run::run(
         f.mem.clone(),
         f.mem.clone(),
-        f.state.store().clone(),
+        f.state.app().capture_pipeline().service().clone(),
     ));
     let admin = f.token("_system", &["admin"]);
     let (s, _) = f
@@ -1511,4 +1510,45 @@ async fn partner_route_admin_api() {
     let (s, _, ready) = f.get("/readyz", None).await;
     assert_eq!(s, StatusCode::OK);
     assert!(ready.get("propagation").is_none(), "{ready}");
+}
+
+/// A schema can only be registered for an event type a capture could have (the capture
+/// validator's rule, `tracktrace_domain::event_type_problem`): `1abc` was accepted before and
+/// could never apply to anything.
+#[tokio::test]
+async fn schemas_only_for_event_types_the_capture_validator_accepts() {
+    let f = fixture().await;
+    let admin = f.token("_system", &["admin"]);
+    let schema = json!({"type": "object"});
+    for bad in ["1abc", "Bag%20Loaded", "-x", "a.b!"] {
+        let (s, v) = f
+            .put(
+                &format!("/api/v1/admin/tenants/acme/schemas/{bad}"),
+                Some(&admin),
+                &schema,
+            )
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert_eq!(problem_type(&v), "/problems/validation");
+        assert_eq!(v["errors"][0]["field"], "eventType", "{bad}: {v}");
+    }
+    // The same event type is refused at capture, so nothing could ever have used it.
+    let t = f.writer();
+    let (s, v) = f
+        .post(
+            "/api/v1/events",
+            Some(&t),
+            &event("S1", "1abc", "2026-11-28T09:00:00Z", "MAD"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(v["errors"][0]["field"], "eventType");
+    let (s, v) = f
+        .put(
+            "/api/v1/admin/tenants/acme/schemas/bag.loaded:v2-x",
+            Some(&admin),
+            &schema,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
 }

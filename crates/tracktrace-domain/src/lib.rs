@@ -118,6 +118,15 @@ impl OccurredAt {
         })
     }
 
+    /// The instant `utc_micros` (microseconds since the epoch), written in UTC (`…Z`): for
+    /// events the server itself raises.
+    pub fn from_utc_micros(utc_micros: i64) -> Self {
+        Self {
+            original: format_micros(utc_micros),
+            utc_micros,
+        }
+    }
+
     /// Rebuilds from stored parts (the original text is trusted to be valid RFC 3339).
     fn from_parts(original: String, utc_micros: i64) -> Self {
         Self {
@@ -365,6 +374,17 @@ pub fn validate_capture_value(
 /// The correlation id a body may carry (`correlationId`), if it is a string.
 pub fn body_correlation_id(value: &Value) -> Option<&str> {
     value.get("correlationId").and_then(Value::as_str)
+}
+
+/// Why `s` is not a valid `entityId` by the capture rules (`None`: it is valid). For other
+/// front ends that name entities (trace queries, subscriptions).
+pub fn entity_id_problem(s: &str) -> Option<String> {
+    let mut c = Check {
+        prefix: "",
+        errors: Vec::new(),
+    };
+    c.entity_id("", s);
+    c.errors.pop().map(|e| e.message)
 }
 
 /// Why `s` is not a valid `entityType` by the capture rules (`None`: it is valid). For other
@@ -812,6 +832,14 @@ mod tests {
         assert!(entity_type_problem("Bag-1").is_some());
         assert!(event_type_problem("").is_some());
         assert!(event_type_problem("a b").is_some());
+        assert_eq!(entity_id_problem("0125123456"), None);
+        assert_eq!(
+            entity_id_problem("urn:epc:id:sgtin:0614141.107346.2017"),
+            None
+        );
+        assert!(entity_id_problem("").is_some());
+        assert!(entity_id_problem("a/b").is_some());
+        assert!(entity_id_problem(&"x".repeat(limits::MAX_ENTITY_ID_LEN + 1)).is_some());
     }
 
     #[test]

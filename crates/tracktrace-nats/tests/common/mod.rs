@@ -1,4 +1,4 @@
-//! Helpers shared by the JetStream integration tests (also included by tracktrace-http's
+//! Helpers shared by the JetStream integration tests (also included by tracktrace-server's
 //! propagation tests, hence `async_nats` through `tracktrace_nats`).
 #![allow(dead_code, unreachable_pub)]
 

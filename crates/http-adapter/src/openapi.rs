@@ -1,0 +1,102 @@
+//! The router: every documented route with its OpenAPI description (generated from the
+//! handlers, so the two cannot drift apart), `GET /openapi.json`, and the ops-only router of
+//! processor processes.
+
+use std::sync::Arc;
+
+use axum::Json;
+use tracktrace_domain::FieldError;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::error::{ApiError, Problem};
+use crate::routes::{analytics, capture, milestones, ops, tenants, trace};
+use crate::state::HttpState;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tracktrace Track & Trace API", description = "Operational event capture and per-entity traces."),
+    modifiers(&BearerAuth),
+    components(schemas(Problem, FieldError))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The documented routes and their OpenAPI description.
+pub fn api_routes() -> (axum::Router<HttpState>, utoipa::openapi::OpenApi) {
+    let r = OpenApiRouter::with_openapi(ApiDoc::openapi());
+    #[cfg(feature = "nats")]
+    let r = {
+        use crate::routes::propagation;
+        r.routes(routes!(propagation::add_route, propagation::list_routes))
+            .routes(routes!(propagation::get_route, propagation::remove_route))
+    };
+    r.routes(routes!(capture::capture))
+        .routes(routes!(capture::capture_batch))
+        .routes(routes!(trace::trace))
+        .routes(routes!(trace::subscribe))
+        .routes(routes!(tenants::create_tenant, tenants::list_tenants))
+        .routes(routes!(tenants::suspend_tenant))
+        .routes(routes!(tenants::resume_tenant))
+        .routes(routes!(tenants::list_schemas))
+        .routes(routes!(tenants::put_schema, tenants::delete_schema))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::scrape_metrics))
+        .routes(routes!(analytics::run_analytics))
+        .routes(routes!(analytics::list_kpis))
+        .routes(routes!(analytics::list_anomalies))
+        .routes(routes!(analytics::get_config, analytics::put_config))
+        .routes(routes!(milestones::list_rules))
+        .routes(routes!(
+            milestones::put_rule,
+            milestones::get_rule,
+            milestones::delete_rule
+        ))
+        .routes(routes!(milestones::entity_watches))
+        .split_for_parts()
+}
+
+/// The whole API, ready to serve: every documented route plus `GET /openapi.json`.
+pub fn router(state: HttpState) -> axum::Router {
+    let (routes, openapi) = api_routes();
+    let doc = Arc::new(openapi);
+    routes
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || {
+                let doc = doc.clone();
+                async move { Json((*doc).clone()) }
+            }),
+        )
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+}
+
+/// Only `/healthz`, `/readyz` and `/metrics` (processes with role `processor`).
+pub fn ops_router(state: HttpState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", axum::routing::get(ops::healthz))
+        .route("/readyz", axum::routing::get(ops::readyz))
+        .route("/metrics", axum::routing::get(ops::scrape_metrics))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .with_state(state)
+}
