@@ -25,14 +25,19 @@ pub struct Claims {
 }
 
 /// The authenticated caller of a request: the application's [`Actor`], extracted from the
-/// bearer token (see `FromRequestParts` in [`crate::extract`]).
+/// bearer token (see `FromRequestParts` in [`crate::extract`]), and when the token expires.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Principal(pub Actor);
+pub struct Principal {
+    /// Who.
+    pub actor: Actor,
+    /// The token's expiry, seconds since the epoch (open event streams end then).
+    pub expires_at: u64,
+}
 
 impl std::ops::Deref for Principal {
     type Target = Actor;
     fn deref(&self) -> &Actor {
-        &self.0
+        &self.actor
     }
 }
 
@@ -117,7 +122,7 @@ impl JwtKeys {
 
     /// Verifies a bearer token (signature, algorithm, expiry) and parses its claims (unknown
     /// scopes are ignored).
-    pub fn verify(&self, token: &str) -> Result<Actor, ApiError> {
+    pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         use jsonwebtoken::errors::ErrorKind;
         let data =
             jsonwebtoken::decode::<Claims>(token, &self.dec, &self.validation).map_err(|e| {
@@ -135,7 +140,10 @@ impl JwtKeys {
             .iter()
             .filter_map(|s| s.parse::<Scope>().ok())
             .collect();
-        Ok(Actor::new(c.sub, tenant, scopes))
+        Ok(Principal {
+            actor: Actor::new(c.sub, tenant, scopes),
+            expires_at: c.exp,
+        })
     }
 }
 

@@ -57,6 +57,21 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the server is at its limit of requests in flight and sheds this one; retry later.
+    #[error("overloaded")]
+    Overloaded {
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// 503: the request did not complete within the server's request timeout; retry later.
+    #[error("request timeout")]
+    RequestTimeout {
+        /// The timeout.
+        after: Duration,
+    },
+    /// 429: the tenant has as many open event streams as it may; close one or retry later.
+    #[error("too many event streams: {0}")]
+    TooManyStreams(String),
     /// 504: a bounded wait (read-your-writes) ran out.
     #[error("timeout: {0}")]
     Timeout(String),
@@ -78,9 +93,11 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable { .. } | ApiError::Contention { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Unavailable { .. }
+            | ApiError::Contention { .. }
+            | ApiError::Overloaded { .. }
+            | ApiError::RequestTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -120,6 +137,22 @@ impl ApiError {
                 "Contention",
                 "the entity is being changed concurrently; retry later".into(),
             ),
+            ApiError::Overloaded { .. } => (
+                "overloaded",
+                "Overloaded",
+                "the server is at its limit of requests in flight; retry later".into(),
+            ),
+            ApiError::RequestTimeout { after } => (
+                "request-timeout",
+                "Request timeout",
+                format!(
+                    "the request did not complete within {} ms; retry later",
+                    after.as_millis()
+                ),
+            ),
+            ApiError::TooManyStreams(d) => {
+                ("too-many-streams", "Too many event streams", d.clone())
+            }
             ApiError::Timeout(d) => ("timeout", "Timeout", d.clone()),
             ApiError::Internal => (
                 "internal",
@@ -170,11 +203,16 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"tracktrace\""),
                 );
             }
-            ApiError::Unavailable { retry_after } | ApiError::Contention { retry_after } => {
+            ApiError::Unavailable { retry_after }
+            | ApiError::Contention { retry_after }
+            | ApiError::Overloaded { retry_after } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                     h.insert(header::RETRY_AFTER, v);
                 }
+            }
+            ApiError::RequestTimeout { .. } | ApiError::TooManyStreams(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

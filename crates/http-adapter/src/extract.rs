@@ -35,7 +35,7 @@ impl FromRequestParts<HttpState> for Principal {
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header must be `Bearer <token>`".into())
             })?;
-        state.keys().verify(token).map(Principal)
+        state.keys().verify(token)
     }
 }
 

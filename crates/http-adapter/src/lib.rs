@@ -70,6 +70,7 @@ pub mod cache;
 pub mod client;
 pub mod error;
 pub mod extract;
+pub mod layers;
 pub mod openapi;
 pub mod routes;
 pub mod state;

@@ -11,6 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::error::{ApiError, Problem};
+use crate::layers;
 use crate::routes::{analytics, capture, milestones, ops, tenants, trace};
 use crate::state::HttpState;
 
@@ -75,11 +76,13 @@ pub fn api_routes() -> (axum::Router<HttpState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The whole API, ready to serve: every documented route plus `GET /openapi.json`.
+/// The whole API, ready to serve: every documented route plus `GET /openapi.json`, behind
+/// the middleware of [`crate::layers`].
 pub fn router(state: HttpState) -> axum::Router {
     let (routes, openapi) = api_routes();
     let doc = Arc::new(openapi);
-    routes
+    let limits = state.limits();
+    let router = routes
         .route(
             "/openapi.json",
             axum::routing::get(move || {
@@ -88,15 +91,19 @@ pub fn router(state: HttpState) -> axum::Router {
             }),
         )
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .with_state(state)
+        .with_state(state);
+    layers::apply(router, limits)
 }
 
-/// Only `/healthz`, `/readyz` and `/metrics` (processes with role `processor`).
+/// Only `/healthz`, `/readyz` and `/metrics` (processes with role `processor`), behind the
+/// same middleware.
 pub fn ops_router(state: HttpState) -> axum::Router {
-    axum::Router::new()
+    let limits = state.limits();
+    let router = axum::Router::new()
         .route("/healthz", axum::routing::get(ops::healthz))
         .route("/readyz", axum::routing::get(ops::readyz))
         .route("/metrics", axum::routing::get(ops::scrape_metrics))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .with_state(state)
+        .with_state(state);
+    layers::apply(router, limits)
 }

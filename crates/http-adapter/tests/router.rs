@@ -110,6 +110,7 @@ async fn fixture_with(config: AppConfig) -> Fixture {
         BreakerConfig {
             failure_threshold: 2,
             open_for: Duration::from_secs(30),
+            ..BreakerConfig::default()
         },
     ));
     let keys = JwtKeys::from_secret(SECRET).unwrap();

@@ -117,6 +117,7 @@ async fn run() {
         ),
         cache_url: None,
         cache: CacheConfig::default(),
+        http: tracktrace_http::layers::HttpLimits::default(),
         role: Role::All,
         jwt_secret: Some("bench-secret-0123456789abcdefghijklmnop".into()),
         app: AppConfig::default(),

@@ -18,6 +18,7 @@ use tracktrace_app::{App, AppConfig};
 use tracktrace_core::{BreakerConfig, LocalLeases, TenantId};
 use tracktrace_http::auth::{JwtKeys, SecretError};
 use tracktrace_http::cache::{CacheConfig, TraceCache};
+use tracktrace_http::layers::HttpLimits;
 use tracktrace_http::{HttpState, ops_router, router};
 
 /// What a process does.
@@ -59,6 +60,8 @@ pub struct ServerConfig {
     pub cache_url: Option<String>,
     /// Cache settings.
     pub cache: CacheConfig,
+    /// The HTTP layer's limits (request timeout, requests in flight, streams per tenant).
+    pub http: HttpLimits,
     /// Role.
     pub role: Role,
     /// JWT secret (else `<data-dir>/jwt-secret`, generated once).
@@ -226,7 +229,7 @@ pub async fn start(
         propagation: cfg.propagation.clone(),
     };
     let (app, background) = background::start(&stores, &runtime).await?;
-    let state = HttpState::new(app.clone(), keys, cache);
+    let state = HttpState::with_limits(app.clone(), keys, cache, cfg.http);
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let closing = state.clone();
     let http = match cfg.role {

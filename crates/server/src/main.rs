@@ -19,6 +19,7 @@ use tracktrace_app::{AppConfig, SYSTEM_TENANT, Scope};
 use tracktrace_core::{BreakerConfig, TenantId};
 use tracktrace_http::auth::{Claims, now_secs};
 use tracktrace_http::cache::CacheConfig;
+use tracktrace_http::layers::HttpLimits;
 use tracktrace_server::{self as server, Role, ServerConfig};
 
 #[derive(Parser, Debug)]
@@ -118,6 +119,24 @@ struct Serve {
     /// How long the circuit breaker stays open before probing, milliseconds.
     #[arg(long, env = "TRACKTRACE_BREAKER_OPEN_MS", default_value_t = 5000)]
     breaker_open_ms: u64,
+    /// Longest time to produce a response, milliseconds (an event stream: its first byte);
+    /// past it the request is answered 503 + Retry-After.
+    #[arg(long, env = "TRACKTRACE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    request_timeout_ms: u64,
+    /// Requests handled at once; more are shed at once with 503 + Retry-After.
+    #[arg(long, env = "TRACKTRACE_MAX_IN_FLIGHT", default_value_t = 512)]
+    max_in_flight: usize,
+    /// Open event streams (SSE) per tenant and process; more get 429.
+    #[arg(long, env = "TRACKTRACE_MAX_STREAMS_PER_TENANT", default_value_t = 100)]
+    max_streams_per_tenant: usize,
+    /// Deadline of one Redis cache call, milliseconds (past it: a miss, served from the read
+    /// model).
+    #[arg(long, env = "TRACKTRACE_CACHE_TIMEOUT_MS", default_value_t = 50)]
+    cache_timeout_ms: u64,
+    /// Deadline of every event-store and read-model call of a request, milliseconds (a store
+    /// that stopped answering costs a request at most this; 0: no deadline).
+    #[arg(long, env = "TRACKTRACE_STORE_TIMEOUT_MS", default_value_t = 1000)]
+    store_timeout_ms: u64,
     #[command(flatten)]
     analytics: AnalyticsArgs,
     #[command(flatten)]
@@ -311,6 +330,13 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         cache: CacheConfig {
             ttl: Duration::from_secs(s.cache_ttl_secs.max(1)),
             max_bytes_per_tenant: s.cache_mib_per_tenant.max(1) * 1024 * 1024,
+            redis_timeout: Duration::from_millis(s.cache_timeout_ms.max(1)),
+            ..CacheConfig::default()
+        },
+        http: HttpLimits {
+            request_timeout: Duration::from_millis(s.request_timeout_ms.max(1)),
+            max_in_flight: s.max_in_flight.max(1),
+            max_streams_per_tenant: s.max_streams_per_tenant,
         },
         role: s.role,
         jwt_secret: c.jwt_secret.clone(),
@@ -321,6 +347,8 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         breaker: BreakerConfig {
             failure_threshold: s.breaker_failures,
             open_for: Duration::from_millis(s.breaker_open_ms),
+            call_timeout: (s.store_timeout_ms > 0)
+                .then(|| Duration::from_millis(s.store_timeout_ms)),
         },
         analytics: analytics_config(&s.analytics),
         propagation: s.nats.config(),

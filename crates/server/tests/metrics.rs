@@ -125,6 +125,7 @@ async fn fixture() -> Fixture {
         BreakerConfig {
             failure_threshold: 2,
             open_for: Duration::from_secs(60),
+            ..BreakerConfig::default()
         },
         &metrics,
     );

@@ -19,8 +19,8 @@ use crate::metrics::Metrics;
 use crate::milestone::service::Milestones;
 use crate::schemas::{SchemaInfo, SchemaRegistry};
 use crate::tenants::{TenantInfo, TenantRegistry, parse_new_tenant};
-use crate::trace::live::{LiveFilter, entries};
-use crate::trace::model::{EntityStatus, TRACE_PROJECTION, TimelineEntry};
+use crate::trace::live::{LiveFilter, LiveHub, LiveItem};
+use crate::trace::model::{EntityStatus, TRACE_PROJECTION};
 use crate::trace::query::{check_entity_id, load_status};
 use crate::trace::runner::wait_for;
 use crate::trace::view::{PageLimits, ParsedQuery, TraceOptions, TraceView, build_view};
@@ -32,6 +32,9 @@ pub struct AppConfig {
     pub read_your_writes_timeout: Duration,
     /// Page sizes of trace queries.
     pub page: PageLimits,
+    /// Entries a live-stream client may fall behind before its stream is closed (the shared
+    /// broadcast buffer of [`LiveHub`]).
+    pub live_buffer: usize,
 }
 
 impl Default for AppConfig {
@@ -39,6 +42,7 @@ impl Default for AppConfig {
         Self {
             read_your_writes_timeout: Duration::from_secs(2),
             page: PageLimits::default(),
+            live_buffer: 1024,
         }
     }
 }
@@ -58,6 +62,7 @@ struct Inner {
     analytics: Analytics,
     milestones: Milestones,
     metrics: Metrics,
+    live: LiveHub,
     progress: Option<watch::Receiver<Position>>,
     leading: OnceLock<watch::Receiver<bool>>,
     config: AppConfig,
@@ -112,6 +117,7 @@ impl App {
         Self {
             inner: Arc::new(Inner {
                 milestones: Milestones::new(store.clone(), tenants.clone()),
+                live: LiveHub::new(store.clone(), config.live_buffer),
                 #[cfg(feature = "nats")]
                 propagation: crate::propagation::Propagation::new(store.clone()),
                 tenants,
@@ -263,18 +269,16 @@ impl App {
         build_view(&*self.inner.read_models, tenant, status, query).await
     }
 
-    /// The timeline entries of the actor's tenant from `after` on (default: from the current
-    /// head: new entries only), live. Checks the actor (`trace:read`, active tenant) and the
-    /// filter first.
+    /// The timeline entries of the actor's tenant after `after` (default: from the current
+    /// head: new entries only), live, through the process's one [`LiveHub`]. Checks the actor
+    /// (`trace:read`, active tenant) and the filter first; the stream ends when the tenant is
+    /// suspended or the client falls too far behind (see [`crate::trace::live`]).
     pub async fn live_entries(
         &self,
         actor: &Actor,
         after: Option<Position>,
         filter: LiveFilter,
-    ) -> Result<
-        impl futures_util::Stream<Item = (Position, TimelineEntry)> + Send + 'static,
-        AppError,
-    > {
+    ) -> Result<impl futures_util::Stream<Item = LiveItem> + Send + 'static, AppError> {
         self.authorize(actor, Scope::TraceRead).await?;
         if let Some(id) = &filter.entity_id {
             check_entity_id(id)?;
@@ -283,12 +287,17 @@ impl App {
             Some(p) => p.next(),
             None => self.inner.store.head().await?.next(),
         };
-        Ok(entries(
-            self.inner.store.clone(),
+        Ok(self.inner.live.entries(
             actor.tenant.clone(),
             from,
             filter,
+            self.inner.tenants.clone(),
         ))
+    }
+
+    /// The live hub (clients connected now, for metrics and tests).
+    pub fn live_hub(&self) -> &LiveHub {
+        &self.inner.live
     }
 
     // ---- tenants and schemas ----------------------------------------------------------------

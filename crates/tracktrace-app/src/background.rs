@@ -19,7 +19,7 @@ use tracktrace_core::{BreakerConfig, EventStore, Leases, Position, ReadModelStor
 
 use crate::analytics::{AnalyticsConfig, AnalyticsStatus};
 use crate::app::{App, AppConfig};
-use crate::metrics::{Metrics, Samples, guarded_store};
+use crate::metrics::{Metrics, Samples, guarded_read_models, guarded_store};
 use crate::milestone::run::run as run_milestone_watch;
 use crate::propagation::config::PropagationConfig;
 use crate::trace::runner::{follow_checkpoint, run_with_metrics};
@@ -123,19 +123,14 @@ pub async fn start(stores: &Stores, cfg: &RuntimeConfig) -> Result<(App, Backgro
     }
     let metrics = Metrics::new();
     let guarded = guarded_store(stores.events.clone(), stores.backend, cfg.breaker, &metrics);
+    let read_models = guarded_read_models(stores.read_models.clone(), cfg.breaker, &metrics);
     let (progress_tx, progress) = if cfg.role != Role::Api {
         let (tx, rx) = watch::channel(Position::START);
         (Some(tx), Some(rx))
     } else {
         (None, None)
     };
-    let app = App::with_metrics(
-        guarded,
-        stores.read_models.clone(),
-        progress,
-        cfg.app.clone(),
-        metrics,
-    );
+    let app = App::with_metrics(guarded, read_models, progress, cfg.app.clone(), metrics);
     let (leading_tx, leading) = watch::channel(false);
     app.set_leading(leading);
     let mut tasks = vec![tokio::spawn(app.tenants().clone().follow())];

@@ -130,6 +130,13 @@ impl From<tracktrace_core::Error> for AppError {
                     retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
                 }
             }
+            E::Overloaded { retry_after, .. } => {
+                tracing::warn!(error = %e, "event store at capacity: shedding");
+                AppError::Unavailable {
+                    reason: e.to_string(),
+                    retry_after,
+                }
+            }
             E::InvalidInput { field, reason } => AppError::field(field, reason),
             E::Conflict { .. } | E::Duplicate { .. } => AppError::Conflict(e.to_string()),
             E::NotFound { what } => AppError::NotFound(what),

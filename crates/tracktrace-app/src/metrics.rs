@@ -53,8 +53,8 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, BoxError, BreakerConfig, BreakerState, CircuitBreaker,
-    EventFilter, EventId, EventStore, LagHandle, Position, Projection, ReadAll, ReadModelTx,
-    ReadStream, RecordedEvent, StreamId, TenantId, Timestamp, Version,
+    EventFilter, EventId, EventStore, LagHandle, Position, Projection, ReadAll, ReadModelStore,
+    ReadModelTx, ReadStream, RecordedEvent, StreamId, TenantId, Timestamp, Version,
 };
 
 use crate::error::AppError;
@@ -76,6 +76,9 @@ pub const FRESHNESS_BUCKETS: &[f64] = &[
 
 /// The `component` label of the event store's circuit breaker.
 pub const EVENT_STORE_COMPONENT: &str = "event_store";
+
+/// The `component` label of the read models' circuit breaker.
+pub const READ_MODELS_COMPONENT: &str = "read_models";
 
 const INGESTED: &str = "tracktrace_events_ingested_total";
 const COMMANDS: &str = "tracktrace_commands_total";
@@ -1065,6 +1068,24 @@ pub fn guarded_store(
         probe.upgrade().map(|b| b.state())
     }) {
         tracing::warn!(error = %e, "a second event store breaker is not exported");
+    }
+    guarded
+}
+
+/// The read models the API queries, behind their own breaker (`component="read_models"`):
+/// trace reads during a store outage fail fast with a retry hint instead of waiting out the
+/// store's timeouts.
+pub fn guarded_read_models(
+    read_models: Arc<dyn ReadModelStore>,
+    breaker: BreakerConfig,
+    metrics: &Metrics,
+) -> Arc<dyn ReadModelStore> {
+    let guarded = Arc::new(CircuitBreaker::with_config(read_models, breaker));
+    let probe = Arc::downgrade(&guarded);
+    if let Err(e) = metrics.register_breaker(READ_MODELS_COMPONENT, move || {
+        probe.upgrade().map(|b| b.state())
+    }) {
+        tracing::warn!(error = %e, "a second read-model breaker is not exported");
     }
     guarded
 }

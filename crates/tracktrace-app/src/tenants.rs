@@ -139,6 +139,12 @@ impl TenantRegistry {
         self.view.refresh().await
     }
 
+    /// A receiver that changes whenever a refresh applied registry events (a tenant was
+    /// created, suspended or resumed).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.view.changes()
+    }
+
     /// Follows the registry forever (spawned by the server): refreshes after head changes, a
     /// few times a second at most (this process applies its own changes at once; others'
     /// arrive within [`FOLLOW_PAUSE`]).

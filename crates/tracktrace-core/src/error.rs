@@ -80,6 +80,17 @@ pub enum Error {
         #[source]
         source: Option<BoxError>,
     },
+    /// The store refused the operation because it is at capacity (a bounded queue is full):
+    /// nothing was written, and the same operation may succeed after `retry_after`. Unlike
+    /// [`Error::Unavailable`] this says nothing about the store's health, so it never opens a
+    /// circuit breaker.
+    #[error("event store overloaded: {reason}")]
+    Overloaded {
+        /// What is full.
+        reason: String,
+        /// When it is worth trying again.
+        retry_after: Duration,
+    },
     /// Stored data could not be decoded. Never retryable; reported with the position when known.
     #[error("corrupt data{}: {detail}", position.map(|p| format!(" at position {p}")).unwrap_or_default())]
     Corruption {
@@ -133,10 +144,20 @@ impl Error {
         }
     }
 
-    /// Whether trying the same operation again later may succeed (only [`Error::Unavailable`]).
-    /// Conflicts are *not* retryable as-is: the command must be re-run against fresh state.
+    /// Whether trying the same operation again later may succeed ([`Error::Unavailable`] and
+    /// [`Error::Overloaded`]). Conflicts are *not* retryable as-is: the command must be re-run
+    /// against fresh state.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. })
+        matches!(self, Error::Unavailable { .. } | Error::Overloaded { .. })
+    }
+
+    /// When trying again is worth it, if the error says (an open breaker, a full queue).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Unavailable { retry_after, .. } => *retry_after,
+            Error::Overloaded { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
     }
 
     /// Whether this is an optimistic-concurrency conflict.

@@ -6,9 +6,17 @@
 //! than the policy is willing to wait), while `CircuitBreaker::new(Retrying::new(store))` counts
 //! one failure per exhausted retry series.
 //!
-//! Only [`Error::Unavailable`] is transient: conflicts, duplicates, invalid input and corruption
-//! are returned at once and never trip the breaker (they are the caller's or the data's
-//! problem, not the store's health).
+//! Only [`Error::Unavailable`] is transient and trips the breaker: conflicts, duplicates,
+//! invalid input and corruption are returned at once (they are the caller's or the data's
+//! problem, not the store's health), and [`Error::Overloaded`] (a full queue: the store is busy,
+//! not broken) is retried by [`Retrying`] but neither opens nor closes a breaker.
+//!
+//! A breaker can also put a deadline on every call ([`BreakerConfig::call_timeout`]): a call
+//! that has not answered in time fails with [`Error::Unavailable`] (and counts as a failure),
+//! so a store that stopped answering (a frozen server, a black-holed connection) costs callers
+//! at most the deadline, then nothing once the breaker is open. A timed-out append may still
+//! commit: retry it with the same event ids (idempotency makes that safe). [`CircuitBreaker`]
+//! guards read models and checkpoints too ([`ReadModelStore`], [`CheckpointStore`]).
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +28,10 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
-use crate::store::{AllPage, AppendOutcome, AppendRequest, EventStore, ReadAll, ReadStream};
+use crate::store::{
+    AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventStore, KeyRange,
+    ReadAll, ReadModelBatch, ReadModelStore, ReadStream,
+};
 
 /// Bounded exponential backoff with full jitter: before retry `n` (1-based) wait a uniformly
 /// random duration in `[0, min(max_backoff, initial_backoff · 2^(n-1))]`.
@@ -69,7 +80,8 @@ impl RetryPolicy {
     }
 }
 
-/// Retries [`Error::Unavailable`] failures of the inner store with a [`RetryPolicy`].
+/// Retries retryable failures of the inner store ([`Error::Unavailable`],
+/// [`Error::Overloaded`]) with a [`RetryPolicy`].
 ///
 /// Appends are retried too: an append that failed as unavailable may have committed, and the
 /// retry (same event ids) is then answered as a duplicate (`AppendOutcome::duplicate`), which
@@ -105,14 +117,15 @@ impl<S: EventStore> Retrying<S> {
         let mut attempt = 1;
         loop {
             match op().await {
-                Err(Error::Unavailable { retry_after, .. })
-                    if attempt < self.policy.max_attempts
-                        && retry_after.is_none_or(|d| d <= self.policy.max_backoff) =>
+                Err(e)
+                    if e.is_retryable()
+                        && attempt < self.policy.max_attempts
+                        && e.retry_after().is_none_or(|d| d <= self.policy.max_backoff) =>
                 {
                     let wait = self
                         .policy
                         .backoff(attempt)
-                        .max(retry_after.unwrap_or_default());
+                        .max(e.retry_after().unwrap_or_default());
                     tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
@@ -161,14 +174,18 @@ pub struct BreakerConfig {
     pub failure_threshold: u32,
     /// How long it stays open before letting one probe call through (half-open).
     pub open_for: Duration,
+    /// Deadline of every call (`None`: calls take as long as the store does). A call past it
+    /// fails with [`Error::Unavailable`], which counts as a failure.
+    pub call_timeout: Option<Duration>,
 }
 
 impl Default for BreakerConfig {
-    /// Opens after 5 consecutive failures, probes after 5 s.
+    /// Opens after 5 consecutive failures, probes after 5 s, no call deadline.
     fn default() -> Self {
         Self {
             failure_threshold: 5,
             open_for: Duration::from_secs(5),
+            call_timeout: None,
         }
     }
 }
@@ -230,7 +247,7 @@ enum Admit {
     Reject(Duration),
 }
 
-impl<S: EventStore> CircuitBreaker<S> {
+impl<S> CircuitBreaker<S> {
     /// Wraps `inner` with the default configuration.
     pub fn new(inner: S) -> Self {
         Self::with_config(inner, BreakerConfig::default())
@@ -297,6 +314,12 @@ impl<S: EventStore> CircuitBreaker<S> {
     fn record<T>(&self, probe: bool, r: &Result<T>) {
         let mut st = self.lock();
         match r {
+            // Busy, not broken: no verdict on the store's health (a probe slot is freed).
+            Err(Error::Overloaded { .. }) => {
+                if probe && let Inner::HalfOpen { probe_since } = &mut *st {
+                    *probe_since = None;
+                }
+            }
             Err(Error::Unavailable { .. }) => {
                 let open = match &mut *st {
                     Inner::Closed { failures } => {
@@ -335,7 +358,20 @@ impl<S: EventStore> CircuitBreaker<S> {
                 })
             }
             Admit::Call { probe } => {
-                let r = fut().await;
+                let r = match self.config.call_timeout {
+                    None => fut().await,
+                    Some(limit) => match tokio::time::timeout(limit, fut()).await {
+                        Ok(r) => r,
+                        Err(_) => Err(Error::Unavailable {
+                            reason: format!(
+                                "the store did not answer within {} ms",
+                                limit.as_millis()
+                            ),
+                            retry_after: Some(self.config.open_for.min(limit)),
+                            source: None,
+                        }),
+                    },
+                };
                 self.record(probe, &r);
                 r
             }
@@ -373,5 +409,36 @@ impl<S: EventStore> EventStore for CircuitBreaker<S> {
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
+    }
+}
+
+#[async_trait]
+impl<S: CheckpointStore> CheckpointStore for CircuitBreaker<S> {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
+        self.guard(|| self.inner.load_checkpoint(name)).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        self.guard(|| self.inner.save_checkpoint(name, position))
+            .await
+    }
+}
+
+#[async_trait]
+impl<S: ReadModelStore> ReadModelStore for CircuitBreaker<S> {
+    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        self.guard(|| self.inner.get(ns, key)).await
+    }
+    async fn scan(
+        &self,
+        ns: &str,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<(bytes::Bytes, bytes::Bytes)>> {
+        self.guard(|| self.inner.scan(ns, range, direction, limit))
+            .await
+    }
+    async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
+        self.guard(|| self.inner.commit(batch)).await
     }
 }

@@ -1358,6 +1358,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
         BreakerConfig {
             failure_threshold: 3,
             open_for: Duration::from_millis(400),
+            ..BreakerConfig::default()
         },
     );
     ensure_eq!(breaker.state(), BreakerState::Closed, "starts closed");

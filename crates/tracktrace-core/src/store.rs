@@ -415,6 +415,35 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
 }
 
+#[async_trait]
+impl<S: CheckpointStore + ?Sized> CheckpointStore for Arc<S> {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
+        (**self).load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        (**self).save_checkpoint(name, position).await
+    }
+}
+
+#[async_trait]
+impl<S: ReadModelStore + ?Sized> ReadModelStore for Arc<S> {
+    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        (**self).get(ns, key).await
+    }
+    async fn scan(
+        &self,
+        ns: &str,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>> {
+        (**self).scan(ns, range, direction, limit).await
+    }
+    async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
+        (**self).commit(batch).await
+    }
+}
+
 /// Conveniences over [`EventStore`], implemented for every store.
 #[async_trait]
 pub trait EventStoreExt: EventStore {

@@ -13,10 +13,12 @@ use tracktrace_core::runtime_checks::{
 };
 use tracktrace_core::upcast::Upcaster;
 use tracktrace_core::{
-    BoxError, BreakerConfig, BreakerState, CheckpointStore, CircuitBreaker, Error, EventFilter,
-    EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent, Position, Projection,
-    ProjectionError, ProjectionRunner, ReadModelTx, RecordedEvent, RetryPolicy, SagaRecord,
-    SagaRunner, StreamId, TenantId, Upcasters,
+    AllPage, AppendOutcome, AppendRequest, BoxError, BreakerConfig, BreakerState, CheckpointStore,
+    CircuitBreaker, Error, EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion,
+    InMemoryStore, NewEvent, Position, Projection, ProjectionError, ProjectionRunner, ReadAll,
+    ReadModelBatch, ReadModelStore, ReadModelTx, ReadModelWrite, ReadStream, RecordedEvent,
+    RetryPolicy, Retrying, SagaRecord, SagaRunner, StreamId, TenantId, Timestamp, Upcasters,
+    Version,
 };
 
 fn tenant() -> TenantId {
@@ -111,6 +113,7 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
         BreakerConfig {
             failure_threshold: 1,
             open_for: Duration::from_millis(300),
+            ..BreakerConfig::default()
         },
     );
     faulty.set_down(true);
@@ -144,6 +147,142 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
         .await
         .expect("a new probe is let through after open_for");
     assert_eq!(breaker.state(), BreakerState::Closed);
+}
+
+/// A call deadline turns a store that stopped answering into fast, typed failures: each call
+/// waits at most the deadline, and once the breaker is open no call reaches the store.
+#[tokio::test]
+async fn a_call_deadline_bounds_a_hanging_store() {
+    let faulty = Arc::new(FaultyStore::new(Arc::new(InMemoryStore::new())));
+    let breaker = CircuitBreaker::with_config(
+        faulty.clone(),
+        BreakerConfig {
+            failure_threshold: 2,
+            open_for: Duration::from_secs(60),
+            call_timeout: Some(Duration::from_millis(50)),
+        },
+    );
+    faulty.set_hang(true);
+    for _ in 0..2 {
+        // Bounded by the deadline (the outer timeout only keeps a broken build from hanging).
+        let r = tokio::time::timeout(Duration::from_secs(10), breaker.head())
+            .await
+            .expect("the call deadline applies");
+        assert!(
+            matches!(&r, Err(Error::Unavailable { reason, .. }) if reason.contains("did not answer")),
+            "{r:?}"
+        );
+    }
+    assert_eq!(breaker.state(), BreakerState::Open);
+    let calls = faulty.calls();
+    assert!(breaker.head().await.is_err());
+    assert_eq!(
+        faulty.calls(),
+        calls,
+        "an open breaker does not call the store"
+    );
+}
+
+/// A store that is at capacity (`Overloaded`) is busy, not broken: the breaker stays closed
+/// however often it says so, and `Retrying` retries it.
+#[tokio::test]
+async fn overload_never_opens_the_breaker() {
+    struct Busy(Arc<InMemoryStore>, std::sync::atomic::AtomicU32);
+    #[async_trait]
+    impl EventStore for Busy {
+        async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, Error> {
+            if self.1.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                return Err(Error::Overloaded {
+                    reason: "queue full".into(),
+                    retry_after: Duration::from_millis(1),
+                });
+            }
+            self.0.append(req).await
+        }
+        async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>, Error> {
+            self.0.read_stream(req).await
+        }
+        async fn read_all(&self, req: ReadAll) -> Result<AllPage, Error> {
+            self.0.read_all(req).await
+        }
+        async fn stream_version(&self, t: &TenantId, s: &StreamId) -> Result<Version, Error> {
+            self.0.stream_version(t, s).await
+        }
+        async fn get_event(
+            &self,
+            t: &TenantId,
+            id: EventId,
+        ) -> Result<Option<RecordedEvent>, Error> {
+            self.0.get_event(t, id).await
+        }
+        async fn head(&self) -> Result<Position, Error> {
+            self.0.head().await
+        }
+        async fn position_at(&self, at: Timestamp) -> Result<Position, Error> {
+            self.0.position_at(at).await
+        }
+        fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
+            self.0.watch_head()
+        }
+    }
+    let busy = Arc::new(Busy(
+        Arc::new(InMemoryStore::new()),
+        std::sync::atomic::AtomicU32::new(10),
+    ));
+    let breaker = CircuitBreaker::with_config(
+        busy.clone(),
+        BreakerConfig {
+            failure_threshold: 1,
+            ..BreakerConfig::default()
+        },
+    );
+    let tenant = TenantId::parse("acme").unwrap();
+    let stream = StreamId::parse("s-1").unwrap();
+    let ev = || vec![NewEvent::json("X", &serde_json::json!({}))];
+    for _ in 0..5 {
+        let r = breaker
+            .append_to(&tenant, &stream, ExpectedVersion::Any, ev())
+            .await;
+        assert!(
+            matches!(&r, Err(e @ Error::Overloaded { .. }) if e.is_retryable()),
+            "{r:?}"
+        );
+        assert_eq!(breaker.state(), BreakerState::Closed);
+    }
+    // Retrying waits it out (5 more refusals, then the append goes through).
+    let retrying = Retrying::new(breaker);
+    retrying
+        .append_to(&tenant, &stream, ExpectedVersion::Any, ev())
+        .await
+        .expect("retried past the overload");
+}
+
+/// Read models and checkpoints go through the breaker too.
+#[tokio::test]
+async fn the_breaker_guards_read_models() {
+    let mem = Arc::new(InMemoryStore::new());
+    let breaker = CircuitBreaker::new(mem.clone());
+    breaker
+        .commit(ReadModelBatch {
+            checkpoint: "p".into(),
+            expected_checkpoint: None,
+            position: Position::new(7),
+            writes: vec![ReadModelWrite::Put {
+                ns: "ns".into(),
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            }],
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        breaker.get("ns", b"k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    assert_eq!(
+        breaker.load_checkpoint("p").await.unwrap(),
+        Some(Position::new(7))
+    );
 }
 
 /// Fails on the event with the given sequence number.

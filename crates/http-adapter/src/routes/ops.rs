@@ -20,9 +20,11 @@ pub(crate) async fn healthz() -> &'static str {
     "ok"
 }
 
-/// Readiness: the event store answers. With feature `nats`, a `propagation` component
+/// Readiness: the event store answers. The `cache` component reports the trace view cache
+/// (`"status": "degraded"` while Redis is unreachable, slow or skipped by its breaker: traces
+/// are then served from the read model). With feature `nats`, a `propagation` component
 /// reports route breakers, lags and bus ingestion; `"status": "degraded"` there (NATS down)
-/// does not fail readiness: captures are stored and published once NATS is back.
+/// does not fail readiness either: captures are stored and published once NATS is back.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = Object),
@@ -31,7 +33,9 @@ pub(crate) async fn healthz() -> &'static str {
 pub(crate) async fn readyz(
     State(state): State<HttpState>,
 ) -> Result<Json<BTreeMap<&'static str, Value>>, ApiError> {
-    Ok(Json(state.app().readiness().await?))
+    let mut r = state.app().readiness().await?;
+    r.insert("cache", state.cache().readiness());
+    Ok(Json(r))
 }
 
 /// Technical metrics in the Prometheus text format (see `ops/README.md` for the contract).

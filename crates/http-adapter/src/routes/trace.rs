@@ -14,7 +14,7 @@ use tracktrace_app::trace::query::check_entity_id;
 use tracktrace_app::trace::view::{TraceOptions, TraceView, split_list};
 use tracktrace_core::Position;
 
-use crate::auth::Principal;
+use crate::auth::{Principal, now_secs};
 use crate::cache::cache_key;
 use crate::error::{ApiError, Problem};
 use crate::extract::query;
@@ -97,17 +97,21 @@ pub struct SubscribeQuery {
 /// Server-Sent Events of the tenant's captured events, in log order, filtered by entity and
 /// event type. Each event's `id` is its position: reconnect with `Last-Event-ID` to resume
 /// exactly after the last event received. Without either, the stream starts at the current
-/// head (new events only).
+/// head (new events only). The stream ends with an `event: error` whose data says why
+/// (`{"reason": "lagged" | "tenantInactive" | "tokenExpired" | "storeFailed", …}`) when the
+/// client fell too far behind (resume from the last id), the tenant is suspended, or the token
+/// expires; at most a configured number of streams per tenant and process (429 beyond).
 #[utoipa::path(
     get,
     path = "/api/v1/subscribe",
     tag = "trace",
     params(SubscribeQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this position")),
     responses(
-        (status = 200, description = "text/event-stream of timeline entries (event = eventType, id = position)", content_type = "text/event-stream", body = String),
+        (status = 200, description = "text/event-stream of timeline entries (event = eventType, id = position); a final `error` event says why a stream ended", content_type = "text/event-stream", body = String),
         (status = 400, description = "Bad parameter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many open streams for the tenant (Retry-After)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Store unavailable", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -120,6 +124,7 @@ pub(crate) async fn subscribe(
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures_util::StreamExt;
+    use tracktrace_app::trace::live::{Closed, LiveItem};
 
     let app = state.app();
     app.authorize(&p, Scope::TraceRead).await?;
@@ -137,17 +142,67 @@ pub(crate) async fn subscribe(
         entity_id: q.entity_id,
         event_types: split_list(q.event_type.as_deref()),
     };
+    let slot = state.open_stream(&p.tenant)?;
     let entries = app
         .live_entries(&p, last_event_id.or(q.after).map(Position::new), filter)
         .await?;
-    let events = entries.map(|(position, entry)| {
-        Ok::<_, std::convert::Infallible>(
+    let closed = |reason: &str, detail: String| {
+        Event::default()
+            .event("error")
+            .data(serde_json::json!({"reason": reason, "detail": detail}).to_string())
+    };
+    // (is this the stream's last event, the event)
+    let items = entries.map(move |item| match item {
+        LiveItem::Entry(e) => (
+            false,
             Event::default()
-                .id(position.get().to_string())
-                .event(entry.event_type.clone())
-                .data(serde_json::to_string(&entry).unwrap_or_default()),
+                .id(e.position.get().to_string())
+                .event(e.entry.event_type.clone())
+                .data(serde_json::to_string(&e.entry).unwrap_or_default()),
+        ),
+        LiveItem::Closed(Closed::Lagged { missed }) => (
+            true,
+            closed(
+                "lagged",
+                format!("the client fell {missed} events behind; reconnect with Last-Event-ID"),
+            ),
+        ),
+        LiveItem::Closed(Closed::TenantInactive) => (
+            true,
+            closed("tenantInactive", "the tenant was suspended".into()),
+        ),
+        LiveItem::Closed(Closed::StoreFailed(e)) => (true, closed("storeFailed", e)),
+    });
+    // A source that ends without a reason (the process shuts down) ends the stream too.
+    let items = items.chain(futures_util::stream::once(async move {
+        (true, closed("ended", "the server is shutting down".into()))
+    }));
+    // The stream also ends at the token's expiry (with a last error event) and at shutdown.
+    let left = std::time::Duration::from_secs(p.expires_at.saturating_sub(now_secs()));
+    let expiry = futures_util::stream::once(async move {
+        tokio::time::sleep(left).await;
+        (
+            true,
+            closed(
+                "tokenExpired",
+                "the token expired; reconnect with a new one".into(),
+            ),
         )
     });
+    let events = futures_util::stream::select(items, expiry)
+        .scan(false, |ended, (last, e)| {
+            // The first last event ends the stream.
+            if *ended {
+                return std::future::ready(None);
+            }
+            *ended = last;
+            std::future::ready(Some(e))
+        })
+        .map(move |e| {
+            // The stream holds its tenant's slot until it ends.
+            let _slot = &slot;
+            Ok::<_, std::convert::Infallible>(e)
+        });
     let stream = events.take_until(state.closing());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
