@@ -189,20 +189,19 @@ pub(crate) async fn subscribe(
             ),
         )
     });
-    let events = futures_util::stream::select(items, expiry)
-        .scan(false, |ended, (last, e)| {
-            // The first last event ends the stream.
-            if *ended {
-                return std::future::ready(None);
+    // Ends right after its last event (without waiting for the sources to end).
+    let merged = Box::pin(futures_util::stream::select(items, expiry));
+    let events = futures_util::stream::unfold(
+        (merged, false, slot),
+        |(mut merged, done, slot)| async move {
+            if done {
+                return None;
             }
-            *ended = last;
-            std::future::ready(Some(e))
-        })
-        .map(move |e| {
+            let (last, e) = merged.next().await?;
             // The stream holds its tenant's slot until it ends.
-            let _slot = &slot;
-            Ok::<_, std::convert::Infallible>(e)
-        });
+            Some((Ok::<_, std::convert::Infallible>(e), (merged, last, slot)))
+        },
+    );
     let stream = events.take_until(state.closing());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())

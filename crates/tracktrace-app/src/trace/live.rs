@@ -3,9 +3,11 @@
 //!
 //! One [`LiveHub`] per process reads the store's global log once (one store subscription,
 //! started by the first client) and broadcasts every entry to the clients, whatever their
-//! number: 500 clients cost the store what one does. A client that resumes from an older
-//! position first catches up with its own reads of the log (its tenant's events only), then
-//! continues from the broadcast; entries are delivered once, in position order, without a gap.
+//! number: 500 clients cost the store what one does. A client first catches up with its own
+//! reads of the log (its tenant's events only) up to the head, then subscribes to the
+//! broadcast, reads once more up to the head (what was broadcast before it subscribed), and
+//! continues from the broadcast, skipping what it delivered already: entries arrive once, in
+//! position order, without a gap.
 //!
 //! A stream ends with a [`LiveItem::Closed`] when its client cannot keep up (the broadcast
 //! buffer of [`LiveHub::new`] overflowed: reconnect from the last position delivered), when
@@ -155,7 +157,8 @@ impl LiveHub {
         tenants: TenantRegistry,
     ) -> impl Stream<Item = LiveItem> + Send + 'static {
         let client = Client {
-            rx: self.subscribe(),
+            hub: self.clone(),
+            rx: None,
             store: self.inner.store.clone(),
             tenant_changes: tenants.changes(),
             tenants,
@@ -223,7 +226,9 @@ async fn read_live(store: Arc<dyn EventStore>, sender: broadcast::Sender<Arc<Liv
 
 /// One client's stream.
 struct Client {
-    rx: broadcast::Receiver<Arc<LiveEntry>>,
+    hub: LiveHub,
+    /// Subscribed once the first catch-up reached the head.
+    rx: Option<broadcast::Receiver<Arc<LiveEntry>>>,
     store: Arc<dyn EventStore>,
     tenants: TenantRegistry,
     tenant_changes: tokio::sync::watch::Receiver<u64>,
@@ -254,10 +259,20 @@ impl Client {
                 if let Err(e) = self.catch_up().await {
                     return self.close(Closed::StoreFailed(e));
                 }
+                if self.caught_up && self.rx.is_none() {
+                    // Subscribe, then read once more up to the head: what was broadcast
+                    // before the subscription is read, what comes after is received.
+                    self.rx = Some(self.hub.subscribe());
+                    self.caught_up = false;
+                }
                 continue;
             }
+            let Some(rx) = self.rx.as_mut() else {
+                self.caught_up = false;
+                continue;
+            };
             tokio::select! {
-                r = self.rx.recv() => match r {
+                r = rx.recv() => match r {
                     Ok(e) => {
                         if e.position >= self.next && e.tenant == self.tenant {
                             self.next = e.position.next();
