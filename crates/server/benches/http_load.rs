@@ -115,6 +115,7 @@ async fn run() {
             "TRACKTRACE_BENCH_PG_GROUPS",
             tracktrace_store_postgres::DEFAULT_APPEND_GROUPS,
         ),
+        store_max_queued: tracktrace_store_sled::DEFAULT_MAX_PENDING,
         cache_url: None,
         cache: CacheConfig::default(),
         http: tracktrace_http::layers::HttpLimits::default(),

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub pg_max_connections: u32,
     /// PostgreSQL group appends (see `PgStoreOptions::append_groups`).
     pub pg_append_groups: usize,
+    /// Appends queued in the store at most (sled writer queue, PostgreSQL group queue).
+    pub store_max_queued: usize,
     /// `redis://…` to cache trace views in Redis.
     pub cache_url: Option<String>,
     /// Cache settings.
@@ -106,6 +108,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
                     .schema(cfg.pg_schema.clone())
                     .max_connections(cfg.pg_max_connections)
                     .append_groups(cfg.pg_append_groups)
+                    .max_queued_appends(cfg.store_max_queued)
                     .acquire_timeout(Duration::from_secs(2)),
             )
             .await
@@ -122,7 +125,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             let path = cfg.data_dir.join("events");
             std::fs::create_dir_all(&path)?;
             let store = tracktrace_store_sled::SledStore::open(
-                tracktrace_store_sled::SledOptions::new(&path),
+                tracktrace_store_sled::SledOptions::new(&path).max_pending(cfg.store_max_queued),
             )
             .map_err(|e| StartError::Store(e.to_string()))?;
             let s = Arc::new(store);

@@ -75,6 +75,15 @@ struct Common {
         global = true
     )]
     pg_append_groups: usize,
+    /// Appends waiting in the store's queue at most (sled: the writer queue; PostgreSQL: the
+    /// group-append queue); beyond it an append is refused with 503 + Retry-After.
+    #[arg(
+        long,
+        env = "TRACKTRACE_STORE_MAX_QUEUED",
+        default_value_t = 4096,
+        global = true
+    )]
+    store_max_queued: usize,
     /// JWT HS256 secret (at least 32 bytes); default: generated once in the data directory.
     #[arg(
         long,
@@ -326,6 +335,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         pg_schema: c.pg_schema.clone(),
         pg_max_connections: c.pg_max_connections,
         pg_append_groups: c.pg_append_groups,
+        store_max_queued: c.store_max_queued,
         cache_url: s.cache.clone(),
         cache: CacheConfig {
             ttl: Duration::from_secs(s.cache_ttl_secs.max(1)),

@@ -104,6 +104,8 @@ pub(crate) enum Entry {
     Alone(SlotGuard, AppendRequest),
     /// Queued: wait for the drainer's reply.
     Queued(oneshot::Receiver<Reply>),
+    /// The queue is full: the append is refused (nothing written).
+    Full,
 }
 
 /// A held slot. Dropping it releases the slot and, if requests are queued, hands a slot to a
@@ -150,7 +152,13 @@ impl Grouper {
             return Entry::Alone(guard, req);
         }
         let (tx, rx) = oneshot::channel();
-        self.queue().push_back(Pending { req, tx });
+        {
+            let mut q = self.queue();
+            if q.len() >= self.max_queued {
+                return Entry::Full;
+            }
+            q.push_back(Pending { req, tx });
+        }
         // Every slot holder looks at the queue after releasing its slot; a slot released
         // between the attempt above and the push is picked up here.
         self.kick(store);

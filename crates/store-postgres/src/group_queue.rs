@@ -38,15 +38,18 @@ pub(crate) struct Grouper {
     /// Drainers running (spawned and not yet finished).
     pub(crate) draining: AtomicUsize,
     queue: Mutex<VecDeque<Pending>>,
+    /// Requests queued at most: beyond, an append is refused as overloaded.
+    pub(crate) max_queued: usize,
 }
 
 impl Grouper {
-    pub(crate) fn new(slots: usize) -> Self {
+    pub(crate) fn new(slots: usize, max_queued: usize) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(slots.max(1))),
             extra: Arc::new(Semaphore::new(slots.max(1))),
             draining: AtomicUsize::new(0),
             queue: Mutex::new(VecDeque::new()),
+            max_queued: max_queued.max(1),
         }
     }
 

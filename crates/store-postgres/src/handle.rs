@@ -42,7 +42,11 @@ pub struct PgStoreOptions {
     listen: bool,
     notify: bool,
     append_groups: usize,
+    max_queued_appends: usize,
 }
+
+/// Default of [`PgStoreOptions::max_queued_appends`].
+pub const DEFAULT_MAX_QUEUED_APPENDS: usize = 4096;
 
 impl PgStoreOptions {
     /// Options for the database at `url` (`postgres://user@host:port/db`), with defaults:
@@ -59,6 +63,7 @@ impl PgStoreOptions {
             listen: true,
             notify: true,
             append_groups: DEFAULT_APPEND_GROUPS,
+            max_queued_appends: DEFAULT_MAX_QUEUED_APPENDS,
         }
     }
 
@@ -120,6 +125,14 @@ impl PgStoreOptions {
     /// docs. Capped at [`PgStoreOptions::max_connections`].
     pub fn append_groups(mut self, n: usize) -> Self {
         self.append_groups = n;
+        self
+    }
+
+    /// Single-event appends waiting for a group at most (default
+    /// [`DEFAULT_MAX_QUEUED_APPENDS`]); an append beyond it fails at once with
+    /// `Error::Overloaded` (nothing written) instead of queueing without bound.
+    pub fn max_queued_appends(mut self, n: usize) -> Self {
+        self.max_queued_appends = n.max(1);
         self
     }
 
@@ -288,8 +301,12 @@ impl PgStore {
                 schema: opts.schema,
                 lock_key,
                 shared,
-                grouper: (opts.append_groups > 0)
-                    .then(|| Grouper::new(opts.append_groups.min(opts.max_connections as usize))),
+                grouper: (opts.append_groups > 0).then(|| {
+                    Grouper::new(
+                        opts.append_groups.min(opts.max_connections as usize),
+                        opts.max_queued_appends,
+                    )
+                }),
                 hints: VersionHints::new(),
                 _tasks: guard,
             }),

@@ -155,7 +155,8 @@ mod tasks;
 mod time_range;
 
 pub use handle::{
-    DEFAULT_APPEND_GROUPS, DEFAULT_SCHEMA, MAX_SCHEMA_LEN, PgStore, PgStoreOptions, validate_schema,
+    DEFAULT_APPEND_GROUPS, DEFAULT_MAX_QUEUED_APPENDS, DEFAULT_SCHEMA, MAX_SCHEMA_LEN, PgStore,
+    PgStoreOptions, validate_schema,
 };
 pub use lease::Lease;
 pub use tracktrace_core;

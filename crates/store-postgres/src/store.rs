@@ -423,6 +423,10 @@ impl EventStore for PgStore {
                     drop(slot);
                     out
                 }
+                Entry::Full => Err(Error::Overloaded {
+                    reason: "the group-append queue is full".into(),
+                    retry_after: std::time::Duration::from_millis(100),
+                }),
                 Entry::Queued(reply) => match reply.await {
                     Ok(Reply::Done(outcome)) => Ok(outcome),
                     Ok(Reply::Careful(req)) => self.append_alone(req, true).await,

@@ -285,3 +285,57 @@ async fn grouped_appends_racing_on_shared_streams_store_everything_once() {
     assert_eq!(log.len(), TASKS * EACH);
     assert!(log.windows(2).all(|w| w[0].position < w[1].position));
 }
+
+/// The group queue is bounded (`PgStoreOptions::max_queued_appends`): beyond it an append
+/// fails at once with `Overloaded` and writes nothing; every acknowledged append is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_group_queue_refuses_appends_without_writing() {
+    let Some(store) =
+        common::try_store_with(|o| o.max_connections(4).append_groups(1).max_queued_appends(1))
+            .await
+    else {
+        return;
+    };
+    let store = Arc::new(store);
+    let tenant = TenantId::parse("bounded").unwrap();
+    let start = Arc::new(Barrier::new(200));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let (store, tenant, start) = (store.clone(), tenant.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let s = StreamId::parse(format!("q-{i}")).unwrap();
+            start.wait().await;
+            store
+                .append_to(
+                    &tenant,
+                    &s,
+                    ExpectedVersion::NoStream,
+                    vec![NewEvent::json("E", &serde_json::json!({"i": i}))],
+                )
+                .await
+        }));
+    }
+    let (mut stored, mut refused) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(e @ Error::Overloaded { .. }) => {
+                assert!(e.is_retryable());
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(refused > 0, "200 appenders never found a queue of 1 full");
+    let all = store
+        .read_all_to_end(
+            Position::START,
+            EventFilter {
+                tenant: Some(tenant),
+                ..EventFilter::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), stored, "every acknowledged append, nothing else");
+}

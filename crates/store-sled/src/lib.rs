@@ -85,5 +85,7 @@ mod writer;
 pub mod layout;
 
 pub use keys::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN};
-pub use options::{DEFAULT_CACHE_CAPACITY, Durability, OpenError, SledOptions};
+pub use options::{
+    DEFAULT_CACHE_CAPACITY, DEFAULT_MAX_PENDING, Durability, OpenError, SledOptions,
+};
 pub use store::{SledStats, SledStore};

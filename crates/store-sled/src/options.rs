@@ -46,7 +46,14 @@ pub struct SledOptions {
     pub durability: Durability,
     /// sled's page cache size in bytes (default [`DEFAULT_CACHE_CAPACITY`]).
     pub cache_capacity: u64,
+    /// Writes waiting for the writer thread at most (default [`DEFAULT_MAX_PENDING`]); a write
+    /// beyond it fails at once with `Error::Overloaded` (nothing written) instead of queueing
+    /// without bound.
+    pub max_pending: usize,
 }
+
+/// Default of [`SledOptions::max_pending`].
+pub const DEFAULT_MAX_PENDING: usize = 4096;
 
 impl SledOptions {
     /// Options for a store in `path` with the defaults: [`Durability::Fsync`], 256 MiB cache.
@@ -55,6 +62,7 @@ impl SledOptions {
             path: path.as_ref().to_path_buf(),
             durability: Durability::default(),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 
@@ -67,6 +75,12 @@ impl SledOptions {
     /// Sets the page cache size in bytes (builder style).
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = bytes;
+        self
+    }
+
+    /// Sets the bound of writes waiting for the writer thread (builder style; at least 1).
+    pub fn max_pending(mut self, n: usize) -> Self {
+        self.max_pending = n.max(1);
         self
     }
 }

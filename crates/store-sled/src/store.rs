@@ -42,7 +42,7 @@ pub struct SledStore {
 struct Inner {
     /// `None` only while dropping.
     shared: Option<Arc<Shared>>,
-    tx: Option<mpsc::UnboundedSender<Request>>,
+    tx: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     path: PathBuf,
     durability: Durability,
@@ -227,7 +227,7 @@ impl SledStore {
             poisoned: OnceLock::new(),
             stats: Counters::default(),
         });
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(opts.max_pending.max(1));
         // A rendezvous channel: the writer applies the next group while the current one is
         // being synced, but no further, so groups grow with the barrier time instead of
         // splitting into many small batches.
@@ -363,12 +363,22 @@ impl SledStore {
             retry_after: None,
             source: None,
         };
-        self.inner
+        match self
+            .inner
             .tx
             .as_ref()
             .ok_or_else(closed)?
-            .send(make(tx))
-            .map_err(|_| closed())?;
+            .try_send(make(tx))
+        {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(Error::Overloaded {
+                    reason: "the sled writer queue is full".into(),
+                    retry_after: std::time::Duration::from_millis(100),
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+        }
         rx.await.map_err(|_| closed())?
     }
 

@@ -232,7 +232,7 @@ pub(crate) fn sync_loop(
 /// State of the writer thread.
 pub(crate) struct Writer {
     pub(crate) shared: Arc<Shared>,
-    pub(crate) rx: mpsc::UnboundedReceiver<Request>,
+    pub(crate) rx: mpsc::Receiver<Request>,
     /// Position the next event gets (positions are contiguous).
     pub(crate) next_position: u64,
     pub(crate) clock: Timestamp,

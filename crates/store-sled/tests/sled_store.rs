@@ -424,3 +424,41 @@ async fn read_model_keys_and_namespaces_have_documented_limits() -> Result<(), E
     assert_eq!(store.get("ns", &key).await?, Some(Bytes::from("v")));
     Ok(())
 }
+
+/// The writer's queue is bounded (`SledOptions::max_pending`): beyond it an append fails at
+/// once with `Overloaded` and writes nothing; every acknowledged append is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writer_queue_refuses_appends_without_writing() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(
+        SledOptions::new(dir.path()).max_pending(1),
+    )?);
+    let t = TenantId::parse("acme").unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..200 {
+        let (store, t) = (store.clone(), t.clone());
+        tasks.push(tokio::spawn(async move {
+            let s = StreamId::parse(format!("s-{w}")).unwrap();
+            store
+                .append_to(&t, &s, ExpectedVersion::NoStream, vec![ev(w)])
+                .await
+        }));
+    }
+    let (mut stored, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(e @ Error::Overloaded { .. }) => {
+                assert!(e.is_retryable() && e.retry_after().is_some());
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert!(refused > 0, "200 appenders never found a queue of 1 full");
+    let all = store
+        .read_all_to_end(Position::START, Default::default())
+        .await?;
+    assert_eq!(all.len(), stored, "every acknowledged append, nothing else");
+    Ok(())
+}
