@@ -69,6 +69,9 @@ pub enum ApiError {
         /// The timeout.
         after: Duration,
     },
+    /// 507: the event store's storage is full; writes succeed again once space is freed.
+    #[error("insufficient storage")]
+    InsufficientStorage,
     /// 429: the tenant has as many open event streams as it may; close one or retry later.
     #[error("too many event streams: {0}")]
     TooManyStreams(String),
@@ -98,6 +101,7 @@ impl ApiError {
             | ApiError::Overloaded { .. }
             | ApiError::RequestTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyStreams(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::InsufficientStorage => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -136,6 +140,12 @@ impl ApiError {
                 "contention",
                 "Contention",
                 "the entity is being changed concurrently; retry later".into(),
+            ),
+            ApiError::InsufficientStorage => (
+                "insufficient-storage",
+                "Insufficient storage",
+                "the event store's disk is full: nothing was stored; retry once space is freed"
+                    .into(),
             ),
             ApiError::Overloaded { .. } => (
                 "overloaded",
@@ -214,6 +224,9 @@ impl IntoResponse for ApiError {
             ApiError::RequestTimeout { .. } | ApiError::TooManyStreams(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            ApiError::InsufficientStorage => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+            }
             _ => {}
         }
         res
@@ -230,6 +243,7 @@ impl From<AppError> for ApiError {
             AppError::NotFound(d) => ApiError::NotFound(d),
             AppError::Conflict(d) => ApiError::Conflict(d),
             AppError::TooLarge { .. } => ApiError::PayloadTooLarge,
+            AppError::StorageFull(_) => ApiError::InsufficientStorage,
             e @ (AppError::Unavailable { .. } | AppError::Contention(_)) => {
                 let retry_after = e.retry_after().unwrap_or(Duration::from_secs(1));
                 tracing::warn!(error = %e, "request failed: retry later");

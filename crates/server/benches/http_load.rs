@@ -116,6 +116,7 @@ async fn run() {
             tracktrace_store_postgres::DEFAULT_APPEND_GROUPS,
         ),
         store_max_queued: tracktrace_store_sled::DEFAULT_MAX_PENDING,
+        sled_min_free_bytes: tracktrace_store_sled::DEFAULT_MIN_FREE_BYTES,
         cache_url: None,
         cache: CacheConfig::default(),
         http: tracktrace_http::layers::HttpLimits::default(),

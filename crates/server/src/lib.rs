@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub pg_append_groups: usize,
     /// Appends queued in the store at most (sled writer queue, PostgreSQL group queue).
     pub store_max_queued: usize,
+    /// sled: free bytes the data directory's file system must keep (writes refused below).
+    pub sled_min_free_bytes: u64,
     /// `redis://…` to cache trace views in Redis.
     pub cache_url: Option<String>,
     /// Cache settings.
@@ -125,7 +127,9 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             let path = cfg.data_dir.join("events");
             std::fs::create_dir_all(&path)?;
             let store = tracktrace_store_sled::SledStore::open(
-                tracktrace_store_sled::SledOptions::new(&path).max_pending(cfg.store_max_queued),
+                tracktrace_store_sled::SledOptions::new(&path)
+                    .max_pending(cfg.store_max_queued)
+                    .min_free_bytes(cfg.sled_min_free_bytes),
             )
             .map_err(|e| StartError::Store(e.to_string()))?;
             let s = Arc::new(store);

@@ -84,6 +84,15 @@ struct Common {
         global = true
     )]
     store_max_queued: usize,
+    /// sled: free MiB the data directory's file system must keep; below it captures are
+    /// refused with 507 (nothing stored) until space is freed (0: no reserve).
+    #[arg(
+        long,
+        env = "TRACKTRACE_SLED_MIN_FREE_MIB",
+        default_value_t = 64,
+        global = true
+    )]
+    sled_min_free_mib: u64,
     /// JWT HS256 secret (at least 32 bytes); default: generated once in the data directory.
     #[arg(
         long,
@@ -336,6 +345,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         pg_max_connections: c.pg_max_connections,
         pg_append_groups: c.pg_append_groups,
         store_max_queued: c.store_max_queued,
+        sled_min_free_bytes: c.sled_min_free_mib * 1024 * 1024,
         cache_url: s.cache.clone(),
         cache: CacheConfig {
             ttl: Duration::from_secs(s.cache_ttl_secs.max(1)),

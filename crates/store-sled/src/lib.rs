@@ -86,6 +86,7 @@ pub mod layout;
 
 pub use keys::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN};
 pub use options::{
-    DEFAULT_CACHE_CAPACITY, DEFAULT_MAX_PENDING, Durability, OpenError, SledOptions,
+    DEFAULT_CACHE_CAPACITY, DEFAULT_MAX_PENDING, DEFAULT_MIN_FREE_BYTES, Durability, OpenError,
+    SledOptions,
 };
 pub use store::{SledStats, SledStore};

@@ -50,7 +50,17 @@ pub struct SledOptions {
     /// beyond it fails at once with `Error::Overloaded` (nothing written) instead of queueing
     /// without bound.
     pub max_pending: usize,
+    /// Free bytes the file system of the store's directory must keep (default
+    /// [`DEFAULT_MIN_FREE_BYTES`]; 0: no reserve). Below it every write fails at once with
+    /// `Error::StorageFull` (nothing written; reads keep working) and succeeds again once space
+    /// is freed, so sled never meets a full disk (a failed sled write poisons the store until it
+    /// is reopened).
+    pub min_free_bytes: u64,
 }
+
+/// Default of [`SledOptions::min_free_bytes`]: 64 MiB (sled writes segments of a few MiB and
+/// a write group is at most a few MiB: the reserve keeps them all from meeting a full disk).
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Default of [`SledOptions::max_pending`].
 pub const DEFAULT_MAX_PENDING: usize = 4096;
@@ -63,6 +73,7 @@ impl SledOptions {
             durability: Durability::default(),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             max_pending: DEFAULT_MAX_PENDING,
+            min_free_bytes: DEFAULT_MIN_FREE_BYTES,
         }
     }
 
@@ -75,6 +86,13 @@ impl SledOptions {
     /// Sets the page cache size in bytes (builder style).
     pub fn cache_capacity(mut self, bytes: u64) -> Self {
         self.cache_capacity = bytes;
+        self
+    }
+
+    /// Sets the free-space reserve of the store's file system in bytes (builder style; 0
+    /// disables it).
+    pub fn min_free_bytes(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
         self
     }
 

@@ -48,6 +48,9 @@ struct Inner {
     durability: Durability,
     /// Delete the directory on drop ([`SledStore::temporary`]).
     temporary: bool,
+    /// The free-space reserve ([`SledOptions::min_free_bytes`]) and the last look at it.
+    reserve: u64,
+    space: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
 }
 
 impl Drop for Inner {
@@ -265,6 +268,8 @@ impl SledStore {
                 path,
                 durability: opts.durability,
                 temporary: false,
+                reserve: opts.min_free_bytes,
+                space: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -351,12 +356,50 @@ impl SledStore {
         }
     }
 
+    /// `StorageFull` when the store's file system has less free space than the reserve
+    /// (looked at most every 100 ms; a failed look lets the write through).
+    fn check_space(&self) -> Result<()> {
+        let reserve = self.inner.reserve;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let mut space = self.inner.space.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        let free = match *space {
+            Some((at, free)) if now.duration_since(at) < std::time::Duration::from_millis(100) => {
+                free
+            }
+            _ => match fs2::available_space(&self.inner.path) {
+                Ok(free) => {
+                    *space = Some((now, free));
+                    free
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the free space of the store's file system");
+                    return Ok(());
+                }
+            },
+        };
+        if free < reserve {
+            return Err(Error::StorageFull {
+                reason: format!(
+                    "{} has {} MiB free, less than the reserve of {} MiB",
+                    self.inner.path.display(),
+                    free / (1024 * 1024),
+                    reserve / (1024 * 1024)
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn visible_head(&self) -> u64 {
         self.shared().head.load(Ordering::Acquire)
     }
 
     async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request) -> Result<T> {
         self.check()?;
+        self.check_space()?;
         let (tx, rx) = oneshot::channel();
         let closed = || Error::Unavailable {
             reason: "the sled writer thread stopped".into(),

@@ -49,6 +49,10 @@ pub enum AppError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// The store's storage is full: writes are refused (nothing written) until space is
+    /// freed; reads keep working.
+    #[error("storage full: {0}")]
+    StorageFull(String),
     /// A command still conflicted with concurrent writers of the same aggregate after the
     /// command bus's retries.
     #[error("contention: {0}")]
@@ -68,13 +72,14 @@ impl AppError {
     }
 
     /// Whether the same request, unchanged, may succeed later: every failure on the server's
-    /// side (`Unavailable`, `Contention`, `Timeout`, `Internal`). `false` for failures of the
+    /// side (`Unavailable`, `StorageFull`, `Contention`, `Timeout`, `Internal`). `false` for failures of the
     /// request itself (invalid, forbidden, unknown, conflicting, too large), which no retry
     /// can fix. Callers that retry must bound their retries (a bug stays a bug).
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
             AppError::Unavailable { .. }
+                | AppError::StorageFull(_)
                 | AppError::Contention(_)
                 | AppError::Timeout(_)
                 | AppError::Internal(_)
@@ -129,6 +134,10 @@ impl From<tracktrace_core::Error> for AppError {
                     reason: e.to_string(),
                     retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
                 }
+            }
+            E::StorageFull { .. } => {
+                tracing::error!(error = %e, "event store storage full: writes refused");
+                AppError::StorageFull(e.to_string())
             }
             E::Overloaded { retry_after, .. } => {
                 tracing::warn!(error = %e, "event store at capacity: shedding");

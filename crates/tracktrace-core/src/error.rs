@@ -91,6 +91,14 @@ pub enum Error {
         /// When it is worth trying again.
         retry_after: Duration,
     },
+    /// The store refused a write because its storage is (nearly) full: nothing was written,
+    /// reads keep working, and writes succeed again once space is freed. Retryable; like
+    /// [`Error::Overloaded`] it never opens a circuit breaker (reads are fine).
+    #[error("event store storage full: {reason}")]
+    StorageFull {
+        /// What is full.
+        reason: String,
+    },
     /// Stored data could not be decoded. Never retryable; reported with the position when known.
     #[error("corrupt data{}: {detail}", position.map(|p| format!(" at position {p}")).unwrap_or_default())]
     Corruption {
@@ -144,11 +152,14 @@ impl Error {
         }
     }
 
-    /// Whether trying the same operation again later may succeed ([`Error::Unavailable`] and
-    /// [`Error::Overloaded`]). Conflicts are *not* retryable as-is: the command must be re-run
+    /// Whether trying the same operation again later may succeed ([`Error::Unavailable`],
+    /// [`Error::Overloaded`], [`Error::StorageFull`]). Conflicts are *not* retryable as-is: the command must be re-run
     /// against fresh state.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Unavailable { .. } | Error::Overloaded { .. })
+        matches!(
+            self,
+            Error::Unavailable { .. } | Error::Overloaded { .. } | Error::StorageFull { .. }
+        )
     }
 
     /// When trying again is worth it, if the error says (an open breaker, a full queue).

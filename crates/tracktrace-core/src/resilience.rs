@@ -314,8 +314,9 @@ impl<S> CircuitBreaker<S> {
     fn record<T>(&self, probe: bool, r: &Result<T>) {
         let mut st = self.lock();
         match r {
-            // Busy, not broken: no verdict on the store's health (a probe slot is freed).
-            Err(Error::Overloaded { .. }) => {
+            // Busy or full, not broken: no verdict on the store's health (a probe slot is
+            // freed).
+            Err(Error::Overloaded { .. } | Error::StorageFull { .. }) => {
                 if probe && let Inner::HalfOpen { probe_since } = &mut *st {
                     *probe_since = None;
                 }
