@@ -20,7 +20,9 @@ use tokio::sync::watch;
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
-use crate::store::{AllPage, AppendOutcome, AppendRequest, EventStore, ReadAll, ReadStream};
+use crate::store::{
+    AllPage, AppendOutcome, AppendRequest, EventStore, ReadAll, ReadStream, StoreStats,
+};
 
 /// Bounded exponential backoff with full jitter: before retry `n` (1-based) wait a uniformly
 /// random duration in `[0, min(max_backoff, initial_backoff · 2^(n-1))]`.
@@ -148,6 +150,9 @@ impl<S: EventStore> EventStore for Retrying<S> {
     }
     async fn position_at(&self, at: Timestamp) -> Result<Position> {
         self.run(|| self.inner.position_at(at)).await
+    }
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        self.run(|| self.inner.store_stats()).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
@@ -370,6 +375,9 @@ impl<S: EventStore> EventStore for CircuitBreaker<S> {
     }
     async fn position_at(&self, at: Timestamp) -> Result<Position> {
         self.guard(|| self.inner.position_at(at)).await
+    }
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        self.guard(|| self.inner.store_stats()).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
