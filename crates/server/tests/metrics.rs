@@ -28,7 +28,8 @@ use tracktrace_app::metrics::{BUILTIN_METRICS, Metrics, guarded_store};
 use tracktrace_app::{App, AppConfig, SYSTEM_TENANT};
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, BreakerConfig, Error, EventId, EventStore,
-    InMemoryStore, Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId, Version,
+    EventStoreExt, InMemoryStore, Position, ReadAll, ReadStream, RecordedEvent, StoreStats,
+    StreamId, TenantId, Version,
 };
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
 use tracktrace_http::cache::{CacheConfig, TraceCache};
@@ -96,6 +97,9 @@ impl EventStore for FailingAppends {
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
+    }
+    async fn store_stats(&self) -> tracktrace_core::Result<Option<StoreStats>> {
+        self.inner.store_stats().await
     }
 }
 
@@ -716,7 +720,7 @@ async fn trace_queries_count_cache_hits_and_misses_and_freshness() {
     let e3 = f.scrape().await;
     assert_eq!(e3.get(q, &hit) + e3.get(q, &miss), 2.0);
 
-    // Caught up: no lag; the store's head is exported.
+    // Caught up: no lag; the store's event count, size and head are exported.
     let trace = [("projection", "tt.trace")];
     assert_eq!(
         e3.value("tracktrace_projection_lag_positions", &trace),
@@ -728,7 +732,24 @@ async fn trace_queries_count_cache_hits_and_misses_and_freshness() {
     );
     let head = f.store.head().await.unwrap().get() as f64;
     assert!(head >= pos as f64);
-    assert_eq!(e3.value("tracktrace_event_store_events", &[]), Some(head));
+    assert_eq!(
+        e3.value("tracktrace_event_store_head_position", &[]),
+        Some(head)
+    );
+    let stored = f
+        .store
+        .read_all_to_end(Position::START, Default::default())
+        .await
+        .unwrap()
+        .len() as f64;
+    let stats = f.store.store_stats().await.unwrap().unwrap();
+    assert_eq!(stats.events as f64, stored);
+    assert_eq!(e3.value("tracktrace_event_store_events", &[]), Some(stored));
+    assert_eq!(
+        e3.value("tracktrace_event_store_bytes", &[]),
+        Some(stats.bytes as f64)
+    );
+    assert!(stats.bytes > 0);
 }
 
 #[tokio::test]
