@@ -479,7 +479,11 @@ async fn every_metric_of_the_rules_and_the_dashboard_is_exported() {
     let e = f.scrape().await;
 
     let rules = rule_exprs(&ops_file("prometheus/tracktrace-alerts.yml"));
-    assert_eq!(rules.len(), 4, "the rules file has four alerts: {rules:?}");
+    assert_eq!(
+        rules.len(),
+        11,
+        "the rules file has eleven alerts: {rules:?}"
+    );
     let dashboard: Value =
         serde_json::from_str(&ops_file("grafana/tracktrace-dashboard.json")).unwrap();
     let mut panels = Vec::new();
