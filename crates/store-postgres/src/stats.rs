@@ -45,7 +45,19 @@ SELECT n.events,
 FROM n";
 
 /// The stats of the store in `schema` (advisory-lock key `lock_key`).
+///
+/// Runs in a task of its own: the count covers everything appended since the last call, which
+/// after a long pause between scrapes may take longer than a scraper waits. A caller that gives
+/// up (its future is dropped) does not cancel the statement, so the mark still moves and the
+/// next call starts from there instead of repeating the same work.
 pub(crate) async fn store_stats(pool: &PgPool, lock_key: i32, schema: &str) -> Result<StoreStats> {
+    let (pool, schema) = (pool.clone(), schema.to_owned());
+    tokio::spawn(async move { count(&pool, lock_key, &schema).await })
+        .await
+        .map_err(|e| Error::backend("the store stats task failed", e))?
+}
+
+async fn count(pool: &PgPool, lock_key: i32, schema: &str) -> Result<StoreStats> {
     let h = horizon(pool, lock_key).await?;
     let row = sqlx::query(STATS_SQL)
         .bind(to_i64("horizon", h.horizon.get())?)
