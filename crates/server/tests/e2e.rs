@@ -385,6 +385,34 @@ fn fresh_schema() -> String {
     )
 }
 
+/// `tracktrace_event_store_events` counts events, while the head is a position (on
+/// PostgreSQL derived from transaction ids, far above the count): the scraped count is at most
+/// what a second store on the schema reads afterwards, and that store's own count agrees.
+async fn store_size_is_counted(addr: &str, scraper: &str, url: &str, schema: &str) {
+    use tracktrace_core::{EventStore, EventStoreExt, Position};
+    let m = scrape(addr, scraper).await;
+    let other = tracktrace_store_postgres::PgStore::connect_with(
+        tracktrace_store_postgres::PgStoreOptions::new(url).schema(schema),
+    )
+    .await
+    .unwrap();
+    let stored = other
+        .read_all_to_end(Position::START, Default::default())
+        .await
+        .unwrap()
+        .len() as u64;
+    let counted = other.store_stats().await.unwrap().unwrap();
+    let events = m.get("tracktrace_event_store_events", &[]);
+    let head = m.get("tracktrace_event_store_head_position", &[]);
+    assert!(
+        events > 0.0 && events <= stored as f64,
+        "{events} of {stored}"
+    );
+    assert!(counted.events >= stored, "{counted:?}, {stored} read");
+    assert!(head > 1024.0 && head > stored as f64, "head {head}");
+    assert!(m.get("tracktrace_event_store_bytes", &[]) > 0.0);
+}
+
 async fn drop_schema(url: &str, schema: &str) {
     if let Ok(s) = tracktrace_store_postgres::PgStore::connect_with(
         tracktrace_store_postgres::PgStoreOptions::new(url).schema(schema),
@@ -472,6 +500,7 @@ async fn postgres_end_to_end_with_outage_and_recovery() {
     let w = tokens("acme", "events:write,trace:read");
     let scraper = tokens("_system", "metrics:read");
     capture_is_metered(&addr, &scraper, &w, "postgres").await;
+    store_size_is_counted(&addr, &scraper, &pg, &schema).await;
     let unavailable = [("reason", "unavailable")];
     let failures = "tracktrace_command_failures_total";
     let before = scrape(&addr, &scraper).await.get(failures, &unavailable);

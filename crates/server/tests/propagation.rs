@@ -519,6 +519,10 @@ async fn nats_outage_opens_the_breaker_readyz_reports_it_and_the_backlog_drains(
     let m = scrape(&addr, &scraper).await;
     assert!(m.get("tracktrace_publisher_breaker_state", &SITA) >= 1.0);
     assert!(m.get("tracktrace_publisher_lag_positions", &SITA) > 0.0);
+    assert!(
+        m.value("tracktrace_publisher_lag_seconds", &SITA)
+            .is_some_and(|s| s >= 0.0)
+    );
     assert!(m.get("tracktrace_circuit_breaker_state", &NATS_BREAKER) >= 1.0);
 
     nats.restart();
@@ -537,6 +541,10 @@ async fn nats_outage_opens_the_breaker_readyz_reports_it_and_the_backlog_drains(
     );
     assert_eq!(
         m.value("tracktrace_publisher_lag_positions", &SITA),
+        Some(0.0)
+    );
+    assert_eq!(
+        m.value("tracktrace_publisher_lag_seconds", &SITA),
         Some(0.0)
     );
     assert_eq!(

@@ -50,7 +50,10 @@
 //! Tables: `events` (the global log: primary key `position`; unique `(tenant, stream, version)`
 //! for stream reads and versions, `(event_id, tenant)` and `(tenant, dedup_key)` for
 //! idempotency; a BRIN index on `recorded_at` for time-range scans), `snapshots`,
-//! `checkpoints`, `read_models`, and the one-row `log_meta`.
+//! `checkpoints`, `read_models`, the one-row `log_meta`, and the one-row `event_count`
+//! (the number of events below a recent read horizon, kept by
+//! [`EventStore::store_stats`](tracktrace_core::EventStore::store_stats) rather than by
+//! appends: positions follow transaction ids, so they are no count; see migration 7).
 //!
 //! # Appends
 //! One append is one statement (one round trip, one implicit transaction): it takes the store's
@@ -150,6 +153,7 @@ mod kv;
 mod lease;
 mod migrate;
 mod rows;
+mod stats;
 mod store;
 mod tasks;
 mod time_range;

@@ -39,6 +39,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "careful_path_duplicate_probes",
         include_str!("../migrations/0006_careful_path_duplicate_probes.sql"),
     ),
+    (
+        7,
+        "event_count",
+        include_str!("../migrations/0007_event_count.sql"),
+    ),
 ];
 
 /// Second half of the migration advisory-lock key (the first is the schema's lock key).
@@ -111,6 +116,8 @@ pub(crate) async fn run(conn: &mut PgConnection, schema: &str, lock_key: i32) ->
             .await
             .map_err(e)?;
     }
+    // The event count (migration 7) starts from one exact count of the existing log.
+    crate::stats::seed(&mut tx, lock_key).await?;
     tx.commit().await.map_err(e)?;
     Ok(())
 }

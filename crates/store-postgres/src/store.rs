@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, Direction, Error, EventId, EventRef, EventStore,
-    Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId, Version,
+    Position, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StreamId, TenantId, Version,
     resolve_duplicates, validate_batch,
 };
 
@@ -20,6 +20,7 @@ use crate::group_queue::Reply;
 use crate::handle::PgStore;
 use crate::horizon::horizon;
 use crate::rows::{EVENT_COLUMNS, decode_event, decode_event_with_ids, position, to_i64};
+use crate::stats::store_stats;
 use crate::time_range::position_at;
 
 /// How often an append is re-run after losing a race (unique violation from a concurrent
@@ -581,6 +582,14 @@ impl EventStore for PgStore {
 
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.watch()
+    }
+
+    /// Exact event count below the read horizon and the schema's relation sizes: see
+    /// `stats.rs` and migration 7.
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        store_stats(&self.inner.pool, self.inner.lock_key, self.schema())
+            .await
+            .map(Some)
     }
 }
 

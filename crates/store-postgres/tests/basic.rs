@@ -1,5 +1,5 @@
 //! Quick end-to-end checks of the PostgreSQL store (the full conformance suite is in
-//! conformance.rs).
+//! conformance.rs), and its event count (`store_stats`).
 
 mod common;
 
@@ -251,4 +251,139 @@ async fn an_append_in_flight_holds_back_the_global_log_until_it_ends() {
         }
         assert_eq!(s.head().await.unwrap(), later.last_position());
     }
+}
+
+async fn events_counted(store: &dyn EventStore) -> u64 {
+    store
+        .store_stats()
+        .await
+        .unwrap()
+        .expect("PgStore reports stats")
+        .events
+}
+
+/// The count is of events, not positions (which follow transaction ids), and exact at the read
+/// horizon: an append in flight, and a later one that committed above it, count once the held
+/// one has ended (rolled back: only the later one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_stats_count_events_below_the_read_horizon() {
+    use sqlx::ConnectOptions;
+    let Some(s) = common::try_store().await else {
+        return;
+    };
+    let t = TenantId::parse("acme").unwrap();
+    assert_eq!(events_counted(&s).await, 0);
+    for i in 0..5 {
+        s.append_to(
+            &t,
+            &StreamId::parse(format!("Bag-{i}")).unwrap(),
+            ExpectedVersion::NoStream,
+            vec![ev("A"), ev("B")],
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(events_counted(&s).await, 10);
+    let head = s.head().await.unwrap().get();
+    assert!(
+        head >= 1024,
+        "positions follow transaction ids: head {head}"
+    );
+    let fresh = s.store_stats().await.unwrap().unwrap();
+    assert!(fresh.bytes > 0, "{fresh:?}");
+
+    let opts: sqlx::postgres::PgConnectOptions = common::url().parse().unwrap();
+    let mut held = opts
+        .options([("search_path", s.store.schema())])
+        .connect()
+        .await
+        .unwrap();
+    let mut counted = 10;
+    for commit in [true, false] {
+        open_append(&mut held, &s.store, "Held").await;
+        s.append_to(
+            &t,
+            &StreamId::parse("Later").unwrap(),
+            ExpectedVersion::Any,
+            vec![ev("L")],
+        )
+        .await
+        .unwrap();
+        // Neither is below the horizon yet.
+        assert_eq!(events_counted(&s).await, counted);
+        let end = if commit { "COMMIT" } else { "ROLLBACK" };
+        sqlx::raw_sql(end).execute(&mut held).await.unwrap();
+        counted += if commit { 2 } else { 1 };
+        assert_eq!(events_counted(&s).await, counted);
+        let log = s
+            .read_all(ReadAll::from(Position::START, 1000))
+            .await
+            .unwrap();
+        assert_eq!(log.events.len() as u64, counted);
+    }
+}
+
+/// Several processes (stores) on one schema share the count: each call counts only what was
+/// appended since the last call of any of them, and every one reports the exact total. A
+/// schema migrated before the count existed is counted once when migration 7 runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_stats_are_shared_by_processes_and_counted_on_upgrade() {
+    let Some(s) = common::try_store().await else {
+        return;
+    };
+    let other = tracktrace_store_postgres::PgStore::connect_with(
+        tracktrace_store_postgres::PgStoreOptions::new(common::url()).schema(s.store.schema()),
+    )
+    .await
+    .unwrap();
+    let t = TenantId::parse("acme").unwrap();
+    let mut total = 0;
+    for round in 0..3u64 {
+        for (i, store) in [&s.store, &other].into_iter().enumerate() {
+            let n = round as usize + i + 1;
+            store
+                .append_to(
+                    &t,
+                    &StreamId::parse(format!("R{round}-{i}")).unwrap(),
+                    ExpectedVersion::NoStream,
+                    (0..n).map(|_| ev("X")).collect(),
+                )
+                .await
+                .unwrap();
+            total += n as u64;
+        }
+        assert_eq!(events_counted(&other).await, total);
+        assert_eq!(events_counted(&s).await, total);
+    }
+    let (below, stored): (i64, i64) = sqlx::query_as("SELECT below, events FROM event_count")
+        .fetch_one(s.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored as u64, total);
+    assert!(below as u64 > s.head().await.unwrap().get());
+
+    // A schema from before migration 7: the table and its row appear on the next connect,
+    // with the events already stored.
+    sqlx::raw_sql("DROP TABLE event_count; DELETE FROM tt_migrations WHERE version = 7")
+        .execute(s.store.pool())
+        .await
+        .unwrap();
+    drop(other);
+    let upgraded = tracktrace_store_postgres::PgStore::connect_with(
+        tracktrace_store_postgres::PgStoreOptions::new(common::url()).schema(s.store.schema()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(events_counted(&upgraded).await, total);
+    upgraded
+        .append_to(
+            &t,
+            &StreamId::parse("After").unwrap(),
+            ExpectedVersion::Any,
+            vec![ev("Y")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(events_counted(&upgraded).await, total + 1);
+    assert_eq!(events_counted(&s).await, total + 1);
 }

@@ -16,7 +16,8 @@ use tracktrace_core::codec::envelope;
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, Error, EventId, EventStore,
     KeyRange, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadStream, RecordedEvent, Result,
-    Snapshot, SnapshotStore, StreamId, TenantId, Timestamp, Version, prefix_end, validate_batch,
+    Snapshot, SnapshotStore, StoreStats, StreamId, TenantId, Timestamp, Version, prefix_end,
+    validate_batch,
 };
 
 use crate::keys::{check_namespace, read_model_key};
@@ -612,6 +613,16 @@ impl EventStore for SledStore {
 
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.shared().head_tx.subscribe()
+    }
+
+    /// `events`: the visible head, exact because the writer assigns contiguous positions from
+    /// 1 and nothing is ever removed from the log (recovered on open from the last page, like
+    /// the head). `bytes`: sled's files (`db` and any blob files: every tree, read models and
+    /// snapshots included; [`sled::Db::size_on_disk`], a few `stat`s).
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        self.check()?;
+        let bytes = self.shared().db.size_on_disk().map_err(sled_err)?;
+        Ok(Some(StoreStats::new(self.visible_head(), bytes)))
     }
 }
 

@@ -4,8 +4,9 @@
 //! the store with the default durability and appends batches from several concurrent tasks,
 //! printing one line per *acknowledged* batch. The parent kills it at a random moment, reopens
 //! the store and checks that every acknowledged event is present and intact, that no batch is
-//! partly visible, that versions are contiguous, that the global log is ordered without gaps, and
-//! that new appends work. Round after round on the same directory.
+//! partly visible, that versions are contiguous, that the global log is ordered without gaps,
+//! that the recovered event count is the log's length, and that new appends work. Round after
+//! round on the same directory.
 //!
 //! The first `TRACKTRACE_CRASH_ROUNDS` rounds (default 24) use the default durability
 //! (`Durability::Fsync`); then `TRACKTRACE_CRASH_FLUSH_ROUNDS` rounds (default 6) use the opt-in
@@ -294,6 +295,14 @@ async fn verify(store: &SledStore, acked: &[Ack], round: usize) {
         );
     }
     assert_eq!(store.head().await.unwrap().get(), all.len() as u64);
+    // The event count, recovered on open, is the log's length.
+    let stats = store.store_stats().await.unwrap().unwrap();
+    assert_eq!(
+        stats.events,
+        all.len() as u64,
+        "{}",
+        ctx("store_stats after recovery".into())
+    );
 
     // No batch partly visible: every batch seen in the log is whole, with consecutive versions
     // and positions in one stream.

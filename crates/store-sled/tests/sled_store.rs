@@ -1,5 +1,6 @@
 //! sled-specific behaviour: reopening, large (chunked) values, the directory lock, corruption
-//! reporting, read models and snapshots surviving a reopen, and each durability mode.
+//! reporting, read models and snapshots surviving a reopen, each durability mode, and the
+//! store's event count and size.
 
 use std::sync::Arc;
 
@@ -64,6 +65,57 @@ async fn events_survive_reopen_and_positions_continue() -> Result<(), Error> {
         .await?;
     let versions: Vec<u64> = fwd.iter().map(|e| e.version.get()).collect();
     assert_eq!(versions, [3, 4]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn store_stats_count_events_and_survive_reopen() -> Result<(), Error> {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, s) = ids();
+    // Incompressible-ish and larger than a page: stored in chunks.
+    let big: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let big = NewEvent::new("Big", "application/octet-stream", big);
+    {
+        let store = SledStore::open_path(dir.path())?;
+        let fresh = store.store_stats().await?.expect("sled reports stats");
+        assert_eq!(fresh.events, 0);
+        store
+            .append_to(&t, &s, ExpectedVersion::NoStream, (0..3).map(ev).collect())
+            .await?;
+        store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![big.clone()])
+            .await?;
+        // A duplicate and a conflict store nothing.
+        let dup = store
+            .append_to(&t, &s, ExpectedVersion::Any, vec![big.clone()])
+            .await?;
+        assert!(dup.duplicate);
+        assert!(
+            store
+                .append_to(&t, &s, ExpectedVersion::NoStream, vec![ev(9)])
+                .await
+                .is_err()
+        );
+        let stats = store.store_stats().await?.unwrap();
+        assert_eq!(stats.events, 4);
+        assert!(stats.bytes >= 300_000, "{stats:?}");
+    }
+    // Recovered on open, and counting on.
+    let store = SledStore::open_path(dir.path())?;
+    assert_eq!(store.store_stats().await?.unwrap().events, 4);
+    store
+        .append_to(
+            &t,
+            &StreamId::parse("Bag-2").unwrap(),
+            ExpectedVersion::Any,
+            vec![ev(5), ev(6)],
+        )
+        .await?;
+    let stats = store.store_stats().await?.unwrap();
+    assert_eq!(stats.events, 6);
+    assert!(stats.bytes >= 300_000, "{stats:?}");
     Ok(())
 }
 

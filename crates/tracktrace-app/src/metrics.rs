@@ -10,8 +10,8 @@
 //! A [`Metrics`] registry lives in the server state, never in a global, so two servers (or two
 //! tests) in one process never share counters. Updates on the request path are atomics (plus
 //! one read-locked map lookup for the per-tenant counter); everything that needs I/O (the
-//! store's head, the age of the oldest event a projection has not applied) is measured at
-//! scrape time by [`Metrics::scrape`].
+//! store's event count, size and head, the age of the oldest event a projection has not
+//! applied) is measured at scrape time by [`Metrics::scrape`].
 //!
 //! # Adding metrics from another module
 //! Register a gauge or counter read at scrape time, or a circuit breaker, once at start-up:
@@ -45,7 +45,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -54,7 +54,7 @@ use tokio::sync::watch;
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, BoxError, BreakerConfig, BreakerState, CircuitBreaker,
     EventFilter, EventId, EventStore, LagHandle, Position, Projection, ReadAll, ReadModelStore,
-    ReadModelTx, ReadStream, RecordedEvent, StreamId, TenantId, Timestamp, Version,
+    ReadModelTx, ReadStream, RecordedEvent, StoreStats, StreamId, TenantId, Timestamp, Version,
 };
 
 use crate::error::AppError;
@@ -91,6 +91,8 @@ const FRESHNESS: &str = "tracktrace_data_freshness_seconds";
 const CACHE: &str = "tracktrace_cache_requests_total";
 const BREAKER: &str = "tracktrace_circuit_breaker_state";
 const STORE_EVENTS: &str = "tracktrace_event_store_events";
+const STORE_BYTES: &str = "tracktrace_event_store_bytes";
+const STORE_HEAD: &str = "tracktrace_event_store_head_position";
 const BUILD_INFO: &str = "tracktrace_build_info";
 
 /// The metric names this module exports itself (the contract of `ops/README.md`).
@@ -107,6 +109,8 @@ pub const BUILTIN_METRICS: &[&str] = &[
     CACHE,
     BREAKER,
     STORE_EVENTS,
+    STORE_BYTES,
+    STORE_HEAD,
 ];
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -526,7 +530,12 @@ struct Registry {
     cache: [Counter; 2],
     freshness: Histogram,
     store: OnceLock<Weak<dyn EventStore>>,
+    /// Whether the store has reported [`EventStore::store_stats`] (its last answer stays
+    /// exported while it is unreachable).
+    store_stats: AtomicBool,
     store_events: Gauge,
+    store_bytes: Gauge,
+    store_head: Gauge,
     breakers: RwLock<Vec<(String, BreakerFn)>>,
     projections: RwLock<Vec<Arc<ProjectionWatch>>>,
     custom: RwLock<Vec<Custom>>,
@@ -583,7 +592,10 @@ impl Metrics {
             cache: Default::default(),
             freshness: Histogram::new(FRESHNESS_BUCKETS),
             store: OnceLock::new(),
+            store_stats: AtomicBool::new(false),
             store_events: Gauge::default(),
+            store_bytes: Gauge::default(),
+            store_head: Gauge::default(),
             breakers: RwLock::new(Vec::new()),
             projections: RwLock::new(Vec::new()),
             custom: RwLock::new(Vec::new()),
@@ -631,8 +643,9 @@ impl Metrics {
 
     // ---- registrations (start-up) -----------------------------------------------------
 
-    /// The store whose head `tracktrace_event_store_events` reports (the first call wins; the
-    /// registry does not keep the store alive).
+    /// The store whose event count, size and head `tracktrace_event_store_{events,bytes,
+    /// head_position}` report (the first call wins; the registry does not keep the store
+    /// alive).
     pub fn watch_event_store(&self, store: &Arc<dyn EventStore>) {
         let _ = self.0.store.set(Arc::downgrade(store));
     }
@@ -738,7 +751,8 @@ impl Metrics {
 
     // ---- exposition -------------------------------------------------------------------
 
-    /// Measures what needs I/O (the store's head, projection lags), then renders.
+    /// Measures what needs I/O (the store's event count, size and head, projection lags), then
+    /// renders.
     pub async fn scrape(&self) -> String {
         if let Some(store) = self.0.store.get().and_then(Weak::upgrade) {
             let head = match store.head().await {
@@ -746,7 +760,18 @@ impl Metrics {
                 // Unreachable store: the last head it notified.
                 Err(_) => *store.watch_head().borrow(),
             };
-            self.0.store_events.set(head.get() as f64);
+            self.0.store_head.set(head.get() as f64);
+            match store.store_stats().await {
+                Ok(Some(stats)) => {
+                    self.0.store_events.set(stats.events as f64);
+                    self.0.store_bytes.set(stats.bytes as f64);
+                    self.0.store_stats.store(true, Ordering::Relaxed);
+                }
+                // A backend that does not count: no samples.
+                Ok(None) => self.0.store_stats.store(false, Ordering::Relaxed),
+                // Unreachable store: the last answer stays.
+                Err(e) => tracing::debug!(error = %e, "cannot read the event store's stats"),
+            }
         }
         let projections: Vec<Arc<ProjectionWatch>> = read(&self.0.projections).clone();
         for p in projections {
@@ -756,7 +781,7 @@ impl Metrics {
     }
 
     /// Renders the exposition from the values measured so far (no I/O; [`Metrics::scrape`]
-    /// refreshes the store head and projection lags first).
+    /// refreshes the store's figures and projection lags first).
     pub fn render(&self) -> String {
         let r = &*self.0;
         let mut out = String::with_capacity(8 * 1024);
@@ -909,14 +934,33 @@ impl Metrics {
             }
         }
 
+        let stats = r.store_stats.load(Ordering::Relaxed);
         write_header(
             &mut out,
             STORE_EVENTS,
-            "Events in the event store (its head position)",
+            "Events stored in the event store (counted, not derived from positions)",
+            "gauge",
+        );
+        if stats {
+            write_sample(&mut out, STORE_EVENTS, &[], &fmt_f64(r.store_events.get()));
+        }
+        write_header(
+            &mut out,
+            STORE_BYTES,
+            "Bytes the event store uses, as its backend measures them (files, relation sizes)",
+            "gauge",
+        );
+        if stats {
+            write_sample(&mut out, STORE_BYTES, &[], &fmt_f64(r.store_bytes.get()));
+        }
+        write_header(
+            &mut out,
+            STORE_HEAD,
+            "Head position of the event store's global log (a position, not a count: on PostgreSQL positions follow transaction ids)",
             "gauge",
         );
         if r.store.get().is_some() {
-            write_sample(&mut out, STORE_EVENTS, &[], &fmt_f64(r.store_events.get()));
+            write_sample(&mut out, STORE_HEAD, &[], &fmt_f64(r.store_head.get()));
         }
 
         for c in read(&r.custom).iter() {
@@ -982,8 +1026,8 @@ fn fmt_f64(v: f64) -> String {
 }
 
 /// Wrapper store timing every append of the inner store
-/// (`tracktrace_append_duration_seconds{backend}`, failed appends included); other calls pass
-/// through untouched.
+/// (`tracktrace_append_duration_seconds{backend}`, failed appends included); other calls
+/// (`store_stats` included) pass through untouched.
 pub struct Metered<S> {
     inner: S,
     append: Arc<Histogram>,
@@ -1049,6 +1093,9 @@ impl<S: EventStore> EventStore for Metered<S> {
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
+    }
+    async fn store_stats(&self) -> tracktrace_core::Result<Option<StoreStats>> {
+        self.inner.store_stats().await
     }
 }
 

@@ -1570,6 +1570,127 @@ pub async fn position_at_finds_window_starts(store: Arc<dyn EventStore>) -> Chec
     Ok(())
 }
 
+/// [`EventStore::store_stats`] counts stored events, whatever their positions: after single
+/// appends, a batch, concurrent appends (to distinct streams, which backends may group, and to
+/// one stream), a duplicate (stores nothing), a partly duplicate batch, a conflict and an
+/// invalid batch (all rejected), `events` is exactly the number of events `read_all` finds,
+/// and a store holding events uses bytes. A store that does not report stats (`None` on the
+/// fresh store) passes; one that does must keep reporting them.
+pub async fn store_stats_count_events(store: Arc<dyn EventStore>) -> CheckResult {
+    let Some(fresh) = ok(store.store_stats().await, "store_stats of a fresh store")? else {
+        return Ok(());
+    };
+    ensure_eq!(fresh.events, 0, "events reported by a fresh store");
+    let (tn, st) = (t("acme"), s("stats-1"));
+    let first = ev("Counted", 0);
+    must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::NoStream,
+        vec![first.clone()],
+    )
+    .await?;
+    must_append(
+        &*store,
+        &tn,
+        &st,
+        ExpectedVersion::Exact(Version::new(1)),
+        evs("Counted", 5),
+    )
+    .await?;
+    must_append(
+        &*store,
+        &t("other"),
+        &st,
+        ExpectedVersion::Any,
+        evs("Counted", 3),
+    )
+    .await?;
+    let mut tasks = Vec::new();
+    for i in 0..24u64 {
+        let store = store.clone();
+        let stream = if i < 16 {
+            s(&format!("stats-c{i}"))
+        } else {
+            s("stats-shared")
+        };
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_to(
+                    &t("acme"),
+                    &stream,
+                    ExpectedVersion::Any,
+                    vec![ev("Counted", i)],
+                )
+                .await
+        }));
+    }
+    for task in tasks {
+        let out = ok(
+            task.await
+                .map_err(|e| Error::backend("a concurrent append task panicked", e)),
+            "concurrent append task",
+        )?;
+        let out = ok(out, "concurrent append")?;
+        ensure!(!out.duplicate, "a new event was reported as duplicate");
+    }
+    let stored = 1 + 5 + 3 + 24;
+    // Rejected or duplicate appends store nothing.
+    let again = ok(
+        store
+            .append_to(&tn, &st, ExpectedVersion::Any, vec![first.clone()])
+            .await,
+        "re-append of a stored event",
+    )?;
+    ensure!(again.duplicate, "a re-appended event must be a duplicate");
+    let partly = store
+        .append_to(
+            &tn,
+            &st,
+            ExpectedVersion::Any,
+            vec![ev("Counted", 9), first],
+        )
+        .await;
+    ensure!(
+        matches!(partly, Err(Error::Duplicate { .. })),
+        "a partly duplicate batch must be Duplicate, got {partly:?}"
+    );
+    let conflict = store
+        .append_to(&tn, &st, ExpectedVersion::NoStream, evs("Counted", 2))
+        .await;
+    ensure!(
+        matches!(conflict, Err(Error::Conflict { .. })),
+        "NoStream on an existing stream must be a Conflict, got {conflict:?}"
+    );
+    let invalid = store
+        .append_to(&tn, &st, ExpectedVersion::Any, Vec::new())
+        .await;
+    ensure!(
+        matches!(invalid, Err(Error::InvalidInput { .. })),
+        "an empty batch must be InvalidInput, got {invalid:?}"
+    );
+
+    let log = all_events(&*store).await?;
+    ensure_eq!(log.len() as u64, stored, "events read_all finds");
+    let Some(after) = ok(store.store_stats().await, "store_stats")? else {
+        return Err(CheckFailure(
+            "store_stats reported stats on the fresh store, then None".into(),
+        ));
+    };
+    ensure_eq!(
+        after.events,
+        stored,
+        "store_stats().events after {stored} stored events (last position {})",
+        log.last().map_or(0, |e| e.position.get())
+    );
+    ensure!(
+        after.bytes > 0,
+        "a store holding {stored} events reports 0 bytes"
+    );
+    Ok(())
+}
+
 /// Generates one test per event-store conformance check plus the model-based property test.
 /// `$make` is the path of an `async fn() -> Arc<dyn EventStore>` returning a fresh store.
 #[macro_export]
@@ -1582,7 +1703,8 @@ macro_rules! conformance_tests {
             read_stream_directions, read_all_order_and_filters, tenant_isolation,
             metadata_roundtrip, payload_size_limit, invalid_input_rejected,
             concurrent_exact_appends, concurrent_duplicate_appends, concurrent_writers_with_subscriber,
-            subscription_catch_up_then_live, position_at_finds_window_starts);
+            subscription_catch_up_then_live, position_at_finds_window_starts,
+            store_stats_count_events);
 
         #[test]
         fn conformance_model_based_proptest() {

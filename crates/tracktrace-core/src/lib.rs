@@ -113,7 +113,7 @@ pub use saga::{
 pub use store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,
     EventStoreExt, KeyRange, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream,
-    Snapshot, SnapshotStore, SubscribeOptions, Subscription, monotonic_now, prefix_end,
+    Snapshot, SnapshotStore, StoreStats, SubscribeOptions, Subscription, monotonic_now, prefix_end,
     resolve_duplicates,
 };
 pub use upcast::{Upcaster, Upcasters};

@@ -17,7 +17,7 @@ use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
 use crate::store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventStore, KeyRange,
     ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream, Snapshot, SnapshotStore,
-    monotonic_now, resolve_duplicates,
+    StoreStats, monotonic_now, resolve_duplicates,
 };
 
 /// A non-durable event store held in memory: the reference model for every backend, and a
@@ -25,6 +25,10 @@ use crate::store::{
 ///
 /// Appends are serialised by one mutex (positions are assigned and made visible in the same
 /// critical section, so the global log has no gaps). Clones share the same data.
+///
+/// [`EventStore::store_stats`]: `events` is the length of the log (exact); `bytes` estimates
+/// the memory the events hold (each event's struct plus its variable-length fields; indexes,
+/// snapshots and read models excluded).
 #[derive(Clone, Default)]
 pub struct InMemoryStore {
     inner: Arc<Shared>,
@@ -55,6 +59,26 @@ struct State {
     checkpoints: HashMap<String, Position>,
     read_models: HashMap<String, BTreeMap<Vec<u8>, Bytes>>,
     clock: Timestamp,
+    /// Sum of [`event_bytes`] over the log.
+    bytes: u64,
+}
+
+/// What one stored event holds in memory: its struct and its variable-length fields.
+fn event_bytes(e: &RecordedEvent) -> u64 {
+    let m = &e.metadata;
+    let variable = e.tenant.as_str().len()
+        + e.stream.as_str().len()
+        + e.dedup_key.as_ref().map_or(0, String::len)
+        + e.event_type.len()
+        + e.content_type.len()
+        + e.payload.len()
+        + m.correlation_id.as_ref().map_or(0, String::len)
+        + m.causation_id.as_ref().map_or(0, String::len)
+        + m.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
+    (std::mem::size_of::<RecordedEvent>() + variable) as u64
 }
 
 impl std::fmt::Debug for InMemoryStore {
@@ -145,6 +169,7 @@ impl EventStore for InMemoryStore {
                     e,
                 );
                 refs.push(rec.to_ref());
+                st.bytes += event_bytes(&rec);
                 st.log.push(Arc::new(rec));
                 st.streams.entry(key.clone()).or_default().push(idx);
             }
@@ -225,6 +250,11 @@ impl EventStore for InMemoryStore {
 
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.head.subscribe()
+    }
+
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        let st = self.lock();
+        Ok(Some(StoreStats::new(st.log.len() as u64, st.bytes)))
     }
 }
 

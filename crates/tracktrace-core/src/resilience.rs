@@ -30,7 +30,7 @@ use crate::event::RecordedEvent;
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
 use crate::store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventStore, KeyRange,
-    ReadAll, ReadModelBatch, ReadModelStore, ReadStream,
+    ReadAll, ReadModelBatch, ReadModelStore, ReadStream, StoreStats,
 };
 
 /// Bounded exponential backoff with full jitter: before retry `n` (1-based) wait a uniformly
@@ -161,6 +161,9 @@ impl<S: EventStore> EventStore for Retrying<S> {
     }
     async fn position_at(&self, at: Timestamp) -> Result<Position> {
         self.run(|| self.inner.position_at(at)).await
+    }
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        self.run(|| self.inner.store_stats()).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
@@ -407,6 +410,9 @@ impl<S: EventStore> EventStore for CircuitBreaker<S> {
     }
     async fn position_at(&self, at: Timestamp) -> Result<Position> {
         self.guard(|| self.inner.position_at(at)).await
+    }
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        self.guard(|| self.inner.store_stats()).await
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()

@@ -381,6 +381,37 @@ pub trait EventStore: Send + Sync + 'static {
     /// A channel that changes whenever new events may have become readable. Its value is a
     /// hint (a recent head), not a promise; subscribers re-read with [`EventStore::read_all`].
     fn watch_head(&self) -> watch::Receiver<Position>;
+
+    /// How many events the store holds and how many bytes it uses, or `None` when the backend
+    /// does not report them (the default, so existing implementations need not change).
+    ///
+    /// Cheap enough for every metrics scrape: backends never scan the whole log for it.
+    /// [`StoreStats::events`] counts stored events, not positions (positions need not be
+    /// contiguous; on PostgreSQL they follow transaction ids): every event readable through
+    /// [`EventStore::read_all`] at some recent head is counted once; duplicates and rejected
+    /// appends never count. What [`StoreStats::bytes`] measures is documented by each backend.
+    /// Wrapper stores pass the call through.
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        Ok(None)
+    }
+}
+
+/// What a store holds ([`EventStore::store_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Events stored (readable through [`EventStore::read_all`]), each counted once.
+    pub events: u64,
+    /// Bytes the store uses, as its backend measures them (files on disk, relation sizes,
+    /// memory held): see the backend's documentation.
+    pub bytes: u64,
+}
+
+impl StoreStats {
+    /// `events` stored in `bytes`.
+    pub fn new(events: u64, bytes: u64) -> Self {
+        Self { events, bytes }
+    }
 }
 
 #[async_trait]
@@ -412,6 +443,9 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         (**self).watch_head()
+    }
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        (**self).store_stats().await
     }
 }
 

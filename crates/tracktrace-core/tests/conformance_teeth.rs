@@ -1,13 +1,15 @@
 //! The conformance suite has teeth: it fails against deliberately broken stores.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tracktrace_core::conformance::{self, CheckResult};
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, EventId, EventStore, ExpectedVersion, InMemoryStore,
-    Position, ReadAll, ReadStream, RecordedEvent, Result, StreamId, TenantId, Timestamp, Version,
+    Position, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StreamId, TenantId,
+    Timestamp, Version,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -26,16 +28,26 @@ enum Fault {
     PositionAtTooLate,
     /// `position_at` answers the start of the log (correct but a full scan for readers).
     PositionAtAlwaysStart,
+    /// `store_stats` counts the events of every append call, rejected and duplicate ones too.
+    StatsCountAttempts,
+    /// `store_stats` answers what the store held at the previous call (a stale cache).
+    StatsStale,
 }
 
 struct Broken {
     inner: InMemoryStore,
     fault: Fault,
+    /// Events of every append call (`StatsCountAttempts`).
+    attempted: AtomicU64,
+    /// The previous answer of the inner store (`StatsStale`).
+    previous: Mutex<Option<StoreStats>>,
 }
 
 #[async_trait]
 impl EventStore for Broken {
     async fn append(&self, mut req: AppendRequest) -> Result<AppendOutcome> {
+        self.attempted
+            .fetch_add(req.events.len() as u64, Ordering::SeqCst);
         match self.fault {
             Fault::IgnoreExpectedVersion => req.expected = ExpectedVersion::Any,
             Fault::LetDuplicatesThrough => {
@@ -87,12 +99,28 @@ impl EventStore for Broken {
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
     }
+
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        let stats = self.inner.store_stats().await?;
+        Ok(match self.fault {
+            Fault::StatsCountAttempts => {
+                stats.map(|s| StoreStats::new(self.attempted.load(Ordering::SeqCst), s.bytes))
+            }
+            Fault::StatsStale => {
+                let mut previous = self.previous.lock().unwrap();
+                std::mem::replace(&mut *previous, stats).or(stats)
+            }
+            _ => stats,
+        })
+    }
 }
 
 fn broken(fault: Fault) -> Arc<dyn EventStore> {
     Arc::new(Broken {
         inner: InMemoryStore::new(),
         fault,
+        attempted: AtomicU64::new(0),
+        previous: Mutex::new(None),
     })
 }
 
@@ -140,6 +168,7 @@ fn the_wrapper_without_a_fault_passes() {
         Fault::None,
     )))
     .unwrap();
+    conformance::run(conformance::store_stats_count_events(broken(Fault::None))).unwrap();
     conformance::model_test(|| async { broken(Fault::None) }, 16).unwrap();
 }
 
@@ -188,4 +217,10 @@ fn a_wrong_position_at_is_caught() {
         Fault::PositionAtAlwaysStart,
         position_at_finds_window_starts
     );
+}
+
+#[test]
+fn wrong_store_stats_are_caught() {
+    must_fail!(Fault::StatsCountAttempts, store_stats_count_events);
+    must_fail!(Fault::StatsStale, store_stats_count_events);
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventId, EventStore,
     KeyRange, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadStream, RecordedEvent, Result,
-    Snapshot, SnapshotStore, StreamId, TenantId, Version,
+    Snapshot, SnapshotStore, StoreStats, StreamId, TenantId, Version,
 };
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
 
@@ -178,6 +178,9 @@ impl EventStore for TestStore {
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.store.watch_head()
+    }
+    async fn store_stats(&self) -> Result<Option<StoreStats>> {
+        self.store.store_stats().await
     }
 }
 
