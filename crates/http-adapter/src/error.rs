@@ -199,11 +199,17 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
+/// The problem type of an error response (a response extension, for the request log).
+#[derive(Debug, Clone)]
+pub struct ProblemType(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
+        let problem = self.problem();
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
         let mut res = (status, body).into_response();
+        res.extensions_mut().insert(ProblemType(problem.r#type));
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         match &self {

@@ -78,10 +78,31 @@ pub fn apply(router: Router, limits: HttpLimits) -> Router {
                     .on_request(())
                     .on_response(
                         |res: &Response<_>, latency: Duration, _span: &tracing::Span| {
-                            if res.status().is_server_error() {
+                            let status = res.status();
+                            if !status.is_server_error() {
+                                return;
+                            }
+                            let problem = res
+                                .extensions()
+                                .get::<crate::error::ProblemType>()
+                                .map_or("", |p| p.0.as_str());
+                            let latency_ms = latency.as_millis() as u64;
+                            // Shedding, an unavailable dependency and a full disk are expected
+                            // states with a Retry-After (their cause is logged where they
+                            // arise): a warning each, so an overload does not flood the error
+                            // log. Everything else is an error.
+                            if matches!(status.as_u16(), 503 | 507) {
+                                tracing::warn!(
+                                    status = status.as_u16(),
+                                    problem,
+                                    latency_ms,
+                                    "retryable server error answered"
+                                );
+                            } else {
                                 tracing::error!(
-                                    status = res.status().as_u16(),
-                                    latency_ms = latency.as_millis() as u64,
+                                    status = status.as_u16(),
+                                    problem,
+                                    latency_ms,
                                     "server error answered"
                                 );
                             }
