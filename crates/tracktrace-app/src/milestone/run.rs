@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracktrace_core::{CheckpointStore, EventStore, SagaRunner};
+use tracktrace_core::{EventStore, ReadModelStore, SagaRunner};
 
 use crate::capture::service::CaptureService;
 use crate::milestone::dispatch::CaptureDispatcher;
@@ -20,7 +20,7 @@ const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
 /// it, with a growing pause, from its records.
 pub async fn run(
     store: Arc<dyn EventStore>,
-    checkpoints: Arc<dyn CheckpointStore>,
+    checkpoints: Arc<dyn ReadModelStore>,
     capture: CaptureService,
 ) {
     let mut backoff = Duration::from_millis(200);

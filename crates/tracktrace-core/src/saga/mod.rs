@@ -13,22 +13,43 @@
 //!   commands without a recorded result are sent again with the same dispatch id: none is
 //!   lost, and the receiver stores its effect once;
 //! - a deadline is recorded as [`SagaRecord::DeadlineScheduled`] with its due time; on start the
-//!   runner rebuilds its timers from the saga streams, so a deadline scheduled before a crash
-//!   fires after the restart. Firing appends [`SagaRecord::DeadlineFired`] with an id derived
-//!   from the deadline, so it is recorded (and reacted to) exactly once;
+//!   runner reloads the instances with open work (below), so a deadline scheduled before a
+//!   crash fires after the restart. Firing appends [`SagaRecord::DeadlineFired`] with an id
+//!   derived from the deadline, so it is recorded (and reacted to) exactly once;
 //! - a trigger event is recorded as [`SagaRecord::Triggered`]; re-reading it after a crash is
-//!   recognised and skipped;
+//!   recognised and skipped (the records of a cause have derived ids, so the store refuses
+//!   them a second time; recovery also collects the triggers recorded after the checkpoint);
 //! - a command that fails permanently is recorded as [`SagaRecord::CommandFailed`] together
 //!   with the reaction of [`Saga::on_failure`], typically compensation commands
 //!   ([`Reaction::compensate`], recorded with `compensation: true`).
 //!
-//! Run one [`SagaRunner`] per saga type. The runner rebuilds its in-memory index from the saga
-//! streams when it starts (cost proportional to the saga log).
+//! Run one [`SagaRunner`] per saga type.
+//!
+//! # Bounded memory and restart
+//! The runner keeps in memory the instances with *open work* (a command without a recorded
+//! result, a pending deadline) and, up to [`SagaRunner::with_max_instances`] (default
+//! [`DEFAULT_MAX_INSTANCES`]), others, least recently used first. An instance that completed
+//! ([`Reaction::complete`]) or is [idle](Saga::is_idle) leaves memory as soon as its commands
+//! are done. An instance out of memory is reloaded from its stream when a trigger concerns it:
+//! the last record of every batch carries the instance's *base* (metadata header
+//! `tt.saga.base`: the lowest version holding its latest state, its completion or open work),
+//! so a reload reads the stream backwards only to there.
+//!
+//! The instances with open work are also kept in a persisted index (read-model namespace
+//! `"saga.{NAME}.open"`, one entry per instance, keyed by the version of its oldest open work)
+//! committed atomically with the runner's checkpoint ([`crate::ReadModelStore::commit`]). On
+//! start the runner reads that index, reloads the instances it names and reads the saga
+//! records after the checkpoint (work opened since, triggers recorded since): a restart costs
+//! the open work plus the checkpoint's lag, not the saga's history. A checkpoint stored without
+//! an index (by a runner that kept none) makes the first start read the whole saga log once,
+//! streamed, keeping only the instances left open.
 
 mod dispatch;
+mod instance;
 mod model;
+mod open_index;
 mod runner;
 
 pub use dispatch::{BusDispatcher, CommandDispatcher, DispatchError};
 pub use model::{Reaction, RecordOf, Saga, SagaRecord};
-pub use runner::{SagaProgress, SagaRunner};
+pub use runner::{DEFAULT_MAX_INSTANCES, SagaProgress, SagaRunner};

@@ -48,6 +48,18 @@ pub trait Saga: Send + Sync + 'static {
         command: &Self::Command,
         error: &str,
     ) -> Reaction<Self>;
+
+    /// Whether an instance in `state` waits for nothing but a later trigger (default: never).
+    /// The runner drops such an instance from memory as soon as it has no command without a
+    /// result and no pending deadline; its state stays in its stream, and a later trigger
+    /// reloads it from there and continues. Unlike [`Reaction::complete`], nothing is recorded
+    /// and later triggers are handled. Instances that are neither idle nor completed stay in
+    /// memory up to [`SagaRunner::with_max_instances`](crate::saga::SagaRunner::with_max_instances)
+    /// and are reloaded the same way once evicted.
+    fn is_idle(&self, state: &Self::State) -> bool {
+        let _ = state;
+        false
+    }
 }
 
 /// What a saga decides in response to something: recorded atomically, then executed.
@@ -63,7 +75,9 @@ pub struct Reaction<S: Saga + ?Sized> {
     /// Pending deadlines to cancel, by name.
     pub cancel: Vec<String>,
     /// The saga is finished: later triggers and deadlines are ignored (recorded
-    /// commands are still dispatched).
+    /// commands are still dispatched). Once its commands are done the runner drops the
+    /// instance from memory; a later trigger reloads it from its stream, finds it completed
+    /// and ignores the trigger.
     pub complete: bool,
 }
 
