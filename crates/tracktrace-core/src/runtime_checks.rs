@@ -28,7 +28,8 @@ use crate::{
     Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters, Version,
 };
 use crate::{
-    AllPage, AppendOutcome, AppendRequest, Direction, KeyRange, ReadAll, ReadStream, RetryPolicy,
+    AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, KeyRange, ReadAll,
+    ReadModelBatch, ReadStream, RetryPolicy,
 };
 
 fn ok<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> Result<T, CheckFailure> {
@@ -1084,8 +1085,14 @@ pub async fn saga_deadline_across_restart(s: RuntimeStores) -> CheckResult {
         0,
         "every send was recorded first"
     );
+    // Completed and done: out of memory, its state in its stream.
     ensure_eq!(
-        r3.state(&tenant(), "o1").map(|s| s.stage.clone()),
+        r3.state(&tenant(), "o1"),
+        None,
+        "completed instance evicted"
+    );
+    ensure_eq!(
+        ok(r3.load_state(&tenant(), "o1").await, "load_state")?.map(|s| s.stage),
         Some("cancelled".to_owned()),
         "state from saga events"
     );
@@ -1233,6 +1240,593 @@ pub async fn saga_redelivery_is_idempotent(s: RuntimeStores) -> CheckResult {
         )),
         1,
         "one result recorded: {records:?}"
+    );
+    Ok(())
+}
+
+/// Commands of [`ParcelSaga`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParcelCommand {
+    /// Acknowledge the parcel's `scan`-th scan.
+    Ack {
+        /// The parcel.
+        parcel: String,
+        /// How many scans the saga had seen.
+        scan: u32,
+    },
+    /// Release a held parcel (its hold deadline came).
+    Release {
+        /// The parcel.
+        parcel: String,
+        /// How many scans the saga had seen.
+        scan: u32,
+    },
+}
+
+/// State of [`ParcelSaga`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParcelState {
+    /// The parcel (its stream).
+    pub parcel: String,
+    /// Scans seen.
+    pub scans: u32,
+    /// Delivered: the instance is idle.
+    pub delivered: bool,
+}
+
+/// A long-lived saga whose instances go idle: `Scanned` → `Ack` (with the number of scans so
+/// far, so a state lost between triggers shows); `Held` → a `hold` deadline, then `Release`;
+/// `Delivered` → idle ([`Saga::is_idle`]), but later scans are still handled.
+#[derive(Debug, Clone)]
+pub struct ParcelSaga {
+    /// The hold deadline.
+    pub hold: Duration,
+}
+
+impl Saga for ParcelSaga {
+    const NAME: &'static str = "parcel";
+    type State = ParcelState;
+    type Command = ParcelCommand;
+
+    fn filter(&self) -> EventFilter {
+        EventFilter {
+            stream_prefix: Some("Parcel-".into()),
+            ..EventFilter::default()
+        }
+    }
+
+    fn correlate(&self, event: &RecordedEvent) -> Option<String> {
+        event
+            .stream
+            .as_str()
+            .strip_prefix("Parcel-")
+            .map(str::to_owned)
+    }
+
+    fn on_event(&self, state: &ParcelState, event: &RecordedEvent) -> Reaction<Self> {
+        let mut st = state.clone();
+        st.parcel = event.stream.as_str().to_owned();
+        match event.event_type.as_str() {
+            "Scanned" => {
+                st.scans += 1;
+                Reaction::new().dispatch(ParcelCommand::Ack {
+                    parcel: st.parcel.clone(),
+                    scan: st.scans,
+                })
+            }
+            "Held" => Reaction::new().schedule("hold", self.hold),
+            "Delivered" => {
+                st.delivered = true;
+                Reaction::new()
+            }
+            _ => Reaction::new(),
+        }
+        .state(st)
+    }
+
+    fn on_deadline(&self, state: &ParcelState, _deadline: &str) -> Reaction<Self> {
+        Reaction::new().dispatch(ParcelCommand::Release {
+            parcel: state.parcel.clone(),
+            scan: state.scans,
+        })
+    }
+
+    fn on_failure(
+        &self,
+        _state: &ParcelState,
+        _command: &ParcelCommand,
+        _error: &str,
+    ) -> Reaction<Self> {
+        Reaction::new()
+    }
+
+    fn is_idle(&self, state: &ParcelState) -> bool {
+        state.delivered
+    }
+}
+
+/// Logs every send of [`ParcelSaga`]'s commands by instance stream, and counts sends whose
+/// outbox record was missing.
+#[derive(Clone)]
+pub struct ParcelDispatcher {
+    store: Arc<dyn EventStore>,
+    /// Every send: (dispatch id, saga stream, command).
+    pub sent: Arc<Mutex<Vec<(Uuid, String, ParcelCommand)>>>,
+    /// Sends whose outbox record was missing (must stay 0).
+    pub unrecorded: Arc<AtomicU32>,
+}
+
+impl std::fmt::Debug for ParcelDispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParcelDispatcher").finish_non_exhaustive()
+    }
+}
+
+impl ParcelDispatcher {
+    /// A dispatcher over `store` (used to check the outbox records).
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            sent: Arc::default(),
+            unrecorded: Arc::default(),
+        }
+    }
+
+    /// Sends so far.
+    pub fn sent(&self) -> Vec<(Uuid, String, ParcelCommand)> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[async_trait]
+impl CommandDispatcher<ParcelCommand> for ParcelDispatcher {
+    async fn dispatch(
+        &self,
+        tenant: &TenantId,
+        dispatch_id: Uuid,
+        command: &ParcelCommand,
+    ) -> Result<(), DispatchError> {
+        let stored = match EventId::from_uuid(dispatch_id) {
+            Ok(id) => self.store.get_event(tenant, id).await.ok().flatten(),
+            Err(_) => None,
+        };
+        let Some(stored) = stored else {
+            self.unrecorded.fetch_add(1, Ordering::SeqCst);
+            return Err(DispatchError::Rejected("no outbox record".into()));
+        };
+        self.sent.lock().unwrap_or_else(|p| p.into_inner()).push((
+            dispatch_id,
+            stored.stream.as_str().to_owned(),
+            command.clone(),
+        ));
+        Ok(())
+    }
+}
+
+async fn parcel(s: &RuntimeStores, p: &str, event_type: &str) -> Result<(), CheckFailure> {
+    let stream = ok(StreamId::parse(format!("Parcel-{p}")), "stream")?;
+    ok(
+        s.events
+            .append_to(
+                &tenant(),
+                &stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::json(event_type, &serde_json::json!({}))],
+            )
+            .await,
+        "append parcel event",
+    )?;
+    Ok(())
+}
+
+/// Completed and idle instances leave memory once their commands are done and come back from
+/// their streams when a trigger concerns them; beyond `with_max_instances` the least recently
+/// used instances without open work leave too, while instances with a pending deadline stay.
+/// Throughout, every command is sent once and every deadline fires once.
+pub async fn saga_bounded_instances(s: RuntimeStores) -> CheckResult {
+    // Completion (OrderSaga): evicted once shipped; a later event finds it completed.
+    let orders = RecordingDispatcher::new(s.events.clone());
+    let saga = OrderSaga {
+        payment_timeout: Duration::from_secs(3600),
+    };
+    let mut r = SagaRunner::new(
+        s.events.clone(),
+        s.read_models.clone(),
+        saga,
+        orders.clone(),
+    );
+    place(&s, "o7", "OrderPlaced").await?;
+    place(&s, "o7", "PaymentReceived").await?;
+    let p = ok(r.run_once().await, "orders")?;
+    ensure_eq!((p.triggers, p.dispatched), (2, 2), "reserved and shipped");
+    ensure_eq!(
+        r.instances_in_memory(),
+        0,
+        "a completed instance leaves memory"
+    );
+    place(&s, "o7", "PaymentReceived").await?;
+    let p = ok(r.run_once().await, "a trigger for a completed order")?;
+    ensure_eq!(
+        (p.triggers, p.dispatched),
+        (0, 0),
+        "reloaded, completed: ignored"
+    );
+    ensure_eq!(r.instances_in_memory(), 0, "and out of memory again");
+    ensure_eq!(
+        ok(r.load_state(&tenant(), "o7").await, "load_state")?.map(|s| s.stage),
+        Some("shipped".to_owned()),
+        "its state is in its stream"
+    );
+    ensure_eq!(orders.sent().len(), 2, "nothing sent again");
+
+    // Idle instances and the bound (ParcelSaga, at most 3 in memory).
+    const PARCELS: usize = 12;
+    const HELD: usize = 5;
+    const MAX: usize = 3;
+    let saga = ParcelSaga {
+        hold: Duration::from_millis(200),
+    };
+    let d = ParcelDispatcher::new(s.events.clone());
+    let runner = |d: &ParcelDispatcher| {
+        SagaRunner::new(
+            s.events.clone(),
+            s.read_models.clone(),
+            saga.clone(),
+            d.clone(),
+        )
+        .with_max_instances(MAX)
+    };
+    let mut r = runner(&d);
+    for round in 1..=2 {
+        for i in 0..PARCELS {
+            parcel(&s, &format!("p{i}"), "Scanned").await?;
+        }
+        let p = ok(r.run_once().await, "scans")?;
+        ensure_eq!(
+            (p.triggers, p.dispatched),
+            (PARCELS, PARCELS),
+            "round {round}"
+        );
+        ensure!(
+            r.instances_in_memory() <= MAX,
+            "round {round}: {} instances in memory, bound {MAX}",
+            r.instances_in_memory()
+        );
+    }
+    for i in 0..HELD {
+        parcel(&s, &format!("p{i}"), "Held").await?;
+    }
+    let mut fired = ok(r.run_once().await, "holds")?.deadlines_fired;
+    ensure!(
+        r.instances_in_memory() <= HELD.max(MAX),
+        "{} instances in memory with {HELD} holds pending",
+        r.instances_in_memory()
+    );
+    for _ in 0..300 {
+        if fired >= HELD {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fired += ok(r.run_once().await, "until the holds end")?.deadlines_fired;
+        ensure!(
+            r.instances_in_memory() <= HELD.max(MAX),
+            "{} instances in memory",
+            r.instances_in_memory()
+        );
+    }
+    ensure_eq!(fired, HELD, "each hold fired");
+    ensure!(
+        r.instances_in_memory() <= MAX,
+        "{} instances in memory once the holds ended",
+        r.instances_in_memory()
+    );
+    for i in 0..PARCELS {
+        parcel(&s, &format!("p{i}"), "Delivered").await?;
+    }
+    ok(r.run_once().await, "deliveries")?;
+    ensure_eq!(r.instances_in_memory(), 0, "idle instances leave memory");
+    // An idle instance continues from its stream.
+    parcel(&s, "p0", "Scanned").await?;
+    let p = ok(r.run_once().await, "a scan after delivery")?;
+    ensure_eq!((p.triggers, p.dispatched), (1, 1), "handled");
+    ensure_eq!(r.instances_in_memory(), 0, "idle again");
+    // A restart finds nothing to do.
+    drop(r);
+    let mut r = runner(&d);
+    let p = ok(r.run_once().await, "after a restart")?;
+    ensure_eq!(
+        (p.triggers, p.dispatched, p.deadlines_fired),
+        (0, 0, 0),
+        "nothing again"
+    );
+    ensure_eq!(r.instances_in_memory(), 0, "no open work to load");
+
+    let sent = d.sent();
+    let ids: std::collections::HashSet<_> = sent.iter().map(|(id, _, _)| *id).collect();
+    ensure_eq!(ids.len(), sent.len(), "no dispatch id sent twice");
+    for i in 0..PARCELS {
+        let stream = format!("saga.parcel-p{i}");
+        let mut acks: Vec<u32> = sent
+            .iter()
+            .filter(|(_, s, _)| *s == stream)
+            .filter_map(|(_, _, c)| match c {
+                ParcelCommand::Ack { scan, .. } => Some(*scan),
+                ParcelCommand::Release { .. } => None,
+            })
+            .collect();
+        acks.sort_unstable();
+        let expected: Vec<u32> = if i == 0 { vec![1, 2, 3] } else { vec![1, 2] };
+        ensure_eq!(
+            acks,
+            expected,
+            "p{i}: each scan acknowledged once, state kept"
+        );
+        let releases: Vec<u32> = sent
+            .iter()
+            .filter(|(_, s, _)| *s == stream)
+            .filter_map(|(_, _, c)| match c {
+                ParcelCommand::Release { scan, .. } => Some(*scan),
+                ParcelCommand::Ack { .. } => None,
+            })
+            .collect();
+        let expected: Vec<u32> = if i < HELD { vec![2] } else { vec![] };
+        ensure_eq!(releases, expected, "p{i}: released once if held");
+        let records = ok(
+            SagaRunner::<ParcelSaga, ParcelDispatcher>::new(
+                s.events.clone(),
+                s.read_models.clone(),
+                saga.clone(),
+                d.clone(),
+            )
+            .records(&tenant(), &format!("p{i}"))
+            .await,
+            "records",
+        )?;
+        ensure_eq!(
+            count(&records, |r| matches!(r, SagaRecord::DeadlineFired { .. })),
+            usize::from(i < HELD),
+            "p{i}: DeadlineFired records"
+        );
+    }
+    ensure_eq!(
+        d.unrecorded.load(Ordering::SeqCst),
+        0,
+        "every send recorded first"
+    );
+    Ok(())
+}
+
+/// An [`EventStore`] and [`ReadModelStore`] wrapper that counts what is read through it (events
+/// returned by stream, log and id reads; entries returned by read-model gets and scans) and
+/// can fail every read-model commit (a process that dies before storing its checkpoint).
+pub struct CountingStore {
+    events: Arc<dyn EventStore>,
+    read_models: Arc<dyn ReadModelStore>,
+    read: AtomicU64,
+    fail_commits: AtomicBool,
+}
+
+impl std::fmt::Debug for CountingStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CountingStore")
+            .field("read", &self.read)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CountingStore {
+    /// Wraps the stores of `s`.
+    pub fn new(s: &RuntimeStores) -> Self {
+        Self {
+            events: s.events.clone(),
+            read_models: s.read_models.clone(),
+            read: AtomicU64::new(0),
+            fail_commits: AtomicBool::new(false),
+        }
+    }
+
+    /// Events and entries read so far.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::SeqCst)
+    }
+
+    /// Makes every read-model commit fail ([`Error::Unavailable`]) while set.
+    pub fn set_fail_commits(&self, fail: bool) {
+        self.fail_commits.store(fail, Ordering::SeqCst);
+    }
+
+    fn count(&self, n: usize) {
+        self.read.fetch_add(n as u64, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl EventStore for CountingStore {
+    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
+        self.events.append(req).await
+    }
+    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
+        let out = self.events.read_stream(req).await?;
+        self.count(out.len());
+        Ok(out)
+    }
+    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
+        let out = self.events.read_all(req).await?;
+        self.count(out.events.len());
+        Ok(out)
+    }
+    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
+        self.events.stream_version(tenant, stream).await
+    }
+    async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
+        let out = self.events.get_event(tenant, id).await?;
+        self.count(usize::from(out.is_some()));
+        Ok(out)
+    }
+    async fn head(&self) -> Result<Position> {
+        self.events.head().await
+    }
+    async fn position_at(&self, at: Timestamp) -> Result<Position> {
+        self.events.position_at(at).await
+    }
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.events.watch_head()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for CountingStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
+        self.read_models.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        self.read_models.save_checkpoint(name, position).await
+    }
+}
+
+#[async_trait]
+impl ReadModelStore for CountingStore {
+    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        let out = self.read_models.get(ns, key).await?;
+        self.count(usize::from(out.is_some()));
+        Ok(out)
+    }
+    async fn scan(
+        &self,
+        ns: &str,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<(bytes::Bytes, bytes::Bytes)>> {
+        let out = self.read_models.scan(ns, range, direction, limit).await?;
+        self.count(out.len());
+        Ok(out)
+    }
+    async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
+        if self.fail_commits.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                reason: "injected commit failure".into(),
+                retry_after: None,
+                source: None,
+            });
+        }
+        self.read_models.commit(batch).await
+    }
+}
+
+/// A restart reads the open work, not the saga's history: after many completed instances a
+/// new runner reads the few open instances' records (from the persisted index of open work)
+/// and the log after its checkpoint. Records written after the last checkpoint (a process that
+/// died before storing it) are found too: their deadlines are known and their re-read triggers
+/// are recognised, so nothing is sent twice.
+pub async fn saga_recovery_reads_open_work(s: RuntimeStores) -> CheckResult {
+    const DONE: usize = 40;
+    const OPEN: usize = 3;
+    let saga = OrderSaga {
+        payment_timeout: Duration::from_secs(3600),
+    };
+    let d = RecordingDispatcher::new(s.events.clone());
+    for i in 0..DONE {
+        place(&s, &format!("done{i}"), "OrderPlaced").await?;
+        place(&s, &format!("done{i}"), "PaymentReceived").await?;
+    }
+    for i in 0..OPEN {
+        place(&s, &format!("open{i}"), "OrderPlaced").await?;
+    }
+    let mut r = SagaRunner::new(
+        s.events.clone(),
+        s.read_models.clone(),
+        saga.clone(),
+        d.clone(),
+    );
+    let p = ok(r.run_once().await, "history")?;
+    ensure_eq!(p.triggers, 2 * DONE + OPEN, "every trigger handled");
+    // A later round passes over the runner's own records and checkpoints after them.
+    ok(r.run_once().await, "second round")?;
+    drop(r);
+    let history = ok(
+        s.events
+            .read_all(ReadAll::from(Position::START, 100_000).filter(EventFilter {
+                stream_prefix: Some("saga.order-".into()),
+                ..EventFilter::default()
+            }))
+            .await,
+        "saga log",
+    )?
+    .events
+    .len();
+    ensure!(history >= DONE * 10, "{history} saga records");
+
+    let counting = Arc::new(CountingStore::new(&s));
+    let mut r = SagaRunner::new(counting.clone(), counting.clone(), saga.clone(), d.clone());
+    let p = ok(r.run_once().await, "restart")?;
+    ensure_eq!(
+        (p.triggers, p.dispatched, p.deadlines_fired),
+        (0, 0, 0),
+        "nothing to redo"
+    );
+    ensure_eq!(
+        r.instances_in_memory(),
+        OPEN,
+        "the open orders, and only them"
+    );
+    ensure!(r.next_deadline().is_some(), "their deadlines are known");
+    // Per open order its 5 records (trigger, state, reservation + result, deadline) and its
+    // index entry, plus the index's format marker (19 on the in-memory store); the bound
+    // leaves room for a few records after the checkpoint.
+    let read = counting.read();
+    ensure!(
+        read <= (OPEN * 8 + 4) as u64,
+        "the restart read {read} records and entries; the saga log holds {history}"
+    );
+    drop(r);
+
+    // Records after the last checkpoint: a runner records new orders, then dies before its
+    // checkpoint (and index) are stored.
+    for i in 0..2 {
+        place(&s, &format!("late{i}"), "OrderPlaced").await?;
+    }
+    counting.set_fail_commits(true);
+    let mut r = SagaRunner::new(counting.clone(), counting.clone(), saga.clone(), d.clone());
+    ensure!(
+        r.run_once().await.is_err(),
+        "the checkpoint could not be stored"
+    );
+    drop(r);
+    counting.set_fail_commits(false);
+    let sent_before = d.sent().len();
+    let mut r = SagaRunner::new(counting.clone(), counting.clone(), saga.clone(), d.clone());
+    let p = ok(r.run_once().await, "restart after the lost checkpoint")?;
+    ensure_eq!(
+        (p.triggers, p.dispatched),
+        (0, 0),
+        "re-read triggers recognised, nothing sent again"
+    );
+    ensure_eq!(d.sent().len(), sent_before, "no second send");
+    ensure_eq!(
+        r.instances_in_memory(),
+        OPEN + 2,
+        "the late orders' deadlines are known"
+    );
+    drop(r);
+    // And now they are in the index.
+    let mut r = SagaRunner::new(s.events.clone(), s.read_models.clone(), saga, d.clone());
+    ok(r.run_once().await, "another restart")?;
+    ensure_eq!(
+        r.instances_in_memory(),
+        OPEN + 2,
+        "open orders after another restart"
+    );
+    let reserves = d
+        .sent()
+        .iter()
+        .filter(|(_, c)| matches!(c, OrderCommand::Reserve(_)))
+        .count();
+    ensure_eq!(reserves, DONE + OPEN + 2, "each reservation sent once");
+    ensure_eq!(
+        d.unrecorded.load(Ordering::SeqCst),
+        0,
+        "every send recorded first"
     );
     Ok(())
 }
@@ -1475,7 +2069,8 @@ macro_rules! runtime_tests {
         $crate::__runtime_tests!($make;
             concurrent_commands, unchecked_concurrent_commands, command_errors, upcaster_v1_to_v2,
             projection_restart_and_rebuild, saga_deadline_across_restart, saga_compensation,
-            saga_redelivery_is_idempotent, circuit_breaker);
+            saga_redelivery_is_idempotent, saga_bounded_instances, saga_recovery_reads_open_work,
+            circuit_breaker);
 
         #[test]
         fn runtime_snapshot_equals_replay_proptest() {

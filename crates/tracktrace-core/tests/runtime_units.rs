@@ -1,6 +1,7 @@
 //! Focused tests of runtime pieces the generic runtime checks do not isolate: upcaster chains,
 //! backoff bounds, a breaker whose probe is cancelled, projection error paths, two saga
-//! runners racing on one trigger, and where a filtered subscription resumes.
+//! runners racing on one trigger or sharing a checkpoint, a saga checkpoint without an index of
+//! open work, reloading a long saga stream, and where a filtered subscription resumes.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use tracktrace_core::runtime_checks::{
-    BalanceProjection, FaultyStore, OrderSaga, RecordingDispatcher, RuntimeStores, dump,
-    seed_accounts,
+    BalanceProjection, CountingStore, FaultyStore, OrderSaga, ParcelCommand, ParcelDispatcher,
+    ParcelSaga, RecordingDispatcher, RuntimeStores, dump, seed_accounts,
 };
 use tracktrace_core::upcast::Upcaster;
 use tracktrace_core::{
@@ -576,4 +577,194 @@ async fn a_paced_saga_runner_handles_every_trigger_once_across_a_restart() {
             .count();
         assert_eq!(triggered, 1, "{o}");
     }
+}
+
+async fn order(store: &InMemoryStore, order: &str, event_type: &str) {
+    store
+        .append_to(
+            &tenant(),
+            &StreamId::parse(format!("Order-{order}")).unwrap(),
+            ExpectedVersion::Any,
+            vec![NewEvent::json(event_type, &serde_json::json!({}))],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_checkpoint_stored_without_an_index_is_recovered_from_the_whole_saga_log_once() {
+    let store = Arc::new(InMemoryStore::new());
+    let s = RuntimeStores::from_store(store.clone());
+    let saga = OrderSaga {
+        payment_timeout: Duration::from_secs(3600),
+    };
+    let d = RecordingDispatcher::new(store.clone());
+    order(&store, "open", "OrderPlaced").await;
+    for i in 0..10 {
+        order(&store, &format!("done{i}"), "OrderPlaced").await;
+        order(&store, &format!("done{i}"), "PaymentReceived").await;
+    }
+    let mut r = SagaRunner::new(store.clone(), store.clone(), saga.clone(), d.clone());
+    r.run_once().await.unwrap();
+    r.run_once().await.unwrap();
+    drop(r);
+    // What a runner that kept no index leaves behind: its checkpoint alone, past the records
+    // of an order whose deadline is pending.
+    let cp = store.load_checkpoint("saga.order").await.unwrap().unwrap();
+    store
+        .commit(ReadModelBatch {
+            checkpoint: "saga.order".into(),
+            expected_checkpoint: Some(cp),
+            position: cp,
+            writes: vec![ReadModelWrite::Clear {
+                ns: "saga.order.open".into(),
+            }],
+        })
+        .await
+        .unwrap();
+    let counting = Arc::new(CountingStore::new(&s));
+    let mut r = SagaRunner::new(counting.clone(), counting.clone(), saga.clone(), d.clone());
+    let p = r.run_once().await.unwrap();
+    assert_eq!((p.triggers, p.dispatched), (0, 0));
+    assert_eq!(
+        r.instances_in_memory(),
+        1,
+        "the open order, found in the saga log"
+    );
+    assert!(r.next_deadline().is_some());
+    let whole_log = counting.read();
+    drop(r);
+    // The index it wrote spares the next restart that read.
+    let counting = Arc::new(CountingStore::new(&s));
+    let mut r = SagaRunner::new(counting.clone(), counting.clone(), saga, d.clone());
+    r.run_once().await.unwrap();
+    assert_eq!(r.instances_in_memory(), 1);
+    assert!(
+        counting.read() * 5 < whole_log,
+        "{} vs {whole_log}",
+        counting.read()
+    );
+    assert_eq!(d.sent().len(), 21, "each command sent once");
+}
+
+#[tokio::test]
+async fn a_long_lived_instance_is_reloaded_from_the_end_of_its_stream() {
+    let store = Arc::new(InMemoryStore::new());
+    let s = RuntimeStores::from_store(store.clone());
+    let saga = ParcelSaga {
+        hold: Duration::from_secs(3600),
+    };
+    let d = ParcelDispatcher::new(store.clone());
+    let stream = StreamId::parse("Parcel-p1").unwrap();
+    let scans: Vec<_> = (0..150)
+        .map(|_| NewEvent::json("Scanned", &serde_json::json!({})))
+        .collect();
+    store
+        .append_to(&tenant(), &stream, ExpectedVersion::Any, scans)
+        .await
+        .unwrap();
+    store
+        .append_to(
+            &tenant(),
+            &stream,
+            ExpectedVersion::Any,
+            vec![NewEvent::json("Held", &serde_json::json!({}))],
+        )
+        .await
+        .unwrap();
+    let mut r = SagaRunner::new(store.clone(), store.clone(), saga.clone(), d.clone());
+    let p = r.run_once().await.unwrap();
+    assert_eq!((p.triggers, p.dispatched), (151, 150));
+    r.run_once().await.unwrap();
+    drop(r);
+    let records = store
+        .read_stream_forwards(
+            &tenant(),
+            &SagaRunner::<ParcelSaga, ParcelDispatcher>::stream_id("p1").unwrap(),
+        )
+        .await
+        .unwrap()
+        .len();
+    assert!(records > 500, "{records}");
+    // A restart reloads the held parcel from the tail of its stream, with its whole state.
+    let counting = Arc::new(CountingStore::new(&s));
+    let mut r = SagaRunner::new(counting.clone(), counting.clone(), saga, d.clone());
+    r.run_once().await.unwrap();
+    assert_eq!(r.state(&tenant(), "p1").map(|s| s.scans), Some(150));
+    assert!(r.next_deadline().is_some());
+    assert!(
+        counting.read() < 80,
+        "read {} of {records}",
+        counting.read()
+    );
+    // After delivery it leaves memory; a scan reloads it, again from the tail.
+    for event_type in ["Delivered", "Scanned"] {
+        store
+            .append_to(
+                &tenant(),
+                &stream,
+                ExpectedVersion::Any,
+                vec![NewEvent::json(event_type, &serde_json::json!({}))],
+            )
+            .await
+            .unwrap();
+        r.run_once().await.unwrap();
+    }
+    assert_eq!(
+        r.instances_in_memory(),
+        1,
+        "held: the deadline is still pending"
+    );
+    let acks = d
+        .sent()
+        .iter()
+        .filter(|(_, _, c)| matches!(c, ParcelCommand::Ack { scan: 151, .. }))
+        .count();
+    assert_eq!(acks, 1, "the state carried over");
+}
+
+#[tokio::test]
+async fn two_runners_sharing_a_checkpoint_keep_the_open_work_index_whole() {
+    let store = Arc::new(InMemoryStore::new());
+    let saga = OrderSaga {
+        payment_timeout: Duration::from_secs(3600),
+    };
+    let (da, db) = (
+        RecordingDispatcher::new(store.clone()),
+        RecordingDispatcher::new(store.clone()),
+    );
+    let mut a = SagaRunner::new(store.clone(), store.clone(), saga.clone(), da.clone());
+    let mut b = SagaRunner::new(store.clone(), store.clone(), saga.clone(), db.clone());
+    b.run_once().await.unwrap();
+    order(&store, "o1", "OrderPlaced").await;
+    a.run_once().await.unwrap();
+    // `b` believes the checkpoint it loaded is stored; `a` moved it.
+    order(&store, "o2", "OrderPlaced").await;
+    b.run_once().await.unwrap();
+    a.run_once().await.unwrap();
+    order(&store, "o1", "PaymentReceived").await;
+    b.run_once().await.unwrap();
+    a.run_once().await.unwrap();
+    drop((a, b));
+    let dc = RecordingDispatcher::new(store.clone());
+    let mut c = SagaRunner::new(store.clone(), store.clone(), saga, dc.clone());
+    let p = c.run_once().await.unwrap();
+    assert_eq!((p.triggers, p.dispatched), (0, 0));
+    assert_eq!(c.instances_in_memory(), 1, "o2's deadline, o1 shipped");
+    assert!(c.next_deadline().is_some());
+    let mut sent: Vec<_> = da
+        .sent()
+        .into_iter()
+        .chain(db.sent())
+        .map(|(_, c)| format!("{c:?}"))
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            "Reserve(\"Order-o1\")",
+            "Reserve(\"Order-o2\")",
+            "Ship(\"Order-o1\")"
+        ]
+    );
 }

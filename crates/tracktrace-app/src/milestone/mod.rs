@@ -48,9 +48,22 @@
 //! expected version, so concurrent runners conflict, reload and skip what the other recorded,
 //! and a doubly sent command is answered with the stored event. A dispatch that fails for a
 //! reason the same command may survive ([`crate::error::AppError::is_retryable`]: store outage,
-//! contention) is sent again later; only permanent refusals are recorded as failed. The runner
-//! keeps every instance in memory (proportional to watched entities) and reads the saga
-//! streams once at start.
+//! contention) is sent again later; only permanent refusals are recorded as failed.
+//!
+//! Memory and restart: an entity's watch instance is idle ([`Saga::is_idle`](tracktrace_core::Saga::is_idle))
+//! once it has no open watch and no unrecovered `MILESTONE_OVERDUE`; the runner then drops it
+//! from memory (its state, including the milestones it remembers for out-of-order triggers,
+//! stays in its saga stream and is reloaded by the entity's next milestone). Memory therefore
+//! follows the entities with an open watch (each has a pending deadline) plus at most the
+//! runner's `with_max_instances` bound of entities with an unrecovered alarm, not the entities
+//! ever watched; a restart reads the runner's index of open work and the log after its
+//! checkpoint, not every saga record (see [`tracktrace_core::saga`]). Measured with
+//! `cargo run --release -p tracktrace-benches --features soak --bin milestone_soak` (1,000,000
+//! bags on sled, each loaded then arriving on time, about 10,000 watches open at a time): at
+//! most 10,000 instances in memory, peak RSS 0.98 GB (sled's cache included), and the runner's
+//! first round after a restart 0.9 ms, as after 10,000 bags (0.6 ms).
+//! [`service::Milestones::entity_watches`] reads the saga stream, so it answers for entities
+//! in memory or not.
 
 pub mod dispatch;
 pub mod rules;

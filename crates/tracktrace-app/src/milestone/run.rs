@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracktrace_core::{CheckpointStore, EventStore, SagaRunner};
+use tracktrace_core::{EventStore, ReadModelStore, SagaRunner};
 
 use crate::capture::service::CaptureService;
 use crate::milestone::dispatch::CaptureDispatcher;
@@ -14,13 +14,13 @@ use crate::milestone::watch::MilestoneWatch;
 const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
 
 /// Runs the milestone watch forever (the server aborts the task at shutdown): loads the rules,
-/// then a [`SagaRunner`] from its checkpoint in `checkpoints`, reading triggers from `store` and
-/// capturing alarms through `capture` (the application's capture service, over the
-/// circuit-broken store, enforcing the tenants' schemas). A failure (store outage) restarts
-/// it, with a growing pause, from its records.
+/// then a [`SagaRunner`] from its checkpoint and index of open work in `checkpoints`, reading
+/// triggers from `store` and capturing alarms through `capture` (the application's capture
+/// service, over the circuit-broken store, enforcing the tenants' schemas). A failure (store
+/// outage) restarts it, with a growing pause, from its records.
 pub async fn run(
     store: Arc<dyn EventStore>,
-    checkpoints: Arc<dyn CheckpointStore>,
+    checkpoints: Arc<dyn ReadModelStore>,
     capture: CaptureService,
 ) {
     let mut backoff = Duration::from_millis(200);

@@ -359,6 +359,13 @@ impl Saga for MilestoneWatch {
         reaction.state(st)
     }
 
+    /// No open watch and no unrecovered overdue alarm: the runner drops the instance from
+    /// memory (its state, `seen` included, stays in its stream for the entity's next
+    /// milestone).
+    fn is_idle(&self, state: &WatchState) -> bool {
+        state.rules.is_empty()
+    }
+
     fn on_failure(
         &self,
         state: &WatchState,
@@ -492,7 +499,7 @@ mod tests {
     use crate::milestone::dispatch::CaptureDispatcher;
     use crate::milestone::rules::{self, MilestoneRule};
     use tracktrace_core::CommandDispatcher;
-    use tracktrace_core::{CheckpointStore, EventStoreExt, InMemoryStore, SagaRunner};
+    use tracktrace_core::{EventStoreExt, InMemoryStore, ReadModelStore, SagaRunner};
     use tracktrace_domain::{Enrichment, StoredEvent, entity_stream, validate_capture_value};
 
     type Runner = SagaRunner<MilestoneWatch, CaptureDispatcher>;
@@ -523,7 +530,7 @@ mod tests {
 
     impl Fx {
         async fn runner(&self) -> Runner {
-            let cp: Arc<dyn CheckpointStore> = self.mem.clone();
+            let cp: Arc<dyn ReadModelStore> = self.mem.clone();
             SagaRunner::new(
                 self.store.clone(),
                 cp,
@@ -577,6 +584,11 @@ mod tests {
                     (s.event_type, s.attributes)
                 })
                 .collect()
+        }
+
+        /// The watch's state of an instance, in the runner's memory or not.
+        async fn state(&self, r: &Runner, instance: &str) -> WatchState {
+            r.load_state(&self.tenant, instance).await.unwrap().unwrap()
         }
 
         async fn count(&self, bag: &str, event_type: &str) -> usize {
@@ -636,7 +648,11 @@ mod tests {
         assert_eq!((p.triggers, p.deadlines_fired, p.dispatched), (0, 0, 0));
         assert_eq!(f.count("B1", OVERDUE).await, 1);
         assert_eq!(f.count("B1", RECOVERED).await, 1);
-        assert!(r.state(&f.tenant, "Bag-B1").unwrap().rules.is_empty());
+        assert!(
+            r.state(&f.tenant, "Bag-B1").is_none(),
+            "recovered: out of memory"
+        );
+        assert!(f.state(&r, "Bag-B1").await.rules.is_empty());
     }
 
     #[tokio::test]
@@ -657,9 +673,14 @@ mod tests {
         assert_eq!((p.triggers, p.deadlines_fired, p.dispatched), (4, 0, 0));
         for bag in ["ONTIME", "OOO"] {
             assert_eq!(f.events(bag).await.len(), 2, "{bag}");
-            let st = r.state(&f.tenant, &format!("Bag-{bag}")).unwrap();
+            let st = f.state(&r, &format!("Bag-{bag}")).await;
             assert!(st.rules.is_empty(), "{bag}: {st:?}");
         }
+        assert_eq!(
+            r.instances_in_memory(),
+            0,
+            "nothing pending, nothing in memory"
+        );
         assert_eq!(r.next_deadline(), None);
     }
 
@@ -708,7 +729,7 @@ mod tests {
         f.capture("C", "ARRIVED", t + 1).await;
         let p = r.run_once().await.unwrap();
         assert_eq!(p.triggers, 2);
-        assert!(r.state(&f.tenant, "Bag-C").unwrap().rules.is_empty());
+        assert!(f.state(&r, "Bag-C").await.rules.is_empty());
         let st = r.state(&f.tenant, "Bag-C2").unwrap();
         let open = st.rules["bag-arrival"].open.as_ref().unwrap();
         assert_eq!(open.rule.expected_event_types, ["UNLOADED"]);
@@ -730,7 +751,7 @@ mod tests {
         );
         assert_eq!(until_fired(&mut r).await, 1);
         assert_eq!(f.count("B", OVERDUE).await, 0);
-        assert!(r.state(&f.tenant, "Bag-B").unwrap().rules.is_empty());
+        assert!(f.state(&r, "Bag-B").await.rules.is_empty());
     }
 
     #[tokio::test]
@@ -903,7 +924,7 @@ mod tests {
         );
 
         // Through the runner: the deadline fires, the alarm stays pending while contended…
-        let cp: Arc<dyn CheckpointStore> = f.mem.clone();
+        let cp: Arc<dyn ReadModelStore> = f.mem.clone();
         let mut r = SagaRunner::new(
             f.store.clone(),
             cp,
@@ -929,6 +950,69 @@ mod tests {
         assert!(
             records.iter().all(|e| e.event_type != "SagaCommandFailed"),
             "no permanent failure was recorded"
+        );
+    }
+
+    /// Memory follows what is pending: entities whose milestones all arrived on time leave
+    /// the runner's memory (their watch stays readable from the saga streams), an open watch
+    /// stays until its milestone arrives, an unrecovered alarm until its recovery is captured.
+    #[tokio::test]
+    async fn instances_leave_memory_once_nothing_is_pending() {
+        let f = fx();
+        f.rule(HOUR as u64 / 1000).await;
+        let t = now_us();
+        const BAGS: usize = 50;
+        for i in 0..BAGS {
+            f.capture(&format!("OK{i}"), "LOADED", t).await;
+            f.capture(&format!("OK{i}"), "ARRIVED", t + 1_000_000).await;
+        }
+        f.capture("OPEN", "LOADED", t).await;
+        f.capture("LATE", "LOADED", t - 2 * HOUR).await;
+        let mut r = f.runner().await;
+        let p = r.run_once().await.unwrap();
+        assert_eq!((p.triggers, p.deadlines_fired), (2 * BAGS + 2, 1));
+        assert_eq!(
+            r.instances_in_memory(),
+            2,
+            "the open watch and the raised alarm only"
+        );
+        assert!(r.state(&f.tenant, "Bag-OPEN").is_some());
+        assert!(r.state(&f.tenant, "Bag-LATE").is_some());
+        // The watches of a bag out of memory are still served from its saga stream.
+        let tenants = crate::tenants::TenantRegistry::new(f.store.clone());
+        tenants.create(&f.tenant, "test").await.unwrap();
+        let milestones = crate::milestone::service::Milestones::new(f.store.clone(), tenants);
+        let reader = crate::access::Actor::new(
+            "reader",
+            f.tenant.clone(),
+            vec![crate::access::Scope::TraceRead],
+        );
+        let w = milestones
+            .entity_watches(&reader, "Bag", "OK7")
+            .await
+            .unwrap();
+        assert!(w.open.is_empty() && w.overdue.is_empty(), "{w:?}");
+        let w = milestones
+            .entity_watches(&reader, "Bag", "LATE")
+            .await
+            .unwrap();
+        assert_eq!((w.open.len(), w.overdue.len()), (0, 1), "{w:?}");
+        for bag in ["OPEN", "LATE"] {
+            f.capture(bag, "ARRIVED", now_us()).await;
+        }
+        let p = r.run_once().await.unwrap();
+        assert_eq!((p.triggers, p.dispatched), (2, 1), "LATE recovered");
+        assert_eq!(f.count("LATE", RECOVERED).await, 1);
+        assert_eq!(r.instances_in_memory(), 0);
+        assert!(f.state(&r, "Bag-OPEN").await.rules.is_empty());
+        // A bag's next leg reloads its watch from the stream and opens a new one.
+        f.capture("OK0", "LOADED", t + 10_000_000).await;
+        assert_eq!(r.run_once().await.unwrap().triggers, 1);
+        assert_eq!(r.instances_in_memory(), 1);
+        assert!(
+            r.state(&f.tenant, "Bag-OK0").unwrap().rules["bag-arrival"]
+                .open
+                .is_some()
         );
     }
 }
