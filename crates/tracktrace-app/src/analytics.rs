@@ -437,6 +437,7 @@ impl KpiWindow {
                 .collect(),
             late_share: self.late_share,
             rejected_rate: self.rejected_rate,
+            truncation: kpi::Truncation::default(),
         }
     }
 }
