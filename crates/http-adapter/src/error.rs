@@ -50,6 +50,15 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the server already runs as much of some bounded work as it admits (e.g. on-demand
+    /// analytics runs); retry later.
+    #[error("busy: {detail}")]
+    Busy {
+        /// What is busy.
+        detail: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 503: the command still conflicted with concurrent writers of the same entity after
     /// the command bus's retries; retry later.
     #[error("contention")]
@@ -78,7 +87,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable { .. } | ApiError::Contention { .. } => {
+            ApiError::Unavailable { .. } | ApiError::Busy { .. } | ApiError::Contention { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -115,6 +124,7 @@ impl ApiError {
                 "Service unavailable",
                 "the event store is unavailable; retry later".into(),
             ),
+            ApiError::Busy { detail, .. } => ("busy", "Busy", detail.clone()),
             ApiError::Contention { .. } => (
                 "contention",
                 "Contention",
@@ -170,7 +180,9 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("Bearer realm=\"tracktrace\""),
                 );
             }
-            ApiError::Unavailable { retry_after } | ApiError::Contention { retry_after } => {
+            ApiError::Unavailable { retry_after }
+            | ApiError::Busy { retry_after, .. }
+            | ApiError::Contention { retry_after } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                     h.insert(header::RETRY_AFTER, v);
@@ -199,6 +211,13 @@ impl From<AppError> for ApiError {
                     ApiError::Contention { retry_after }
                 } else {
                     ApiError::Unavailable { retry_after }
+                }
+            }
+            AppError::Busy { what, retry_after } => {
+                tracing::warn!(what = %what, "request refused: busy");
+                ApiError::Busy {
+                    detail: what,
+                    retry_after,
                 }
             }
             AppError::Timeout(d) => ApiError::Timeout(d),

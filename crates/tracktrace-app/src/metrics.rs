@@ -340,7 +340,9 @@ impl FailureReason {
             AppError::Forbidden(_) => FailureReason::Forbidden,
             AppError::Conflict(_) => FailureReason::Conflict,
             AppError::Contention(_) => FailureReason::Contention,
-            AppError::Unavailable { .. } | AppError::Timeout(_) => FailureReason::Unavailable,
+            AppError::Unavailable { .. } | AppError::Busy { .. } | AppError::Timeout(_) => {
+                FailureReason::Unavailable
+            }
             AppError::NotFound(_) | AppError::Internal(_) => FailureReason::Internal,
         }
     }
