@@ -7,13 +7,35 @@
 //! - **Reading a window**: [`EventStore::position_at`]`(from)` finds where it starts in the
 //!   global log (binary search or index, not a scan); the reader then reads on until the first
 //!   event recorded at or after `to + grace` (the slack that covers PostgreSQL's approximate
-//!   recorded-at order and in-flight rejection counts), filtering on recorded-at exactly.
+//!   recorded-at order), filtering on recorded-at exactly.
+//! - **Computing a window**: each page read is fed to one
+//!   [`WindowAccumulator`](tracktrace_analytics::kpi::WindowAccumulator) per tenant being
+//!   computed (other tenants' events are skipped), so memory is bounded by
+//!   [`AnalyticsConfig::kpi_bounds`] per tenant, not by the window's events; the
+//!   `tracktrace-analytics` crate's `kpi` module says which KPIs stay exact and which become
+//!   approximate beyond the bounds, and [`KpiWindow::truncation`] what a window left out
+//!   (counted on `/metrics` too). Decoding and accumulating a page, and finishing the reports,
+//!   run on tokio's blocking pool: the runtime's worker threads only await them, so a run
+//!   never stalls the requests an API process serves. At most
+//!   [`AnalyticsConfig::max_concurrent_computations`] window computations run at once per
+//!   process (a fair semaphore; a run waits for a slot window by window), which bounds the
+//!   process's analytics memory to that many windows' state.
+//! - **On-demand runs** ([`Analytics::run_for`]): at most
+//!   [`AnalyticsConfig::max_pending_runs`] are admitted at once (computing or waiting for a
+//!   slot); another is refused at once with [`AppError::Busy`] (503, `Retry-After`). A run
+//!   repeating windows another run stored answers what is stored.
 //! - **Rejected commands** are not events: every API process counts rejected captures
-//!   (validation errors, malformed JSON, conflicts) per tenant and second in memory and flushes
-//!   the counts every `grace / 4` (at most 5 s) as `tt.RejectedCommandsCounted` events of the
-//!   system tenant. A window sums the counts whose second falls in it, from events recorded
-//!   before `to + grace`. Counts not yet flushed when a process crashes are lost (at most one
-//!   flush interval).
+//!   (validation errors, malformed JSON, conflicts) per tenant and second in a bounded buffer
+//!   ([`AnalyticsConfig::max_rejection_buckets`]; over it, buckets are coarsened to whole
+//!   windows, then the oldest dropped and counted) and flushes it every `grace / 4` (at most
+//!   5 s) as `tt.RejectedCommandsCounted` events of the system tenant, one per tenant and UTC
+//!   hour of counts (stream `analytics-rejected-<tenant>-<yyyymmddhh>`, at most 3,600 counts:
+//!   under 150 KB). A chunk that cannot be stored is kept and retried with the same event id,
+//!   so a lost acknowledgement never counts a second twice. A window sums the counts whose
+//!   second falls in it from the hourly streams it overlaps, whenever they were stored: counts
+//!   stored after an outage are counted by windows computed after that. Counts not yet flushed
+//!   when a process crashes are lost (at most one flush interval, or the outage's buffer); a
+//!   window computed before a late flush keeps what it stored.
 //! - **Results** are events of the system tenant in one stream per tenant and UTC day
 //!   (`analytics-<tenant>-<yyyymmdd>`): `tt.KpiWindowComputed` per window, `tt.AnomalyDetected`
 //!   per anomaly, and `tt.AnomalyCheckCompleted` once a window's anomalies are decided. Their
