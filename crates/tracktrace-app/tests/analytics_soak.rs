@@ -8,7 +8,10 @@
 //! ```
 //!
 //! Ignored by default: it takes a few GiB-seconds and tens of seconds. It asserts only what
-//! the window contains, never a time or a memory figure.
+//! the window contains, never a time or a memory figure; it also prints a digest of the whole
+//! KPI window, so that two builds' figures can be compared. Measured on 2 cores: the run
+//! peaks 77–81 MiB above the store's 1,119 MiB in 2.6–3.2 s; with the former computation
+//! (every observation collected, then sorted) 278–279 MiB in 3.1–4.1 s, same digest.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -112,6 +115,18 @@ async fn a_million_event_window() {
     let peak = status_kib("VmHWM:");
 
     let k = &r.windows[0].kpis;
+    // A digest of the whole KPI window, to compare the figures of two builds.
+    let json = serde_json::to_string(k).unwrap();
+    let digest = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        json.hash(&mut h);
+        h.finish()
+    };
+    println!(
+        "analytics soak: KPI window digest {digest:016x} ({} bytes of JSON)",
+        json.len()
+    );
     println!(
         "analytics soak: {} events, {} active entities, {} transit samples; run {:.2} s; \
          RSS before {} MiB, peak during the run {} MiB (+{} MiB){}",
