@@ -9,7 +9,7 @@
 //!   event recorded at or after `to + grace` (the slack that covers PostgreSQL's approximate
 //!   recorded-at order), filtering on recorded-at exactly.
 //! - **Computing a window**: each page read is fed to one
-//!   [`WindowAccumulator`](tracktrace_analytics::kpi::WindowAccumulator) per tenant being
+//!   [`WindowAccumulator`] per tenant being
 //!   computed (other tenants' events are skipped), so memory is bounded by
 //!   [`AnalyticsConfig::kpi_bounds`] per tenant, not by the window's events; the
 //!   `tracktrace-analytics` crate's `kpi` module says which KPIs stay exact and which become
