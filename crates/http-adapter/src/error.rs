@@ -50,6 +50,15 @@ pub enum ApiError {
         /// When to retry.
         retry_after: Duration,
     },
+    /// 503: the server already runs as much of some bounded work as it admits (e.g. on-demand
+    /// analytics runs); retry later.
+    #[error("busy: {detail}")]
+    Busy {
+        /// What is busy.
+        detail: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// 503: the command still conflicted with concurrent writers of the same entity after
     /// the command bus's retries; retry later.
     #[error("contention")]
@@ -97,6 +106,7 @@ impl ApiError {
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable { .. }
+            | ApiError::Busy { .. }
             | ApiError::Contention { .. }
             | ApiError::Overloaded { .. }
             | ApiError::RequestTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -136,6 +146,7 @@ impl ApiError {
                 "Service unavailable",
                 "the event store is unavailable; retry later".into(),
             ),
+            ApiError::Busy { detail, .. } => ("busy", "Busy", detail.clone()),
             ApiError::Contention { .. } => (
                 "contention",
                 "Contention",
@@ -220,6 +231,7 @@ impl IntoResponse for ApiError {
                 );
             }
             ApiError::Unavailable { retry_after }
+            | ApiError::Busy { retry_after, .. }
             | ApiError::Contention { retry_after }
             | ApiError::Overloaded { retry_after } => {
                 let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
@@ -257,6 +269,13 @@ impl From<AppError> for ApiError {
                     ApiError::Contention { retry_after }
                 } else {
                     ApiError::Unavailable { retry_after }
+                }
+            }
+            AppError::Busy { what, retry_after } => {
+                tracing::warn!(what = %what, "request refused: busy");
+                ApiError::Busy {
+                    detail: what,
+                    retry_after,
                 }
             }
             AppError::Timeout(d) => ApiError::Timeout(d),

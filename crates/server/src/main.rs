@@ -176,6 +176,35 @@ struct AnalyticsArgs {
     /// Run the scheduled batch (roles processor and all).
     #[arg(long, env = "TRACKTRACE_ANALYTICS_SCHEDULE", default_value_t = true, action = clap::ArgAction::Set)]
     analytics_schedule: bool,
+    /// Entities per tenant and window whose timelines are kept for transit and dwell (beyond:
+    /// left out and counted; active entities estimated).
+    #[arg(
+        long,
+        env = "TRACKTRACE_ANALYTICS_MAX_ENTITIES",
+        default_value_t = 100_000
+    )]
+    analytics_max_entities: usize,
+    /// Events per tenant and window kept in those timelines (40 bytes each).
+    #[arg(
+        long,
+        env = "TRACKTRACE_ANALYTICS_MAX_TRACKED_EVENTS",
+        default_value_t = 1_000_000
+    )]
+    analytics_max_tracked_events: usize,
+    /// On-demand runs admitted at once; more get 503 with Retry-After.
+    #[arg(
+        long,
+        env = "TRACKTRACE_ANALYTICS_MAX_PENDING_RUNS",
+        default_value_t = 4
+    )]
+    analytics_max_pending_runs: usize,
+    /// Rejected-command count buckets (tenant × second) buffered until stored.
+    #[arg(
+        long,
+        env = "TRACKTRACE_ANALYTICS_MAX_REJECTION_BUCKETS",
+        default_value_t = 200_000
+    )]
+    analytics_max_rejection_buckets: usize,
     /// InfluxDB 1.x base URL (http://…:8086) to write KPIs and anomalies to (feature `influxdb`).
     #[arg(long, env = "TRACKTRACE_INFLUX_URL")]
     influx_url: Option<String>,
@@ -194,6 +223,13 @@ fn analytics_config(a: &AnalyticsArgs) -> AnalyticsConfig {
         grace: Duration::from_secs(a.analytics_grace_secs),
         lookback_windows: a.analytics_lookback.max(1),
         schedule: a.analytics_schedule,
+        kpi_bounds: tracktrace_app::analytics::KpiBounds {
+            max_tracked_entities: a.analytics_max_entities,
+            max_tracked_events: a.analytics_max_tracked_events,
+            ..tracktrace_app::analytics::KpiBounds::default()
+        },
+        max_pending_runs: a.analytics_max_pending_runs.max(1),
+        max_rejection_buckets: a.analytics_max_rejection_buckets,
         #[cfg(feature = "influxdb")]
         influx: a.influx_url.as_ref().map(|u| {
             tracktrace_analytics::influx::InfluxConfig::new(u.clone(), a.influx_db.clone())

@@ -1,6 +1,7 @@
 //! The analytics API through `router(state).oneshot(request)` over the in-memory store:
 //! run → KPIs → anomalies, idempotent re-runs, auth, bad input, the per-tenant configuration,
-//! and (feature `influxdb`) a run writing to a real InfluxDB.
+//! runs computed off the runtime's threads and refused (503) beyond the admitted ones, and
+//! (feature `influxdb`) a run writing to a real InfluxDB.
 //!
 //! Windows are short (5 s, grace 1 s) because the store stamps events with the real clock;
 //! the tests wait for windows to close but never assert on timing: expected values are
@@ -8,16 +9,24 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
+use tokio::sync::{Notify, Semaphore, watch};
 use tower::ServiceExt;
 use tracktrace_app::analytics::AnalyticsConfig;
 use tracktrace_app::{App, AppConfig};
-use tracktrace_core::{EventFilter, EventStore, EventStoreExt, InMemoryStore, Position, TenantId};
-use tracktrace_domain::{OPERATIONAL_EVENT, format_micros};
+use tracktrace_core::{
+    AllPage, AppendOutcome, AppendRequest, EventFilter, EventId, EventStore, EventStoreExt,
+    ExpectedVersion, InMemoryStore, NewEvent, Position, ReadAll, ReadStream, RecordedEvent,
+    StreamId, TenantId, Timestamp, Version,
+};
+use tracktrace_domain::{Location, OPERATIONAL_EVENT, StoredEvent, entity_stream, format_micros};
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
 use tracktrace_http::cache::{CacheConfig, TraceCache};
 use tracktrace_http::{HttpState, router};
@@ -45,8 +54,17 @@ fn config() -> AnalyticsConfig {
 
 async fn fixture(cfg: AnalyticsConfig) -> Fixture {
     let store = Arc::new(InMemoryStore::new());
+    fixture_over(cfg, store.clone(), store).await
+}
+
+/// The fixture with the application over `events` (a wrapper of `store`).
+async fn fixture_over(
+    cfg: AnalyticsConfig,
+    events: Arc<dyn EventStore>,
+    store: Arc<InMemoryStore>,
+) -> Fixture {
     let keys = JwtKeys::from_secret(SECRET).unwrap();
-    let app = App::new(store.clone(), store.clone(), None, AppConfig::default());
+    let app = App::new(events, store.clone(), None, AppConfig::default());
     app.analytics().configure(cfg).unwrap();
     let state = HttpState::new(app, keys.clone(), TraceCache::local(CacheConfig::default()));
     for t in ["acme", "globex"] {
@@ -655,4 +673,205 @@ async fn a_run_writes_kpis_to_influxdb() {
         .count();
     assert!(ran > 0);
     assert_eq!(v["results"][0]["series"][0]["values"][0][1], ran, "{v}");
+}
+
+/// Appends `n` operational events of acme (bags of 10 events) straight to the store, in
+/// batches, recorded now.
+async fn bulk_events(store: &InMemoryStore, n: usize) {
+    let acme = TenantId::parse("acme").unwrap();
+    let t0 = now_us() - 3_600 * US;
+    let types = ["CHECKED_IN", "SCANNED", "LOADED", "ARRIVED"];
+    for bag in 0..n / 10 {
+        let entity = format!("bulk{bag}");
+        let batch = (0..10)
+            .map(|k| {
+                let at = t0 + (k as i64) * 60 * US;
+                let stored = StoredEvent {
+                    event_type: types[k % types.len()].into(),
+                    entity_id: entity.clone(),
+                    entity_type: "Bag".into(),
+                    occurred_at: format_micros(at),
+                    occurred_at_us: at,
+                    location: Location {
+                        code: if k < 5 { "MAD" } else { "LHR" }.into(),
+                        detail: None,
+                    },
+                    source: "bulk".into(),
+                    attributes: Default::default(),
+                    related_entities: Vec::new(),
+                    received_at_us: at,
+                    submitted_by: "bulk".into(),
+                    event_id: None,
+                    dedup_key: None,
+                };
+                NewEvent::json(OPERATIONAL_EVENT, &serde_json::to_value(&stored).unwrap())
+            })
+            .collect();
+        store
+            .append_to(
+                &acme,
+                &entity_stream("Bag", &entity).unwrap(),
+                ExpectedVersion::Any,
+                batch,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// On a runtime with a single thread, other requests are served while an on-demand run
+/// computes a window of 20,000 events: its computation runs on the blocking pool, and the
+/// run's task waits for it instead of holding the thread. (Were the computation on the
+/// runtime's thread, the run over the in-memory store would finish in one poll and nothing
+/// else would be served meanwhile.)
+#[tokio::test(flavor = "current_thread")]
+async fn other_requests_are_served_while_a_run_computes() {
+    let f = fixture(config()).await;
+    let w = WINDOW_S * US;
+    sleep_until((now_us() / w + 1) * w).await;
+    bulk_events(&f.store, 20_000).await;
+    let to = (now_us() / w + 1) * w;
+    sleep_until(to + US).await;
+    let admin = f.token("_system", &["admin"]);
+    let reader = f.token("acme", &["metrics:read"]);
+    let body = json!({"from": format_micros(to - w), "to": format_micros(to), "tenant": "acme"});
+    let req = Request::builder()
+        .method("POST")
+        .uri("/api/v1/analytics/run")
+        .header("authorization", format!("Bearer {admin}"))
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let run = tokio::spawn(f.app.clone().oneshot(req));
+    // Let the run start; from now on this task runs only while the run's task waits.
+    tokio::task::yield_now().await;
+    let mut served = 0;
+    while !run.is_finished() {
+        let (s, v) = f.send("GET", "/api/v1/kpis", Some(&reader), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        served += 1;
+        tokio::task::yield_now().await;
+    }
+    assert!(served > 0, "no request was served while the run computed");
+    let res = run.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    let events: u64 = v["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["kpis"]["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(events, 20_000, "{v}");
+}
+
+/// The in-memory store whose next `position_at` (where a window scan starts) waits until
+/// released: a run held in the middle of its computation.
+struct HeldScan {
+    inner: Arc<InMemoryStore>,
+    hold_next: AtomicBool,
+    held: Notify,
+    release: Semaphore,
+}
+
+#[async_trait]
+impl EventStore for HeldScan {
+    async fn append(&self, req: AppendRequest) -> tracktrace_core::Result<AppendOutcome> {
+        self.inner.append(req).await
+    }
+    async fn read_stream(&self, req: ReadStream) -> tracktrace_core::Result<Vec<RecordedEvent>> {
+        self.inner.read_stream(req).await
+    }
+    async fn read_all(&self, req: ReadAll) -> tracktrace_core::Result<AllPage> {
+        self.inner.read_all(req).await
+    }
+    async fn stream_version(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> tracktrace_core::Result<Version> {
+        self.inner.stream_version(tenant, stream).await
+    }
+    async fn get_event(
+        &self,
+        tenant: &TenantId,
+        id: EventId,
+    ) -> tracktrace_core::Result<Option<RecordedEvent>> {
+        self.inner.get_event(tenant, id).await
+    }
+    async fn head(&self) -> tracktrace_core::Result<Position> {
+        self.inner.head().await
+    }
+    async fn position_at(&self, at: Timestamp) -> tracktrace_core::Result<Position> {
+        if self.hold_next.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            let _released = self.release.acquire().await;
+        }
+        self.inner.position_at(at).await
+    }
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.inner.watch_head()
+    }
+}
+
+/// With `maxPendingRuns` = 1, a run requested while another is computing is refused at once
+/// with 503, `Retry-After` and a problem that says why; once the first is done, runs are
+/// admitted again.
+#[tokio::test]
+async fn a_run_beyond_the_admitted_ones_is_refused_with_503() {
+    let store = Arc::new(InMemoryStore::new());
+    let held = Arc::new(HeldScan {
+        inner: store.clone(),
+        hold_next: AtomicBool::new(false),
+        held: Notify::new(),
+        release: Semaphore::new(0),
+    });
+    let cfg = AnalyticsConfig {
+        max_pending_runs: 1,
+        lookback_windows: 1,
+        ..config()
+    };
+    let f = fixture_over(cfg, held.clone(), store).await;
+    let admin = f.token("_system", &["admin"]);
+    let request = || {
+        Request::builder()
+            .method("POST")
+            .uri("/api/v1/analytics/run")
+            .header("authorization", format!("Bearer {admin}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+    held.hold_next.store(true, Ordering::SeqCst);
+    let first = tokio::spawn(f.app.clone().oneshot(request()));
+    held.held.notified().await;
+
+    let res = f.app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry_after = res
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(retry_after.is_some_and(|s| s >= 1), "{:?}", res.headers());
+    let bytes = axum::body::to_bytes(res.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let problem: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(problem["type"], "/problems/busy", "{problem}");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("analytics run")),
+        "{problem}"
+    );
+    assert_eq!(f.state.app().analytics().status().runs_refused, 1);
+
+    held.release.add_permits(1);
+    let res = first.await.unwrap().unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = f.app.clone().oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "admitted again");
 }

@@ -3,9 +3,12 @@
 //! encoding as InfluxDB line protocol ([`line_protocol`]) with a batched, retrying writer
 //! (`influx`, feature `influxdb`).
 //!
-//! Everything but the writer is pure computation: the server maps stored events to
-//! [`kpi::Observation`]s, computes a [`kpi::KpiReport`] per tenant and window, and feeds KPI
-//! series to [`anomaly::detect`].
+//! Everything but the writer is pure computation: the server feeds a window's stored events,
+//! as it reads them, to a [`kpi::WindowAccumulator`] per tenant (memory bounded by
+//! [`kpi::Bounds`], not by the window's events; [`kpi`] says which KPIs are exact and which
+//! approximate, and by how much), gets a [`kpi::KpiReport`] per tenant and window, and feeds
+//! KPI series to [`anomaly::detect`]. [`hll`] is the HyperLogLog distinct counter behind the
+//! active-entity count of windows with more entities than the bound.
 //!
 //! ```
 //! use tracktrace_analytics::anomaly::{DetectorConfig, detect};
@@ -38,6 +41,7 @@
 //! ```
 
 pub mod anomaly;
+pub mod hll;
 #[cfg(feature = "influxdb")]
 pub mod influx;
 pub mod kpi;

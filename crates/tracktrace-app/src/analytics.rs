@@ -7,13 +7,35 @@
 //! - **Reading a window**: [`EventStore::position_at`]`(from)` finds where it starts in the
 //!   global log (binary search or index, not a scan); the reader then reads on until the first
 //!   event recorded at or after `to + grace` (the slack that covers PostgreSQL's approximate
-//!   recorded-at order and in-flight rejection counts), filtering on recorded-at exactly.
+//!   recorded-at order), filtering on recorded-at exactly.
+//! - **Computing a window**: each page read is fed to one
+//!   [`WindowAccumulator`] per tenant being
+//!   computed (other tenants' events are skipped), so memory is bounded by
+//!   [`AnalyticsConfig::kpi_bounds`] per tenant, not by the window's events; the
+//!   `tracktrace-analytics` crate's `kpi` module says which KPIs stay exact and which become
+//!   approximate beyond the bounds, and [`KpiWindow::truncation`] what a window left out
+//!   (counted on `/metrics` too). Decoding and accumulating a page, and finishing the reports,
+//!   run on tokio's blocking pool: the runtime's worker threads only await them, so a run
+//!   never stalls the requests an API process serves. At most
+//!   [`AnalyticsConfig::max_concurrent_computations`] window computations run at once per
+//!   process (a fair semaphore; a run waits for a slot window by window), which bounds the
+//!   process's analytics memory to that many windows' state.
+//! - **On-demand runs** ([`Analytics::run_for`]): at most
+//!   [`AnalyticsConfig::max_pending_runs`] are admitted at once (computing or waiting for a
+//!   slot); another is refused at once with [`AppError::Busy`] (503, `Retry-After`). A run
+//!   repeating windows another run stored answers what is stored.
 //! - **Rejected commands** are not events: every API process counts rejected captures
-//!   (validation errors, malformed JSON, conflicts) per tenant and second in memory and flushes
-//!   the counts every `grace / 4` (at most 5 s) as `tt.RejectedCommandsCounted` events of the
-//!   system tenant. A window sums the counts whose second falls in it, from events recorded
-//!   before `to + grace`. Counts not yet flushed when a process crashes are lost (at most one
-//!   flush interval).
+//!   (validation errors, malformed JSON, conflicts) per tenant and second in a bounded buffer
+//!   ([`AnalyticsConfig::max_rejection_buckets`]; over it, buckets are coarsened to whole
+//!   windows, then the oldest dropped and counted) and flushes it every `grace / 4` (at most
+//!   5 s) as `tt.RejectedCommandsCounted` events of the system tenant, one per tenant and UTC
+//!   hour of counts (stream `analytics-rejected-<tenant>-<yyyymmddhh>`, at most 3,600 counts:
+//!   under 150 KB). A chunk that cannot be stored is kept and retried with the same event id,
+//!   so a lost acknowledgement never counts a second twice. A window sums the counts whose
+//!   second falls in it from the hourly streams it overlaps, whenever they were stored: counts
+//!   stored after an outage are counted by windows computed after that. Counts not yet flushed
+//!   when a process crashes are lost (at most one flush interval, or the outage's buffer); a
+//!   window computed before a late flush keeps what it stored.
 //! - **Results** are events of the system tenant in one stream per tenant and UTC day
 //!   (`analytics-<tenant>-<yyyymmdd>`): `tt.KpiWindowComputed` per window, `tt.AnomalyDetected`
 //!   per anomaly, and `tt.AnomalyCheckCompleted` once a window's anomalies are decided. Their
@@ -33,18 +55,29 @@
 //!   the last `catch_up_windows`. Several schedulers (processes) are safe: results are
 //!   idempotent, so a race costs only duplicate work.
 
+mod rejections;
+
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracktrace_analytics::anomaly::{self, DetectorConfig};
-use tracktrace_analytics::kpi::{self, KpiConfig, KpiReport, MilestonePair, Observation};
+use tracktrace_analytics::kpi::{
+    self, Bounds, KpiConfig, KpiReport, MilestonePair, ObservationRef, WindowAccumulator,
+};
 use tracktrace_core::{
     Error as StoreError, EventId, EventStore, EventStoreExt, ExpectedVersion, NewEvent, ReadAll,
-    ReadStream, RecordedEvent, StreamId, TenantId, Timestamp,
+    ReadStream, RecordedEvent, StreamId, TenantId, Timestamp, Version,
 };
 use uuid::Uuid;
+
+use rejections::{Chunk, HOUR_US, RejectionBuffer};
+
+/// The bounds of one tenant's window computation ([`AnalyticsConfig::kpi_bounds`]).
+pub use tracktrace_analytics::kpi::Bounds as KpiBounds;
 
 use tracktrace_domain::{
     FieldError, OPERATIONAL_EVENT, StoredEvent, event_type_problem, format_micros, parse_instant,
@@ -67,6 +100,10 @@ const PAGE: usize = 1000;
 /// Events of the first page of a window scan (then ×8 per page up to [`PAGE`]).
 const FIRST_PAGE: usize = 16;
 const US_PER_S: i64 = 1_000_000;
+/// Events per read of a rejected-count stream.
+const REJECTED_PAGE: usize = 64;
+/// What a refused on-demand run is told to wait.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Engine settings (server flags).
 #[derive(Clone, Debug)]
@@ -84,6 +121,19 @@ pub struct AnalyticsConfig {
     pub max_windows_per_run: usize,
     /// Whether the scheduler runs (roles `processor` and `all`).
     pub schedule: bool,
+    /// Bounds of the state one tenant's window computation keeps (see
+    /// [`tracktrace_analytics::kpi`] for what stays exact).
+    pub kpi_bounds: Bounds,
+    /// Window computations (scan and KPIs) running at once in this process, each holding at
+    /// most one window's bounded state per tenant it computes.
+    pub max_concurrent_computations: usize,
+    /// On-demand runs ([`Analytics::run_for`]) admitted at once, computing or waiting for a
+    /// computation slot; more are refused with [`AppError::Busy`] (503 with `Retry-After`).
+    pub max_pending_runs: usize,
+    /// Rejected-command counts this process buffers, in (tenant, second) buckets, before it
+    /// coarsens them to whole windows and then drops the oldest (see
+    /// [`Analytics::record_rejected_at`]).
+    pub max_rejection_buckets: usize,
     /// InfluxDB writer, if configured.
     #[cfg(feature = "influxdb")]
     pub influx: Option<tracktrace_analytics::influx::InfluxConfig>,
@@ -98,6 +148,10 @@ impl Default for AnalyticsConfig {
             catch_up_windows: 24,
             max_windows_per_run: 31 * 24,
             schedule: true,
+            kpi_bounds: Bounds::default(),
+            max_concurrent_computations: 1,
+            max_pending_runs: 4,
+            max_rejection_buckets: 200_000,
             #[cfg(feature = "influxdb")]
             influx: None,
         }
@@ -356,10 +410,45 @@ pub struct KpiWindow {
     pub rejected_rate: f64,
     /// `MILESTONE_OVERDUE` events in the window.
     pub milestone_overdue: usize,
+    /// What the engine's bounds left out of this window; absent when every KPI is exact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncation: Option<TruncationDto>,
+}
+
+/// What the bounds of a window computation left out (see the analytics crate's `kpi`
+/// module): transit and dwell cover the tracked entities only; `activeEntities` may be an
+/// estimate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct TruncationDto {
+    /// Entities whose transit and dwell were not computed (estimated when
+    /// `activeEntitiesEstimated`).
+    pub untracked_entities: usize,
+    /// Events of those entities.
+    pub untracked_events: usize,
+    /// `activeEntities` is a HyperLogLog estimate (relative standard error 0.81 %).
+    pub active_entities_estimated: bool,
+    /// Events not counted in `eventsByType` (too many distinct types).
+    pub events_without_type_key: usize,
+    /// Events not counted in `eventsByLocation` (too many distinct locations).
+    pub events_without_location_key: usize,
+}
+
+impl From<&kpi::Truncation> for TruncationDto {
+    fn from(t: &kpi::Truncation) -> Self {
+        Self {
+            untracked_entities: t.untracked_entities,
+            untracked_events: t.untracked_events,
+            active_entities_estimated: t.active_entities_estimated,
+            events_without_type_key: t.events_without_type_key,
+            events_without_location_key: t.events_without_location_key,
+        }
+    }
 }
 
 impl KpiWindow {
-    fn from_report(tenant: &str, r: &KpiReport, rejected: u64) -> Self {
+    fn from_report(tenant: &str, r: &KpiReport, rejected: u64, overdue: usize) -> Self {
         Self {
             tenant: tenant.to_owned(),
             from: format_micros(r.window_start_us),
@@ -389,11 +478,8 @@ impl KpiWindow {
             late_share: r.late_share,
             rejected_commands: rejected,
             rejected_rate: r.rejected_rate,
-            milestone_overdue: r
-                .events_by_type
-                .get(MILESTONE_OVERDUE)
-                .copied()
-                .unwrap_or(0),
+            milestone_overdue: overdue,
+            truncation: (!r.truncation.is_empty()).then(|| (&r.truncation).into()),
         }
     }
 
@@ -437,6 +523,7 @@ impl KpiWindow {
                 .collect(),
             late_share: self.late_share,
             rejected_rate: self.rejected_rate,
+            truncation: kpi::Truncation::default(),
         }
     }
 }
@@ -522,9 +609,6 @@ pub struct RunResult {
 // ---------------------------------------------------------------------------------------------
 // The engine.
 
-/// Rejected captures counted in memory until the next flush: tenant → second → count.
-type RejectionCounts = HashMap<String, BTreeMap<i64, u64>>;
-
 /// The analytics engine of one process (cheap to clone).
 #[derive(Clone)]
 pub struct Analytics {
@@ -535,7 +619,16 @@ struct Engine {
     store: Arc<dyn EventStore>,
     system: TenantId,
     config: RwLock<AnalyticsConfig>,
-    rejections: Mutex<RejectionCounts>,
+    /// Rejected captures counted until they are stored.
+    rejections: Mutex<RejectionBuffer>,
+    /// One flush at a time (chunks are stored in order).
+    flushing: tokio::sync::Mutex<()>,
+    /// Window computation slots (`max_concurrent_computations`; replaced by `configure`).
+    computations: RwLock<Arc<Semaphore>>,
+    /// On-demand runs admitted (computing or waiting for a slot).
+    pending_runs: AtomicUsize,
+    runs_refused: AtomicU64,
+    untracked_entities: AtomicU64,
     #[cfg(feature = "influxdb")]
     influx: std::sync::OnceLock<tracktrace_analytics::influx::InfluxWriter>,
 }
@@ -546,9 +639,20 @@ impl std::fmt::Debug for Analytics {
     }
 }
 
-/// Counters of the InfluxDB writer, for `/metrics`.
+/// Counters of the engine and its InfluxDB writer, for `/metrics`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AnalyticsStatus {
+    /// Entities whose transit and dwell were left out of windows this process computed, because
+    /// a tenant's window had more entities or events than the bounds allow.
+    pub untracked_entities: u64,
+    /// On-demand runs refused because as many as the process admits were in progress.
+    pub runs_refused: u64,
+    /// On-demand runs in progress (computing or waiting for a computation slot).
+    pub runs_pending: u64,
+    /// (tenant, second) buckets of rejected-command counts not yet stored.
+    pub rejection_buckets: u64,
+    /// Rejected-command counts dropped because the buffer reached its bound.
+    pub rejections_lost: u64,
     /// Whether an InfluxDB writer is configured.
     pub influx_enabled: bool,
     /// Lines waiting to be written.
@@ -602,11 +706,110 @@ fn rejected_stream(tenant: &str) -> Result<StreamId, AppError> {
     StreamId::parse(format!("analytics-rejected-{tenant}")).map_err(AppError::internal)
 }
 
-/// What a window scan found for one tenant.
-#[derive(Default)]
+/// The stream of `tenant`'s rejected-command counts of the UTC hour starting at `hour_us`.
+fn rejected_hour_stream(tenant: &str, hour_us: i64) -> Result<StreamId, AppError> {
+    let hour = format_micros(hour_us);
+    let ymdh: String = hour
+        .chars()
+        .take(13)
+        .filter(|c| c.is_ascii_digit())
+        .collect();
+    StreamId::parse(format!("analytics-rejected-{tenant}-{ymdh}")).map_err(AppError::internal)
+}
+
+/// What a window scan accumulates for one tenant.
 struct TenantWindow {
-    observations: Vec<Observation>,
-    rejected: u64,
+    tenant: TenantId,
+    kpis: WindowAccumulator,
+    overdue: usize,
+    /// Counts from the stream written before counts were stored per hour.
+    legacy_rejected: u64,
+}
+
+/// The state of one window scan, moved to a blocking thread for each page.
+struct Scan {
+    from_us: i64,
+    to_us: i64,
+    end_us: i64,
+    system: TenantId,
+    tenants: HashMap<String, TenantWindow>,
+}
+
+impl Scan {
+    /// Accumulates a page; `true` once an event recorded at or after `to + grace` is reached.
+    fn page(&mut self, events: &[RecordedEvent]) -> bool {
+        let mut id = Uuid::encode_buffer();
+        for e in events {
+            let at = e.recorded_at.unix_micros();
+            if at >= self.end_us {
+                return true;
+            }
+            if e.event_type == OPERATIONAL_EVENT && (self.from_us..self.to_us).contains(&at) {
+                let Some(t) = self.tenants.get_mut(e.tenant.as_str()) else {
+                    continue;
+                };
+                match StoredEvent::decode(e) {
+                    Ok(s) => {
+                        if s.event_type == MILESTONE_OVERDUE {
+                            t.overdue += 1;
+                        }
+                        t.kpis.observe(ObservationRef {
+                            id: e.event_id.as_uuid().hyphenated().encode_lower(&mut id),
+                            entity_id: &s.entity_id,
+                            event_type: &s.event_type,
+                            location: &s.location.code,
+                            occurred_at_us: s.occurred_at_us,
+                            received_at_us: s.received_at_us,
+                        });
+                    }
+                    Err(err) => {
+                        tracing::error!(position = %e.position, error = %err, "undecodable operational event skipped by analytics");
+                    }
+                }
+            } else if e.event_type == REJECTED_EVENT
+                && e.tenant == self.system
+                && e.stream.as_str().starts_with("analytics-rejected-")
+            {
+                match serde_json::from_slice::<RejectedPayload>(&e.payload) {
+                    // Only the per-tenant stream of earlier versions: the hourly ones are
+                    // read by stream, whenever their events were recorded.
+                    Ok(p) if rejected_stream(&p.tenant).is_ok_and(|s| s == e.stream) => {
+                        if let Some(t) = self.tenants.get_mut(&p.tenant) {
+                            t.legacy_rejected += p
+                                .counts
+                                .iter()
+                                .filter(|(s, _)| (self.from_us..self.to_us).contains(s))
+                                .map(|(_, n)| n)
+                                .sum::<u64>();
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        tracing::error!(position = %e.position, error = %err, "undecodable rejection counts skipped");
+                    }
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Runs `f` on tokio's blocking pool: CPU-bound work off the runtime's worker threads.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::internal(format!("analytics computation failed: {e}")))
+}
+
+/// An admitted on-demand run; leaves the count when dropped.
+struct RunTicket<'a>(&'a AtomicUsize);
+
+impl Drop for RunTicket<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Analytics {
@@ -617,7 +820,16 @@ impl Analytics {
                 store,
                 system: system_tenant(),
                 config: RwLock::new(AnalyticsConfig::default()),
-                rejections: Mutex::new(HashMap::new()),
+                rejections: Mutex::new(RejectionBuffer::new(
+                    AnalyticsConfig::default().max_rejection_buckets,
+                )),
+                flushing: tokio::sync::Mutex::new(()),
+                computations: RwLock::new(Arc::new(Semaphore::new(
+                    AnalyticsConfig::default().max_concurrent_computations,
+                ))),
+                pending_runs: AtomicUsize::new(0),
+                runs_refused: AtomicU64::new(0),
+                untracked_entities: AtomicU64::new(0),
                 #[cfg(feature = "influxdb")]
                 influx: std::sync::OnceLock::new(),
             }),
@@ -635,6 +847,13 @@ impl Analytics {
                 .map_err(|e| e.to_string())?;
             let _ = self.inner.influx.set(w);
         }
+        lock(&self.inner.rejections).set_max_buckets(cfg.max_rejection_buckets);
+        *self
+            .inner
+            .computations
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Arc::new(Semaphore::new(cfg.max_concurrent_computations.max(1)));
         *self.inner.config.write().unwrap_or_else(|p| p.into_inner()) = cfg;
         Ok(())
     }
@@ -647,8 +866,21 @@ impl Analytics {
             .clone()
     }
 
-    /// The InfluxDB writer's counters (cheap: a few atomics and one short lock).
+    /// The engine's and the InfluxDB writer's counters (cheap: a few atomics and two short
+    /// locks).
     pub fn status(&self) -> AnalyticsStatus {
+        let (buckets, lost) = {
+            let r = lock(&self.inner.rejections);
+            (r.buckets() as u64, r.lost())
+        };
+        let status = AnalyticsStatus {
+            untracked_entities: self.inner.untracked_entities.load(Ordering::Relaxed),
+            runs_refused: self.inner.runs_refused.load(Ordering::Relaxed),
+            runs_pending: self.inner.pending_runs.load(Ordering::Relaxed) as u64,
+            rejection_buckets: buckets,
+            rejections_lost: lost,
+            ..AnalyticsStatus::default()
+        };
         #[cfg(feature = "influxdb")]
         if let Some(w) = self.inner.influx.get() {
             let s = w.stats();
@@ -658,9 +890,10 @@ impl Analytics {
                 influx_dropped: s.dropped,
                 influx_written: s.written,
                 influx_rejected: s.rejected,
+                ..status
             };
         }
-        AnalyticsStatus::default()
+        status
     }
 
     /// Waits (at most `timeout`) until the InfluxDB writer has sent what is queued; `true`
@@ -678,12 +911,21 @@ impl Analytics {
 
     /// Counts a rejected command of `tenant` now (flushed by [`Analytics::flush_rejections`]).
     pub fn record_rejected(&self, tenant: &TenantId) {
-        let second = now_us().div_euclid(US_PER_S) * US_PER_S;
-        *lock(&self.inner.rejections)
-            .entry(tenant.to_string())
-            .or_default()
-            .entry(second)
-            .or_insert(0) += 1;
+        self.record_rejected_at(tenant, now_us());
+    }
+
+    /// Counts a rejected command of `tenant` at `at_us` (µs since the epoch; counted in its
+    /// second). The buffer holds at most `max_rejection_buckets` (tenant, second) buckets:
+    /// beyond, it coarsens its buckets to whole windows (nothing a window's KPI reads is
+    /// lost), then drops the oldest and counts them in [`AnalyticsStatus::rejections_lost`].
+    pub fn record_rejected_at(&self, tenant: &TenantId, at_us: i64) {
+        let window_us = self
+            .inner
+            .config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .window_us();
+        lock(&self.inner.rejections).record(tenant.as_str(), at_us, 1, window_us);
     }
 
     /// Counts `e` if it means the command was rejected (invalid, malformed, conflicting).
@@ -696,43 +938,96 @@ impl Analytics {
         }
     }
 
-    /// Stores the counted rejections as events (one per tenant); on failure they are kept
-    /// for the next flush.
+    /// Stores the counted rejections as events: one per tenant and UTC hour of counts (at most
+    /// 3,600 counts, well under the store's 1 MiB event limit), oldest first. A chunk that
+    /// cannot be stored stays in the buffer and is retried with the same event id (a write
+    /// whose acknowledgement was lost is not counted twice); nothing newer is sealed into
+    /// chunks meanwhile.
     pub async fn flush_rejections(&self) -> Result<(), AppError> {
-        let taken = std::mem::take(&mut *lock(&self.inner.rejections));
-        let mut first_err = None;
-        for (tenant, counts) in taken {
-            let payload = RejectedPayload {
-                tenant: tenant.clone(),
-                counts: counts.iter().map(|(k, v)| (*k, *v)).collect(),
+        let _one_at_a_time = self.inner.flushing.lock().await;
+        // Pending chunks first, then what was counted up to now (once: counts that arrive
+        // during the flush wait for the next).
+        let mut sealed = false;
+        loop {
+            let chunk = {
+                let mut b = lock(&self.inner.rejections);
+                let seal = !sealed && !b.has_pending();
+                sealed |= seal;
+                b.next_chunk(seal)
             };
-            let r = async {
-                let ev = NewEvent::json(
-                    REJECTED_EVENT,
-                    &serde_json::to_value(&payload).map_err(AppError::internal)?,
-                );
-                self.inner
-                    .store
-                    .append_to(
-                        &self.inner.system,
-                        &rejected_stream(&tenant)?,
-                        ExpectedVersion::Any,
-                        vec![ev],
-                    )
-                    .await
-                    .map_err(AppError::from)
-            }
-            .await;
-            if let Err(e) = r {
-                let mut m = lock(&self.inner.rejections);
-                let slot = m.entry(tenant).or_default();
-                for (k, v) in counts {
-                    *slot.entry(k).or_insert(0) += v;
-                }
-                first_err.get_or_insert(e);
-            }
+            let Some(chunk) = chunk else {
+                return Ok(());
+            };
+            self.store_chunk(&chunk).await?;
+            lock(&self.inner.rejections).stored(chunk.id);
         }
-        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn store_chunk(&self, chunk: &Chunk) -> Result<(), AppError> {
+        let payload = RejectedPayload {
+            tenant: chunk.tenant.clone(),
+            counts: chunk.counts.iter().map(|(k, v)| (*k, *v)).collect(),
+        };
+        let ev = NewEvent::json(
+            REJECTED_EVENT,
+            &serde_json::to_value(&payload).map_err(AppError::internal)?,
+        )
+        .with_id(chunk.id);
+        // A duplicate (the same chunk stored before its acknowledgement was lost) is success.
+        self.inner
+            .store
+            .append_to(
+                &self.inner.system,
+                &rejected_hour_stream(&chunk.tenant, chunk.hour_us)?,
+                ExpectedVersion::Any,
+                vec![ev],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Rejected commands of `tenant` counted in `[from, to)`, from its hourly count streams
+    /// (whenever the counts were stored).
+    async fn rejected_in(&self, tenant: &str, from_us: i64, to_us: i64) -> Result<u64, AppError> {
+        let mut total = 0u64;
+        let mut hour = from_us.div_euclid(HOUR_US) * HOUR_US;
+        while hour < to_us {
+            let stream = rejected_hour_stream(tenant, hour)?;
+            let mut next = Version::new(1);
+            loop {
+                let events = self
+                    .inner
+                    .store
+                    .read_stream(
+                        ReadStream::forwards(self.inner.system.clone(), stream.clone())
+                            .from(next)
+                            .limit(REJECTED_PAGE),
+                    )
+                    .await?;
+                for e in &events {
+                    match serde_json::from_slice::<RejectedPayload>(&e.payload) {
+                        Ok(p) => {
+                            total = total.saturating_add(
+                                p.counts
+                                    .iter()
+                                    .filter(|(s, _)| (from_us..to_us).contains(s))
+                                    .map(|(_, n)| n)
+                                    .sum::<u64>(),
+                            );
+                        }
+                        Err(err) => {
+                            tracing::error!(position = %e.position, error = %err, "undecodable rejection counts skipped");
+                        }
+                    }
+                }
+                match events.last() {
+                    Some(last) if events.len() == REJECTED_PAGE => next = last.version.next(),
+                    _ => break,
+                }
+            }
+            hour += HOUR_US;
+        }
+        Ok(total)
     }
 
     /// Flushes rejection counts forever (spawned by the server in roles `api` and `all`).
@@ -797,17 +1092,38 @@ impl Analytics {
 
     // ---- reading windows --------------------------------------------------------------------
 
-    /// Reads the events of `[from, to)` (plus rejection counts recorded up to `to + grace`)
-    /// and groups them by tenant.
-    async fn scan(
+    /// Computes the KPIs of `[from, to)` for `tenants` (with their KPI configurations) in
+    /// one scan: waits for a computation slot, reads the window page by page and feeds each
+    /// page to per-tenant accumulators on the blocking pool (never on the runtime's worker
+    /// threads), reads the rejection counts, and finishes the reports on the blocking pool.
+    async fn compute_window(
         &self,
         from_us: i64,
         to_us: i64,
         grace_us: i64,
-    ) -> Result<HashMap<String, TenantWindow>, AppError> {
+        tenants: Vec<(TenantId, KpiConfig)>,
+    ) -> Result<Vec<(TenantId, KpiWindow)>, AppError> {
+        let _slot = self.computation_slot().await?;
+        let bounds = self.config().kpi_bounds;
+        let mut scan = Scan {
+            from_us,
+            to_us,
+            end_us: to_us.saturating_add(grace_us),
+            system: self.inner.system.clone(),
+            tenants: tenants
+                .into_iter()
+                .map(|(t, kc)| {
+                    let w = TenantWindow {
+                        tenant: t.clone(),
+                        kpis: WindowAccumulator::new(&kc, bounds, from_us, to_us),
+                        overdue: 0,
+                        legacy_rejected: 0,
+                    };
+                    (t.to_string(), w)
+                })
+                .collect(),
+        };
         let store = &self.inner.store;
-        let end_us = to_us.saturating_add(grace_us);
-        let mut out: HashMap<String, TenantWindow> = HashMap::new();
         let mut pos = store
             .position_at(Timestamp::from_unix_micros(from_us))
             .await?;
@@ -819,64 +1135,81 @@ impl Analytics {
             let page = store.read_all(ReadAll::from(pos, limit)).await?;
             let short = page.events.len() < limit;
             limit = (limit * 8).min(PAGE);
-            for e in &page.events {
-                let at = e.recorded_at.unix_micros();
-                if at >= end_us {
-                    return Ok(out);
-                }
-                self.observe(e, from_us, to_us, &mut out);
-            }
             pos = page.next;
-            if short {
-                return Ok(out);
+            let (back, ended) = off_runtime(move || {
+                let ended = scan.page(&page.events);
+                (scan, ended)
+            })
+            .await?;
+            scan = back;
+            if ended || short {
+                break;
             }
         }
+        let mut finishing = Vec::with_capacity(scan.tenants.len());
+        for w in scan.tenants.into_values() {
+            let rejected = self
+                .rejected_in(w.tenant.as_str(), from_us, to_us)
+                .await?
+                .saturating_add(w.legacy_rejected);
+            finishing.push((w, rejected));
+        }
+        let windows = off_runtime(move || {
+            finishing
+                .into_iter()
+                .map(|(w, rejected)| {
+                    let report = w.kpis.finish(rejected);
+                    let k = KpiWindow::from_report(w.tenant.as_str(), &report, rejected, w.overdue);
+                    (w.tenant, k)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await?;
+        let untracked: usize = windows
+            .iter()
+            .filter_map(|(_, k)| k.truncation.as_ref().map(|t| t.untracked_entities))
+            .sum();
+        self.inner
+            .untracked_entities
+            .fetch_add(untracked as u64, Ordering::Relaxed);
+        Ok(windows)
     }
 
-    fn observe(
-        &self,
-        e: &RecordedEvent,
-        from_us: i64,
-        to_us: i64,
-        out: &mut HashMap<String, TenantWindow>,
-    ) {
-        let at = e.recorded_at.unix_micros();
-        if e.event_type == OPERATIONAL_EVENT && (from_us..to_us).contains(&at) {
-            match StoredEvent::decode(e) {
-                Ok(s) => out
-                    .entry(e.tenant.to_string())
-                    .or_default()
-                    .observations
-                    .push(Observation {
-                        id: e.event_id.to_string(),
-                        entity_id: s.entity_id,
-                        event_type: s.event_type,
-                        location: s.location.code,
-                        occurred_at_us: s.occurred_at_us,
-                        received_at_us: s.received_at_us,
-                    }),
-                Err(err) => {
-                    tracing::error!(position = %e.position, error = %err, "undecodable operational event skipped by analytics");
-                }
-            }
-        } else if e.event_type == REJECTED_EVENT && e.tenant == self.inner.system {
-            match serde_json::from_slice::<RejectedPayload>(&e.payload) {
-                Ok(p) => {
-                    let n: u64 = p
-                        .counts
-                        .iter()
-                        .filter(|(s, _)| (from_us..to_us).contains(s))
-                        .map(|(_, n)| n)
-                        .sum();
-                    if n > 0 {
-                        out.entry(p.tenant).or_default().rejected += n;
-                    }
-                }
-                Err(err) => {
-                    tracing::error!(position = %e.position, error = %err, "undecodable rejection counts skipped");
-                }
-            }
+    /// A window computation slot (at most `max_concurrent_computations` at once; waiters are
+    /// served in order).
+    async fn computation_slot(&self) -> Result<OwnedSemaphorePermit, AppError> {
+        let slots = self
+            .inner
+            .computations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        slots
+            .acquire_owned()
+            .await
+            .map_err(|_| AppError::internal("analytics computation slots closed"))
+    }
+
+    /// Admits an on-demand run, or refuses it when `max_pending_runs` are in progress.
+    fn admit_run(&self) -> Result<RunTicket<'_>, AppError> {
+        let max = self.config().max_pending_runs.max(1);
+        let admitted =
+            self.inner
+                .pending_runs
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < max).then_some(n + 1)
+                });
+        if admitted.is_err() {
+            self.inner.runs_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(AppError::Busy {
+                what: format!(
+                    "{max} analytics run(s) are already in progress in this process, the most it \
+                     admits at once; retry later"
+                ),
+                retry_after: BUSY_RETRY_AFTER,
+            });
         }
+        Ok(RunTicket(&self.inner.pending_runs))
     }
 
     // ---- stored results ---------------------------------------------------------------------
@@ -1065,16 +1398,18 @@ impl Analytics {
                 }
             }
             if !missing.is_empty() {
-                let mut scanned = self.scan(start, end, grace).await?;
-                for t in missing {
-                    let tw = scanned.remove(t.as_str()).unwrap_or_default();
-                    let kc = configs
-                        .get(t.as_str())
-                        .map(TenantAnalyticsConfig::kpi_config)
-                        .unwrap_or_default();
-                    let report =
-                        kpi::compute(&kc, start, end, &tw.observations, tw.rejected as usize);
-                    let k = KpiWindow::from_report(t.as_str(), &report, tw.rejected);
+                let wanted = missing
+                    .iter()
+                    .map(|t| {
+                        let kc = configs
+                            .get(t.as_str())
+                            .map(TenantAnalyticsConfig::kpi_config)
+                            .unwrap_or_default();
+                        (t.clone(), kc)
+                    })
+                    .collect();
+                let computed = self.compute_window(start, end, grace, wanted).await?;
+                for (t, k) in computed {
                     let existed = if start < from_us {
                         // History: stored alone.
                         self.append_results(&t, start, vec![self.kpi_event(&k, start, end)?])
@@ -1406,6 +1741,7 @@ impl Analytics {
             cfg.window_us(),
         )?;
         self.check_range(from, to)?;
+        let _admitted = self.admit_run()?;
         self.run(&targets, from, to).await
     }
 

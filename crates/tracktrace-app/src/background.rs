@@ -192,11 +192,35 @@ type Series = (
     fn(&AnalyticsStatus) -> u64,
 );
 
-/// The InfluxDB writer's counters on `/metrics` (all zero without a writer): nothing the
-/// analytics engine drops goes unnoticed.
+/// The analytics engine's bounds and the InfluxDB writer's counters on `/metrics` (the
+/// writer's all zero without a writer): nothing the analytics engine drops goes unnoticed.
 fn export_analytics(app: &App) {
     let m = app.metrics();
-    let series: [Series; 4] = [
+    let series: [Series; 8] = [
+        (
+            "tracktrace_analytics_untracked_entities_total",
+            "Entities whose transit and dwell were left out of the KPI windows this process computed (a tenant's window exceeded the tracked-entity or tracked-event bound)",
+            true,
+            |s| s.untracked_entities,
+        ),
+        (
+            "tracktrace_analytics_runs_refused_total",
+            "On-demand analytics runs refused with 503 because as many as the process admits were in progress",
+            true,
+            |s| s.runs_refused,
+        ),
+        (
+            "tracktrace_analytics_rejection_buckets",
+            "Rejected-command count buckets (tenant, second or window) not yet stored",
+            false,
+            |s| s.rejection_buckets,
+        ),
+        (
+            "tracktrace_analytics_rejections_lost_total",
+            "Rejected-command counts dropped because the buffer reached its bound (store down too long)",
+            true,
+            |s| s.rejections_lost,
+        ),
         (
             "tracktrace_influx_points_written_total",
             "KPI and anomaly points InfluxDB accepted",

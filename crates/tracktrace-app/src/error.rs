@@ -53,6 +53,15 @@ pub enum AppError {
     /// freed; reads keep working.
     #[error("storage full: {0}")]
     StorageFull(String),
+    /// This process already runs as much of some bounded work as it admits (e.g. on-demand
+    /// analytics runs); the same request may succeed later.
+    #[error("busy: {what}")]
+    Busy {
+        /// What is busy, for the caller.
+        what: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// A command still conflicted with concurrent writers of the same aggregate after the
     /// command bus's retries.
     #[error("contention: {0}")]
@@ -72,7 +81,7 @@ impl AppError {
     }
 
     /// Whether the same request, unchanged, may succeed later: every failure on the server's
-    /// side (`Unavailable`, `StorageFull`, `Contention`, `Timeout`, `Internal`). `false` for failures of the
+    /// side (`Unavailable`, `StorageFull`, `Busy`, `Contention`, `Timeout`, `Internal`). `false` for failures of the
     /// request itself (invalid, forbidden, unknown, conflicting, too large), which no retry
     /// can fix. Callers that retry must bound their retries (a bug stays a bug).
     pub fn is_retryable(&self) -> bool {
@@ -80,6 +89,7 @@ impl AppError {
             self,
             AppError::Unavailable { .. }
                 | AppError::StorageFull(_)
+                | AppError::Busy { .. }
                 | AppError::Contention(_)
                 | AppError::Timeout(_)
                 | AppError::Internal(_)
@@ -90,7 +100,9 @@ impl AppError {
     /// [`DEFAULT_RETRY_AFTER`]); `None` for the others.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            AppError::Unavailable { retry_after, .. } => Some(*retry_after),
+            AppError::Unavailable { retry_after, .. } | AppError::Busy { retry_after, .. } => {
+                Some(*retry_after)
+            }
             e if e.is_retryable() => Some(DEFAULT_RETRY_AFTER),
             _ => None,
         }
@@ -169,6 +181,14 @@ mod tests {
         };
         let cases = [
             (unavailable, true, Some(Duration::from_secs(3))),
+            (
+                AppError::Busy {
+                    what: "runs".into(),
+                    retry_after: Duration::from_secs(5),
+                },
+                true,
+                Some(Duration::from_secs(5)),
+            ),
             (
                 AppError::Contention("x".into()),
                 true,

@@ -347,9 +347,10 @@ impl FailureReason {
             AppError::Forbidden(_) => FailureReason::Forbidden,
             AppError::Conflict(_) => FailureReason::Conflict,
             AppError::Contention(_) => FailureReason::Contention,
-            AppError::Unavailable { .. } | AppError::StorageFull(_) | AppError::Timeout(_) => {
-                FailureReason::Unavailable
-            }
+            AppError::Unavailable { .. }
+            | AppError::StorageFull(_)
+            | AppError::Busy { .. }
+            | AppError::Timeout(_) => FailureReason::Unavailable,
             AppError::NotFound(_) | AppError::Internal(_) => FailureReason::Internal,
         }
     }

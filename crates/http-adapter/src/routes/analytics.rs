@@ -39,7 +39,7 @@ pub struct RangeQuery {
         (status = 400, description = "Bad from/to/tenant (field errors)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not an admin (of that tenant)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Event store unavailable", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Event store unavailable, or as many on-demand runs in progress as the server admits (`/problems/busy`); see Retry-After", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
