@@ -20,20 +20,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use common::private_pg::{PrivatePostgres, free_port};
 use common::{Server, call, cli_token, event, in_ci};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 fn wait_for_port(port: u16, what: &str) {
     for _ in 0..200 {
@@ -295,131 +289,6 @@ async fn redis_down_at_start_frozen_and_killed_never_slows_traces() {
 }
 
 // ---------- PostgreSQL ----------
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-/// A private PostgreSQL cluster (`initdb` in a temp dir, trust auth, a free port), run as the
-/// `postgres` user, which the test stops and starts.
-struct PrivatePostgres {
-    port: u16,
-    dir: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-fn as_postgres(cmd: &str, args: &[&str]) -> std::process::Output {
-    let mut c = Command::new("runuser");
-    c.args(["-u", "postgres", "--", &format!("{PG_BIN}/{cmd}")])
-        .args(args);
-    c.output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
-}
-
-impl PrivatePostgres {
-    fn start() -> Option<Self> {
-        if !Path::new(PG_BIN).join("initdb").exists() {
-            assert!(!in_ci(), "{PG_BIN}/initdb missing under CI=true");
-            eprintln!("\n*** SKIPPED: {PG_BIN}/initdb not found ***\n");
-            return None;
-        }
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("cluster");
-        std::fs::create_dir(&dir).unwrap();
-        let chown = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(tmp.path())
-            .status()
-            .unwrap();
-        assert!(chown.success());
-        let out = as_postgres(
-            "initdb",
-            &[
-                "-D",
-                dir.to_str().unwrap(),
-                "--auth=trust",
-                "-U",
-                "postgres",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pg = Self {
-            port: free_port(),
-            dir,
-            _tmp: tmp,
-        };
-        pg.up();
-        Some(pg)
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn up(&self) {
-        let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={}",
-            self.port,
-            self.dir.display()
-        );
-        let out = as_postgres(
-            "pg_ctl",
-            &["-D", self.dir.to_str().unwrap(), "-o", &opts, "-w", "-l"]
-                .iter()
-                .copied()
-                .chain([self.dir.join("log").to_str().unwrap(), "start"])
-                .collect::<Vec<_>>(),
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn down(&self) {
-        let out = as_postgres(
-            "pg_ctl",
-            &["-D", self.dir.to_str().unwrap(), "-m", "fast", "-w", "stop"],
-        );
-        assert!(out.status.success(), "pg_ctl stop");
-    }
-
-    /// Terminates every connection but the caller's.
-    fn kill_connections(&self) {
-        let out = Command::new("psql")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-d", "postgres", "-Atc"])
-            .arg(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "psql: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = as_postgres(
-            "pg_ctl",
-            &["-D", self.dir.to_str().unwrap(), "-m", "immediate", "stop"],
-        );
-    }
-}
 
 /// Captures one event; returns (status, Retry-After, event id, elapsed).
 async fn try_capture(

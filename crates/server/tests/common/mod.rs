@@ -4,6 +4,8 @@
 //! instead of matching substrings.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod private_pg;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
