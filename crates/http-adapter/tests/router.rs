@@ -745,7 +745,7 @@ async fn batch_capture_has_per_item_results() {
 }
 
 #[tokio::test]
-async fn min_position_beyond_the_log_504() {
+async fn min_position_beyond_the_log_is_a_field_error() {
     let f = fixture_with(AppConfig {
         read_your_writes_timeout: Duration::from_millis(50),
         ..AppConfig::default()
@@ -758,8 +758,13 @@ async fn min_position_beyond_the_log_504() {
     let (s, _, v) = f
         .trace(&t, "W1", "", c["position"].as_u64().unwrap() + 1000)
         .await;
-    assert_eq!(s, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(problem_type(&v), "/problems/timeout");
+    // No capture returned that position: a client error, not "retry later".
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(problem_type(&v), "/problems/validation");
+    assert_eq!(v["errors"][0]["field"], "minPosition", "{v}");
+    // Beyond what a u64 position the store could ever assign, too.
+    let (s, _, v) = f.trace(&t, "W1", "", 1 << 63).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::watch;
 use tracktrace_core::{EventStore, Position, ReadModelStore, TenantId};
+use tracktrace_domain::FieldError;
 
 use crate::access::{Actor, Admins, Scope};
 use crate::analytics::Analytics;
@@ -234,15 +235,29 @@ impl App {
     }
 
     /// Waits (at most the read-your-writes timeout) until the trace read model includes
-    /// `position`.
+    /// `position`. A position beyond the log's head when the wait ends was never returned by a
+    /// capture: a field error on `minPosition` (not a timeout, which would say "retry").
     pub async fn wait_for_position(&self, position: Position) -> Result<(), AppError> {
-        wait_for(
+        match wait_for(
             &*self.inner.read_models,
             self.inner.progress.as_ref(),
             position,
             self.inner.config.read_your_writes_timeout,
         )
         .await
+        {
+            Err(AppError::Timeout(reason)) => match self.inner.store.head().await {
+                Ok(head) if position > head => Err(AppError::Validation(vec![FieldError::new(
+                    "minPosition",
+                    format!(
+                        "position {position} is beyond the head of the log ({head}): no capture \
+                         returned it"
+                    ),
+                )])),
+                _ => Err(AppError::Timeout(reason)),
+            },
+            r => r,
+        }
     }
 
     /// The status record of `entity_id` of `tenant`: its generation (the position of the
