@@ -41,6 +41,89 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Answers every `/api/v1` operation may give whatever its handler does, from the layers of
+/// [`crate::layers`] and the store: 503 + `Retry-After` (shed beyond the in-flight limit, the
+/// request timeout, or a dependency unavailable), and for operations that write, 507 +
+/// `Retry-After` (the event store's disk is full: nothing was stored).
+struct ServerLimits;
+
+impl utoipa::Modify for ServerLimits {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{Object, Type};
+        use utoipa::openapi::{ContentBuilder, HeaderBuilder, Ref, ResponseBuilder};
+        let answer = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .header(
+                    "Retry-After",
+                    HeaderBuilder::new()
+                        .schema(Object::with_type(Type::Integer))
+                        .description(Some("seconds to wait before retrying"))
+                        .build(),
+                )
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if !path.starts_with("/api/v1/") {
+                continue;
+            }
+            let ops = [
+                (false, item.get.as_mut()),
+                (true, item.post.as_mut()),
+                (true, item.put.as_mut()),
+                (true, item.delete.as_mut()),
+            ];
+            for (writes, op) in ops {
+                let Some(op) = op else { continue };
+                let responses = &mut op.responses.responses;
+                match responses.get_mut("503") {
+                    Some(utoipa::openapi::RefOr::T(r)) => {
+                        r.description.push_str(
+                            "; or the server is at its limit of requests in flight \
+                             (`/problems/overloaded`) or the request timed out \
+                             (`/problems/request-timeout`)",
+                        );
+                        r.headers.entry("Retry-After".into()).or_insert_with(|| {
+                            HeaderBuilder::new()
+                                .schema(Object::with_type(Type::Integer))
+                                .description(Some("seconds to wait before retrying"))
+                                .build()
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        responses.insert(
+                            "503".into(),
+                            answer(
+                                "The server is at its limit of requests in flight \
+                                 (`/problems/overloaded`), the request timed out \
+                                 (`/problems/request-timeout`), or a dependency is unavailable \
+                                 (`/problems/unavailable`)",
+                            )
+                            .into(),
+                        );
+                    }
+                }
+                if writes {
+                    responses.entry("507".into()).or_insert_with(|| {
+                        answer(
+                            "The event store's disk is full: nothing was stored \
+                             (`/problems/insufficient-storage`)",
+                        )
+                        .into()
+                    });
+                }
+            }
+        }
+    }
+}
+
 /// The documented routes and their OpenAPI description.
 pub fn api_routes() -> (axum::Router<HttpState>, utoipa::openapi::OpenApi) {
     let r = OpenApiRouter::with_openapi(ApiDoc::openapi());
@@ -50,7 +133,8 @@ pub fn api_routes() -> (axum::Router<HttpState>, utoipa::openapi::OpenApi) {
         r.routes(routes!(propagation::add_route, propagation::list_routes))
             .routes(routes!(propagation::get_route, propagation::remove_route))
     };
-    r.routes(routes!(capture::capture))
+    let r = r
+        .routes(routes!(capture::capture))
         .routes(routes!(capture::capture_batch))
         .routes(routes!(trace::trace))
         .routes(routes!(trace::subscribe))
@@ -72,8 +156,11 @@ pub fn api_routes() -> (axum::Router<HttpState>, utoipa::openapi::OpenApi) {
             milestones::get_rule,
             milestones::delete_rule
         ))
-        .routes(routes!(milestones::entity_watches))
-        .split_for_parts()
+        .routes(routes!(milestones::entity_watches));
+    let (router, mut doc) = r.split_for_parts();
+    // After the routes: the operations exist now.
+    utoipa::Modify::modify(&ServerLimits, &mut doc);
+    (router, doc)
 }
 
 /// The whole API, ready to serve: every documented route plus `GET /openapi.json`, behind

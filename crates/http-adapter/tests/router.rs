@@ -1558,3 +1558,38 @@ async fn schemas_only_for_event_types_the_capture_validator_accepts() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
 }
+
+/// Every API operation documents the answers the server's limits give (503 + Retry-After) and
+/// every writing operation the full-disk answer (507), whatever its handler documents.
+#[tokio::test]
+async fn openapi_documents_shedding_and_full_disk_answers() {
+    let f = fixture().await;
+    let (_, _, doc) = f.get("/openapi.json", None).await;
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        if !path.starts_with("/api/v1/") {
+            continue;
+        }
+        for (method, op) in item.as_object().unwrap() {
+            let responses = &op["responses"];
+            let r503 = &responses["503"];
+            assert!(r503.is_object(), "{method} {path}: no 503");
+            assert!(
+                r503["headers"]["Retry-After"].is_object(),
+                "{method} {path}: 503 without Retry-After"
+            );
+            assert!(
+                r503["description"].as_str().unwrap().contains("overloaded"),
+                "{method} {path}: {r503}"
+            );
+            let writes = method != "get";
+            assert_eq!(
+                responses["507"].is_object(),
+                writes,
+                "{method} {path}: 507 documented for writes only"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "{checked} operations");
+}
