@@ -1240,6 +1240,7 @@ async fn the_milestone_watch_raises_overdue_into_trace_and_subscribers_then_reco
         f.mem.clone(),
         f.mem.clone(),
         f.state.app().capture_pipeline().service().clone(),
+        tracktrace_core::saga::DEFAULT_MAX_INSTANCES,
     ));
     let admin = f.token("_system", &["admin"]);
     let (s, _) = f

@@ -126,6 +126,7 @@ async fn run() {
         breaker: BreakerConfig::default(),
         propagation: Default::default(),
         analytics: Default::default(),
+        milestone_max_instances: tracktrace_core::saga::DEFAULT_MAX_INSTANCES,
     };
     let backend = if pg.is_some() {
         "postgres"

@@ -78,6 +78,8 @@ pub struct ServerConfig {
     pub analytics: AnalyticsConfig,
     /// NATS propagation (publishers, bus ingestion; feature `nats`).
     pub propagation: PropagationConfig,
+    /// Milestone-watch entities kept in memory beyond those with pending work.
+    pub milestone_max_instances: usize,
 }
 
 /// Why the server could not start.
@@ -234,6 +236,7 @@ pub async fn start(
         breaker: cfg.breaker,
         analytics: cfg.analytics.clone(),
         propagation: cfg.propagation.clone(),
+        milestone_max_instances: cfg.milestone_max_instances,
     };
     let (app, background) = background::start(&stores, &runtime).await?;
     let state = HttpState::with_limits(app.clone(), keys, cache, cfg.http);

@@ -128,6 +128,14 @@ struct Serve {
     /// Trace view cache memory bound per tenant, MiB (in-process and Redis).
     #[arg(long, env = "TRACKTRACE_CACHE_MIB_PER_TENANT", default_value_t = 32)]
     cache_mib_per_tenant: u64,
+    /// Milestone-watch entities kept in memory at most, beyond those with a pending expectation
+    /// or alarm (the others reload from their streams when an event arrives for them).
+    #[arg(long, env = "TRACKTRACE_MILESTONE_MAX_INSTANCES", default_value_t = tracktrace_core::saga::DEFAULT_MAX_INSTANCES)]
+    milestone_max_instances: usize,
+    /// Live-stream (SSE) entries a client may fall behind before its stream is closed with
+    /// `reason: lagged` (one shared buffer per process).
+    #[arg(long, env = "TRACKTRACE_LIVE_BUFFER", default_value_t = 1024)]
+    live_buffer: usize,
     /// Longest `minPosition` wait, milliseconds.
     #[arg(long, env = "TRACKTRACE_READ_YOUR_WRITES_MS", default_value_t = 2000)]
     read_your_writes_ms: u64,
@@ -398,6 +406,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         jwt_secret: c.jwt_secret.clone(),
         app: AppConfig {
             read_your_writes_timeout: Duration::from_millis(s.read_your_writes_ms),
+            live_buffer: s.live_buffer.max(1),
             ..AppConfig::default()
         },
         breaker: BreakerConfig {
@@ -408,6 +417,7 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
         },
         analytics: analytics_config(&s.analytics),
         propagation: s.nats.config(),
+        milestone_max_instances: s.milestone_max_instances.max(1),
     }
 }
 

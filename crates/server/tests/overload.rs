@@ -20,7 +20,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// clock starts, but 2,000 client tasks and the server share two cores.
 const SCHEDULING_SLACK: Duration = Duration::from_secs(3);
 /// Peak resident memory the server may reach (the limits bound it: 64 requests in flight,
-/// bounded store queues, 1 MiB bodies; measured 103 MiB peak in a debug build on sled).
+/// bounded store queues, 64 KiB event bodies; measured 103 MiB peak in a debug build on sled).
 const MAX_RSS_KIB: u64 = 256 * 1024;
 
 /// One raw HTTP/1.1 exchange on an already open connection: (status, Retry-After, body).

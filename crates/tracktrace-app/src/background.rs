@@ -72,6 +72,10 @@ pub struct RuntimeConfig {
     pub analytics: AnalyticsConfig,
     /// Propagation settings (feature `nats`).
     pub propagation: PropagationConfig,
+    /// Milestone-watch instances (entities) kept in memory at most, beyond those with a
+    /// pending expectation or alarm (see `tracktrace_core::saga`); the others reload from
+    /// their streams when an event arrives for them.
+    pub milestone_max_instances: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -82,6 +86,7 @@ impl Default for RuntimeConfig {
             breaker: BreakerConfig::default(),
             analytics: AnalyticsConfig::default(),
             propagation: PropagationConfig::default(),
+            milestone_max_instances: tracktrace_core::saga::DEFAULT_MAX_INSTANCES,
         }
     }
 }
@@ -173,7 +178,13 @@ pub async fn start(stores: &Stores, cfg: &RuntimeConfig) -> Result<(App, Backgro
         );
     }
     if let Some(tx) = progress_tx {
-        let work = leader_work(stores, &app, cfg.analytics.schedule, tx.clone());
+        let work = leader_work(
+            stores,
+            &app,
+            cfg.analytics.schedule,
+            cfg.milestone_max_instances,
+            tx.clone(),
+        );
         tasks.push(tokio::spawn(supervise(
             stores.clone(),
             tx,
@@ -269,6 +280,7 @@ fn leader_work(
     stores: &Stores,
     app: &App,
     schedule: bool,
+    milestone_max_instances: usize,
     progress: watch::Sender<Position>,
 ) -> Work {
     let (stores, app) = (stores.clone(), app.clone());
@@ -284,6 +296,7 @@ fn leader_work(
                 stores.events.clone(),
                 stores.read_models.clone(),
                 app.capture_pipeline().service().clone(),
+                milestone_max_instances,
             )),
         ];
         // Partner-route publishers (prepared by `propagation::spawn` with --nats-publish).

@@ -16,12 +16,14 @@ const FOLLOW_PAUSE: Duration = Duration::from_millis(100);
 /// Runs the milestone watch forever (the server aborts the task at shutdown): loads the rules,
 /// then a [`SagaRunner`] from its checkpoint and index of open work in `checkpoints`, reading
 /// triggers from `store` and capturing alarms through `capture` (the application's capture
-/// service, over the circuit-broken store, enforcing the tenants' schemas). A failure (store
+/// service, over the circuit-broken store, enforcing the tenants' schemas), keeping at most
+/// `max_instances` entities without pending work in memory. A failure (store
 /// outage) restarts it, with a growing pause, from its records.
 pub async fn run(
     store: Arc<dyn EventStore>,
     checkpoints: Arc<dyn ReadModelStore>,
     capture: CaptureService,
+    max_instances: usize,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -38,7 +40,8 @@ pub async fn run(
             )
             // Deadlines are minutes to hours: read a busy log a few times a second, not
             // after every commit.
-            .with_min_interval(FOLLOW_PAUSE);
+            .with_min_interval(FOLLOW_PAUSE)
+            .with_max_instances(max_instances);
             runner
                 .run(std::future::pending::<()>())
                 .await
