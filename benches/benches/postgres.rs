@@ -17,9 +17,17 @@
 //! per-round and median ratios instead of running criterion: the robust comparison on a busy
 //! machine.
 //! `TRACKTRACE_BENCH_PG_GROUPS` sets `PgStoreOptions::append_groups` (default
-//! `DEFAULT_APPEND_GROUPS`; `0` turns group appends off).
+//! `DEFAULT_APPEND_GROUPS`; `0` turns group appends off); `TRACKTRACE_BENCH_PG_NOTIFY=0` turns
+//! `NOTIFY` off.
 //!
-//! Database: `TRACKTRACE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
+//! The interleaved mode also reads a 10,000-event stream next to `raw-fetch` and prints the
+//! statements per single-event append that `pg_stat_statements` counted (when the cluster
+//! loads it).
+//!
+//! Database: `TRACKTRACE_BENCH_PG=private` creates a cluster with PostgreSQL's default
+//! settings for the run (`initdb` into a temp folder, a free loopback port; see
+//! `tracktrace_benches::private_pg`); otherwise `TRACKTRACE_TEST_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`).
 //! Without a reachable database the bench prints a message and measures nothing (under
 //! `CI=true` it fails instead). Everything lives in a fresh schema, dropped at the end.
 //!
@@ -33,6 +41,7 @@ use criterion::Criterion;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 use tokio::runtime::Runtime;
+use tracktrace_benches::private_pg::PrivatePostgres;
 use tracktrace_benches::{BATCH, bench_store, configure, event, runtime, seed_stream, tenant};
 use tracktrace_core::{EventStore, EventStoreExt, StreamId};
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
@@ -231,18 +240,26 @@ fn long_stream_read(c: &mut Criterion, rt: &Runtime, store: &Arc<dyn EventStore>
 fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore>, rounds: usize) {
     const ONE: u64 = 400;
     const PER_WRITER: u64 = 250;
-    let (mut one, mut writers) = rt.block_on(async {
+    const BATCHES: u64 = 40;
+    const READS: u32 = 3;
+    let (mut one, mut writers, mut reader, long) = rt.block_on(async {
         let mut w = Vec::new();
         for _ in 0..8 {
             w.push(Raw::new(opts).await);
         }
-        (Raw::new(opts).await, w)
+        let mut reader = Raw::new(opts).await;
+        for _ in 0..LONG_STREAM / BATCH {
+            reader.insert_batch(BATCH).await;
+        }
+        let long = seed_stream(store.as_ref(), LONG_STREAM)
+            .await
+            .expect("seed long stream");
+        (Raw::new(opts).await, w, reader, long)
     });
-    const BATCHES: u64 = 40;
     let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
-    let (mut r1, mut r8, mut rb) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut r1, mut r8, mut rb, mut rr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
-        let (raw1, ours1, raw8, ours8, rawb, oursb) = rt.block_on(async {
+        let (raw1, ours1, raw8, ours8, rawb, oursb, rawr, oursr) = rt.block_on(async {
             let t = Instant::now();
             for _ in 0..ONE {
                 one.insert_one().await;
@@ -277,19 +294,40 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
                     .await
                     .expect("batch append");
             }
-            (raw1, ours1, raw8, ours8, rawb, rate(events, t.elapsed()))
+            let oursb = rate(events, t.elapsed());
+            let t = Instant::now();
+            for _ in 0..READS {
+                assert_eq!(reader.fetch_stream().await, LONG_STREAM);
+            }
+            let rawr = t.elapsed() / READS;
+            let t = Instant::now();
+            for _ in 0..READS {
+                let n = store
+                    .read_stream_forwards(&tenant(), &long)
+                    .await
+                    .expect("read stream")
+                    .len();
+                assert_eq!(n, LONG_STREAM);
+            }
+            let oursr = t.elapsed() / READS;
+            (raw1, ours1, raw8, ours8, rawb, oursb, rawr, oursr)
         });
         println!(
             "round {round}: 1 conn raw {raw1:.0}/s ours {ours1:.0}/s ({:.0} %); \
              8 conns raw {raw8:.0}/s ours {ours8:.0}/s ({:.0} %); \
-             batches of {BATCH} raw {rawb:.0} ev/s ours {oursb:.0} ev/s ({:.0} %)",
+             batches of {BATCH} raw {rawb:.0} ev/s ours {oursb:.0} ev/s ({:.0} %); \
+             read {LONG_STREAM} raw {:.1} ms ours {:.1} ms ({:.2}x)",
             100.0 * ours1 / raw1,
             100.0 * ours8 / raw8,
-            100.0 * oursb / rawb
+            100.0 * oursb / rawb,
+            rawr.as_secs_f64() * 1e3,
+            oursr.as_secs_f64() * 1e3,
+            oursr.as_secs_f64() / rawr.as_secs_f64(),
         );
         r1.push(ours1 / raw1);
         r8.push(ours8 / raw8);
         rb.push(oursb / rawb);
+        rr.push(oursr.as_secs_f64() / rawr.as_secs_f64());
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
@@ -297,29 +335,95 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
     };
     println!(
         "median of {rounds} rounds: 1 conn {:.0} % of raw, 8 conns {:.0} % of raw, \
-         batches of {BATCH} {:.0} % of raw",
+         batches of {BATCH} {:.0} % of raw, read of {LONG_STREAM} events {:.2}x raw",
         100.0 * median(&mut r1),
         100.0 * median(&mut r8),
-        100.0 * median(&mut rb)
+        100.0 * median(&mut rb),
+        median(&mut rr)
     );
+}
+
+/// Statements per single-event append from `pg_stat_statements` (when the extension can be
+/// created: the bench's private cluster preloads it), measured on a fresh stream.
+fn statements_per_append(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore>) {
+    const N: u64 = 200;
+    rt.block_on(async {
+        let mut conn = opts.connect().await.expect("stats connection");
+        if sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut conn)
+            .await
+            .is_err()
+        {
+            println!("statements per append: pg_stat_statements not loaded on this cluster");
+            return;
+        }
+        let stream = tracktrace_benches::fresh_stream("statements");
+        // Warm-up: the first append prepares the statements.
+        for i in 0..2 {
+            tracktrace_benches::append_one(store.as_ref(), &stream, i)
+                .await
+                .expect("append");
+        }
+        sqlx::raw_sql("SELECT pg_stat_statements_reset()")
+            .execute(&mut conn)
+            .await
+            .expect("reset pg_stat_statements");
+        for i in 0..N {
+            tracktrace_benches::append_one(store.as_ref(), &stream, i)
+                .await
+                .expect("append");
+        }
+        let rows: Vec<(i64, String)> = sqlx::query_as(
+            "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 60) \
+             FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
+             ORDER BY calls DESC",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("read pg_stat_statements");
+        let total: i64 = rows.iter().map(|r| r.0).sum();
+        println!(
+            "statements per single-event append (pg_stat_statements, {N} appends, every \
+             connection of the store): {:.2}",
+            total as f64 / N as f64
+        );
+        for (calls, q) in rows {
+            println!("  {calls:>5} {q}");
+        }
+    });
 }
 
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let rt = runtime();
-    let url = std::env::var(URL_VAR)
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let private = match std::env::var("TRACKTRACE_BENCH_PG").as_deref() {
+        Ok("private") => match PrivatePostgres::start() {
+            Ok(pg) => Some(pg),
+            Err(e) => panic!("postgres bench: cannot create a private cluster: {e}"),
+        },
+        _ => None,
+    };
+    let url = match &private {
+        Some(pg) => pg.url(),
+        None => std::env::var(URL_VAR)
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+    };
+    if private.is_some() {
+        println!("private PostgreSQL cluster with default settings at {url}");
+    }
     let schema = format!("tt_bench_{:016x}", fastrand::u64(..));
+    // `PgStore`'s defaults (10 connections, append groups of DEFAULT_APPEND_GROUPS, NOTIFY
+    // on): what an application gets.
     let store = rt.block_on(PgStore::connect_with(
         PgStoreOptions::new(&url)
             .schema(&schema)
-            .max_connections(16)
             .append_groups(
                 std::env::var("TRACKTRACE_BENCH_PG_GROUPS")
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(tracktrace_store_postgres::DEFAULT_APPEND_GROUPS),
             )
+            .notify(std::env::var("TRACKTRACE_BENCH_PG_NOTIFY").map_or(true, |v| v != "0"))
             .connect_timeout(Duration::from_secs(5)),
     ));
     let store = match store {
@@ -349,7 +453,10 @@ fn main() {
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
     match rounds {
-        Some(rounds) => interleaved(&rt, &opts, &dyn_store, rounds.max(1)),
+        Some(rounds) => {
+            interleaved(&rt, &opts, &dyn_store, rounds.max(1));
+            statements_per_append(&rt, &opts, &dyn_store);
+        }
         None => {
             raw_baselines(&mut c, &rt, &opts);
             bench_store(&mut c, &rt, "postgres", dyn_store.clone());

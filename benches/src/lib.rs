@@ -17,6 +17,9 @@
 //! Events are [`event`]s: a JSON payload of about 120 bytes (about 200 bytes encoded with the
 //! store's metadata), the size the raw baselines use.
 
+#[cfg(feature = "postgres")]
+pub mod private_pg;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};

@@ -180,6 +180,25 @@ struct Snapshots<A> {
     decode: DecodeFn<A>,
 }
 
+/// Aggregates [`Repository::new`] keeps in memory unless told otherwise
+/// ([`Repository::with_cache`]).
+pub const DEFAULT_CACHE_CAPACITY: usize = 1024;
+
+/// What the command path does with an aggregate that is not in the repository's cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CacheMiss {
+    /// Load it (snapshot, then the stored tail) before the handler decides: one read and one
+    /// append for a command on an aggregate that is not cached.
+    #[default]
+    Load,
+    /// Decide on the empty state and append with `Exact(0)`, as [`CommandBus::create`] does
+    /// for every command: one append for a new aggregate; an existing one costs that failed
+    /// append, a load and a second append. For workloads where most uncached aggregates are
+    /// new (a capture pipeline where most entities are seen for the first time).
+    AssumeNew,
+}
+
 /// Bounded map of recently used aggregates, each with the version it reflects.
 struct Cache<A> {
     capacity: usize,
@@ -191,18 +210,38 @@ struct RepoInner<A: Aggregate> {
     upcasters: Upcasters,
     snapshots: Option<Snapshots<A>>,
     cache: Option<Mutex<Cache<A>>>,
+    on_miss: CacheMiss,
 }
 
 /// Loads and saves aggregates of type `A`. Cheap to clone (shared state).
 ///
 /// Loading = the latest snapshot (if enabled and of the current
 /// [`Aggregate::SNAPSHOT_VERSION`]) plus the events after it, each upcast then decoded with
-/// [`Aggregate::Codec`]; the result equals a full replay. With [`Repository::with_cache`] the
-/// command path keeps recently used aggregates in memory and trusts them optimistically: the
-/// append's `Exact(version)` check detects a stale entry (another writer or process), which is
-/// then refreshed from its tail. With the cache, an aggregate that is *not* cached is first
-/// assumed new (`Exact(0)` on the empty state): a new aggregate then costs one store round trip
-/// per command, an existing but uncached one a failed append before it is loaded and cached.
+/// [`Aggregate::Codec`]; the result equals a full replay.
+///
+/// # Cost model of the command path
+/// The command path keeps recently used aggregates in memory ([`DEFAULT_CACHE_CAPACITY`] by
+/// default, [`Repository::with_cache`]) and trusts them optimistically: the append's
+/// `Exact(version)` check detects a stale entry (another writer or process), which is then
+/// refreshed from its tail and the handler runs again. A rejection or a no-op decided on a
+/// cached state is checked against the store before it is reported. Store operations per
+/// command:
+///
+/// | situation | reads | appends |
+/// |---|--:|--:|
+/// | aggregate cached and current (a stream the process writes) | 0 | 1 |
+/// | not cached ([`CacheMiss::Load`], the default) | 1 (snapshot, if enabled, + 1 tail read) | 1 |
+/// | new aggregate through [`CommandBus::create`] or [`CacheMiss::AssumeNew`] | 0 | 1 |
+/// | `create` / `AssumeNew` on an aggregate that exists | 1 | 2 (the first fails) |
+/// | cached entry stale (another process appended) | 1 (the tail only) | 2 (the first fails) |
+/// | cache disabled (`with_cache(0)`) | 1 (whole stream, or snapshot + tail) | 1 |
+///
+/// A read of an aggregate without snapshots costs the whole stream (time grows with its
+/// length); with [`Repository::with_snapshots`] only the tail after the latest snapshot, plus
+/// one snapshot write every `every` events. The cache holds clones of the states (memory:
+/// capacity × state size); with it, a busy aggregate costs one append per command whatever
+/// its length. A [`CommandMeta::command_id`] adds one read by event id per command (the
+/// idempotency check).
 pub struct Repository<A: Aggregate> {
     inner: Arc<RepoInner<A>>,
 }
@@ -230,14 +269,19 @@ impl<A: Aggregate> fmt::Debug for Repository<A> {
 }
 
 impl<A: Aggregate> Repository<A> {
-    /// A repository over `store`, without snapshots, cache or upcasters.
+    /// A repository over `store`, with a cache of [`DEFAULT_CACHE_CAPACITY`] aggregates that
+    /// loads on a miss ([`CacheMiss::Load`]), without snapshots or upcasters.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
             inner: Arc::new(RepoInner {
                 store,
                 upcasters: Upcasters::new(),
                 snapshots: None,
-                cache: None,
+                cache: Some(Mutex::new(Cache {
+                    capacity: DEFAULT_CACHE_CAPACITY,
+                    map: HashMap::new(),
+                })),
+                on_miss: CacheMiss::Load,
             }),
         }
     }
@@ -263,6 +307,7 @@ impl<A: Aggregate> Repository<A> {
                             map: HashMap::new(),
                         })
                     }),
+                    on_miss: old.on_miss,
                 };
                 f(&mut inner);
                 self.inner = Arc::new(inner);
@@ -292,8 +337,9 @@ impl<A: Aggregate> Repository<A> {
         })
     }
 
-    /// Keeps up to `capacity` aggregates in memory (`0` disables). When full, an arbitrary
-    /// half of the entries is evicted.
+    /// Keeps up to `capacity` aggregates in memory (default [`DEFAULT_CACHE_CAPACITY`]; `0`
+    /// disables: every command then reads its aggregate). When full, an arbitrary half of the
+    /// entries is evicted.
     pub fn with_cache(self, capacity: usize) -> Self {
         self.configure(|i| {
             i.cache = (capacity > 0).then(|| {
@@ -303,6 +349,12 @@ impl<A: Aggregate> Repository<A> {
                 })
             })
         })
+    }
+
+    /// What the command path does with an aggregate that is not cached (default
+    /// [`CacheMiss::Load`]; see the cost model on [`Repository`]).
+    pub fn on_cache_miss(self, on_miss: CacheMiss) -> Self {
+        self.configure(|i| i.on_miss = on_miss)
     }
 
     /// The event store.
@@ -392,18 +444,21 @@ impl<A: Aggregate> Repository<A> {
     /// The current state of aggregate `id`: cache or snapshot, plus the stored tail.
     pub async fn load(&self, tenant: &TenantId, id: &str) -> Result<Loaded<A>> {
         let stream = Self::stream_id(id)?;
-        self.load_stream(tenant, &stream, true)
+        self.load_stream(tenant, &stream, true, false)
             .await
             .map(|(l, _)| l)
     }
 
-    /// Loads; with `verify == false` a cached entry is returned without reading the store
-    /// (second value `true`: unverified).
+    /// Loads; with `verify == false` a cached entry is returned without reading the store, and
+    /// an uncached aggregate is taken to be new (the empty state, without reading) when
+    /// `assume_new` or the repository's [`CacheMiss`] policy says so (second value `true`:
+    /// unverified).
     async fn load_stream(
         &self,
         tenant: &TenantId,
         stream: &StreamId,
         verify: bool,
+        assume_new: bool,
     ) -> Result<(Loaded<A>, bool)> {
         let key = (tenant.clone(), stream.clone());
         let cached = self.inner.cache.as_ref().and_then(|c| {
@@ -412,7 +467,9 @@ impl<A: Aggregate> Repository<A> {
                 version: *v,
             })
         });
-        if !verify && self.inner.cache.is_some() && cached.is_none() {
+        let assume_new = assume_new
+            || (self.inner.cache.is_some() && self.inner.on_miss == CacheMiss::AssumeNew);
+        if !verify && assume_new && cached.is_none() {
             // Optimistic miss: most uncached aggregates are new ones. Decide on the empty
             // state; `Exact(0)` makes the append fail if the stream exists after all, and a
             // rejection or no-op is re-checked against the store before it is reported.
@@ -741,6 +798,43 @@ impl<A: Aggregate> CommandBus<A> {
         command: A::Command,
         meta: CommandMeta,
     ) -> Result<CommandOutcome, CommandError<A::Error>> {
+        self.run(tenant, id, command, meta, false).await
+    }
+
+    /// Executes `command` against aggregate `id`, which the caller expects to be new: the
+    /// handler decides on the empty state and the events are appended with `Exact(0)`, one
+    /// store round trip and no read. The expectation is only a cost hint, never a different
+    /// result: if the aggregate exists (or is cached), the append fails or is skipped, the
+    /// aggregate is loaded and the command runs exactly as [`CommandBus::execute`] would run it.
+    pub async fn create(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        command: A::Command,
+    ) -> Result<CommandOutcome, CommandError<A::Error>> {
+        self.create_with(tenant, id, command, CommandMeta::default())
+            .await
+    }
+
+    /// [`CommandBus::create`] with metadata.
+    pub async fn create_with(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        command: A::Command,
+        meta: CommandMeta,
+    ) -> Result<CommandOutcome, CommandError<A::Error>> {
+        self.run(tenant, id, command, meta, true).await
+    }
+
+    async fn run(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        command: A::Command,
+        meta: CommandMeta,
+        assume_new: bool,
+    ) -> Result<CommandOutcome, CommandError<A::Error>> {
         if let Some(v) = &self.validator {
             let errors = v.validate(&command);
             if !errors.is_empty() {
@@ -759,7 +853,10 @@ impl<A: Aggregate> CommandBus<A> {
         let mut attempt = 1;
         let mut verify = false;
         loop {
-            let (loaded, unverified) = self.repo.load_stream(tenant, &stream, verify).await?;
+            let (loaded, unverified) = self
+                .repo
+                .load_stream(tenant, &stream, verify, assume_new)
+                .await?;
             let decision = loaded.state.handle(&command);
             // A rejection or a no-op decided on a possibly stale cached state is checked
             // against the stored tail before it is reported.
@@ -795,6 +892,10 @@ impl<A: Aggregate> CommandBus<A> {
                         attempts: attempt,
                     });
                 }
+                // A conflict on an unverified state (a cache entry, or the empty state of an
+                // aggregate assumed new) only means the guess was stale: decide again at once
+                // on the stored state; it is not an attempt of the retry policy.
+                Err(Error::Conflict { .. }) if unverified => verify = true,
                 Err(e @ Error::Conflict { .. }) => {
                     if attempt >= max {
                         return Err(CommandError::Conflict {
@@ -803,11 +904,7 @@ impl<A: Aggregate> CommandBus<A> {
                             source: e,
                         });
                     }
-                    // A conflict on an unverified cache entry only means the cache was stale:
-                    // retry at once; real contention backs off.
-                    if !unverified {
-                        tokio::time::sleep(self.retry.backoff(attempt)).await;
-                    }
+                    tokio::time::sleep(self.retry.backoff(attempt)).await;
                     attempt += 1;
                     verify = true;
                 }

@@ -96,7 +96,8 @@ pub mod runtime_checks;
 pub use aggregate::{Aggregate, Concurrency, DomainEvent, FieldError, Validator};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use command::{
-    CommandBus, CommandError, CommandMeta, CommandOutcome, Loaded, Repository, derived_event_id,
+    CacheMiss, CommandBus, CommandError, CommandMeta, CommandOutcome, DEFAULT_CACHE_CAPACITY,
+    Loaded, Repository, derived_event_id,
 };
 pub use error::{BoxError, Error, Result};
 pub use event::{CONTENT_TYPE_JSON, Metadata, NewEvent, RecordedEvent, limits, validate_batch};

@@ -21,11 +21,12 @@ use uuid::Uuid;
 
 use crate::conformance::{CheckFailure, CheckResult};
 use crate::{
-    Aggregate, BreakerConfig, BreakerState, CircuitBreaker, CommandBus, CommandDispatcher,
-    CommandError, CommandMeta, DispatchError, DomainEvent, Error, EventFilter, EventId, EventStore,
-    EventStoreExt, ExpectedVersion, FieldError, JsonCodec, NewEvent, Position, Projection,
-    ProjectionRunner, Reaction, ReadModelStore, ReadModelTx, RecordedEvent, Repository, Result,
-    Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters, Version,
+    Aggregate, BreakerConfig, BreakerState, CacheMiss, CircuitBreaker, CommandBus,
+    CommandDispatcher, CommandError, CommandMeta, DispatchError, DomainEvent, Error, EventFilter,
+    EventId, EventStore, EventStoreExt, ExpectedVersion, FieldError, JsonCodec, NewEvent, Position,
+    Projection, ProjectionRunner, Reaction, ReadModelStore, ReadModelTx, RecordedEvent, Repository,
+    Result, Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters,
+    Version,
 };
 use crate::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, KeyRange, ReadAll,
@@ -363,6 +364,158 @@ pub async fn unchecked_concurrent_commands(s: RuntimeStores) -> CheckResult {
         "command after the race",
     )?;
     ensure_eq!(out.version, Version::new(33), "appended after the others");
+    Ok(())
+}
+
+/// The command path's cost model (see [`crate::Repository`]), in store calls per command: a
+/// new aggregate through `create` is one append and no read; the default repository reads an
+/// uncached aggregate once and then appends; a cached one only appends (a growing stream costs
+/// the same per command whatever its length); with the cache off every command reads. `create`
+/// and a stale cache are only cost hints: an aggregate that exists, or that another process
+/// moved on, ends in exactly the state and outcome `execute` gives, without using up an
+/// attempt of the retry policy.
+pub async fn command_costs(s: RuntimeStores) -> CheckResult {
+    let t = tenant();
+    let counted = Arc::new(CountingStore::new(&s));
+    let bus = |repo: Repository<Account>| CommandBus::new(repo).with_retry(RetryPolicy::none());
+    let default = bus(Repository::new(counted.clone()));
+    let cost = |before: (u64, u64)| {
+        let now = counted.calls();
+        (now.0 - before.0, now.1 - before.1)
+    };
+
+    let before = counted.calls();
+    let out = ok(
+        default
+            .create(&t, "cost-new", AccountCommand::Deposit(10))
+            .await,
+        "create on a new aggregate",
+    )?;
+    ensure_eq!(out.version, Version::new(1), "created at version 1");
+    ensure_eq!(
+        cost(before),
+        (0, 1),
+        "create of a new aggregate: (reads, appends)"
+    );
+
+    // A growing stream through one repository: cached, one append per command.
+    let before = counted.calls();
+    for _ in 0..20 {
+        ok(
+            default
+                .execute(&t, "cost-new", AccountCommand::Deposit(1))
+                .await,
+            "deposit on a cached aggregate",
+        )?;
+    }
+    ensure_eq!(cost(before), (0, 20), "20 commands on a cached aggregate");
+
+    // Another repository (another process): not cached there, so one read, then one append.
+    let other = bus(Repository::new(counted.clone()));
+    let before = counted.calls();
+    let out = ok(
+        other
+            .execute(&t, "cost-new", AccountCommand::Withdraw(30))
+            .await,
+        "withdraw through a second repository",
+    )?;
+    ensure_eq!(
+        out.version,
+        Version::new(22),
+        "appended after the 21 events"
+    );
+    ensure_eq!(cost(before), (1, 1), "uncached existing aggregate");
+
+    // The first repository's entry is now stale: a failed append, a tail read, an append,
+    // and the retry policy (no retries) is not used up by it.
+    let before = counted.calls();
+    let out = ok(
+        default
+            .execute(&t, "cost-new", AccountCommand::Deposit(2))
+            .await,
+        "deposit on a stale cache entry",
+    )?;
+    ensure_eq!(
+        out.version,
+        Version::new(23),
+        "after the other repository's event"
+    );
+    ensure_eq!(out.attempts, 1, "a stale cache entry is not a retry");
+    ensure_eq!(cost(before), (1, 2), "stale cache entry");
+
+    // `create` on an aggregate that exists: the same outcome as `execute`. A withdrawal the
+    // empty state would refuse succeeds on the stored balance (2).
+    let fresh = bus(Repository::new(counted.clone()));
+    let out = ok(
+        fresh
+            .create(&t, "cost-new", AccountCommand::Withdraw(2))
+            .await,
+        "create on an existing aggregate",
+    )?;
+    ensure_eq!(out.version, Version::new(24), "appended at the end");
+    ensure_eq!(out.attempts, 1, "a wrong `create` guess is not a retry");
+    let fresh = bus(Repository::new(counted.clone()));
+    let out = ok(
+        fresh
+            .create(&t, "cost-new", AccountCommand::Deposit(7))
+            .await,
+        "create of a deposit on an existing aggregate",
+    )?;
+    ensure_eq!(
+        out.version,
+        Version::new(25),
+        "deposit lands at the end, not at version 1"
+    );
+    match fresh
+        .create(&t, "cost-new", AccountCommand::Withdraw(8))
+        .await
+    {
+        Err(CommandError::Rejected(AccountError::InsufficientFunds { balance: 7, .. })) => {}
+        other => {
+            return Err(CheckFailure(format!(
+                "create on an existing aggregate must decide on its stored state, got {other:?}"
+            )));
+        }
+    }
+    let loaded = ok(default.repository().load(&t, "cost-new").await, "load")?;
+    let replayed = ok(default.repository().replay(&t, "cost-new").await, "replay")?;
+    ensure_eq!(loaded, replayed, "cached state == replay");
+    ensure_eq!(loaded.state.balance, 7, "balance after every command");
+
+    // Cache off: every command reads the stream.
+    let uncached = bus(Repository::new(counted.clone()).with_cache(0));
+    let before = counted.calls();
+    for _ in 0..3 {
+        ok(
+            uncached
+                .execute(&t, "cost-new", AccountCommand::Deposit(1))
+                .await,
+            "deposit without cache",
+        )?;
+    }
+    ensure_eq!(cost(before), (3, 3), "three commands without cache");
+
+    // `CacheMiss::AssumeNew`: a new aggregate is one append, an existing one falls back.
+    let assume = bus(Repository::new(counted.clone()).on_cache_miss(CacheMiss::AssumeNew));
+    let before = counted.calls();
+    ok(
+        assume
+            .execute(&t, "cost-other", AccountCommand::Deposit(1))
+            .await,
+        "deposit on a new aggregate, assumed new",
+    )?;
+    ensure_eq!(cost(before), (0, 1), "AssumeNew on a new aggregate");
+    let out = ok(
+        assume
+            .execute(&t, "cost-new", AccountCommand::Deposit(1))
+            .await,
+        "deposit on an existing aggregate, assumed new",
+    )?;
+    ensure_eq!(
+        out.version,
+        Version::new(29),
+        "assumed new, appended at the end"
+    );
     Ok(())
 }
 
@@ -1597,12 +1750,15 @@ pub async fn saga_bounded_instances(s: RuntimeStores) -> CheckResult {
 }
 
 /// An [`EventStore`] and [`ReadModelStore`] wrapper that counts what is read through it (events
-/// returned by stream, log and id reads; entries returned by read-model gets and scans) and
-/// can fail every read-model commit (a process that dies before storing its checkpoint).
+/// returned by stream, log and id reads; entries returned by read-model gets and scans), the
+/// event-store calls made (reads and appends, see [`CountingStore::calls`]) and can fail every
+/// read-model commit (a process that dies before storing its checkpoint).
 pub struct CountingStore {
     events: Arc<dyn EventStore>,
     read_models: Arc<dyn ReadModelStore>,
     read: AtomicU64,
+    read_calls: AtomicU64,
+    appends: AtomicU64,
     fail_commits: AtomicBool,
 }
 
@@ -1621,8 +1777,19 @@ impl CountingStore {
             events: s.events.clone(),
             read_models: s.read_models.clone(),
             read: AtomicU64::new(0),
+            read_calls: AtomicU64::new(0),
+            appends: AtomicU64::new(0),
             fail_commits: AtomicBool::new(false),
         }
+    }
+
+    /// Event-store calls so far: `(reads, appends)`, where a read is a `read_stream`,
+    /// `read_all`, `get_event` or `stream_version` call (each one store round trip).
+    pub fn calls(&self) -> (u64, u64) {
+        (
+            self.read_calls.load(Ordering::SeqCst),
+            self.appends.load(Ordering::SeqCst),
+        )
     }
 
     /// Events and entries read so far.
@@ -1638,27 +1805,36 @@ impl CountingStore {
     fn count(&self, n: usize) {
         self.read.fetch_add(n as u64, Ordering::SeqCst);
     }
+
+    fn call(&self) {
+        self.read_calls.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
 impl EventStore for CountingStore {
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
+        self.appends.fetch_add(1, Ordering::SeqCst);
         self.events.append(req).await
     }
     async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
+        self.call();
         let out = self.events.read_stream(req).await?;
         self.count(out.len());
         Ok(out)
     }
     async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
+        self.call();
         let out = self.events.read_all(req).await?;
         self.count(out.events.len());
         Ok(out)
     }
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
+        self.call();
         self.events.stream_version(tenant, stream).await
     }
     async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
+        self.call();
         let out = self.events.get_event(tenant, id).await?;
         self.count(usize::from(out.is_some()));
         Ok(out)
@@ -2067,7 +2243,8 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
 macro_rules! runtime_tests {
     ($make:path) => {
         $crate::__runtime_tests!($make;
-            concurrent_commands, unchecked_concurrent_commands, command_errors, upcaster_v1_to_v2,
+            concurrent_commands, unchecked_concurrent_commands, command_costs, command_errors,
+            upcaster_v1_to_v2,
             projection_restart_and_rebuild, saga_deadline_across_restart, saga_compensation,
             saga_redelivery_is_idempotent, saga_bounded_instances, saga_recovery_reads_open_work,
             circuit_breaker);

@@ -12,7 +12,9 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tracktrace_core::{CommandBus, CommandError, CommandMeta, EventStore, Repository, TenantId};
+use tracktrace_core::{
+    CacheMiss, CommandBus, CommandError, CommandMeta, EventStore, Repository, TenantId,
+};
 
 use crate::capture::aggregates::{
     CaptureCommand, ClaimType, EntityClaim, TrackedEntity, TypeMismatch,
@@ -79,9 +81,16 @@ fn command_error<E: std::error::Error + 'static>(e: CommandError<E>) -> AppError
 impl CaptureService {
     /// The service over `store` (wrap it in the runtime's circuit breaker first).
     pub fn new(store: Arc<dyn EventStore>) -> Self {
-        let claims =
-            CommandBus::new(Repository::<EntityClaim>::new(store.clone()).with_cache(100_000));
-        let entities = CommandBus::new(Repository::<TrackedEntity>::new(store).with_cache(100_000));
+        let claims = CommandBus::new(
+            Repository::<EntityClaim>::new(store.clone())
+                .with_cache(100_000)
+                .on_cache_miss(CacheMiss::AssumeNew),
+        );
+        let entities = CommandBus::new(
+            Repository::<TrackedEntity>::new(store)
+                .with_cache(100_000)
+                .on_cache_miss(CacheMiss::AssumeNew),
+        );
         Self {
             claims,
             entities,
