@@ -179,18 +179,23 @@ impl RecordedEvent {
     }
 }
 
-fn check_short(field: String, s: &str, max: usize) -> Result<()> {
+/// Checks a short string field; `field` names it in the error (built only on failure: this
+/// runs for every field of every appended event).
+fn check_short(field: impl FnOnce() -> String, s: &str, max: usize) -> Result<()> {
     if s.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+        return Err(Error::invalid(field(), "must not be empty"));
     }
     if s.len() > max {
         return Err(Error::invalid(
-            field,
+            field(),
             format!("is {} bytes long; at most {max} are allowed", s.len()),
         ));
     }
     if s.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters"));
+        return Err(Error::invalid(
+            field(),
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
@@ -225,8 +230,8 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
     let mut keys = HashSet::new();
     for (i, e) in events.iter().enumerate() {
         let f = |name: &str| format!("events[{i}].{name}");
-        check_short(f("event_type"), &e.event_type, MAX_EVENT_TYPE_LEN)?;
-        check_short(f("content_type"), &e.content_type, MAX_SHORT_STRING_LEN)?;
+        check_short(|| f("event_type"), &e.event_type, MAX_EVENT_TYPE_LEN)?;
+        check_short(|| f("content_type"), &e.content_type, MAX_SHORT_STRING_LEN)?;
         if e.schema_version == 0 {
             return Err(Error::invalid(f("schema_version"), "must be at least 1"));
         }
@@ -249,7 +254,7 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
             ));
         }
         if let Some(k) = &e.dedup_key {
-            check_short(f("dedup_key"), k, MAX_SHORT_STRING_LEN)?;
+            check_short(|| f("dedup_key"), k, MAX_SHORT_STRING_LEN)?;
             if !keys.insert(k.as_str()) {
                 return Err(Error::invalid(
                     f("dedup_key"),
@@ -259,10 +264,10 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
         }
         let m = &e.metadata;
         if let Some(c) = &m.correlation_id {
-            check_short(f("metadata.correlation_id"), c, MAX_SHORT_STRING_LEN)?;
+            check_short(|| f("metadata.correlation_id"), c, MAX_SHORT_STRING_LEN)?;
         }
         if let Some(c) = &m.causation_id {
-            check_short(f("metadata.causation_id"), c, MAX_SHORT_STRING_LEN)?;
+            check_short(|| f("metadata.causation_id"), c, MAX_SHORT_STRING_LEN)?;
         }
         if m.headers.len() > MAX_HEADERS {
             return Err(Error::invalid(
@@ -274,7 +279,7 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
             ));
         }
         for (k, v) in &m.headers {
-            check_short(f("metadata.headers"), k, MAX_SHORT_STRING_LEN)?;
+            check_short(|| f("metadata.headers"), k, MAX_SHORT_STRING_LEN)?;
             if v.len() > MAX_HEADER_VALUE_LEN {
                 return Err(Error::invalid(
                     f(&format!("metadata.headers.{k}")),
