@@ -10,7 +10,10 @@
 //!
 //! The raw table `raw_events` has the columns a minimal hand-written event table has
 //! (bigserial position, tenant, stream, version, event id, type, content type, payload,
-//! recorded-at) and one unique index on `(tenant, stream, version)`.
+//! recorded-at) and one unique index on `(tenant, stream, version)`. The interleaved mode also
+//! writes `raw_events_idem`, the same plus a unique `(event_id, tenant)` index (what idempotency
+//! by event id costs, which the store enforces and the minimal table does not), and reports the
+//! store's ratio to both.
 //!
 //! `TRACKTRACE_BENCH_INTERLEAVE=<rounds>` alternates short runs of the raw baselines and the
 //! store's matching workloads (single events on 1 and 8 connections, batches of 100) and prints
@@ -64,11 +67,24 @@ const RAW_TABLE: &str = "CREATE TABLE raw_events (
     UNIQUE (tenant, stream, version)
 )";
 
+/// `raw_events` plus the one index an idempotent store cannot do without: event ids unique per
+/// tenant (what the store's `(event_id, tenant)` index enforces). The interleaved mode reports
+/// the ratio to it too, to tell the cost of that index from the store's own overhead.
+const RAW_IDEM_TABLE: &str =
+    "CREATE TABLE raw_events_idem (LIKE raw_events INCLUDING ALL, UNIQUE (event_id, tenant))";
+
 const RAW_INSERT: &str = "INSERT INTO raw_events (tenant, stream, version, event_id, event_type, \
      content_type, payload) VALUES ($1, $2, $3, $4, $5, $6, $7)";
 
 const RAW_UNNEST: &str = "INSERT INTO raw_events (tenant, stream, version, event_id, event_type, \
      content_type, payload) SELECT $1, $2, v, id, ty, ct, pl \
+     FROM unnest($3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::bytea[]) AS u(v, id, ty, ct, pl)";
+
+const RAW_IDEM_INSERT: &str = "INSERT INTO raw_events_idem (tenant, stream, version, event_id, \
+     event_type, content_type, payload) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+const RAW_IDEM_UNNEST: &str = "INSERT INTO raw_events_idem (tenant, stream, version, event_id, \
+     event_type, content_type, payload) SELECT $1, $2, v, id, ty, ct, pl \
      FROM unnest($3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::bytea[]) AS u(v, id, ty, ct, pl)";
 
 /// A raw writer on its own connection, appending to its own stream.
@@ -77,6 +93,8 @@ struct Raw {
     stream: String,
     version: i64,
     payload: Vec<u8>,
+    /// Writes to `raw_events_idem` instead of `raw_events`.
+    idem: bool,
 }
 
 impl Raw {
@@ -87,38 +105,55 @@ impl Raw {
             stream: format!("raw-{:016x}", fastrand::u64(..)),
             version: 0,
             payload,
+            idem: false,
+        }
+    }
+
+    /// A writer into `raw_events_idem`.
+    async fn idem(opts: &PgConnectOptions) -> Raw {
+        Raw {
+            idem: true,
+            ..Raw::new(opts).await
         }
     }
 
     async fn insert_one(&mut self) {
         self.version += 1;
-        sqlx::query(RAW_INSERT)
-            .bind("bench")
-            .bind(&self.stream)
-            .bind(self.version)
-            .bind(Uuid::now_v7())
-            .bind("BagScanned")
-            .bind("application/json")
-            .bind(&self.payload)
-            .execute(&mut self.conn)
-            .await
-            .expect("raw insert");
+        sqlx::query(if self.idem {
+            RAW_IDEM_INSERT
+        } else {
+            RAW_INSERT
+        })
+        .bind("bench")
+        .bind(&self.stream)
+        .bind(self.version)
+        .bind(Uuid::now_v7())
+        .bind("BagScanned")
+        .bind("application/json")
+        .bind(&self.payload)
+        .execute(&mut self.conn)
+        .await
+        .expect("raw insert");
     }
 
     async fn insert_batch(&mut self, n: usize) {
         let versions: Vec<i64> = (1..=n as i64).map(|i| self.version + i).collect();
         self.version += n as i64;
-        sqlx::query(RAW_UNNEST)
-            .bind("bench")
-            .bind(&self.stream)
-            .bind(versions)
-            .bind((0..n).map(|_| Uuid::now_v7()).collect::<Vec<_>>())
-            .bind(vec!["BagScanned"; n])
-            .bind(vec!["application/json"; n])
-            .bind(vec![&self.payload[..]; n])
-            .execute(&mut self.conn)
-            .await
-            .expect("raw batch insert");
+        sqlx::query(if self.idem {
+            RAW_IDEM_UNNEST
+        } else {
+            RAW_UNNEST
+        })
+        .bind("bench")
+        .bind(&self.stream)
+        .bind(versions)
+        .bind((0..n).map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+        .bind(vec!["BagScanned"; n])
+        .bind(vec!["application/json"; n])
+        .bind(vec![&self.payload[..]; n])
+        .execute(&mut self.conn)
+        .await
+        .expect("raw batch insert");
     }
 
     async fn fetch_stream(&mut self) -> usize {
@@ -242,29 +277,43 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
     const PER_WRITER: u64 = 250;
     const BATCHES: u64 = 40;
     const READS: u32 = 3;
-    let (mut one, mut writers, mut reader, long) = rt.block_on(async {
-        let mut w = Vec::new();
-        for _ in 0..8 {
-            w.push(Raw::new(opts).await);
-        }
-        let mut reader = Raw::new(opts).await;
-        for _ in 0..LONG_STREAM / BATCH {
-            reader.insert_batch(BATCH).await;
-        }
-        let long = seed_stream(store.as_ref(), LONG_STREAM)
-            .await
-            .expect("seed long stream");
-        (Raw::new(opts).await, w, reader, long)
-    });
-    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
-    let (mut r1, mut r8, mut rb, mut rr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for round in 1..=rounds {
-        let (raw1, ours1, raw8, ours8, rawb, oursb, rawr, oursr) = rt.block_on(async {
-            let t = Instant::now();
-            for _ in 0..ONE {
-                one.insert_one().await;
+    let (mut one, mut idem_one, mut writers, mut idem_writers, mut reader, long) =
+        rt.block_on(async {
+            let (mut w, mut wi) = (Vec::new(), Vec::new());
+            for _ in 0..8 {
+                w.push(Raw::new(opts).await);
+                wi.push(Raw::idem(opts).await);
             }
-            let raw1 = rate(ONE, t.elapsed());
+            let mut reader = Raw::new(opts).await;
+            for _ in 0..LONG_STREAM / BATCH {
+                reader.insert_batch(BATCH).await;
+            }
+            let long = seed_stream(store.as_ref(), LONG_STREAM)
+                .await
+                .expect("seed long stream");
+            (
+                Raw::new(opts).await,
+                Raw::idem(opts).await,
+                w,
+                wi,
+                reader,
+                long,
+            )
+        });
+    let rate = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    // Ratios per round: [1 conn, 8 conns, batches] against raw and against raw + id index,
+    // and the read ratio.
+    let mut ratios: [Vec<f64>; 7] = Default::default();
+    for round in 1..=rounds {
+        let r = rt.block_on(async {
+            let mut ones = Vec::new();
+            for raw in [&mut one, &mut idem_one] {
+                let t = Instant::now();
+                for _ in 0..ONE {
+                    raw.insert_one().await;
+                }
+                ones.push(rate(ONE, t.elapsed()));
+            }
             let stream = tracktrace_benches::fresh_stream("interleaved");
             let t = Instant::now();
             for i in 0..ONE {
@@ -277,16 +326,23 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
                 8 * PER_WRITER,
                 raw_concurrent(&mut writers, PER_WRITER).await,
             );
+            let raw8i = rate(
+                8 * PER_WRITER,
+                raw_concurrent(&mut idem_writers, PER_WRITER).await,
+            );
             let d = tracktrace_benches::concurrent_appends(store, 8, PER_WRITER)
                 .await
                 .expect("concurrent appends");
             let ours8 = rate(8 * PER_WRITER, d);
             let events = BATCHES * BATCH as u64;
-            let t = Instant::now();
-            for _ in 0..BATCHES {
-                one.insert_batch(BATCH).await;
+            let mut batches = Vec::new();
+            for raw in [&mut one, &mut idem_one] {
+                let t = Instant::now();
+                for _ in 0..BATCHES {
+                    raw.insert_batch(BATCH).await;
+                }
+                batches.push(rate(events, t.elapsed()));
             }
-            let rawb = rate(events, t.elapsed());
             let stream = tracktrace_benches::fresh_stream("interleaved-batch");
             let t = Instant::now();
             for _ in 0..BATCHES {
@@ -310,36 +366,54 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
                 assert_eq!(n, LONG_STREAM);
             }
             let oursr = t.elapsed() / READS;
-            (raw1, ours1, raw8, ours8, rawb, oursb, rawr, oursr)
+            [
+                (ones[0], ones[1], ours1),
+                (raw8, raw8i, ours8),
+                (batches[0], batches[1], oursb),
+                (
+                    rawr.as_secs_f64() * 1e3,
+                    oursr.as_secs_f64() * 1e3,
+                    oursr.as_secs_f64() / rawr.as_secs_f64(),
+                ),
+            ]
         });
+        let [(r1, r1i, o1), (r8, r8i, o8), (rb, rbi, ob), (rr, or, read)] = r;
         println!(
-            "round {round}: 1 conn raw {raw1:.0}/s ours {ours1:.0}/s ({:.0} %); \
-             8 conns raw {raw8:.0}/s ours {ours8:.0}/s ({:.0} %); \
-             batches of {BATCH} raw {rawb:.0} ev/s ours {oursb:.0} ev/s ({:.0} %); \
-             read {LONG_STREAM} raw {:.1} ms ours {:.1} ms ({:.2}x)",
-            100.0 * ours1 / raw1,
-            100.0 * ours8 / raw8,
-            100.0 * oursb / rawb,
-            rawr.as_secs_f64() * 1e3,
-            oursr.as_secs_f64() * 1e3,
-            oursr.as_secs_f64() / rawr.as_secs_f64(),
+            "round {round}: 1 conn raw {r1:.0}/s raw+id {r1i:.0}/s ours {o1:.0}/s ({:.0} % / \
+             {:.0} %); 8 conns raw {r8:.0}/s raw+id {r8i:.0}/s ours {o8:.0}/s ({:.0} % / {:.0} %); \
+             batches of {BATCH} raw {rb:.0} raw+id {rbi:.0} ours {ob:.0} ev/s ({:.0} % / {:.0} %); \
+             read {LONG_STREAM} raw {rr:.1} ms ours {or:.1} ms ({read:.2}x)",
+            100.0 * o1 / r1,
+            100.0 * o1 / r1i,
+            100.0 * o8 / r8,
+            100.0 * o8 / r8i,
+            100.0 * ob / rb,
+            100.0 * ob / rbi,
         );
-        r1.push(ours1 / raw1);
-        r8.push(ours8 / raw8);
-        rb.push(oursb / rawb);
-        rr.push(oursr.as_secs_f64() / rawr.as_secs_f64());
+        for (v, x) in ratios.iter_mut().zip([
+            o1 / r1,
+            o1 / r1i,
+            o8 / r8,
+            o8 / r8i,
+            ob / rb,
+            ob / rbi,
+            read,
+        ]) {
+            v.push(x);
+        }
     }
-    let median = |v: &mut Vec<f64>| {
+    let mut m = ratios.map(|mut v| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
-    };
+    });
+    for x in &mut m[..6] {
+        *x *= 100.0;
+    }
     println!(
-        "median of {rounds} rounds: 1 conn {:.0} % of raw, 8 conns {:.0} % of raw, \
-         batches of {BATCH} {:.0} % of raw, read of {LONG_STREAM} events {:.2}x raw",
-        100.0 * median(&mut r1),
-        100.0 * median(&mut r8),
-        100.0 * median(&mut rb),
-        median(&mut rr)
+        "median of {rounds} rounds (of raw / of raw with the event-id index): 1 conn {:.0} % / \
+         {:.0} %, 8 conns {:.0} % / {:.0} %, batches of {BATCH} {:.0} % / {:.0} %; read of \
+         {LONG_STREAM} events {:.2}x raw",
+        m[0], m[1], m[2], m[3], m[4], m[5], m[6]
     );
 }
 
@@ -349,12 +423,31 @@ fn statements_per_append(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn 
     const N: u64 = 200;
     rt.block_on(async {
         let mut conn = opts.connect().await.expect("stats connection");
-        if sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             .execute(&mut conn)
             .await
-            .is_err()
+            .ok();
+        // Wherever the extension lives (it may predate this schema).
+        let ext: Option<String> = sqlx::query_scalar(
+            "SELECT quote_ident(extnamespace::regnamespace::text) FROM pg_extension \
+             WHERE extname = 'pg_stat_statements'",
+        )
+        .fetch_optional(&mut conn)
+        .await
+        .ok()
+        .flatten();
+        let Some(ext) = ext else {
+            println!("statements per append: pg_stat_statements is not installed");
+            return;
+        };
+        if sqlx::raw_sql(AssertSqlSafe(format!(
+            "SELECT {ext}.pg_stat_statements_reset()"
+        )))
+        .execute(&mut conn)
+        .await
+        .is_err()
         {
-            println!("statements per append: pg_stat_statements not loaded on this cluster");
+            println!("statements per append: pg_stat_statements is not loaded on this cluster");
             return;
         }
         let stream = tracktrace_benches::fresh_stream("statements");
@@ -364,20 +457,23 @@ fn statements_per_append(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn 
                 .await
                 .expect("append");
         }
-        sqlx::raw_sql("SELECT pg_stat_statements_reset()")
-            .execute(&mut conn)
-            .await
-            .expect("reset pg_stat_statements");
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "SELECT {ext}.pg_stat_statements_reset()"
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("reset pg_stat_statements");
         for i in 0..N {
             tracktrace_benches::append_one(store.as_ref(), &stream, i)
                 .await
                 .expect("append");
         }
-        let rows: Vec<(i64, String)> = sqlx::query_as(
+        let rows: Vec<(i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT calls, left(regexp_replace(query, '\\s+', ' ', 'g'), 60) \
-             FROM pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
-             ORDER BY calls DESC",
-        )
+             FROM {ext}.pg_stat_statements WHERE query NOT LIKE '%pg_stat_statements%' \
+             AND dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             ORDER BY calls DESC"
+        )))
         .fetch_all(&mut conn)
         .await
         .expect("read pg_stat_statements");
@@ -445,6 +541,10 @@ fn main() {
             .execute(&mut conn)
             .await
             .expect("create raw table");
+        sqlx::raw_sql(RAW_IDEM_TABLE)
+            .execute(&mut conn)
+            .await
+            .expect("create raw table with the event-id index");
         conn.close().await.ok();
     });
 
