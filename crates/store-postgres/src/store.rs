@@ -39,10 +39,13 @@ const APPEND_SQL: &str = "SELECT o_kind, o_idx, o_event_id, o_stream, o_version,
 /// of [`APPEND_SQL`] (first version and position), or no row when the precondition failed (or
 /// the belief was wrong): then the careful path decides between duplicate and conflict.
 ///
-/// Order is forced by data dependencies: the rows the `INSERT` consumes come from `cur`, whose
-/// `FROM` takes the store's shared advisory lock. The transaction id is assigned by
-/// `pg_current_xact_id()` / the first heap insert, both evaluated on those rows, so strictly
-/// after the lock (the invariant `HORIZON_SQL` relies on).
+/// Order is forced by data dependencies: `ok` reads `cur`, whose `FROM` takes the store's
+/// shared advisory lock, and computes the first position from `pg_current_xact_id()`, which
+/// assigns the transaction id: strictly after the lock (the invariant `HORIZON_SQL` relies
+/// on). The insert reads `ok`. The answer is computed from `ok` and the batch's length, not
+/// from `RETURNING` rows: a data-modifying CTE always runs to completion, and it inserts every
+/// event or fails the statement (unique violation), so nothing is gained by collecting and
+/// aggregating a row per event.
 const FAST_APPEND_SQL: &str = concat!(
     "
 WITH cur AS MATERIALIZED (
@@ -58,27 +61,28 @@ WITH cur AS MATERIALIZED (
     FROM ",
     append_lock!(),
     "
-), ins AS (
-    ",
-    insert_events!(),
-    "    SELECT ",
+), ok AS MATERIALIZED (
+    SELECT cur.v, ",
     first_position!(),
-    " + u.i - 1,
-           $2, $3, cur.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb,
-           now()
-    FROM cur,
-         unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
-                $13::text[], $14::text[], $15::text[])
-         WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
+    " AS p
+    FROM cur
     WHERE NOT $6::boolean AND cur.v >= 0
       AND CASE $4::smallint WHEN 0 THEN true WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0
                             ELSE cur.v = $5::bigint END
-    RETURNING position, version
+), ins AS (
+    ",
+    insert_events!(),
+    "    SELECT ok.p + u.i - 1,
+           $2, $3, ok.v + u.i, u.id, u.dk, u.ty, u.sv, u.ct, u.pl, u.co, u.ca, u.hd::jsonb,
+           now()
+    FROM ok,
+         unnest($7::uuid[], $8::text[], $9::text[], $10::integer[], $11::text[], $12::bytea[],
+                $13::text[], $14::text[], $15::text[])
+         WITH ORDINALITY AS u(id, dk, ty, sv, ct, pl, co, ca, hd, i)
 )
-SELECT 0::smallint, count(*)::integer, NULL::uuid, NULL::text, min(version), min(position),
+SELECT 0::smallint, cardinality($7::uuid[])::integer, NULL::uuid, NULL::text, ok.v + 1, ok.p,
        NULL::bigint
-FROM ins
-HAVING count(*) > 0",
+FROM ok",
 );
 
 /// [`FAST_APPEND_SQL`] for the common single-event append, with scalar parameters: no arrays
