@@ -1,5 +1,6 @@
 //! The write path: one writer thread owns every write; it groups the requests queued meanwhile,
-//! checks and stages them, and applies each group's events with one sled batch. It then hands
+//! checks and stages them, and writes each group's events, index entries and runs with one sled
+//! `insert` per key, in the order described in [`crate::layout`]. It then hands
 //! the group to the sync thread and goes on with the next group. The sync thread runs one
 //! durability barrier for every group applied since its last barrier (group commit, pipelined
 //! with the writer), then publishes the new head to readers and answers the requests, in order.
@@ -265,7 +266,6 @@ pub(crate) struct Writer {
 /// What one group has staged but not yet written.
 #[derive(Default)]
 struct Group {
-    batch: sled::Batch,
     dirty: bool,
     /// Versions of streams appended to in this group, by stream prefix.
     versions: HashMap<Vec<u8>, u64>,
@@ -288,10 +288,15 @@ struct PendingEvent {
 const VERSION_CACHE_CAP: usize = 100_000;
 
 impl Group {
-    /// Packs the staged events into pages and adds them and their index entries to the batch.
-    fn write_pages(&mut self) {
+    /// Packs the staged events into pages and writes them, their index entries and the group's
+    /// runs to `log`, one `insert` each, in the order the open-time repair relies on (see
+    /// [`crate::layout`]): every page of the group (continuation chunks before their primary
+    /// key), then the id and dedup index entries, then the runs, in position order. A crash
+    /// leaves a prefix of these writes; a run is only ever present with everything before it.
+    fn write_to(&mut self, log: &sled::Tree) -> sled::Result<()> {
         let events = std::mem::take(&mut self.events);
         let mut page_starts = Vec::new();
+        let mut entries = Vec::with_capacity(events.len() * 2);
         let mut start = 0;
         while start < events.len() {
             let mut size = layout::page_size([events[start].envelope.len()]);
@@ -305,7 +310,12 @@ impl Group {
             page_starts.push(first);
             let page =
                 layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
-            layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
+            let key = layout::page_key(first);
+            let (stored, chunks) = layout::value_parts(&key, &page);
+            for (k, c) in chunks {
+                log.insert(k, c)?;
+            }
+            log.insert(key, stored)?;
             for e in &events[start..end] {
                 let entry = layout::IndexEntry {
                     page: first,
@@ -313,10 +323,13 @@ impl Group {
                 }
                 .encode();
                 for k in &e.index_keys {
-                    self.batch.insert(k.as_slice(), &entry);
+                    entries.push((k, entry));
                 }
             }
             start = end;
+        }
+        for (k, entry) in entries {
+            log.insert(k.as_slice(), &entry)?;
         }
         for (key, mut run) in std::mem::take(&mut self.runs) {
             // The page holding the run's first event: the last one starting at or before it.
@@ -325,8 +338,9 @@ impl Group {
                 .get(i.wrapping_sub(1))
                 .copied()
                 .unwrap_or(run.first_position);
-            self.batch.insert(key, &run.encode_value());
+            log.insert(key, &run.encode_value())?;
         }
+        Ok(())
     }
 }
 
@@ -403,9 +417,7 @@ impl Writer {
             stats
                 .events
                 .fetch_add(g.events.len() as u64, Ordering::Relaxed);
-            g.write_pages();
-            let batch = std::mem::take(&mut g.batch);
-            if let Err(e) = self.shared.log.apply_batch(batch) {
+            if let Err(e) = g.write_to(&self.shared.log) {
                 fatal = Some(format!("writing an append group failed: {e}"));
             }
         }
