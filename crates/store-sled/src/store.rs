@@ -26,7 +26,7 @@ use crate::options::{Durability, OpenError, SledOptions};
 use crate::read::{corrupt, decode_event};
 use crate::repair::{self, RepairError};
 use crate::shared::{Counters, Shared, sled_err};
-use crate::writer::{Barrier, Request, Writer, sync_loop};
+use crate::writer::{Barrier, Request, Syncing, Writer, sync_loop};
 
 /// The durable embedded event store on sled 0.34.
 ///
@@ -261,11 +261,13 @@ impl SledStore {
             None => db_file,
         };
         let barrier = Barrier::new(opts.durability, barrier_file, path.join("blobs"));
+        let syncing = Arc::new(Syncing::new(barrier));
         let syncer = {
             let shared = shared.clone();
+            let syncing = syncing.clone();
             std::thread::Builder::new()
                 .name("tracktrace-sled-sync".into())
-                .spawn(move || sync_loop(shared, sync_rx, barrier))
+                .spawn(move || sync_loop(shared, sync_rx, syncing))
                 .map_err(io("starting the sync thread"))?
         };
         let writer = Writer {
@@ -274,6 +276,7 @@ impl SledStore {
             next_position: head + 1,
             clock,
             sync_tx,
+            syncing,
             syncer: Some(syncer),
             versions: Default::default(),
         };

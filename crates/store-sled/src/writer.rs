@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
@@ -206,42 +206,69 @@ pub(crate) struct Applied {
     dirty: bool,
 }
 
+/// What the writer and the sync thread share to run barriers.
+pub(crate) struct Syncing {
+    barrier: Mutex<Barrier>,
+    /// Groups handed to the sync thread and not yet answered by it.
+    in_flight: AtomicUsize,
+}
+
+impl Syncing {
+    pub(crate) fn new(barrier: Barrier) -> Self {
+        Self {
+            barrier: Mutex::new(barrier),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
 /// The sync thread: runs one barrier for everything applied since the last one, then
 /// publishes the new head and answers the groups it covers, in order.
 pub(crate) fn sync_loop(
     shared: Arc<Shared>,
     rx: std::sync::mpsc::Receiver<Applied>,
-    mut barrier: Barrier,
+    syncing: Arc<Syncing>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut groups = vec![first];
         groups.extend(rx.try_iter());
-        let mut result = match shared.poisoned.get() {
-            Some(reason) => Err(reason.clone()),
-            None => Ok(()),
-        };
-        if result.is_ok() && groups.iter().any(|g| g.dirty) {
-            result = barrier.run(&shared.db);
-            shared.stats.barriers.fetch_add(1, Ordering::Relaxed);
-            if let Err(reason) = &result {
-                shared.poison(reason);
+        let n = groups.len();
+        commit(&shared, &syncing.barrier, groups);
+        syncing.in_flight.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Runs one barrier for `groups` (applied, in order), then publishes the new head and answers
+/// their requests, in order.
+fn commit(shared: &Shared, barrier: &Mutex<Barrier>, groups: Vec<Applied>) {
+    let mut result = match shared.poisoned.get() {
+        Some(reason) => Err(reason.clone()),
+        None => Ok(()),
+    };
+    if result.is_ok() && groups.iter().any(|g| g.dirty) {
+        result = barrier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run(&shared.db);
+        shared.stats.barriers.fetch_add(1, Ordering::Relaxed);
+        if let Err(reason) = &result {
+            shared.poison(reason);
+        }
+    }
+    match result {
+        Ok(()) => {
+            let head = groups.last().map_or(0, |g| g.head);
+            if head != shared.head.load(Ordering::Acquire) {
+                shared.head.store(head, Ordering::Release);
+                shared.head_tx.send_replace(Position::new(head));
+            }
+            for r in groups.into_iter().flat_map(|g| g.replies) {
+                r.send();
             }
         }
-        match result {
-            Ok(()) => {
-                let head = groups.last().map_or(0, |g| g.head);
-                if head != shared.head.load(Ordering::Acquire) {
-                    shared.head.store(head, Ordering::Release);
-                    shared.head_tx.send_replace(Position::new(head));
-                }
-                for r in groups.into_iter().flat_map(|g| g.replies) {
-                    r.send();
-                }
-            }
-            Err(reason) => {
-                for r in groups.into_iter().flat_map(|g| g.replies) {
-                    r.fail(Shared::poison_error(&reason));
-                }
+        Err(reason) => {
+            for r in groups.into_iter().flat_map(|g| g.replies) {
+                r.fail(Shared::poison_error(&reason));
             }
         }
     }
@@ -256,6 +283,7 @@ pub(crate) struct Writer {
     pub(crate) clock: Timestamp,
     /// Applied groups go to the sync thread.
     pub(crate) sync_tx: std::sync::mpsc::SyncSender<Applied>,
+    pub(crate) syncing: Arc<Syncing>,
     /// The sync thread, joined when the writer stops.
     pub(crate) syncer: Option<std::thread::JoinHandle<()>>,
     /// Committed versions of recently appended streams, by stream prefix (saves a reverse
@@ -434,14 +462,23 @@ impl Writer {
             }
             self.versions.insert(k, v);
         }
-        // The syncer makes the group durable, publishes the head and answers; meanwhile this
-        // thread goes on with the next group (pipelining).
         let applied = Applied {
             replies,
             head: self.next_position - 1,
             dirty: g.dirty,
         };
+        // With nothing queued behind this group and no earlier group still being synced,
+        // there is nothing to pipeline: run the barrier and answer here, which saves waking
+        // the sync thread (one writer at a time, mostly).
+        if self.rx.is_empty() && self.syncing.in_flight.load(Ordering::Acquire) == 0 {
+            commit(&self.shared, &self.syncing.barrier, vec![applied]);
+            return;
+        }
+        // Otherwise the syncer makes the group durable, publishes the head and answers;
+        // meanwhile this thread goes on with the next group (pipelining).
+        self.syncing.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Err(std::sync::mpsc::SendError(applied)) = self.sync_tx.send(applied) {
+            self.syncing.in_flight.fetch_sub(1, Ordering::AcqRel);
             for r in applied.replies {
                 r.fail(Shared::poison_error("the sync thread stopped"));
             }
