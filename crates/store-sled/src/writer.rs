@@ -4,6 +4,9 @@
 //! the group to the sync thread and goes on with the next group. The sync thread runs one
 //! durability barrier for every group applied since its last barrier (group commit, pipelined
 //! with the writer), then publishes the new head to readers and answers the requests, in order.
+//! A group of one request with nothing queued behind it and nothing being synced is committed
+//! by the writer itself (same barrier, same order), saving a thread hand-off per append when
+//! there is nothing to pipeline.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -467,10 +470,14 @@ impl Writer {
             head: self.next_position - 1,
             dirty: g.dirty,
         };
-        // With nothing queued behind this group and no earlier group still being synced,
-        // there is nothing to pipeline: run the barrier and answer here, which saves waking
-        // the sync thread (one writer at a time, mostly).
-        if self.rx.is_empty() && self.syncing.in_flight.load(Ordering::Acquire) == 0 {
+        // A lone request with nothing queued behind it and no earlier group still being
+        // synced (one writer at a time, mostly): there is nothing to pipeline, so run the
+        // barrier and answer here, which saves waking the sync thread. Larger groups still go
+        // to the sync thread, so that the next group is staged during their barrier.
+        if applied.replies.len() == 1
+            && self.rx.is_empty()
+            && self.syncing.in_flight.load(Ordering::Acquire) == 0
+        {
             commit(&self.shared, &self.syncing.barrier, vec![applied]);
             return;
         }
