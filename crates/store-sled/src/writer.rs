@@ -304,7 +304,7 @@ struct Group {
     refs: HashMap<Vec<u8>, EventRef>,
     /// The group's encoded events in position order, packed into pages at the end.
     events: Vec<PendingEvent>,
-    /// The group's stream-index runs, written with the pages.
+    /// The group's stream-index runs, written last (after the pages and index entries).
     runs: Vec<(Vec<u8>, Run)>,
 }
 
