@@ -4,8 +4,9 @@
 //! stable within a format version (recorded under [`FORMAT_KEY`] in sled's default tree).
 //!
 //! # Trees
-//! - [`LOG_TREE`]: the events and their indexes. Everything one append group writes lands here
-//!   in **one** `sled::Batch`, which sled recovers atomically after a crash.
+//! - [`LOG_TREE`]: the events and their indexes. The writer stores an append group with one
+//!   `Tree::insert` per key (a `sled::Batch` costs sled a batch manifest and a second log write
+//!   per barrier; see [Write order and crash recovery](#write-order-and-crash-recovery)):
 //!   - `E` + position of its first event (u64 BE) → a *page*: the events of consecutive
 //!     positions written by one group, each as a [`tracktrace_core::codec::envelope`]
 //!     (see [`encode_page`]), stored as a chunked value (see below). Packing a group's events
@@ -30,11 +31,41 @@
 //! - [`SNAPSHOTS_TREE`]: `N` + tenant + `0x00` + stream → chunked value holding version (u64 BE),
 //!   schema version (u32 BE) and the payload; `X` continuation chunks as above.
 //!
+//! # Write order and crash recovery
+//! An append group's writes go to [`LOG_TREE`] from the writer thread, one `insert` each, in
+//! this order: every page of the group in position order (a page's continuation chunks before
+//! its primary key), then the `I` and `D` entries of its events in position order, then its
+//! `S` runs in position order. Groups are written one after the other by that one thread.
+//!
+//! **Assumption**: after a crash, sled 0.34 recovers a *prefix* of the writes one thread made,
+//! in the order it made them. Each write reserves its place in sled's log (its LSN) before it
+//! returns, so one thread's writes get increasing LSNs, and recovery replays the log in LSN
+//! order up to the first torn or missing message (`pagecache/iterator.rs`: the scan stops at
+//! a tear, `check_contiguity_in_unstable_tail` bounds replay by the end of the last contiguous
+//! message; the batch manifests that make a `Batch` atomic rely on this same cut). The
+//! previous design, one batch per group with the next group written while the previous one's
+//! barrier runs, already relied on it across groups.
+//!
+//! Hence a run is only ever present with every page, index entry and earlier run written
+//! before it, and every acknowledged append's run is present (it was written before its
+//! group's barrier started). On open, the repair walks back from the last page and removes
+//! the events no run covers (never acknowledged), with their index entries and any
+//! continuation chunk above the new last position (a page holding covered events too is
+//! rewritten with those only), in one batch that is flushed before the writer starts. Missing
+//! runs are not re-created from the pages: a page does not say where one append of its group
+//! ends and the next begins, so that could expose half an append. The removed positions are
+//! then reused by the next appends. Readers never see any of this before the repair: they are
+//! bounded by the published head, which moves only after a group's barrier.
+//!
+//! Read-model commits, checkpoints and snapshots ([`PROJECTIONS_TREE`], [`SNAPSHOTS_TREE`])
+//! keep one `sled::Batch` each: they need atomicity and are not on the append path.
+//!
 //! # Chunked values
 //! sled 0.34 writes a page whose serialized size exceeds a quarter of a segment (≈128 KiB with
 //! the default 512 KiB segments; a leaf holds up to 17 entries, hence "values over ≈7 kB") to a
 //! separate `blobs/<lsn>` file that it never fsyncs. To keep every value inline in the `db` file
-//! (which the durability barrier fsyncs), values longer than [`MAX_INLINE`] are split:
+//! (which the durability barrier fsyncs), values longer than [`MAX_INLINE`] are split (so the
+//! barrier only looks for blob files as a safety net, at most once a second):
 //! - inline: `0x00` + bytes;
 //! - chunked: `0x01` + total length (u32 BE) + number of continuation chunks (u32 BE) + the first
 //!   part; continuation `i` (0-based) lives under `X` + (primary key without its tag) + `i`.
@@ -328,31 +359,46 @@ pub fn continuation_count(stored: &[u8]) -> u32 {
     }
 }
 
-/// Adds the writes storing `value` under `primary` to `batch`, removing the continuation chunks
-/// of the previous value (`old_continuations`, from [`continuation_count`]) that are not
-/// overwritten.
-pub fn put_value(batch: &mut sled::Batch, primary: &[u8], value: &[u8], old_continuations: u32) {
-    let mut new_continuations = 0u32;
+/// Continuation chunks of a stored value: (key, bytes) each.
+pub type Chunks<'a> = Vec<(Vec<u8>, &'a [u8])>;
+
+/// The stored form of `value` under `primary`: the value stored under `primary` itself and its
+/// continuation chunks, none for an inline value.
+pub fn value_parts<'a>(primary: &[u8], value: &'a [u8]) -> (Vec<u8>, Chunks<'a>) {
     if value.len() < MAX_INLINE {
         let mut v = Vec::with_capacity(value.len() + 1);
         v.push(TAG_INLINE);
         v.extend_from_slice(value);
-        batch.insert(primary, v);
+        (v, Vec::new())
     } else {
         let first = MAX_INLINE - CHUNK_HEADER;
         let (head, rest) = value.split_at(first);
         let chunks: Vec<&[u8]> = rest.chunks(MAX_INLINE).collect();
-        new_continuations = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+        let n = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
         let total = u32::try_from(value.len()).unwrap_or(u32::MAX);
         let mut v = Vec::with_capacity(MAX_INLINE);
         v.push(TAG_CHUNKED);
         v.extend_from_slice(&total.to_be_bytes());
-        v.extend_from_slice(&new_continuations.to_be_bytes());
+        v.extend_from_slice(&n.to_be_bytes());
         v.extend_from_slice(head);
-        batch.insert(primary, v);
-        for (i, c) in chunks.into_iter().enumerate() {
-            batch.insert(continuation_key(primary, i as u32), c);
-        }
+        let chunks = chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (continuation_key(primary, i as u32), c))
+            .collect();
+        (v, chunks)
+    }
+}
+
+/// Adds the writes storing `value` under `primary` to `batch`, removing the continuation chunks
+/// of the previous value (`old_continuations`, from [`continuation_count`]) that are not
+/// overwritten.
+pub fn put_value(batch: &mut sled::Batch, primary: &[u8], value: &[u8], old_continuations: u32) {
+    let (stored, chunks) = value_parts(primary, value);
+    let new_continuations = u32::try_from(chunks.len()).unwrap_or(u32::MAX);
+    batch.insert(primary, stored);
+    for (k, c) in chunks {
+        batch.insert(k, c);
     }
     remove_continuations(batch, primary, new_continuations, old_continuations);
 }

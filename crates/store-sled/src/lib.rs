@@ -42,9 +42,11 @@
 //! ```
 //!
 //! # Guarantees
-//! - **Atomic appends.** All events of an append, with their index entries, are written in one
-//!   `sled::Batch`, which sled recovers atomically: after any crash an append is entirely there
-//!   or entirely absent.
+//! - **Atomic appends.** After any crash an append is entirely there or entirely absent: the
+//!   writer writes an append's events, then their index entries, then its stream-index run, and
+//!   on open the store removes the events left without their run (never acknowledged) before
+//!   accepting calls (see [`layout`] for the write order and the sled recovery property it
+//!   relies on).
 //! - **Durability** per [`Durability`]: by default ([`Durability::Fsync`]) an append is
 //!   acknowledged only after `flush()` *and* `fdatasync` of sled's `db` file, because sled
 //!   0.34's own `flush()` is only `sync_file_range(2)` on Linux (no device-cache flush, no
@@ -66,8 +68,9 @@
 //! Appenders validate their batch, then send it with a oneshot reply channel to the writer
 //! thread. The writer drains everything queued (a *group*), checks idempotency and expected
 //! versions against sled plus what the group itself already staged, assigns versions and
-//! positions, writes the whole group's events with one batch, runs one barrier, advances the
-//! head, and only then answers every request of the group. Read-model commits, checkpoints and
+//! positions, writes the group's pages, index entries and runs (one sled `insert` each, in an
+//! order a crash can only cut, see [`layout`]), runs one barrier, advances the head, and only
+//! then answers every request of the group. Read-model commits, checkpoints and
 //! snapshots go through the same writer (each in its own atomic batch) and share the barriers.
 //! Reads go straight to sled from the caller. Event reads never go past the published head;
 //! read-model, checkpoint and snapshot reads may observe a commit whose barrier is still running
@@ -78,6 +81,7 @@
 mod keys;
 mod options;
 mod read;
+mod repair;
 mod shared;
 mod store;
 mod writer;

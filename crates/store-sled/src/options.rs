@@ -4,17 +4,20 @@ use std::path::{Path, PathBuf};
 
 /// When an acknowledged write is safe, and against what.
 ///
-/// Whatever the mode, a crash never exposes half an append (each group of appends is one sled
-/// batch, which sled recovers atomically) and never reorders the global log: a crash can only
-/// lose a *suffix* of what was written, never a write while keeping a later one. The modes differ
-/// in how long that suffix may be for writes that were already acknowledged.
+/// Whatever the mode, a crash never exposes half an append (an append left without its
+/// stream-index run is removed on open, see [`crate::layout`]) and never reorders the global
+/// log: a crash can only lose a *suffix* of what was written, never a write while keeping a
+/// later one. The modes differ in how long that suffix may be for writes that were already
+/// acknowledged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Durability {
     /// **Default.** A write is acknowledged only after a real barrier: sled's `flush()` (which on
     /// Linux ends in `sync_file_range(2)`: data written, but neither device cache nor file
-    /// metadata flushed) followed by `fdatasync(2)` of sled's `db` file (and of any `blobs/`
-    /// file sled created, see [`crate::layout`]). An acknowledged write survives `kill -9`, a
+    /// metadata flushed) followed by `fdatasync(2)` of sled's `db` file. (Keys and values are
+    /// kept small enough that sled writes no `blobs/` file, which it would never fsync; as a
+    /// safety net the barrier looks for one at most once a second and syncs it, see
+    /// [`crate::layout`].) An acknowledged write survives `kill -9`, a
     /// kernel crash and power loss, provided the device honours flushes. Concurrent writers share
     /// barriers (group commit), so throughput grows with concurrency.
     #[default]

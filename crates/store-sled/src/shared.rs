@@ -31,6 +31,7 @@ pub(crate) struct Counters {
     pub(crate) events: AtomicU64,
     pub(crate) groups: AtomicU64,
     pub(crate) barriers: AtomicU64,
+    pub(crate) repaired: AtomicU64,
 }
 
 impl Shared {

@@ -24,8 +24,9 @@ use crate::keys::{check_namespace, read_model_key};
 use crate::layout::{self, Run};
 use crate::options::{Durability, OpenError, SledOptions};
 use crate::read::{corrupt, decode_event};
+use crate::repair::{self, RepairError};
 use crate::shared::{Counters, Shared, sled_err};
-use crate::writer::{Barrier, Request, Writer, sync_loop};
+use crate::writer::{Barrier, Request, Syncing, Writer, sync_loop};
 
 /// The durable embedded event store on sled 0.34.
 ///
@@ -99,10 +100,13 @@ pub struct SledStats {
     pub appends: u64,
     /// Events written.
     pub events: u64,
-    /// Groups written by the writer thread (one sled batch each).
+    /// Groups written by the writer thread.
     pub groups: u64,
     /// Durability barriers run (`flush` + `fdatasync` with [`Durability::Fsync`]).
     pub barriers: u64,
+    /// Events the open-time repair removed: the end of the log a crash left of appends that
+    /// were never acknowledged (see [`crate::layout`]). 0 after a clean shutdown.
+    pub repaired: u64,
 }
 
 impl std::fmt::Debug for SledStore {
@@ -184,6 +188,19 @@ impl SledStore {
                 });
             }
         }
+        // Remove what a crash left of unacknowledged appends before anything reads the log;
+        // the flush (and fsync) below makes the repair durable before the writer starts.
+        let repaired = repair::repair_tail(&log).map_err(|e| match e {
+            RepairError::Sled(source) => OpenError::Sled {
+                path: path.clone(),
+                source,
+            },
+            RepairError::Damaged(position, detail) => OpenError::Corruption {
+                path: path.clone(),
+                position,
+                detail,
+            },
+        })?;
         db.flush().map_err(sled_open)?;
         let db_file = File::open(path.join("db")).map_err(io("opening the db file for fsync"))?;
         if opts.durability == Durability::Fsync {
@@ -229,7 +246,10 @@ impl SledStore {
             head: AtomicU64::new(head),
             head_tx,
             poisoned: OnceLock::new(),
-            stats: Counters::default(),
+            stats: Counters {
+                repaired: AtomicU64::new(repaired),
+                ..Counters::default()
+            },
         });
         let (tx, rx) = mpsc::channel(opts.max_pending.max(1));
         // A rendezvous channel: the writer applies the next group while the current one is
@@ -241,11 +261,13 @@ impl SledStore {
             None => db_file,
         };
         let barrier = Barrier::new(opts.durability, barrier_file, path.join("blobs"));
+        let syncing = Arc::new(Syncing::new(barrier));
         let syncer = {
             let shared = shared.clone();
+            let syncing = syncing.clone();
             std::thread::Builder::new()
                 .name("tracktrace-sled-sync".into())
-                .spawn(move || sync_loop(shared, sync_rx, barrier))
+                .spawn(move || sync_loop(shared, sync_rx, syncing))
                 .map_err(io("starting the sync thread"))?
         };
         let writer = Writer {
@@ -254,6 +276,7 @@ impl SledStore {
             next_position: head + 1,
             clock,
             sync_tx,
+            syncing,
             syncer: Some(syncer),
             versions: Default::default(),
         };
@@ -335,6 +358,7 @@ impl SledStore {
             events: c.events.load(Ordering::Relaxed),
             groups: c.groups.load(Ordering::Relaxed),
             barriers: c.barriers.load(Ordering::Relaxed),
+            repaired: c.repaired.load(Ordering::Relaxed),
         }
     }
 

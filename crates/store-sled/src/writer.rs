@@ -1,16 +1,20 @@
 //! The write path: one writer thread owns every write; it groups the requests queued meanwhile,
-//! checks and stages them, and applies each group's events with one sled batch. It then hands
+//! checks and stages them, and writes each group's events, index entries and runs with one sled
+//! `insert` per key, in the order described in [`crate::layout`]. It then hands
 //! the group to the sync thread and goes on with the next group. The sync thread runs one
 //! durability barrier for every group applied since its last barrier (group commit, pipelined
 //! with the writer), then publishes the new head to readers and answers the requests, in order.
+//! A group of one request with nothing queued behind it and nothing being synced is committed
+//! by the writer itself (same barrier, same order), saving a thread hand-off per append when
+//! there is nothing to pipeline.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot};
 use tracktrace_core::codec::envelope;
@@ -95,7 +99,12 @@ pub(crate) struct Barrier {
     /// Modification time of the blobs directory read before the last listing, if the listing
     /// happened well after it (then an unchanged mtime proves no file was added since).
     blobs_listed_at_mtime: Option<SystemTime>,
+    /// When the blobs directory was last looked at.
+    blobs_checked_at: Option<Instant>,
 }
+
+/// How often the barrier looks for blob files (see [`Barrier::sync_blobs`]).
+const BLOB_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Barrier {
     pub(crate) fn new(mode: Durability, db_file: File, blobs_dir: PathBuf) -> Self {
@@ -105,6 +114,7 @@ impl Barrier {
             blobs_dir,
             synced_blobs: HashSet::new(),
             blobs_listed_at_mtime: None,
+            blobs_checked_at: None,
         }
     }
 
@@ -125,10 +135,21 @@ impl Barrier {
         }
     }
 
-    /// sled never fsyncs the `blobs/<lsn>` files it writes for oversized pages. Values are kept
-    /// small enough that this should not happen (see [`crate::layout`]); if it does anyway, the
-    /// new files and the directory are synced here.
+    /// sled never fsyncs the `blobs/<lsn>` files it writes for oversized pages. Values and keys
+    /// are kept small enough that this does not happen (see [`crate::layout`]), so the blobs
+    /// directory is only looked at as a safety net, at most once per [`BLOB_CHECK_INTERVAL`]
+    /// (a `statx` per barrier was a measurable part of a single writer's barrier): if a blob
+    /// file turns up anyway, it and the directory are synced then, which may be after the
+    /// barrier of the write that created it.
     fn sync_blobs(&mut self) -> std::result::Result<(), String> {
+        let now = Instant::now();
+        if self
+            .blobs_checked_at
+            .is_some_and(|t| now.duration_since(t) < BLOB_CHECK_INTERVAL)
+        {
+            return Ok(());
+        }
+        self.blobs_checked_at = Some(now);
         let mtime = match std::fs::metadata(&self.blobs_dir).and_then(|m| m.modified()) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -188,42 +209,69 @@ pub(crate) struct Applied {
     dirty: bool,
 }
 
+/// What the writer and the sync thread share to run barriers.
+pub(crate) struct Syncing {
+    barrier: Mutex<Barrier>,
+    /// Groups handed to the sync thread and not yet answered by it.
+    in_flight: AtomicUsize,
+}
+
+impl Syncing {
+    pub(crate) fn new(barrier: Barrier) -> Self {
+        Self {
+            barrier: Mutex::new(barrier),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+}
+
 /// The sync thread: runs one barrier for everything applied since the last one, then
 /// publishes the new head and answers the groups it covers, in order.
 pub(crate) fn sync_loop(
     shared: Arc<Shared>,
     rx: std::sync::mpsc::Receiver<Applied>,
-    mut barrier: Barrier,
+    syncing: Arc<Syncing>,
 ) {
     while let Ok(first) = rx.recv() {
         let mut groups = vec![first];
         groups.extend(rx.try_iter());
-        let mut result = match shared.poisoned.get() {
-            Some(reason) => Err(reason.clone()),
-            None => Ok(()),
-        };
-        if result.is_ok() && groups.iter().any(|g| g.dirty) {
-            result = barrier.run(&shared.db);
-            shared.stats.barriers.fetch_add(1, Ordering::Relaxed);
-            if let Err(reason) = &result {
-                shared.poison(reason);
+        let n = groups.len();
+        commit(&shared, &syncing.barrier, groups);
+        syncing.in_flight.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Runs one barrier for `groups` (applied, in order), then publishes the new head and answers
+/// their requests, in order.
+fn commit(shared: &Shared, barrier: &Mutex<Barrier>, groups: Vec<Applied>) {
+    let mut result = match shared.poisoned.get() {
+        Some(reason) => Err(reason.clone()),
+        None => Ok(()),
+    };
+    if result.is_ok() && groups.iter().any(|g| g.dirty) {
+        result = barrier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run(&shared.db);
+        shared.stats.barriers.fetch_add(1, Ordering::Relaxed);
+        if let Err(reason) = &result {
+            shared.poison(reason);
+        }
+    }
+    match result {
+        Ok(()) => {
+            let head = groups.last().map_or(0, |g| g.head);
+            if head != shared.head.load(Ordering::Acquire) {
+                shared.head.store(head, Ordering::Release);
+                shared.head_tx.send_replace(Position::new(head));
+            }
+            for r in groups.into_iter().flat_map(|g| g.replies) {
+                r.send();
             }
         }
-        match result {
-            Ok(()) => {
-                let head = groups.last().map_or(0, |g| g.head);
-                if head != shared.head.load(Ordering::Acquire) {
-                    shared.head.store(head, Ordering::Release);
-                    shared.head_tx.send_replace(Position::new(head));
-                }
-                for r in groups.into_iter().flat_map(|g| g.replies) {
-                    r.send();
-                }
-            }
-            Err(reason) => {
-                for r in groups.into_iter().flat_map(|g| g.replies) {
-                    r.fail(Shared::poison_error(&reason));
-                }
+        Err(reason) => {
+            for r in groups.into_iter().flat_map(|g| g.replies) {
+                r.fail(Shared::poison_error(&reason));
             }
         }
     }
@@ -238,6 +286,7 @@ pub(crate) struct Writer {
     pub(crate) clock: Timestamp,
     /// Applied groups go to the sync thread.
     pub(crate) sync_tx: std::sync::mpsc::SyncSender<Applied>,
+    pub(crate) syncing: Arc<Syncing>,
     /// The sync thread, joined when the writer stops.
     pub(crate) syncer: Option<std::thread::JoinHandle<()>>,
     /// Committed versions of recently appended streams, by stream prefix (saves a reverse
@@ -248,7 +297,6 @@ pub(crate) struct Writer {
 /// What one group has staged but not yet written.
 #[derive(Default)]
 struct Group {
-    batch: sled::Batch,
     dirty: bool,
     /// Versions of streams appended to in this group, by stream prefix.
     versions: HashMap<Vec<u8>, u64>,
@@ -256,7 +304,7 @@ struct Group {
     refs: HashMap<Vec<u8>, EventRef>,
     /// The group's encoded events in position order, packed into pages at the end.
     events: Vec<PendingEvent>,
-    /// The group's stream-index runs, written with the pages.
+    /// The group's stream-index runs, written last (after the pages and index entries).
     runs: Vec<(Vec<u8>, Run)>,
 }
 
@@ -271,10 +319,15 @@ struct PendingEvent {
 const VERSION_CACHE_CAP: usize = 100_000;
 
 impl Group {
-    /// Packs the staged events into pages and adds them and their index entries to the batch.
-    fn write_pages(&mut self) {
+    /// Packs the staged events into pages and writes them, their index entries and the group's
+    /// runs to `log`, one `insert` each, in the order the open-time repair relies on (see
+    /// [`crate::layout`]): every page of the group (continuation chunks before their primary
+    /// key), then the id and dedup index entries, then the runs, in position order. A crash
+    /// leaves a prefix of these writes; a run is only ever present with everything before it.
+    fn write_to(&mut self, log: &sled::Tree) -> sled::Result<()> {
         let events = std::mem::take(&mut self.events);
         let mut page_starts = Vec::new();
+        let mut entries = Vec::with_capacity(events.len() * 2);
         let mut start = 0;
         while start < events.len() {
             let mut size = layout::page_size([events[start].envelope.len()]);
@@ -288,7 +341,12 @@ impl Group {
             page_starts.push(first);
             let page =
                 layout::encode_page(events[start..end].iter().map(|e| e.envelope.as_slice()));
-            layout::put_value(&mut self.batch, &layout::page_key(first), &page, 0);
+            let key = layout::page_key(first);
+            let (stored, chunks) = layout::value_parts(&key, &page);
+            for (k, c) in chunks {
+                log.insert(k, c)?;
+            }
+            log.insert(key, stored)?;
             for e in &events[start..end] {
                 let entry = layout::IndexEntry {
                     page: first,
@@ -296,10 +354,13 @@ impl Group {
                 }
                 .encode();
                 for k in &e.index_keys {
-                    self.batch.insert(k.as_slice(), &entry);
+                    entries.push((k, entry));
                 }
             }
             start = end;
+        }
+        for (k, entry) in entries {
+            log.insert(k.as_slice(), &entry)?;
         }
         for (key, mut run) in std::mem::take(&mut self.runs) {
             // The page holding the run's first event: the last one starting at or before it.
@@ -308,8 +369,9 @@ impl Group {
                 .get(i.wrapping_sub(1))
                 .copied()
                 .unwrap_or(run.first_position);
-            self.batch.insert(key, &run.encode_value());
+            log.insert(key, &run.encode_value())?;
         }
+        Ok(())
     }
 }
 
@@ -386,9 +448,7 @@ impl Writer {
             stats
                 .events
                 .fetch_add(g.events.len() as u64, Ordering::Relaxed);
-            g.write_pages();
-            let batch = std::mem::take(&mut g.batch);
-            if let Err(e) = self.shared.log.apply_batch(batch) {
+            if let Err(e) = g.write_to(&self.shared.log) {
                 fatal = Some(format!("writing an append group failed: {e}"));
             }
         }
@@ -405,14 +465,27 @@ impl Writer {
             }
             self.versions.insert(k, v);
         }
-        // The syncer makes the group durable, publishes the head and answers; meanwhile this
-        // thread goes on with the next group (pipelining).
         let applied = Applied {
             replies,
             head: self.next_position - 1,
             dirty: g.dirty,
         };
+        // A lone request with nothing queued behind it and no earlier group still being
+        // synced (one writer at a time, mostly): there is nothing to pipeline, so run the
+        // barrier and answer here, which saves waking the sync thread. Larger groups still go
+        // to the sync thread, so that the next group is staged during their barrier.
+        if applied.replies.len() == 1
+            && self.rx.is_empty()
+            && self.syncing.in_flight.load(Ordering::Acquire) == 0
+        {
+            commit(&self.shared, &self.syncing.barrier, vec![applied]);
+            return;
+        }
+        // Otherwise the syncer makes the group durable, publishes the head and answers;
+        // meanwhile this thread goes on with the next group (pipelining).
+        self.syncing.in_flight.fetch_add(1, Ordering::AcqRel);
         if let Err(std::sync::mpsc::SendError(applied)) = self.sync_tx.send(applied) {
+            self.syncing.in_flight.fetch_sub(1, Ordering::AcqRel);
             for r in applied.replies {
                 r.fail(Shared::poison_error("the sync thread stopped"));
             }

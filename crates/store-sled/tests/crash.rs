@@ -198,6 +198,7 @@ fn parent() {
     let started = Instant::now();
     let mut acked: Vec<Ack> = Vec::new();
     let mut killed_before_ready = 0;
+    let (mut repaired_total, mut repaired_rounds) = (0u64, 0usize);
     for round in 0..rounds + flush_rounds {
         let mode = if round < rounds { "fsync" } else { "flush" };
         let mut child = Command::new(std::env::current_exe().unwrap())
@@ -256,10 +257,14 @@ fn parent() {
             acked.push(parse_ack(l).unwrap_or_else(|| panic!("malformed ack line {l:?}")));
         }
         let store = SledStore::open_path(dir.path()).expect("reopen after kill -9");
+        let repaired = store.stats().repaired;
+        repaired_total += repaired;
+        repaired_rounds += usize::from(repaired > 0);
         rt.block_on(verify(&store, &acked, round));
         drop(store);
         eprintln!(
-            "round {round} ({mode}): {} batches acknowledged ({} in total), verified",
+            "round {round} ({mode}): {} batches acknowledged ({} in total), {repaired} \
+             unacknowledged events removed on open, verified",
             acked.len() - before,
             acked.len()
         );
@@ -271,7 +276,8 @@ fn parent() {
         acked.len()
     );
     eprintln!(
-        "crash test: {} rounds ({killed_before_ready} killed early), {} acknowledged batches verified in {elapsed:?}",
+        "crash test: {} rounds ({killed_before_ready} killed early), {} acknowledged batches verified in {elapsed:?}; \
+         the open-time repair removed {repaired_total} unacknowledged events in {repaired_rounds} rounds",
         rounds + flush_rounds,
         acked.len()
     );
