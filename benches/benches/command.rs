@@ -461,10 +461,7 @@ fn interleaved(rounds: usize) {
             latency.2.push(cache_l);
         });
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = tracktrace_benches::median;
     let median_ms = |v: &mut Vec<Duration>| {
         v.sort();
         v[v.len() / 2].as_secs_f64() * 1e3
@@ -487,11 +484,8 @@ fn interleaved(rounds: usize) {
 criterion_group!(benches, backends);
 
 fn main() {
-    match std::env::var("TRACKTRACE_BENCH_INTERLEAVE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        Some(rounds) => interleaved(rounds.max(1)),
+    match tracktrace_benches::interleave_rounds() {
+        Some(rounds) => interleaved(rounds),
         None => {
             benches();
             Criterion::default().configure_from_args().final_summary();

@@ -402,10 +402,7 @@ fn interleaved(rt: &Runtime, opts: &PgConnectOptions, store: &Arc<dyn EventStore
             v.push(x);
         }
     }
-    let mut m = ratios.map(|mut v| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    });
+    let mut m = ratios.map(|mut v| tracktrace_benches::median(&mut v));
     for x in &mut m[..6] {
         *x *= 100.0;
     }
@@ -549,12 +546,9 @@ fn main() {
     });
 
     let dyn_store: Arc<dyn EventStore> = Arc::new(store.clone());
-    let rounds = std::env::var("TRACKTRACE_BENCH_INTERLEAVE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok());
-    match rounds {
+    match tracktrace_benches::interleave_rounds() {
         Some(rounds) => {
-            interleaved(&rt, &opts, &dyn_store, rounds.max(1));
+            interleaved(&rt, &opts, &dyn_store, rounds);
             statements_per_append(&rt, &opts, &dyn_store);
         }
         None => {

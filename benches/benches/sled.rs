@@ -228,10 +228,7 @@ fn interleaved(rounds: usize) {
         r1.push(ours1 / raw1);
         r64.push(ours64 / raw64);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = tracktrace_benches::median;
     println!(
         "median of {rounds} rounds: 1 writer {:.0} % of raw, {WRITERS} writers {:.0} % of raw",
         100.0 * median(&mut r1),
@@ -242,11 +239,8 @@ fn interleaved(rounds: usize) {
 criterion_group!(benches, raw_baselines, stores);
 
 fn main() {
-    match std::env::var("TRACKTRACE_BENCH_INTERLEAVE")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        Some(rounds) => interleaved(rounds.max(1)),
+    match tracktrace_benches::interleave_rounds() {
+        Some(rounds) => interleaved(rounds),
         None => {
             benches();
             Criterion::default().configure_from_args().final_summary();

@@ -31,6 +31,21 @@ use tracktrace_core::{
     TenantId,
 };
 
+/// `TRACKTRACE_BENCH_INTERLEAVE=<rounds>`: the bench files run interleaved rounds of raw
+/// baselines and stores instead of criterion (see each bench file); `None` when unset.
+pub fn interleave_rounds() -> Option<usize> {
+    std::env::var("TRACKTRACE_BENCH_INTERLEAVE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map(|r| r.max(1))
+}
+
+/// The median of per-round values (the upper one of an even count).
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 /// Events per batch in `append_batch_100`.
 pub const BATCH: usize = 100;
 /// Length of the stream read by `read_stream_1000`.
