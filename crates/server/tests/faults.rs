@@ -21,14 +21,21 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+#[cfg(feature = "redis")]
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+#[cfg(feature = "redis")]
+use serde_json::Value;
+use serde_json::json;
 
-use common::private_pg::{PrivatePostgres, free_port};
+use common::private_pg::PrivatePostgres;
+#[cfg(feature = "redis")]
+use common::private_pg::free_port;
 use common::{Server, call, cli_token, event, in_ci};
 
+#[cfg(feature = "redis")]
 fn wait_for_port(port: u16, what: &str) {
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -39,6 +46,7 @@ fn wait_for_port(port: u16, what: &str) {
     panic!("{what} did not listen on {port}");
 }
 
+#[cfg(feature = "redis")]
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -71,12 +79,14 @@ where
 
 /// A private `redis-server` (no persistence) on a fixed port, which the test freezes, kills
 /// and restarts.
+#[cfg(feature = "redis")]
 struct PrivateRedis {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
+#[cfg(feature = "redis")]
 impl PrivateRedis {
     /// A Redis to be started later on a port nothing listens on yet.
     fn not_started() -> Option<Self> {
@@ -130,6 +140,7 @@ impl PrivateRedis {
     }
 }
 
+#[cfg(feature = "redis")]
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         if let Some(c) = &self.child {
@@ -142,6 +153,7 @@ impl Drop for PrivateRedis {
 }
 
 /// p99 of `n` sequential trace requests (each must answer 200), in ms.
+#[cfg(feature = "redis")]
 async fn trace_p99(addr: &str, token: &str, entity: &str, n: usize) -> f64 {
     let mut times = Vec::with_capacity(n);
     for i in 0..n {
@@ -162,6 +174,7 @@ async fn trace_p99(addr: &str, token: &str, entity: &str, n: usize) -> f64 {
     times[(n * 99).div_ceil(100) - 1]
 }
 
+#[cfg(feature = "redis")]
 async fn cache_status(addr: &str) -> Value {
     let r = call(addr, "GET", "/readyz", None, None).await;
     assert_eq!(r.status, 200, "readiness never depends on the cache");
@@ -169,6 +182,7 @@ async fn cache_status(addr: &str) -> Value {
 }
 
 /// Whether a repeated query is now answered from the cache.
+#[cfg(feature = "redis")]
 async fn cache_hit(addr: &str, token: &str, entity: &str) -> bool {
     let path = format!("/api/v1/trace/{entity}?view=compact");
     let _ = call(addr, "GET", &path, Some(token), None).await;

@@ -18,9 +18,12 @@ use crate::error::AppError;
 /// streams (tenants, schemas, rules, routes, analytics) and can never be created by a client.
 pub const SYSTEM_TENANT: &str = "_system";
 
+/// The [`SYSTEM_TENANT`] as a [`TenantId`] (checked at compile time; clones allocate nothing).
+pub const SYSTEM_TENANT_ID: TenantId = TenantId::from_static(SYSTEM_TENANT);
+
 /// The [`SYSTEM_TENANT`] as a [`TenantId`].
 pub fn system_tenant() -> TenantId {
-    TenantId::parse(SYSTEM_TENANT).expect("`_system` satisfies the tenant id rules")
+    SYSTEM_TENANT_ID
 }
 
 /// What an actor may do.

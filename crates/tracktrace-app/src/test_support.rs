@@ -34,7 +34,8 @@ impl ContendedStore {
         self.conflicts.store(n, Ordering::SeqCst);
     }
 
-    /// Conflicts still to inject.
+    /// Conflicts still to inject (used by the bus-ingestion tests, feature `nats`).
+    #[cfg(feature = "nats")]
     pub(crate) fn pending(&self) -> u32 {
         self.conflicts.load(Ordering::SeqCst)
     }

@@ -1,11 +1,35 @@
 //! Identifier newtypes and concurrency preconditions.
 //!
 //! Every identifier that crosses the store boundary is validated once, at construction
-//! (`TenantId::parse`, `StreamId::parse`), so backends can store them without re-checking.
+//! (`TenantId::parse`, `StreamId::parse`, their `FromStr` / `TryFrom` conversions and serde
+//! deserialisation), so backends can store them without re-checking. Constants are checked at
+//! compile time:
+//!
+//! ```
+//! use tracktrace_core::{StreamId, TenantId};
+//!
+//! const ACME: TenantId = TenantId::from_static("acme");
+//! const ORDERS: StreamId = StreamId::from_static("Order-1");
+//! let parsed: TenantId = "acme".parse()?;
+//! assert_eq!(parsed, ACME);
+//! assert_eq!(ORDERS.as_ref(), "Order-1");
+//! // Serialised as plain strings; deserialisation validates.
+//! assert_eq!(serde_json::to_string(&ACME)?, r#""acme""#);
+//! assert!(serde_json::from_str::<TenantId>(r#""not a tenant""#).is_err());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ```compile_fail
+//! // An invalid constant does not compile.
+//! const BAD: tracktrace_core::TenantId = tracktrace_core::TenantId::from_static("a b");
+//! ```
 
+use std::borrow::{Borrow, Cow};
 use std::fmt;
+use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
 /// Why an identifier was rejected.
@@ -53,7 +77,7 @@ pub enum IdError {
 /// Tenants are the unit of isolation: every stream belongs to exactly one tenant and
 /// tenant-scoped reads never return another tenant's events.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TenantId(String);
+pub struct TenantId(Cow<'static, str>);
 
 impl TenantId {
     /// Longest accepted tenant id, in bytes.
@@ -73,7 +97,27 @@ impl TenantId {
                 allowed: "ASCII letters, digits, '_', '-', '.'",
             });
         }
-        Ok(Self(s))
+        Ok(Self(Cow::Owned(s)))
+    }
+
+    /// A tenant id from a constant, validated at compile time in a `const` context (an invalid
+    /// one fails the build; at run time it panics). Cloning it allocates nothing.
+    pub const fn from_static(s: &'static str) -> Self {
+        let b = s.as_bytes();
+        assert!(
+            !b.is_empty() && b.len() <= Self::MAX_LEN,
+            "a tenant id has 1 to 64 bytes"
+        );
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            assert!(
+                c.is_ascii_alphanumeric() || c == b'_' || c == b'-' || c == b'.',
+                "a tenant id has only ASCII letters, digits, '_', '-', '.'"
+            );
+            i += 1;
+        }
+        Self(Cow::Borrowed(s))
     }
 
     /// The id as a string slice.
@@ -88,7 +132,7 @@ impl TenantId {
 /// `"saga.milestone-Bag-1"`), which lets `read_all` filter by prefix and keeps
 /// sharding by entity type possible.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct StreamId(String);
+pub struct StreamId(Cow<'static, str>);
 
 impl StreamId {
     /// Longest accepted stream id, in bytes.
@@ -105,7 +149,30 @@ impl StreamId {
                 allowed: "any character but control characters",
             });
         }
-        Ok(Self(s))
+        Ok(Self(Cow::Owned(s)))
+    }
+
+    /// A stream id from a constant, validated at compile time in a `const` context (an invalid
+    /// one fails the build; at run time it panics). Cloning it allocates nothing.
+    pub const fn from_static(s: &'static str) -> Self {
+        let b = s.as_bytes();
+        assert!(
+            !b.is_empty() && b.len() <= Self::MAX_LEN,
+            "a stream id has 1 to 256 bytes"
+        );
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            // Control characters: C0 (U+0000–U+001F), DEL, and C1 (U+0080–U+009F, encoded as
+            // 0xC2 0x80–0x9F), exactly what `char::is_control` reports.
+            let c1 = c == 0xC2 && i + 1 < b.len() && b[i + 1] >= 0x80 && b[i + 1] <= 0x9F;
+            assert!(
+                !(c < 0x20 || c == 0x7F || c1),
+                "a stream id has no control characters"
+            );
+            i += 1;
+        }
+        Self(Cow::Borrowed(s))
     }
 
     /// The id as a string slice.
@@ -113,6 +180,131 @@ impl StreamId {
         &self.0
     }
 }
+
+/// `FromStr`, `TryFrom<String>` / `TryFrom<&str>` (validating like `parse`), `AsRef<str>`,
+/// `Borrow<str>` (hashes and compares like the string, so maps keyed by the id can be looked
+/// up with a `&str`), comparison with `str`, `From<Id> for String`, and serde as a plain
+/// string that is validated on deserialisation.
+macro_rules! string_id_conversions {
+    ($($t:ident),*) => {$(
+        impl FromStr for $t {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+        impl TryFrom<String> for $t {
+            type Error = IdError;
+            fn try_from(s: String) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+        impl TryFrom<&str> for $t {
+            type Error = IdError;
+            fn try_from(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+        impl Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+        impl PartialEq<str> for $t {
+            fn eq(&self, other: &str) -> bool {
+                *self.0 == *other
+            }
+        }
+        impl PartialEq<&str> for $t {
+            fn eq(&self, other: &&str) -> bool {
+                *self.0 == **other
+            }
+        }
+        impl From<$t> for String {
+            fn from(id: $t) -> String {
+                id.0.into_owned()
+            }
+        }
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(s).map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+string_id_conversions!(TenantId, StreamId);
+
+impl FromStr for EventId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<Uuid> for EventId {
+    type Error = IdError;
+    fn try_from(u: Uuid) -> Result<Self, IdError> {
+        Self::from_uuid(u)
+    }
+}
+
+impl From<EventId> for Uuid {
+    fn from(id: EventId) -> Uuid {
+        id.0
+    }
+}
+
+/// The hyphenated UUID; deserialisation rejects the nil UUID like [`EventId::from_uuid`].
+impl Serialize for EventId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0.hyphenated())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Versions and positions serialise as plain numbers.
+macro_rules! number_id_serde {
+    ($($t:ident),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_u64(self.0)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                u64::deserialize(d).map(Self)
+            }
+        }
+        impl From<u64> for $t {
+            fn from(v: u64) -> Self {
+                Self(v)
+            }
+        }
+        impl From<$t> for u64 {
+            fn from(v: $t) -> u64 {
+                v.0
+            }
+        }
+    )*};
+}
+number_id_serde!(Version, Position);
 
 fn check_len(kind: &'static str, s: &str, max: usize) -> Result<(), IdError> {
     if s.is_empty() {
@@ -374,6 +566,71 @@ mod tests {
         assert_eq!(EventId::parse(&id.to_string()).unwrap(), id);
         assert!(EventId::from_uuid(Uuid::nil()).is_err());
         assert!(EventId::parse("nope").is_err());
+    }
+
+    #[test]
+    fn string_ids_convert_like_parse() {
+        let t: TenantId = "acme".parse().unwrap();
+        assert_eq!(t, TenantId::parse("acme").unwrap());
+        assert_eq!(TenantId::try_from("acme".to_owned()).unwrap(), t);
+        assert_eq!(TenantId::try_from("acme").unwrap(), t);
+        assert!("a b".parse::<TenantId>().is_err());
+        assert!(StreamId::try_from("a\nb").is_err());
+        assert_eq!(t, "acme");
+        assert_eq!(String::from(t.clone()), "acme");
+        assert_eq!(t.as_ref(), "acme");
+        // `Borrow<str>`: a map keyed by ids is looked up with a `&str`.
+        let mut m = std::collections::HashMap::new();
+        m.insert(StreamId::parse("Bag-1").unwrap(), 1);
+        assert_eq!(m.get("Bag-1"), Some(&1));
+        let set: std::collections::BTreeSet<TenantId> =
+            ["b", "a"].iter().map(|s| s.parse().unwrap()).collect();
+        assert!(set.contains("a"));
+    }
+
+    #[test]
+    fn static_ids_are_checked_like_parse() {
+        const ACME: TenantId = TenantId::from_static("acme-air_1.eu");
+        assert_eq!(ACME, TenantId::parse("acme-air_1.eu").unwrap());
+        assert_eq!(
+            StreamId::from_static("Bag-0001 ÄÖ"),
+            StreamId::parse("Bag-0001 ÄÖ").unwrap()
+        );
+        for bad in ["", "a b", "ä"] {
+            assert!(std::panic::catch_unwind(|| TenantId::from_static(bad)).is_err());
+        }
+        // Every control character `parse` refuses, `from_static` refuses too (C0, DEL, C1),
+        // and the neighbours it accepts are accepted.
+        for c in (0u32..0x200).filter_map(char::from_u32) {
+            let s: &'static str = Box::leak(format!("a{c}b").into_boxed_str());
+            let parsed = StreamId::parse(s).is_ok();
+            let constant = std::panic::catch_unwind(|| StreamId::from_static(s)).is_ok();
+            assert_eq!(parsed, constant, "U+{:04X}", c as u32);
+        }
+    }
+
+    #[test]
+    fn ids_serialise_as_plain_values_and_validate() {
+        let t = TenantId::parse("acme").unwrap();
+        assert_eq!(serde_json::to_string(&t).unwrap(), r#""acme""#);
+        assert_eq!(serde_json::from_str::<TenantId>(r#""acme""#).unwrap(), t);
+        assert!(serde_json::from_str::<TenantId>(r#""a b""#).is_err());
+        assert!(serde_json::from_str::<StreamId>(r#""""#).is_err());
+        let id = EventId::new();
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<EventId>(&json).unwrap(), id);
+        assert!(
+            serde_json::from_str::<EventId>(r#""00000000-0000-0000-0000-000000000000""#).is_err()
+        );
+        assert_eq!(serde_json::to_string(&Version::new(7)).unwrap(), "7");
+        assert_eq!(
+            serde_json::from_str::<Position>("42").unwrap(),
+            Position::new(42)
+        );
+        assert_eq!(u64::from(Version::from(3)), 3);
+        assert_eq!(Uuid::from(id), id.as_uuid());
+        assert_eq!(EventId::try_from(id.as_uuid()).unwrap(), id);
     }
 
     #[test]
