@@ -99,6 +99,11 @@ pub enum Error {
         /// What is full.
         reason: String,
     },
+    /// The store was closed (dropped or shut down) while the caller waited on it, e.g. a
+    /// [`crate::Subscription`] whose store went away. Terminal: never retryable, so a consumer
+    /// loop that retries retryable errors ends.
+    #[error("the event store was closed")]
+    Closed,
     /// Stored data could not be decoded. Never retryable; reported with the position when known.
     #[error("corrupt data{}: {detail}", position.map(|p| format!(" at position {p}")).unwrap_or_default())]
     Corruption {

@@ -463,11 +463,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 () = &mut shutdown => return Ok(()),
                 changed = watch.changed() => {
                     if changed.is_err() {
-                        return Err(self.err(Error::Unavailable {
-                            reason: "the event store was closed".into(),
-                            retry_after: None,
-                            source: None,
-                        }));
+                        return Err(self.err(Error::Closed));
                     }
                 }
             }

@@ -559,6 +559,12 @@ impl Default for SubscribeOptions {
 /// ([`EventStore::watch_head`]): an idle subscription costs no CPU. Each event is delivered
 /// once, in position order; the hand-over from catch-up to live cannot lose an event because
 /// the notification is marked seen *before* each read.
+///
+/// Use it with [`Subscription::next`] or as a [`futures_core::Stream`] of
+/// `Result<RecordedEvent>` (both share one state; a read or wait dropped half-way loses
+/// nothing). A failed read is reported and the next call reads again (retryable errors are
+/// worth retrying); when the store is closed the subscription reports [`Error::Closed`] once
+/// and the stream ends.
 pub struct Subscription {
     store: Arc<dyn EventStore>,
     filter: EventFilter,
@@ -567,6 +573,20 @@ pub struct Subscription {
     last: Option<Position>,
     buf: VecDeque<RecordedEvent>,
     watch: watch::Receiver<Position>,
+    /// The read or the wait in flight, if any.
+    pending: Option<Step>,
+    /// The store was closed: nothing more will come.
+    closed: bool,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// What a subscription is waiting for.
+enum Step {
+    /// A page of the log.
+    Read(BoxFuture<Result<AllPage>>),
+    /// A head notification (`false`: the store was closed).
+    Wait(BoxFuture<bool>),
 }
 
 impl std::fmt::Debug for Subscription {
@@ -574,6 +594,7 @@ impl std::fmt::Debug for Subscription {
         f.debug_struct("Subscription")
             .field("filter", &self.filter)
             .field("next", &self.next)
+            .field("closed", &self.closed)
             .finish_non_exhaustive()
     }
 }
@@ -590,30 +611,30 @@ impl Subscription {
             last: None,
             buf: VecDeque::new(),
             watch,
+            pending: None,
+            closed: false,
         }
     }
 
     /// The next event, waiting for one to be committed if the subscriber is caught up.
+    /// [`Error::Closed`] when the store was closed.
     pub async fn next(&mut self) -> Result<RecordedEvent> {
-        loop {
-            if let Some(e) = self.buf.pop_front() {
-                self.last = Some(e.position);
-                return Ok(e);
-            }
-            if !self.fill().await? {
-                self.watch.changed().await.map_err(|_| Error::Unavailable {
-                    reason: "the event store was closed".into(),
-                    retry_after: None,
-                    source: None,
-                })?;
-            }
-        }
+        std::future::poll_fn(|cx| self.poll_event(cx))
+            .await
+            .unwrap_or(Err(Error::Closed))
     }
 
     /// Every event available now without waiting (possibly none), at most `max`.
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<RecordedEvent>> {
         if self.buf.is_empty() {
-            self.fill().await?;
+            self.check_open()?;
+            let read = match self.pending.take() {
+                Some(Step::Read(f)) => f,
+                // A wait in flight is given up: reading now answers the same question.
+                _ => self.start_read(),
+            };
+            let page = read.await?;
+            self.take_page(page)?;
         }
         let n = max.min(self.buf.len());
         let out: Vec<_> = self.buf.drain(..n).collect();
@@ -625,14 +646,31 @@ impl Subscription {
 
     /// Waits until new events may be available (returns at once if some are buffered).
     pub async fn wait(&mut self) -> Result<()> {
-        if !self.buf.is_empty() || self.fill().await? {
-            return Ok(());
+        loop {
+            if !self.buf.is_empty() {
+                return Ok(());
+            }
+            self.check_open()?;
+            match self.pending.take() {
+                Some(Step::Wait(f)) => {
+                    if f.await {
+                        return Ok(());
+                    }
+                    self.closed = true;
+                    return Err(Error::Closed);
+                }
+                Some(Step::Read(f)) => {
+                    let page = f.await?;
+                    if !self.take_page(page)? {
+                        self.pending = Some(Step::Wait(self.start_wait()));
+                    }
+                }
+                None => {
+                    let f = self.start_read();
+                    self.pending = Some(Step::Read(f));
+                }
+            }
         }
-        self.watch.changed().await.map_err(|_| Error::Unavailable {
-            reason: "the event store was closed".into(),
-            retry_after: None,
-            source: None,
-        })
     }
 
     /// Position of the last event delivered, if any.
@@ -648,19 +686,36 @@ impl Subscription {
         self.buf.front().map_or(self.next, |e| e.position)
     }
 
-    /// Reads one page; `false` when nothing new was found.
-    async fn fill(&mut self) -> Result<bool> {
-        // Mark the current notification seen *before* reading: a commit that lands after the
-        // read will change the watch again and wake us.
+    fn check_open(&self) -> Result<()> {
+        if self.closed {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A read of the next page. The current notification is marked seen *before* reading: a
+    /// commit that lands after the read changes the watch again and wakes the wait.
+    fn start_read(&mut self) -> BoxFuture<Result<AllPage>> {
         self.watch.borrow_and_update();
-        let page = self
-            .store
-            .read_all(ReadAll {
-                from: self.next,
-                limit: self.batch_size,
-                filter: self.filter.clone(),
-            })
-            .await?;
+        let store = self.store.clone();
+        let req = ReadAll {
+            from: self.next,
+            limit: self.batch_size,
+            filter: self.filter.clone(),
+        };
+        Box::pin(async move { store.read_all(req).await })
+    }
+
+    /// A wait for the next head notification (on a copy of the receiver, which has seen what
+    /// this one has).
+    fn start_wait(&self) -> BoxFuture<bool> {
+        let mut watch = self.watch.clone();
+        Box::pin(async move { watch.changed().await.is_ok() })
+    }
+
+    /// Buffers a page; `false` when it held nothing new.
+    fn take_page(&mut self, page: AllPage) -> Result<bool> {
         if let Some(prev) = page.events.first().map(|e| e.position)
             && prev < self.next
         {
@@ -676,6 +731,71 @@ impl Subscription {
         let found = !page.events.is_empty();
         self.buf.extend(page.events);
         Ok(found)
+    }
+
+    /// The stream step: the next buffered event, else drive the read or wait in flight.
+    fn poll_event(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<RecordedEvent>>> {
+        use std::task::Poll;
+        loop {
+            if let Some(e) = self.buf.pop_front() {
+                self.last = Some(e.position);
+                return Poll::Ready(Some(Ok(e)));
+            }
+            if self.closed {
+                return Poll::Ready(None);
+            }
+            match self.pending.take() {
+                None => {
+                    let f = self.start_read();
+                    self.pending = Some(Step::Read(f));
+                }
+                Some(Step::Read(mut f)) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.pending = Some(Step::Read(f));
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(page)) => match self.take_page(page) {
+                        Ok(true) => {}
+                        Ok(false) => self.pending = Some(Step::Wait(self.start_wait())),
+                        Err(e) => return Poll::Ready(Some(Err(e))),
+                    },
+                    Poll::Ready(Err(e)) => {
+                        if matches!(e, Error::Closed) {
+                            self.closed = true;
+                        }
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                Some(Step::Wait(mut f)) => match f.as_mut().poll(cx) {
+                    Poll::Pending => {
+                        self.pending = Some(Step::Wait(f));
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(true) => {
+                        let f = self.start_read();
+                        self.pending = Some(Step::Read(f));
+                    }
+                    Poll::Ready(false) => {
+                        self.closed = true;
+                        return Poll::Ready(Some(Err(Error::Closed)));
+                    }
+                },
+            }
+        }
+    }
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Result<RecordedEvent>;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.get_mut().poll_event(cx)
     }
 }
 

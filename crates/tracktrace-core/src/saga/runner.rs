@@ -940,11 +940,7 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
                 _ = tokio::time::sleep(wait) => {}
                 changed = watch.changed() => {
                     if changed.is_err() {
-                        return Err(Error::Unavailable {
-                            reason: "the event store was closed".into(),
-                            retry_after: None,
-                            source: None,
-                        });
+                        return Err(Error::Closed);
                     }
                 }
             }
