@@ -172,7 +172,7 @@ pub async fn read_all(store: &dyn EventStore, from: Position, len: usize) -> Res
     let mut n = 0;
     while n < len {
         let page = store
-            .read_all(ReadAll::from(next, (len - n).min(1000)))
+            .read_all(ReadAll::starting_at(next, (len - n).min(1000)))
             .await?;
         if page.events.is_empty() {
             break;

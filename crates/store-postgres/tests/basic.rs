@@ -123,9 +123,15 @@ async fn append_read_conflict_duplicate() {
     );
     assert_eq!(s.stream_version(&t, &b).await.unwrap(), Version::new(5));
 
-    let page = s.read_all(ReadAll::from(Position::START, 3)).await.unwrap();
+    let page = s
+        .read_all(ReadAll::starting_at(Position::START, 3))
+        .await
+        .unwrap();
     assert_eq!(page.events.len(), 3);
-    let rest = s.read_all(ReadAll::from(page.next, 100)).await.unwrap();
+    let rest = s
+        .read_all(ReadAll::starting_at(page.next, 100))
+        .await
+        .unwrap();
     assert_eq!(rest.events.len(), 2);
     assert_eq!(s.head().await.unwrap(), rest.events[1].position);
     assert!(rest.next > rest.events[1].position);
@@ -203,7 +209,7 @@ async fn an_append_in_flight_holds_back_the_global_log_until_it_ends() {
 
     for commit in [true, false] {
         let before = s
-            .read_all(ReadAll::from(Position::START, 1000))
+            .read_all(ReadAll::starting_at(Position::START, 1000))
             .await
             .unwrap();
         // An append that has its transaction id but has not committed ...
@@ -227,7 +233,10 @@ async fn an_append_in_flight_holds_back_the_global_log_until_it_ends() {
                 .len(),
             if commit { 1 } else { 2 }
         );
-        let page = s.read_all(ReadAll::from(before.next, 1000)).await.unwrap();
+        let page = s
+            .read_all(ReadAll::starting_at(before.next, 1000))
+            .await
+            .unwrap();
         assert!(
             page.events.is_empty(),
             "read_all returned {:?} past an append in flight",
@@ -238,7 +247,10 @@ async fn an_append_in_flight_holds_back_the_global_log_until_it_ends() {
 
         let end = if commit { "COMMIT" } else { "ROLLBACK" };
         sqlx::raw_sql(end).execute(&mut held).await.unwrap();
-        let page = s.read_all(ReadAll::from(before.next, 1000)).await.unwrap();
+        let page = s
+            .read_all(ReadAll::starting_at(before.next, 1000))
+            .await
+            .unwrap();
         let types: Vec<_> = page.events.iter().map(|e| e.event_type.as_str()).collect();
         if commit {
             assert_eq!(
@@ -316,7 +328,7 @@ async fn store_stats_count_events_below_the_read_horizon() {
         counted += if commit { 2 } else { 1 };
         assert_eq!(events_counted(&s).await, counted);
         let log = s
-            .read_all(ReadAll::from(Position::START, 1000))
+            .read_all(ReadAll::starting_at(Position::START, 1000))
             .await
             .unwrap();
         assert_eq!(log.events.len() as u64, counted);

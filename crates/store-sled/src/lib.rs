@@ -30,7 +30,7 @@
 //!
 //! let events = store.read_stream_forwards(&tenant, &bag).await?;
 //! assert_eq!(events[1].event_type, "LOADED");
-//! let page = store.read_all(ReadAll::from(out.last_position(), 10)).await?;
+//! let page = store.read_all(ReadAll::starting_at(out.last_position(), 10)).await?;
 //! assert_eq!(page.events.len(), 1);
 //!
 //! // Reopening finds everything again.

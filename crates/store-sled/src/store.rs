@@ -785,7 +785,7 @@ mod tests {
         assert!(store.head().await.is_err());
         assert!(
             store
-                .read_all(ReadAll::from(Position::START, 10))
+                .read_all(ReadAll::starting_at(Position::START, 10))
                 .await
                 .is_err()
         );

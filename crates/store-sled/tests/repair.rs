@@ -101,7 +101,7 @@ async fn versions(store: &SledStore, s: &str) -> Vec<u64> {
 
 async fn positions(store: &SledStore) -> Vec<u64> {
     store
-        .read_all(ReadAll::from(Position::START, 100))
+        .read_all(ReadAll::starting_at(Position::START, 100))
         .await
         .unwrap()
         .events

@@ -158,7 +158,9 @@ async fn large_events_and_values_roundtrip_through_chunks() -> Result<(), Error>
     let store = SledStore::open_path(dir.path())?;
     let got = store.get_event(&t, id).await?.expect("stored");
     assert_eq!(got.payload.as_ref(), big.as_slice());
-    let all = store.read_all(ReadAll::from(Position::START, 10)).await?;
+    let all = store
+        .read_all(ReadAll::starting_at(Position::START, 10))
+        .await?;
     assert_eq!(all.events.len(), 3);
     assert_eq!(all.events[1].payload.as_ref(), big.as_slice());
     assert_eq!(
@@ -245,12 +247,12 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
         .unwrap_err();
     assert_eq!(at(err), Some(Position::new(2)));
     let err = store
-        .read_all(ReadAll::from(Position::START, 10))
+        .read_all(ReadAll::starting_at(Position::START, 10))
         .await
         .unwrap_err();
     assert_eq!(at(err), Some(Position::new(2)));
     let err = store
-        .read_all(ReadAll::from(Position::new(3), 10))
+        .read_all(ReadAll::starting_at(Position::new(3), 10))
         .await
         .unwrap_err();
     assert_eq!(at(err), Some(Position::new(4)));
@@ -260,9 +262,13 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
         .read_stream(ReadStream::forwards(t.clone(), s.clone()).limit(1))
         .await?;
     assert_eq!(one.len(), 1);
-    let page = store.read_all(ReadAll::from(Position::new(3), 1)).await?;
+    let page = store
+        .read_all(ReadAll::starting_at(Position::new(3), 1))
+        .await?;
     assert_eq!(page.events[0].position, Position::new(3));
-    let page = store.read_all(ReadAll::from(Position::new(5), 10)).await?;
+    let page = store
+        .read_all(ReadAll::starting_at(Position::new(5), 10))
+        .await?;
     assert_eq!(page.events[0].position, Position::new(5));
     drop(store);
 

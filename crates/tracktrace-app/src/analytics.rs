@@ -1132,7 +1132,7 @@ impl Analytics {
         // (a full first page cost ~8 % of the CPU of a capture load started with the server).
         let mut limit = FIRST_PAGE;
         loop {
-            let page = store.read_all(ReadAll::from(pos, limit)).await?;
+            let page = store.read_all(ReadAll::starting_at(pos, limit)).await?;
             let short = page.events.len() < limit;
             limit = (limit * 8).min(PAGE);
             pos = page.next;

@@ -63,7 +63,7 @@ pub async fn read_changes<V: SystemView>(
     let mut next = from;
     loop {
         let page = store
-            .read_all(ReadAll::from(next, PAGE).filter(filter.clone()))
+            .read_all(ReadAll::starting_at(next, PAGE).filter(filter.clone()))
             .await?;
         let full = page.events.len() == PAGE;
         let changes = page.events.iter().filter_map(V::decode).collect();

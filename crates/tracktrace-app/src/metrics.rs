@@ -457,7 +457,7 @@ impl ProjectionWatch {
             .map(|(_, t)| t);
         let oldest = match cached {
             Some(t) => Some(t),
-            None => match store.read_all(ReadAll::from(cp.next(), 1)).await {
+            None => match store.read_all(ReadAll::starting_at(cp.next(), 1)).await {
                 Ok(page) => page.events.first().map(|e| {
                     *lock(&self.oldest) = Some((cp, e.recorded_at));
                     e.recorded_at

@@ -90,7 +90,7 @@ async fn page_all(
     for _ in 0..100_000 {
         let page = ok(
             store
-                .read_all(ReadAll::from(next, limit).filter(filter.clone()))
+                .read_all(ReadAll::starting_at(next, limit).filter(filter.clone()))
                 .await,
             "read_all page",
         )?;
@@ -648,7 +648,7 @@ pub async fn read_all_order_and_filters(store: Arc<dyn EventStore>) -> CheckResu
     // Starting in the middle.
     let mid = all[10].position;
     let tail = ok(
-        store.read_all(ReadAll::from(mid, 1000)).await,
+        store.read_all(ReadAll::starting_at(mid, 1000)).await,
         "read_all from middle",
     )?;
     ensure_eq!(
@@ -1052,7 +1052,7 @@ pub async fn concurrent_writers_with_subscriber(store: Arc<dyn EventStore>) -> C
         let mut next = Position::START;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while seen.len() < total && tokio::time::Instant::now() < deadline {
-            let page = pager_store.read_all(ReadAll::from(next, 5)).await?;
+            let page = pager_store.read_all(ReadAll::starting_at(next, 5)).await?;
             if page.events.is_empty() {
                 tokio::task::yield_now().await;
             }

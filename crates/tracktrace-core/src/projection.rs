@@ -352,7 +352,7 @@ impl<P: Projection> ProjectionRunner<P> {
         let from = cp.map_or(Position::START, Position::next);
         let page = self
             .store
-            .read_all(ReadAll::from(from, self.batch_size).filter(self.projection.filter()))
+            .read_all(ReadAll::starting_at(from, self.batch_size).filter(self.projection.filter()))
             .await
             .map_err(|e| self.err(e))?;
         let at_head = page.events.len() < self.batch_size;

@@ -1922,10 +1922,12 @@ pub async fn saga_recovery_reads_open_work(s: RuntimeStores) -> CheckResult {
     drop(r);
     let history = ok(
         s.events
-            .read_all(ReadAll::from(Position::START, 100_000).filter(EventFilter {
-                stream_prefix: Some("saga.order-".into()),
-                ..EventFilter::default()
-            }))
+            .read_all(
+                ReadAll::starting_at(Position::START, 100_000).filter(EventFilter {
+                    stream_prefix: Some("saga.order-".into()),
+                    ..EventFilter::default()
+                }),
+            )
             .await,
         "saga log",
     )?

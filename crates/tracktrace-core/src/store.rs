@@ -168,12 +168,18 @@ pub struct ReadAll {
 
 impl ReadAll {
     /// Up to `limit` events from `from`, unfiltered.
-    pub fn from(from: Position, limit: usize) -> Self {
+    pub fn starting_at(from: Position, limit: usize) -> Self {
         Self {
             from,
             limit,
             filter: EventFilter::default(),
         }
+    }
+
+    /// Up to `limit` events from `from`, unfiltered.
+    #[deprecated(note = "reads like `From::from`; use `ReadAll::starting_at`")]
+    pub fn from(from: Position, limit: usize) -> Self {
+        Self::starting_at(from, limit)
     }
 
     /// With a filter.
@@ -518,7 +524,7 @@ pub trait EventStoreExt: EventStore {
         let mut next = from;
         loop {
             let page = self
-                .read_all(ReadAll::from(next, 1000).filter(filter.clone()))
+                .read_all(ReadAll::starting_at(next, 1000).filter(filter.clone()))
                 .await?;
             let full = page.events.len() == 1000;
             out.extend(page.events);

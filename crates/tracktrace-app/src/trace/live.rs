@@ -306,7 +306,10 @@ impl Client {
     async fn catch_up(&mut self) -> Result<(), String> {
         let page = self
             .store
-            .read_all(ReadAll::from(self.next, PAGE).filter(operational(Some(self.tenant.clone()))))
+            .read_all(
+                ReadAll::starting_at(self.next, PAGE)
+                    .filter(operational(Some(self.tenant.clone()))),
+            )
             .await
             .map_err(|e| e.to_string())?;
         if page.events.len() < PAGE {

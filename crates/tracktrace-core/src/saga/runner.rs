@@ -459,7 +459,7 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
         loop {
             let page = self
                 .store
-                .read_all(ReadAll::from(at, RECOVERY_PAGE).filter(filter.clone()))
+                .read_all(ReadAll::starting_at(at, RECOVERY_PAGE).filter(filter.clone()))
                 .await?;
             for e in &page.events {
                 let Some(instance) = e.stream.as_str().strip_prefix(&prefix) else {
@@ -809,7 +809,7 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
             let triggers_before = progress.triggers;
             let page = self
                 .store
-                .read_all(ReadAll::from(from, self.batch_size).filter(self.saga.filter()))
+                .read_all(ReadAll::starting_at(from, self.batch_size).filter(self.saga.filter()))
                 .await?;
             let full = page.events.len() == self.batch_size;
             for e in &page.events {
