@@ -42,8 +42,10 @@ pub struct Metadata {
     pub headers: BTreeMap<String, String>,
 }
 
-/// An event to append.
+/// An event to append ([`NewEvent::new`] / [`NewEvent::json`] and the `with_*` methods).
+/// Non-exhaustive: fields may be added.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NewEvent {
     /// Unique id; re-appending an event with an id already stored (for the tenant) is idempotent.
     pub event_id: EventId,

@@ -13,8 +13,32 @@ use crate::event::{NewEvent, RecordedEvent};
 use crate::event_ref::EventRef;
 use crate::id::{EventId, ExpectedVersion, Position, StreamId, TenantId, Timestamp, Version};
 
-/// An atomic append of one or more events to one stream.
+/// An atomic append of one or more events to one stream ([`AppendRequest::new`], or
+/// [`EventStoreExt::append_to`]). Non-exhaustive: fields may be added, so other crates build
+/// it with the constructor:
+///
+/// ```
+/// use tracktrace_core::{AppendRequest, ExpectedVersion, NewEvent, StreamId, TenantId};
+/// let req = AppendRequest::new(
+///     TenantId::from_static("acme"),
+///     StreamId::from_static("Bag-1"),
+///     ExpectedVersion::NoStream,
+///     vec![NewEvent::json("CHECKED_IN", &serde_json::json!({}))],
+/// );
+/// assert_eq!(req.events.len(), 1);
+/// ```
+///
+/// ```compile_fail
+/// use tracktrace_core::{AppendRequest, ExpectedVersion, StreamId, TenantId};
+/// let req = AppendRequest {
+///     tenant: TenantId::from_static("acme"),
+///     stream: StreamId::from_static("Bag-1"),
+///     expected: ExpectedVersion::NoStream,
+///     events: Vec::new(),
+/// };
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct AppendRequest {
     /// Owning tenant.
     pub tenant: TenantId,
@@ -24,6 +48,23 @@ pub struct AppendRequest {
     pub expected: ExpectedVersion,
     /// The events, in order. 1 ..= [`crate::limits::MAX_BATCH_EVENTS`].
     pub events: Vec<NewEvent>,
+}
+
+impl AppendRequest {
+    /// An append of `events` to `stream` of `tenant` if the stream satisfies `expected`.
+    pub fn new(
+        tenant: TenantId,
+        stream: StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Self {
+        Self {
+            tenant,
+            stream,
+            expected,
+            events,
+        }
+    }
 }
 
 /// Result of a successful append.
@@ -59,8 +100,10 @@ pub enum Direction {
     Backwards,
 }
 
-/// A read of one stream.
+/// A read of one stream ([`ReadStream::forwards`] / [`ReadStream::backwards`], then
+/// [`ReadStream::from`] / [`ReadStream::limit`]). Non-exhaustive: fields may be added.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ReadStream {
     /// Tenant of the stream.
     pub tenant: TenantId,
@@ -155,8 +198,10 @@ impl EventFilter {
     }
 }
 
-/// A read of the global log.
+/// A read of the global log ([`ReadAll::starting_at`], then [`ReadAll::filter`]).
+/// Non-exhaustive: fields may be added.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ReadAll {
     /// First position to consider, inclusive (`Position::START` reads from the beginning).
     pub from: Position,
