@@ -803,9 +803,13 @@ impl<A: Aggregate> CommandBus<A> {
 
     /// Executes `command` against aggregate `id`, which the caller expects to be new: the
     /// handler decides on the empty state and the events are appended with `Exact(0)`, one
-    /// store round trip and no read. The expectation is only a cost hint, never a different
-    /// result: if the aggregate exists (or is cached), the append fails or is skipped, the
-    /// aggregate is loaded and the command runs exactly as [`CommandBus::execute`] would run it.
+    /// store round trip and no read. For an [`Concurrency::Optimistic`] aggregate the
+    /// expectation is only a cost hint, never a different result: if the aggregate exists (or
+    /// is cached), the append fails or is skipped, the aggregate is loaded and the command runs
+    /// exactly as [`CommandBus::execute`] would run it. A [`Concurrency::Unchecked`] aggregate
+    /// appends with `Any`, so nothing detects the wrong guess: its events are decided on the
+    /// empty state (as they would be next to a concurrent writer), and the resulting state is
+    /// not cached (the next command loads it).
     pub async fn create(
         &self,
         tenant: &TenantId,
