@@ -21,6 +21,12 @@ forbid() {
 
 # The kernel knows no storage engine and no transport.
 forbid tracktrace-core "--all-features" sled sqlx axum hyper http tracktrace-store-sled tracktrace-store-postgres
+# The conformance suite is a dev-dependency: no library or binary links it or proptest.
+for pkg in tracktrace-core tracktrace-store-sled tracktrace-store-postgres tracktrace-app tracktrace-http tracktrace-server; do
+  forbid "$pkg" "--all-features" tracktrace-conformance proptest
+done
+# The suite is backend-neutral.
+forbid tracktrace-conformance "--all-features" sled sqlx axum tracktrace-store-sled tracktrace-store-postgres
 # The application knows no transport (its optional InfluxDB writer speaks HTTP as a client,
 # feature `influxdb`) and no backend.
 forbid tracktrace-app "" axum http hyper jsonwebtoken utoipa sled sqlx tracktrace-store-sled tracktrace-store-postgres tracktrace-http

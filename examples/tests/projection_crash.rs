@@ -18,8 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracktrace_core::runtime_checks::RuntimeStores;
-use tracktrace_core::runtime_checks::{BalanceProjection, dump, seed_accounts};
+use tracktrace_conformance::runtime::RuntimeStores;
+use tracktrace_conformance::runtime::{BalanceProjection, dump, seed_accounts};
 use tracktrace_core::{EventStore, Position, ProjectionRunner};
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
 

@@ -1,4 +1,4 @@
-//! The runtime checks of `tracktrace_core::runtime_checks` on PostgreSQL, each in a fresh schema
+//! The runtime checks of `tracktrace_conformance::runtime` on PostgreSQL, each in a fresh schema
 //! (dropped afterwards) so they run in parallel. Uses store-postgres's own test helpers.
 //!
 //! Database: `TRACKTRACE_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
@@ -9,10 +9,10 @@ mod common;
 
 use std::sync::Arc;
 
-use tracktrace_core::runtime_checks::RuntimeStores;
+use tracktrace_conformance::runtime::RuntimeStores;
 
 async fn make_stores() -> RuntimeStores {
     RuntimeStores::from_store(Arc::new(common::store().await))
 }
 
-tracktrace_core::runtime_tests!(make_stores);
+tracktrace_conformance::runtime_tests!(make_stores);

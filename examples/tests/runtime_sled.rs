@@ -1,10 +1,10 @@
-//! The runtime checks of `tracktrace_core::runtime_checks` (command bus under contention,
+//! The runtime checks of `tracktrace_conformance::runtime` (command bus under contention,
 //! snapshot + tail == replay, upcasting, projection restart, sagas across restarts, circuit
 //! breaker) on the sled store, one fresh temporary directory per check.
 
 use std::sync::Arc;
 
-use tracktrace_core::runtime_checks::RuntimeStores;
+use tracktrace_conformance::runtime::RuntimeStores;
 use tracktrace_store_sled::{Durability, SledStore};
 
 async fn make_stores() -> RuntimeStores {
@@ -13,4 +13,4 @@ async fn make_stores() -> RuntimeStores {
     ))
 }
 
-tracktrace_core::runtime_tests!(make_stores);
+tracktrace_conformance::runtime_tests!(make_stores);

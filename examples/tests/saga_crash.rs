@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracktrace_core::runtime_checks::{OrderCommand, OrderSaga, RecordingDispatcher};
+use tracktrace_conformance::runtime::{OrderCommand, OrderSaga, RecordingDispatcher};
 use tracktrace_core::{
     EventStoreExt, ExpectedVersion, NewEvent, SagaRecord, SagaRunner, StreamId, TenantId,
 };

@@ -2,5 +2,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    tracktrace_core::conformance::fuzz::envelope_target(data);
+    tracktrace_conformance::fuzz::envelope_target(data);
 });

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tracktrace_app::capture::service::CaptureService;
 use tracktrace_app::milestone::rules::{self, MilestoneRule};
 use tracktrace_app::milestone::{CaptureDispatcher, MilestoneWatch};
-use tracktrace_core::runtime_checks::{CountingStore, RuntimeStores};
+use tracktrace_conformance::runtime::{CountingStore, RuntimeStores};
 use tracktrace_core::{
     EventStore, EventStoreExt, ExpectedVersion, NewEvent, SagaRunner, TenantId, Timestamp,
 };

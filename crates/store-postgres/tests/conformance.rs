@@ -15,14 +15,14 @@ use tracktrace_core::{EventStore, ReadModelStore, SnapshotStore};
 async fn make_store() -> Arc<dyn EventStore> {
     Arc::new(common::store().await)
 }
-tracktrace_core::conformance_tests!(make_store);
+tracktrace_conformance::conformance_tests!(make_store);
 
 async fn make_read_model_store() -> Arc<dyn ReadModelStore> {
     Arc::new(common::store().await)
 }
-tracktrace_core::read_model_tests!(make_read_model_store);
+tracktrace_conformance::read_model_tests!(make_read_model_store);
 
 async fn make_snapshot_store() -> Arc<dyn SnapshotStore> {
     Arc::new(common::store().await)
 }
-tracktrace_core::snapshot_tests!(make_snapshot_store);
+tracktrace_conformance::snapshot_tests!(make_snapshot_store);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 use tracktrace_app::analytics::{Analytics, AnalyticsConfig, KpiBounds};
-use tracktrace_core::runtime_checks::FaultyStore;
+use tracktrace_conformance::runtime::FaultyStore;
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, Error, EventFilter, EventId, EventStore, EventStoreExt,
     InMemoryStore, NewEvent, Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId,

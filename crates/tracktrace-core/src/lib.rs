@@ -1,7 +1,7 @@
 //! The tracktrace event-sourcing kernel: an [`EventStore`] trait with version-based optimistic
 //! concurrency, idempotent appends and a gap-free global log, an [`InMemoryStore`] reference
-//! implementation, payload [`codec`]s, catch-up-then-live [`Subscription`]s, and (feature
-//! `testing`) the conformance suite every backend must pass.
+//! implementation, payload [`codec`]s and catch-up-then-live [`Subscription`]s.
+//! Every backend must pass the suite in the `tracktrace-conformance` crate.
 //!
 //! Backends live in their own crates (`tracktrace-store-sled`, `tracktrace-store-postgres`);
 //! this crate does no I/O of its own.
@@ -65,13 +65,7 @@
 //! - [`resilience`]: the [`Retrying`] and [`CircuitBreaker`] wrapper stores.
 //!
 //! # Features
-//! - `testing`: [`conformance`] checks and the model-based property test for backends, and the
-//!   [`runtime_checks`] every backend runs through `runtime_tests!` (not semver-stable).
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
-
-#[cfg(feature = "testing")]
-#[macro_use]
-mod check_macros;
 
 pub mod aggregate;
 pub mod codec;
@@ -87,11 +81,6 @@ pub mod resilience;
 pub mod saga;
 mod store;
 pub mod upcast;
-
-#[cfg(feature = "testing")]
-pub mod conformance;
-#[cfg(feature = "testing")]
-pub mod runtime_checks;
 
 pub use aggregate::{Aggregate, Concurrency, DomainEvent, FieldError, Validator};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};

@@ -382,7 +382,7 @@ pub trait ReadModelStore: CheckpointStore {
 ///
 /// Object safe: most code holds an `Arc<dyn EventStore>`. Behaviour such as retries, circuit
 /// breaking or metrics is added by wrapper stores, not by flags in backends. Every backend must
-/// pass [`crate::conformance`] (feature `testing`).
+/// pass the suite of the `tracktrace-conformance` crate.
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `req.events` atomically (all or nothing) to the stream.

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
+use tracktrace_conformance::runtime::RuntimeStores;
 use tracktrace_core::InMemoryStore;
-use tracktrace_core::runtime_checks::RuntimeStores;
 
 async fn make_stores() -> RuntimeStores {
     RuntimeStores::from_store(Arc::new(InMemoryStore::new()))
 }
 
-tracktrace_core::runtime_tests!(make_stores);
+tracktrace_conformance::runtime_tests!(make_stores);

@@ -1,4 +1,4 @@
-//! The backend conformance suite (feature `testing`; **not semver-stable**).
+//! The event-store, read-model and snapshot checks.
 //!
 //! Every check is a plain `async fn` over a fresh store that returns `Err(CheckFailure)` when
 //! the store misbehaves, so the suite itself can be tested against deliberately broken stores.
@@ -6,11 +6,11 @@
 //!
 //! ```text
 //! async fn make_store() -> Arc<dyn EventStore> { /* fresh, isolated store */ }
-//! tracktrace_core::conformance_tests!(make_store);
+//! tracktrace_conformance::conformance_tests!(make_store);
 //! async fn make_read_model_store() -> Arc<dyn ReadModelStore> { /* fresh */ }
-//! tracktrace_core::read_model_tests!(make_read_model_store);
+//! tracktrace_conformance::read_model_tests!(make_read_model_store);
 //! async fn make_snapshot_store() -> Arc<dyn SnapshotStore> { /* fresh */ }
-//! tracktrace_core::snapshot_tests!(make_snapshot_store);
+//! tracktrace_conformance::snapshot_tests!(make_snapshot_store);
 //! ```
 //!
 //! The macros generate one `#[test]` per check (each with its own multi-threaded runtime) and a
@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::{
+use tracktrace_core::{
     Direction, Error, EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, KeyRange,
     Metadata, NewEvent, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite,
     ReadStream, RecordedEvent, Snapshot, SnapshotStore, StreamId, SubscribeOptions, Subscription,
@@ -36,7 +36,7 @@ pub use failure::{CheckFailure, CheckResult};
 pub use model::model_test;
 
 /// Turns a store error into a check failure with context.
-fn ok<T>(r: crate::Result<T>, what: &str) -> Result<T, CheckFailure> {
+fn ok<T>(r: tracktrace_core::Result<T>, what: &str) -> Result<T, CheckFailure> {
     r.map_err(|e| CheckFailure(format!("{what}: unexpected error: {e}")))
 }
 
@@ -61,7 +61,7 @@ fn s(s: &str) -> StreamId {
 fn ev(ty: &str, n: u64) -> NewEvent {
     NewEvent::new(
         ty,
-        crate::CONTENT_TYPE_JSON,
+        tracktrace_core::CONTENT_TYPE_JSON,
         format!("{{\"n\":{n}}}").into_bytes(),
     )
 }
@@ -137,7 +137,7 @@ fn ids(events: &[RecordedEvent]) -> Vec<EventId> {
 }
 
 fn check_conflict(
-    r: crate::Result<crate::AppendOutcome>,
+    r: tracktrace_core::Result<tracktrace_core::AppendOutcome>,
     expected: ExpectedVersion,
     actual: Version,
 ) -> CheckResult {
@@ -164,7 +164,7 @@ async fn must_append(
     stream: &StreamId,
     expected: ExpectedVersion,
     events: Vec<NewEvent>,
-) -> Result<crate::AppendOutcome, CheckFailure> {
+) -> Result<tracktrace_core::AppendOutcome, CheckFailure> {
     let n = events.len();
     let out = ok(
         store.append_to(tenant, stream, expected, events).await,
@@ -571,12 +571,16 @@ pub async fn read_stream_directions(store: Arc<dyn EventStore>) -> CheckResult {
     must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("A", 10)).await?;
     must_append(&*store, &tn, &s("rs-2"), ExpectedVersion::Any, evs("Z", 3)).await?;
     let v = |r: Vec<RecordedEvent>| r.into_iter().map(|e| e.version.get()).collect::<Vec<_>>();
-    let rs = |d: Direction, from: Option<u64>, limit: usize| ReadStream {
-        tenant: tn.clone(),
-        stream: st.clone(),
-        direction: d,
-        from: from.map(Version::new),
-        limit,
+    let rs = |d: Direction, from: Option<u64>, limit: usize| {
+        let req = match d {
+            Direction::Forwards => ReadStream::forwards(tn.clone(), st.clone()),
+            Direction::Backwards => ReadStream::backwards(tn.clone(), st.clone()),
+        }
+        .limit(limit);
+        match from {
+            Some(v) => req.from(Version::new(v)),
+            None => req,
+        }
     };
     use Direction::*;
     let cases: Vec<(ReadStream, Vec<u64>)> = vec![
@@ -914,8 +918,13 @@ pub async fn concurrent_exact_appends(store: Arc<dyn EventStore>) -> CheckResult
             Ok::<_, Error>(results)
         }));
     }
-    let mut rounds: HashMap<Version, Vec<(EventId, crate::Result<crate::AppendOutcome>)>> =
-        HashMap::new();
+    let mut rounds: HashMap<
+        Version,
+        Vec<(
+            EventId,
+            tracktrace_core::Result<tracktrace_core::AppendOutcome>,
+        )>,
+    > = HashMap::new();
     for h in handles {
         let results = ok(
             h.await
@@ -1708,7 +1717,7 @@ macro_rules! conformance_tests {
 
         #[test]
         fn conformance_model_based_proptest() {
-            if let Err(e) = $crate::conformance::model_test(|| $make(), 24) {
+            if let Err(e) = $crate::store::model_test(|| $make(), 24) {
                 panic!("model-based test failed: {e}");
             }
         }
@@ -1738,79 +1747,13 @@ macro_rules! __conformance_tests {
         $(
             #[test]
             fn $check() {
-                $crate::conformance::run(async {
+                $crate::store::run(async {
                     let store = $make().await;
-                    if let Err(e) = $crate::conformance::$check(store).await {
+                    if let Err(e) = $crate::store::$check(store).await {
                         panic!("conformance check `{}` failed: {e}", stringify!($check));
                     }
                 });
             }
         )+
     };
-}
-
-pub mod fuzz {
-    //! Bodies of the cargo-fuzz targets in `fuzz/`, shared with the ordinary test that replays
-    //! their checked-in seed corpora (so CI exercises them on stable without cargo-fuzz).
-
-    use serde::{Deserialize, Serialize};
-
-    use crate::codec::{Codec, JsonCodec, PostcardCodec, envelope};
-
-    /// A payload shape with nested containers, strings and numbers for the codec targets.
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
-    pub struct FuzzPayload {
-        /// A number.
-        pub n: u64,
-        /// A signed number.
-        pub i: i32,
-        /// A string.
-        pub s: String,
-        /// A list of strings.
-        pub tags: Vec<String>,
-        /// An optional nested value.
-        pub nested: Option<Box<FuzzPayload>>,
-        /// Raw bytes.
-        pub bytes: Vec<u8>,
-    }
-
-    /// Envelope decoder target: decoding arbitrary bytes never panics, and whatever decodes
-    /// re-encodes to the same bytes (the format has one encoding per event).
-    pub fn envelope_target(data: &[u8]) {
-        if let Ok(e) = envelope::decode(data) {
-            let again = envelope::encode(&e);
-            assert_eq!(again, data, "envelope decode/encode is not canonical");
-        }
-    }
-
-    /// Payload codec target: JSON, postcard (and bincode with that feature) decoders never
-    /// panic, and decoded values round-trip.
-    pub fn codecs_target(data: &[u8]) {
-        if let Ok(v) = JsonCodec::decode::<FuzzPayload>(data) {
-            let bytes = JsonCodec::encode(&v).expect("a decoded value encodes");
-            assert_eq!(
-                JsonCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
-                Some(&v)
-            );
-        }
-        if let Ok(v) = PostcardCodec::decode::<FuzzPayload>(data) {
-            let bytes = PostcardCodec::encode(&v).expect("a decoded value encodes");
-            assert_eq!(
-                PostcardCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
-                Some(&v)
-            );
-        }
-        let _ = PostcardCodec::decode::<Vec<(String, u64)>>(data);
-        #[cfg(feature = "bincode")]
-        {
-            use crate::codec::BincodeCodec;
-            if let Ok(v) = BincodeCodec::decode::<FuzzPayload>(data) {
-                let bytes = BincodeCodec::encode(&v).expect("a decoded value encodes");
-                assert_eq!(
-                    BincodeCodec::decode::<FuzzPayload>(&bytes).ok().as_ref(),
-                    Some(&v)
-                );
-            }
-        }
-    }
 }

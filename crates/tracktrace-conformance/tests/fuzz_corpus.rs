@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use tracktrace_core::conformance::fuzz::{codecs_target, envelope_target};
+use tracktrace_conformance::fuzz::{codecs_target, envelope_target};
 
 fn replay(target: &str, f: fn(&[u8])) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
-use tracktrace_core::conformance::{self, CheckResult};
+use tracktrace_conformance::store::{self as conformance, CheckResult};
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, EventId, EventStore, ExpectedVersion, InMemoryStore,
     Position, ReadAll, ReadStream, RecordedEvent, Result, StoreStats, StreamId, TenantId,

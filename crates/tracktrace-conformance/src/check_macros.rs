@@ -1,4 +1,4 @@
-//! `ensure!` / `ensure_eq!` for the check functions of the `testing` feature: they return a
+//! `ensure!` / `ensure_eq!` for the check functions: they return a
 //! `CheckFailure` (which must be in scope) instead of panicking, so the suites can be run
 //! against deliberately broken stores.
 

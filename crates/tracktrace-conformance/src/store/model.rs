@@ -8,9 +8,9 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use super::failure::CheckFailure;
-use crate::{
-    AppendOutcome, Direction, Error, EventFilter, EventId, EventStore, ExpectedVersion, NewEvent,
-    Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId, Version,
+use tracktrace_core::{
+    AppendOutcome, Error, EventFilter, EventId, EventStore, ExpectedVersion, NewEvent, Position,
+    ReadAll, ReadStream, RecordedEvent, StreamId, TenantId, Version,
 };
 
 const TENANTS: [&str; 2] = ["ta", "tb"];
@@ -307,8 +307,12 @@ impl Case {
                         }
                     };
                     self.generated.push(id);
-                    let mut ne = NewEvent::new(TYPES[ty], crate::CONTENT_TYPE_JSON, b"{}".to_vec())
-                        .with_id(id);
+                    let mut ne = NewEvent::new(
+                        TYPES[ty],
+                        tracktrace_core::CONTENT_TYPE_JSON,
+                        b"{}".to_vec(),
+                    )
+                    .with_id(id);
                     ne.dedup_key = dedup.clone();
                     new_events.push(ne);
                     spec.push((id, dedup, ty));
@@ -323,12 +327,12 @@ impl Case {
                 };
                 let got = self
                     .store
-                    .append(crate::AppendRequest {
-                        tenant: tenant(*tn),
-                        stream: stream(*st),
+                    .append(tracktrace_core::AppendRequest::new(
+                        tenant(*tn),
+                        stream(*st),
                         expected,
-                        events: new_events,
-                    })
+                        new_events,
+                    ))
                     .await;
                 match (want, got) {
                     (MOutcome::Appended(idx), Ok(out)) if !out.duplicate => {
@@ -408,16 +412,18 @@ impl Case {
                 idx.truncate(*limit);
                 let got = self
                     .store
-                    .read_stream(ReadStream {
-                        tenant: tenant(*tn),
-                        stream: stream(*st),
-                        direction: if *backwards {
-                            Direction::Backwards
+                    .read_stream({
+                        let (tn, st) = (tenant(*tn), stream(*st));
+                        let req = if *backwards {
+                            ReadStream::backwards(tn, st)
                         } else {
-                            Direction::Forwards
-                        },
-                        from: from.map(Version::new),
-                        limit: *limit,
+                            ReadStream::forwards(tn, st)
+                        };
+                        let req = req.limit(*limit);
+                        match from {
+                            Some(v) => req.from(Version::new(*v)),
+                            None => req,
+                        }
                     })
                     .await
                     .map_err(|e| fail(format!("{ctx}: {e}")))?;
@@ -453,11 +459,7 @@ impl Case {
                 };
                 let page = self
                     .store
-                    .read_all(ReadAll {
-                        from,
-                        limit: *limit,
-                        filter,
-                    })
+                    .read_all(ReadAll::starting_at(from, *limit).filter(filter))
                     .await
                     .map_err(|e| fail(format!("{ctx}: {e}")))?;
                 self.check_events(&page.events, &idx, &ctx)?;
@@ -542,7 +544,7 @@ where
             for op in &ops {
                 case.step(op).await?;
             }
-            let all = crate::EventStoreExt::read_all_to_end(
+            let all = tracktrace_core::EventStoreExt::read_all_to_end(
                 &*case.store,
                 Position::START,
                 EventFilter::default(),

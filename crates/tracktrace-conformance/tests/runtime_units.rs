@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tracktrace_core::runtime_checks::{
+use tracktrace_conformance::runtime::{
     BalanceProjection, CountingStore, FaultyStore, OrderSaga, ParcelCommand, ParcelDispatcher,
     ParcelSaga, RecordingDispatcher, RuntimeStores, dump, seed_accounts,
 };

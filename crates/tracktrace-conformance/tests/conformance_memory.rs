@@ -16,6 +16,6 @@ async fn make_snapshot_store() -> Arc<dyn SnapshotStore> {
     Arc::new(InMemoryStore::new())
 }
 
-tracktrace_core::conformance_tests!(make_store);
-tracktrace_core::read_model_tests!(make_read_model_store);
-tracktrace_core::snapshot_tests!(make_snapshot_store);
+tracktrace_conformance::conformance_tests!(make_store);
+tracktrace_conformance::read_model_tests!(make_read_model_store);
+tracktrace_conformance::snapshot_tests!(make_snapshot_store);

@@ -1,11 +1,11 @@
-//! Runtime checks every backend runs (feature `testing`; **not semver-stable**): the command
+//! Runtime checks every backend runs: the command
 //! bus under contention, snapshot + tail == replay, upcasting, projections and sagas across
 //! restarts, and the circuit breaker — plus the test domain they use ([`Account`],
 //! [`OrderSaga`]) and a fault-injecting store wrapper ([`FaultyStore`]).
 //!
 //! ```text
 //! async fn make_stores() -> RuntimeStores { RuntimeStores::from_store(Arc::new(/* fresh store */)) }
-//! tracktrace_core::runtime_tests!(make_stores);
+//! tracktrace_conformance::runtime_tests!(make_stores);
 //! ```
 
 use std::collections::BTreeMap;
@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::conformance::{CheckFailure, CheckResult};
-use crate::{
+use crate::store::{CheckFailure, CheckResult};
+use tracktrace_core::{
     Aggregate, BreakerConfig, BreakerState, CacheMiss, CircuitBreaker, CommandBus,
     CommandDispatcher, CommandError, CommandMeta, DispatchError, DomainEvent, Error, EventFilter,
     EventId, EventStore, EventStoreExt, ExpectedVersion, FieldError, JsonCodec, NewEvent, Position,
@@ -28,7 +28,7 @@ use crate::{
     Result, Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters,
     Version,
 };
-use crate::{
+use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, KeyRange, ReadAll,
     ReadModelBatch, ReadStream, RetryPolicy,
 };
@@ -261,7 +261,7 @@ pub async fn concurrent_commands(s: RuntimeStores) -> CheckResult {
 }
 
 /// An append-only log of readings: an aggregate without invariants
-/// ([`crate::Concurrency::Unchecked`]), for [`unchecked_concurrent_commands`].
+/// ([`tracktrace_core::Concurrency::Unchecked`]), for [`unchecked_concurrent_commands`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Readings {
     /// Readings applied.
@@ -285,7 +285,7 @@ impl DomainEvent for ReadingTaken {
 
 impl Aggregate for Readings {
     const TYPE: &'static str = "Readings";
-    const CONCURRENCY: crate::Concurrency = crate::Concurrency::Unchecked;
+    const CONCURRENCY: tracktrace_core::Concurrency = tracktrace_core::Concurrency::Unchecked;
     type Command = i64;
     type Event = ReadingTaken;
     type Error = std::convert::Infallible;
@@ -301,7 +301,7 @@ impl Aggregate for Readings {
     }
 }
 
-/// 32 concurrent commands on one [`crate::Concurrency::Unchecked`] aggregate, through two
+/// 32 concurrent commands on one [`tracktrace_core::Concurrency::Unchecked`] aggregate, through two
 /// buses (two processes) that may not retry at all: every command succeeds at its first
 /// attempt, the stream holds 32 events at versions 1..=32, and loads through either bus (cache,
 /// snapshots every 5) equal a full replay afterwards.
@@ -367,7 +367,7 @@ pub async fn unchecked_concurrent_commands(s: RuntimeStores) -> CheckResult {
     Ok(())
 }
 
-/// The command path's cost model (see [`crate::Repository`]), in store calls per command: a
+/// The command path's cost model (see [`tracktrace_core::Repository`]), in store calls per command: a
 /// new aggregate through `create` is one append and no read; the default repository reads an
 /// uncached aggregate once and then appends; a cached one only appends (a growing stream costs
 /// the same per command whatever its length); with the cache off every command reads. `create`
@@ -824,7 +824,7 @@ impl Projection for BalanceProjection {
         &mut self,
         event: &RecordedEvent,
         tx: &mut ReadModelTx<'_>,
-    ) -> Result<(), crate::BoxError> {
+    ) -> Result<(), tracktrace_core::BoxError> {
         if let Some(d) = self.delay {
             tokio::time::sleep(d).await;
         }
@@ -862,7 +862,7 @@ pub async fn seed_accounts(store: &dyn EventStore, n: usize, accounts: usize) ->
             amount: i as i64 + 1,
             currency: "EUR".into(),
         };
-        let ev = <JsonCodec as crate::Codec>::new_event("Deposited", 2, &e)
+        let ev = <JsonCodec as tracktrace_core::Codec>::new_event("Deposited", 2, &e)
             .map_err(|e| Error::invalid("payload", e.to_string()))?;
         store
             .append_to(&t, &stream, ExpectedVersion::Any, vec![ev])
@@ -1320,7 +1320,7 @@ pub async fn saga_compensation(s: RuntimeStores) -> CheckResult {
     Ok(())
 }
 
-/// Sends through a [`crate::BusDispatcher`], then "loses the acknowledgement" of the first
+/// Sends through a [`tracktrace_core::BusDispatcher`], then "loses the acknowledgement" of the first
 /// send of each dispatch (as if the saga process crashed right after sending).
 struct LossyAck<D> {
     inner: D,
@@ -1349,7 +1349,7 @@ impl<D: CommandDispatcher<OrderCommand>> CommandDispatcher<OrderCommand> for Los
 }
 
 /// A command whose acknowledgement was lost is sent again (same dispatch id) and, through a
-/// [`crate::BusDispatcher`], applied to the target aggregate exactly once.
+/// [`tracktrace_core::BusDispatcher`], applied to the target aggregate exactly once.
 pub async fn saga_redelivery_is_idempotent(s: RuntimeStores) -> CheckResult {
     let route = |c: &OrderCommand| match c {
         OrderCommand::Reserve(order) => {
@@ -1358,7 +1358,7 @@ pub async fn saga_redelivery_is_idempotent(s: RuntimeStores) -> CheckResult {
         _ => None,
     };
     let dispatcher = LossyAck {
-        inner: crate::BusDispatcher::new(account_bus(&s, 0), route),
+        inner: tracktrace_core::BusDispatcher::new(account_bus(&s, 0), route),
         acked: Mutex::default(),
     };
     let saga = OrderSaga {
@@ -2205,7 +2205,7 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
         "append through the closed breaker",
     )?;
     // Retrying rides over two injected failures (append retried idempotently).
-    let retrying = crate::Retrying::with_policy(
+    let retrying = tracktrace_core::Retrying::with_policy(
         faulty.clone(),
         RetryPolicy {
             max_attempts: 5,
@@ -2253,7 +2253,7 @@ macro_rules! runtime_tests {
 
         #[test]
         fn runtime_snapshot_equals_replay_proptest() {
-            if let Err(e) = $crate::runtime_checks::snapshot_proptest(|| $make(), 16) {
+            if let Err(e) = $crate::runtime::snapshot_proptest(|| $make(), 16) {
                 panic!("snapshot + tail != replay: {e}");
             }
         }
@@ -2267,9 +2267,9 @@ macro_rules! __runtime_tests {
         $(
             #[test]
             fn $check() {
-                $crate::conformance::run(async {
+                $crate::store::run(async {
                     let stores = $make().await;
-                    if let Err(e) = $crate::runtime_checks::$check(stores).await {
+                    if let Err(e) = $crate::runtime::$check(stores).await {
                         panic!("runtime check `{}` failed: {e}", stringify!($check));
                     }
                 });
