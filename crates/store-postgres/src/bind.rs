@@ -22,7 +22,8 @@ pub(crate) fn headers_json(e: &NewEvent) -> Option<String> {
         .then(|| serde_json::to_string(&e.metadata.headers).unwrap_or_default())
 }
 
-/// The `schema_version` column of an event (`append` has checked that it fits).
+/// The `schema_version` column of an event (`validate_batch` has checked that it is at most
+/// `limits::MAX_SCHEMA_VERSION`).
 pub(crate) fn schema_version_param(e: &NewEvent) -> i32 {
     i32::try_from(e.schema_version).unwrap_or(i32::MAX)
 }

@@ -412,17 +412,6 @@ impl PgStore {
 impl EventStore for PgStore {
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
         validate_batch(&req.events)?;
-        if let Some((i, _)) = req
-            .events
-            .iter()
-            .enumerate()
-            .find(|(_, e)| e.schema_version > i32::MAX as u32)
-        {
-            return Err(Error::invalid(
-                format!("events[{i}].schema_version"),
-                "must fit in a signed 32-bit integer",
-            ));
-        }
         if req.events.len() == 1
             && let Some(grouper) = &self.inner.grouper
         {

@@ -14,6 +14,7 @@ async fn make_store() -> Arc<dyn EventStore> {
     Arc::new(fresh())
 }
 tracktrace_conformance::conformance_tests!(make_store);
+tracktrace_conformance::monotonic_clock_tests!(make_store);
 
 async fn make_read_model_store() -> Arc<dyn ReadModelStore> {
     Arc::new(fresh())

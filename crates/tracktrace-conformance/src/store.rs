@@ -31,9 +31,24 @@ use tracktrace_core::{
 };
 
 mod failure;
+mod fidelity;
+mod identity;
 mod model;
+mod rules;
 pub use failure::{CheckFailure, CheckResult};
+pub use fidelity::{full_events_on_every_read_path, long_streams_read_in_full};
+pub use identity::{
+    dedup_keys_compared_in_full, stream_keys_do_not_collide, stream_prefix_is_literal,
+    tenant_filter_is_exact, versions_are_64_bit,
+};
 pub use model::model_test;
+pub use rules::{
+    batches_become_visible_whole, duplicate_error_names_the_stored_event,
+    duplicate_refs_in_request_order, limits_enforced_at_the_bounds, position_at_past_the_end,
+    racing_dedup_keys_store_one, read_model_commit_none_is_fenced,
+    read_model_writes_apply_in_order, recorded_at_consistent_under_concurrency,
+    recorded_at_never_decreases, snapshot_same_version_replaces, watch_head_carries_the_head,
+};
 
 /// Turns a store error into a check failure with context.
 fn ok<T>(r: tracktrace_core::Result<T>, what: &str) -> Result<T, CheckFailure> {
@@ -1713,7 +1728,13 @@ macro_rules! conformance_tests {
             metadata_roundtrip, payload_size_limit, invalid_input_rejected,
             concurrent_exact_appends, concurrent_duplicate_appends, concurrent_writers_with_subscriber,
             subscription_catch_up_then_live, position_at_finds_window_starts,
-            store_stats_count_events);
+            store_stats_count_events, stream_keys_do_not_collide, tenant_filter_is_exact,
+            stream_prefix_is_literal, dedup_keys_compared_in_full, versions_are_64_bit,
+            full_events_on_every_read_path, long_streams_read_in_full,
+            batches_become_visible_whole, duplicate_refs_in_request_order,
+            duplicate_error_names_the_stored_event, racing_dedup_keys_store_one,
+            limits_enforced_at_the_bounds, position_at_past_the_end, watch_head_carries_the_head,
+            recorded_at_consistent_under_concurrency);
 
         #[test]
         fn conformance_model_based_proptest() {
@@ -1728,7 +1749,8 @@ macro_rules! conformance_tests {
 #[macro_export]
 macro_rules! read_model_tests {
     ($make:path) => {
-        $crate::__conformance_tests!($make; read_model_store);
+        $crate::__conformance_tests!($make; read_model_store, read_model_commit_none_is_fenced,
+            read_model_writes_apply_in_order);
     };
 }
 
@@ -1736,7 +1758,17 @@ macro_rules! read_model_tests {
 #[macro_export]
 macro_rules! snapshot_tests {
     ($make:path) => {
-        $crate::__conformance_tests!($make; snapshot_store);
+        $crate::__conformance_tests!($make; snapshot_store, snapshot_same_version_replaces);
+    };
+}
+
+/// Generates the checks for backends whose `recorded_at` never decreases along the log (a
+/// single writer with a monotonic clock: in-memory, sled; not PostgreSQL, whose recorded-at is
+/// the transaction's start). `$make`: `async fn() -> Arc<dyn EventStore>`.
+#[macro_export]
+macro_rules! monotonic_clock_tests {
+    ($make:path) => {
+        $crate::__conformance_tests!($make; recorded_at_never_decreases);
     };
 }
 

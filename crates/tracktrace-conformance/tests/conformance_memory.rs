@@ -19,3 +19,4 @@ async fn make_snapshot_store() -> Arc<dyn SnapshotStore> {
 tracktrace_conformance::conformance_tests!(make_store);
 tracktrace_conformance::read_model_tests!(make_read_model_store);
 tracktrace_conformance::snapshot_tests!(make_snapshot_store);
+tracktrace_conformance::monotonic_clock_tests!(make_store);

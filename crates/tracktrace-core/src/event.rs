@@ -22,10 +22,14 @@ pub mod limits {
     pub const MAX_EVENT_TYPE_LEN: usize = 128;
     /// Longest dedup key, correlation id, causation id, content type, header name, in bytes.
     pub const MAX_SHORT_STRING_LEN: usize = 256;
-    /// Longest header value, in bytes.
+    /// Longest header value, in bytes. Header values may hold any character but NUL (U+0000),
+    /// which SQL text types cannot store.
     pub const MAX_HEADER_VALUE_LEN: usize = 4096;
     /// Most headers on one event.
     pub const MAX_HEADERS: usize = 64;
+    /// Highest payload schema version (`i32::MAX`, so that every backend can keep it in a
+    /// signed 32-bit column).
+    pub const MAX_SCHEMA_VERSION: u32 = i32::MAX as u32;
 }
 
 /// Content type of JSON payloads.
@@ -237,6 +241,15 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
         if e.schema_version == 0 {
             return Err(Error::invalid(f("schema_version"), "must be at least 1"));
         }
+        if e.schema_version > MAX_SCHEMA_VERSION {
+            return Err(Error::invalid(
+                f("schema_version"),
+                format!(
+                    "is {}; at most {MAX_SCHEMA_VERSION} is allowed",
+                    e.schema_version
+                ),
+            ));
+        }
         if e.payload.len() > MAX_PAYLOAD_BYTES {
             return Err(Error::invalid(
                 f("payload"),
@@ -291,6 +304,12 @@ pub fn validate_batch(events: &[NewEvent]) -> Result<()> {
                     ),
                 ));
             }
+            if v.contains('\0') {
+                return Err(Error::invalid(
+                    f(&format!("metadata.headers.{k}")),
+                    "value must not contain the NUL character",
+                ));
+            }
         }
     }
     Ok(())
@@ -319,6 +338,16 @@ mod tests {
         assert!(validate_batch(&[k1, k2]).is_err());
         assert!(validate_batch(&[NewEvent::new("", "x", Bytes::new())]).is_err());
         assert!(validate_batch(&[ev().with_schema_version(0)]).is_err());
+        let max = limits::MAX_SCHEMA_VERSION;
+        assert!(validate_batch(&[ev().with_schema_version(max)]).is_ok());
+        assert!(
+            matches!(validate_batch(&[ev().with_schema_version(max + 1)]), Err(Error::InvalidInput { field, .. }) if field == "events[0].schema_version")
+        );
+        let mut nul = ev();
+        nul.metadata.headers.insert("a".into(), "x\0y".into());
+        assert!(
+            matches!(validate_batch(&[nul]), Err(Error::InvalidInput { field, .. }) if field == "events[0].metadata.headers.a")
+        );
         let mut h = ev();
         h.metadata.headers.insert("a".into(), "x".repeat(5000));
         assert!(validate_batch(&[h]).is_err());

@@ -1,6 +1,7 @@
 //! Model-based property test: random operation sequences run against the store under test
 //! and a plain, obviously-correct model; every result is compared after every step.
 
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -9,13 +10,15 @@ use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
 
 use super::failure::CheckFailure;
 use tracktrace_core::{
-    AppendOutcome, Error, EventFilter, EventId, EventStore, ExpectedVersion, NewEvent, Position,
-    ReadAll, ReadStream, RecordedEvent, StreamId, TenantId, Version,
+    AppendOutcome, Error, EventFilter, EventId, EventStore, ExpectedVersion, Metadata, NewEvent,
+    Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId, Version,
 };
 
 const TENANTS: [&str; 2] = ["ta", "tb"];
 const STREAMS: [&str; 3] = ["Bag-1", "Bag-2", "Uld-1"];
 const TYPES: [&str; 3] = ["A", "B", "C"];
+/// Stream prefixes the `read_all` filters use (matching one, two or all streams).
+const PREFIXES: [&str; 4] = ["Bag-", "Bag-1", "Uld", "B"];
 
 #[derive(Debug, Clone)]
 enum Exp {
@@ -55,7 +58,9 @@ enum Op {
         from_index: usize,
         limit: usize,
         tenant: Option<usize>,
-        ty: Option<usize>,
+        /// Bit `i` set: type `i` is in the filter (0: no type filter).
+        types: u8,
+        prefix: Option<usize>,
     },
     Version {
         tenant: usize,
@@ -85,8 +90,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
             .prop_map(|(tenant, stream, expected, events)| Op::Append { tenant, stream, expected, events }),
         2 => (0..2usize, 0..3usize, any::<bool>(), proptest::option::of(0u64..8), 0usize..6)
             .prop_map(|(tenant, stream, backwards, from, limit)| Op::ReadStream { tenant, stream, backwards, from, limit }),
-        2 => (0usize..30, 1usize..8, proptest::option::of(0..2usize), proptest::option::of(0..3usize))
-            .prop_map(|(from_index, limit, tenant, ty)| Op::ReadAll { from_index, limit, tenant, ty }),
+        2 => (0usize..30, 1usize..8, proptest::option::of(0..2usize), 0u8..8, proptest::option::weighted(0.3, 0..PREFIXES.len()))
+            .prop_map(|(from_index, limit, tenant, types, prefix)| Op::ReadAll { from_index, limit, tenant, types, prefix }),
         1 => (0..2usize, 0..3usize).prop_map(|(tenant, stream)| Op::Version { tenant, stream }),
         1 => (0..2usize, any::<usize>()).prop_map(|(tenant, pick)| Op::Get { tenant, pick }),
     ]
@@ -194,6 +199,9 @@ struct Case {
     /// Actual position of model index `i`.
     positions: Vec<Position>,
     generated: Vec<EventId>,
+    /// What was sent for each stored (tenant, event id): payload, metadata, schema and content
+    /// type.
+    sent: HashMap<(usize, EventId), NewEvent>,
 }
 
 fn fail(msg: String) -> TestCaseError {
@@ -217,7 +225,13 @@ impl Case {
             && got.version == Version::new(m.version)
             && got.event_type == TYPES[m.ty]
             && got.dedup_key == m.dedup
-            && got.position == self.positions[idx];
+            && got.position == self.positions[idx]
+            && self.sent.get(&(m.tenant, m.id)).is_some_and(|sent| {
+                got.payload == sent.payload
+                    && got.metadata == sent.metadata
+                    && got.schema_version == sent.schema_version
+                    && got.content_type == sent.content_type
+            });
         if ok {
             Ok(())
         } else {
@@ -306,13 +320,31 @@ impl Case {
                             (EventId::new(), dedup.map(|d| format!("k{d}")), *ty)
                         }
                     };
+                    let n = self.generated.len();
                     self.generated.push(id);
+                    // Contents vary with `n`, so an event read back with another's payload or
+                    // metadata is caught.
+                    let mut headers = BTreeMap::new();
+                    if !n.is_multiple_of(3) {
+                        headers.insert(format!("H{}", n % 4), format!("v{n}"));
+                        headers.insert(format!("h{}", n % 4), "x".repeat((n % 7) * 50));
+                    }
                     let mut ne = NewEvent::new(
                         TYPES[ty],
-                        tracktrace_core::CONTENT_TYPE_JSON,
-                        b"{}".to_vec(),
+                        if n.is_multiple_of(2) {
+                            tracktrace_core::CONTENT_TYPE_JSON
+                        } else {
+                            "application/x-test"
+                        },
+                        format!("{{\"n\":{n}}}").into_bytes(),
                     )
-                    .with_id(id);
+                    .with_id(id)
+                    .with_schema_version(1 + (n % 3) as u32)
+                    .with_metadata(Metadata {
+                        correlation_id: (n % 2 == 1).then(|| format!("corr-{n}")),
+                        causation_id: (n % 5 == 1).then(|| format!("cause-{n}")),
+                        headers,
+                    });
                     ne.dedup_key = dedup.clone();
                     new_events.push(ne);
                     spec.push((id, dedup, ty));
@@ -331,11 +363,14 @@ impl Case {
                         tenant(*tn),
                         stream(*st),
                         expected,
-                        new_events,
+                        new_events.clone(),
                     ))
                     .await;
                 match (want, got) {
                     (MOutcome::Appended(idx), Ok(out)) if !out.duplicate => {
+                        for e in &new_events {
+                            self.sent.insert((*tn, e.event_id), e.clone());
+                        }
                         for (r, _) in out.events.iter().zip(&idx) {
                             if let Some(last) = self.positions.last()
                                 && r.position <= *last
@@ -433,7 +468,8 @@ impl Case {
                 from_index,
                 limit,
                 tenant: tn,
-                ty,
+                types,
+                prefix,
             } => {
                 let from = self
                     .positions
@@ -445,24 +481,46 @@ impl Case {
                 } else {
                     0
                 };
-                let idx: Vec<usize> = (start..self.model.log.len())
+                let type_set: Vec<usize> =
+                    (0..TYPES.len()).filter(|i| types & (1 << i) != 0).collect();
+                let matching: Vec<usize> = (start..self.model.log.len())
                     .filter(|&i| {
-                        tn.is_none_or(|t| self.model.log[i].tenant == t)
-                            && ty.is_none_or(|t| self.model.log[i].ty == t)
+                        let m = &self.model.log[i];
+                        tn.is_none_or(|t| m.tenant == t)
+                            && (type_set.is_empty() || type_set.contains(&m.ty))
+                            && prefix.is_none_or(|p| STREAMS[m.stream].starts_with(PREFIXES[p]))
                     })
-                    .take(*limit)
                     .collect();
                 let filter = EventFilter {
                     tenant: tn.map(tenant),
-                    event_types: ty.map(|t| vec![TYPES[t].to_string()]).unwrap_or_default(),
-                    stream_prefix: None,
+                    event_types: type_set.iter().map(|&t| TYPES[t].to_string()).collect(),
+                    stream_prefix: prefix.map(|p| PREFIXES[p].to_string()),
                 };
-                let page = self
-                    .store
-                    .read_all(ReadAll::starting_at(from, *limit).filter(filter))
-                    .await
-                    .map_err(|e| fail(format!("{ctx}: {e}")))?;
-                self.check_events(&page.events, &idx, &ctx)?;
+                // Two pages: the second starts at the first's `next`.
+                let mut from = from;
+                for (page_no, want) in matching
+                    .chunks(*limit)
+                    .chain(std::iter::once(&[][..]))
+                    .take(2)
+                    .enumerate()
+                {
+                    let page = self
+                        .store
+                        .read_all(ReadAll::starting_at(from, *limit).filter(filter.clone()))
+                        .await
+                        .map_err(|e| fail(format!("{ctx}: page {page_no}: {e}")))?;
+                    self.check_events(&page.events, want, &format!("{ctx}: page {page_no}"))?;
+                    if page.next < from {
+                        return Err(fail(format!(
+                            "{ctx}: next {} went back from {from}",
+                            page.next
+                        )));
+                    }
+                    if page.events.len() < *limit {
+                        break;
+                    }
+                    from = page.next;
+                }
             }
             Op::Version {
                 tenant: tn,
@@ -540,6 +598,7 @@ where
                 model: Model::default(),
                 positions: Vec::new(),
                 generated: Vec::new(),
+                sent: HashMap::new(),
             };
             for op in &ops {
                 case.step(op).await?;
