@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tracktrace_core::{
-    BoxError, Direction, EventFilter, EventStore, EventStoreExt, ExpectedVersion, KeyRange,
-    NewEvent, Projection, ProjectionRunner, ReadModelStore, ReadModelTx, RecordedEvent, StreamId,
-    TenantId,
+    BoxError, Direction, EventFilter, EventStoreExt, ExpectedVersion, KeyRange, NewEvent, Position,
+    Projection, ProjectionRunner, ReadModelStore, ReadModelTx, RecordedEvent, StreamId, TenantId,
 };
 
 /// Bags per flight: key `"{flight}/{bag}"` in namespace `manifest`, and a count per flight in
@@ -57,13 +56,13 @@ async fn load_bag(
     tenant: &TenantId,
     bag: u32,
     flight: &str,
-) -> Result<(), BoxError> {
+) -> Result<Position, BoxError> {
     let stream = StreamId::parse(format!("Bag-{bag:04}"))?;
     let event = NewEvent::json("BagLoaded", &serde_json::json!({ "flight": flight }));
-    store
+    let out = store
         .append_to(tenant, &stream, ExpectedVersion::Any, vec![event])
         .await?;
-    Ok(())
+    Ok(out.last_position())
 }
 
 async fn count(store: &dyn ReadModelStore, flight: &str) -> Result<u64, BoxError> {
@@ -98,21 +97,16 @@ pub(crate) async fn run() -> Result<Vec<String>, BoxError> {
         count(&*store, "IB3170").await?
     );
 
-    // Live: the runner sleeps on the store's notifications until new events arrive.
-    let lag = runner.lag_handle();
+    // Live: the runner sleeps on the store's notifications until new events arrive; the
+    // progress handle waits until a write is reflected (read-your-writes).
+    let progress = runner.progress();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let live = tokio::spawn(async move {
         runner.run(async { stopped.await.unwrap_or(()) }).await?;
         Ok::<_, tracktrace_core::ProjectionError>(runner)
     });
-    load_bag(&*store, &tenant, 1000, "IB3170").await?;
-    let head = store.head().await?;
-    for _ in 0..1000 {
-        if lag.get().checkpoint >= head {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let written = load_bag(&*store, &tenant, 1000, "IB3170").await?;
+    tokio::time::timeout(Duration::from_secs(10), progress.wait_for(written)).await??;
     let _ = stop.send(());
     let mut runner = live.await??;
     println!(

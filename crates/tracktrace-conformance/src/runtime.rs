@@ -955,6 +955,99 @@ pub async fn projection_restart_and_rebuild(s: RuntimeStores) -> CheckResult {
     Ok(())
 }
 
+/// The balance projection's global count.
+async fn balance_total(store: &dyn ReadModelStore, ns: &str) -> Result<u64, CheckFailure> {
+    let v = ok(store.get(ns, b"~total").await, "get total")?;
+    match v {
+        None => Ok(0),
+        Some(v) => serde_json::from_slice(&v).map_err(|e| CheckFailure(e.to_string())),
+    }
+}
+
+/// Read-your-writes through a projection: `ProjectionRunner::wait_for` (driving the runner in
+/// this task) and `ProjectionProgress::wait_for` (while the runner runs in another) return once
+/// the position of a just-appended event is applied, also for positions the projection's
+/// filter skips; a progress handle whose runner is gone fails with `Error::Closed`.
+pub async fn projection_wait_for_reads_your_writes(s: RuntimeStores) -> CheckResult {
+    ok(seed_accounts(&*s.events, 20, 3).await, "seed")?;
+    let head = ok(s.events.head().await, "head")?;
+    let p = BalanceProjection::new("balances-wait");
+    let ns = p.namespace();
+    let mut runner =
+        ProjectionRunner::new(s.events.clone(), s.read_models.clone(), p).with_batch_size(4);
+    let cp = ok(
+        tokio::time::timeout(Duration::from_secs(10), runner.wait_for(head))
+            .await
+            .map_err(|_| "timed out".to_string()),
+        "runner.wait_for",
+    )?;
+    let cp = ok(cp, "runner.wait_for")?;
+    ensure!(cp >= head, "wait_for({head}) returned checkpoint {cp}");
+    ensure_eq!(
+        balance_total(&*s.read_models, &ns).await?,
+        20,
+        "applied by wait_for"
+    );
+
+    let progress = runner.progress();
+    ensure!(
+        progress.checkpoint() >= head,
+        "progress starts at the runner's checkpoint"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        runner
+            .run(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    for i in 0..10u64 {
+        ok(seed_accounts(&*s.events, 1, 3).await, "append")?;
+        // An event the projection's filter skips, after it: waiting for it covers both.
+        let noise = ok(
+            s.events
+                .append_to(
+                    &tenant(),
+                    &StreamId::from_static("Noise-1"),
+                    ExpectedVersion::Any,
+                    vec![NewEvent::json("Noise", &serde_json::json!({ "i": i }))],
+                )
+                .await,
+            "append noise",
+        )?;
+        let waited = tokio::time::timeout(
+            Duration::from_secs(10),
+            progress.wait_for(noise.last_position()),
+        )
+        .await
+        .map_err(|_| CheckFailure(format!("progress.wait_for timed out at write {i}")))?;
+        ok(waited, "progress.wait_for")?;
+        ensure_eq!(
+            balance_total(&*s.read_models, &ns).await?,
+            21 + i,
+            "the write is visible once wait_for returns"
+        );
+    }
+    let _ = stop_tx.send(());
+    ok(
+        ok(task.await.map_err(|e| e.to_string()), "join")?,
+        "live run",
+    )?;
+    // The runner is gone: waiting for more fails instead of hanging.
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        progress.wait_for(Position::new(u64::MAX)),
+    )
+    .await
+    .map_err(|_| CheckFailure("wait_for on a dropped runner hung".into()))?;
+    ensure!(
+        matches!(r, Err(Error::Closed)),
+        "wait_for on a dropped runner must be Error::Closed, got {r:?}"
+    );
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Sagas.
 
@@ -2247,7 +2340,8 @@ macro_rules! runtime_tests {
         $crate::__runtime_tests!($make;
             concurrent_commands, unchecked_concurrent_commands, command_costs, command_errors,
             upcaster_v1_to_v2,
-            projection_restart_and_rebuild, saga_deadline_across_restart, saga_compensation,
+            projection_restart_and_rebuild, projection_wait_for_reads_your_writes,
+            saga_deadline_across_restart, saga_compensation,
             saga_redelivery_is_idempotent, saga_bounded_instances, saga_recovery_reads_open_work,
             circuit_breaker);
 

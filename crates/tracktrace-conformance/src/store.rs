@@ -36,7 +36,9 @@ mod identity;
 mod model;
 mod rules;
 pub use failure::{CheckFailure, CheckResult};
-pub use fidelity::{full_events_on_every_read_path, long_streams_read_in_full};
+pub use fidelity::{
+    full_events_on_every_read_path, long_streams_read_in_full, paged_reads_match_full_reads,
+};
 pub use identity::{
     dedup_keys_compared_in_full, stream_keys_do_not_collide, stream_prefix_is_literal,
     tenant_filter_is_exact, versions_are_64_bit,
@@ -1734,7 +1736,7 @@ macro_rules! conformance_tests {
             batches_become_visible_whole, duplicate_refs_in_request_order,
             duplicate_error_names_the_stored_event, racing_dedup_keys_store_one,
             limits_enforced_at_the_bounds, position_at_past_the_end, watch_head_carries_the_head,
-            recorded_at_consistent_under_concurrency);
+            recorded_at_consistent_under_concurrency, paged_reads_match_full_reads);
 
         #[test]
         fn conformance_model_based_proptest() {

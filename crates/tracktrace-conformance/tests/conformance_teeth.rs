@@ -78,6 +78,8 @@ enum Fault {
     ReadModelWritesReordered,
     /// A snapshot at the stored version is ignored.
     SnapshotSameVersionKept,
+    /// `read_stream` backwards ignores its start version.
+    BackwardsIgnoresFrom,
 }
 
 /// How a read reached the store (faults that affect one read path only).
@@ -388,6 +390,7 @@ impl EventStore for Broken {
                 req.from = req.from.map(|v| Version::new(v.get() & 0xffff_ffff));
             }
             Fault::ReadsCappedAt256 => req.limit = req.limit.min(256),
+            Fault::BackwardsIgnoresFrom if req.direction == Direction::Backwards => req.from = None,
             _ => {}
         }
         let mut events = self.inner.read_stream(req).await?;
@@ -736,6 +739,7 @@ fn the_wrapper_without_a_fault_passes_the_extended_checks() {
     pass!(watch_head_carries_the_head);
     pass!(recorded_at_consistent_under_concurrency);
     pass!(recorded_at_never_decreases);
+    pass!(paged_reads_match_full_reads);
     let rm = || broken_store(f) as Arc<dyn ReadModelStore>;
     ok(
         "rm none",
@@ -768,6 +772,7 @@ fn events_altered_on_a_read_path_are_caught() {
     must_fail!(Fault::HeaderValuesCutAt255, full_events_on_every_read_path);
     must_fail!(Fault::HeaderNamesLowerCased, full_events_on_every_read_path);
     must_fail!(Fault::ReadsCappedAt256, long_streams_read_in_full);
+    must_fail!(Fault::BackwardsIgnoresFrom, paged_reads_match_full_reads);
     // The model compares full events on every read path too.
     model_must_fail(Fault::ReadAllDropsMetadata);
     model_must_fail(Fault::HeaderValuesCutAt255);

@@ -76,6 +76,7 @@ mod event_ref;
 mod id;
 pub mod lease;
 mod memory;
+mod paged;
 pub mod projection;
 pub mod resilience;
 pub mod saga;
@@ -94,7 +95,10 @@ pub use event_ref::EventRef;
 pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
 pub use lease::{Lease, Leases, LocalLeases};
 pub use memory::InMemoryStore;
-pub use projection::{Lag, LagHandle, Projection, ProjectionError, ProjectionRunner, ReadModelTx};
+pub use paged::EventPages;
+pub use projection::{
+    Lag, LagHandle, Projection, ProjectionError, ProjectionProgress, ProjectionRunner, ReadModelTx,
+};
 pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
 pub use saga::{
     BusDispatcher, CommandDispatcher, DispatchError, Reaction, Saga, SagaProgress, SagaRecord,

@@ -23,6 +23,8 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
+use tokio::sync::watch;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::Serialize;
@@ -234,6 +236,63 @@ impl ProjectionError {
     }
 }
 
+/// A shared view of a runner's checkpoint that can wait for it to reach a position (from
+/// another task while the runner runs): the usual way to read your own writes through a
+/// projection.
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use tracktrace_core::*;
+/// # struct Count;
+/// # #[async_trait::async_trait]
+/// # impl Projection for Count {
+/// #     fn name(&self) -> &str { "count" }
+/// #     async fn apply(&mut self, _e: &RecordedEvent, tx: &mut ReadModelTx<'_>) -> std::result::Result<(), BoxError> {
+/// #         tx.put("n", b"k".to_vec(), b"v".to_vec()); Ok(())
+/// #     }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::result::Result<(), BoxError> {
+/// let store = Arc::new(InMemoryStore::new());
+/// let mut runner = ProjectionRunner::new(store.clone(), store.clone(), Count);
+/// let progress = runner.progress();
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// let task = tokio::spawn(async move { runner.run(async { stopped.await.unwrap_or(()) }).await });
+///
+/// let tenant = TenantId::from_static("acme");
+/// let out = store
+///     .append_to(&tenant, &StreamId::from_static("s-1"), ExpectedVersion::Any,
+///                vec![NewEvent::json("Happened", &serde_json::json!({}))])
+///     .await?;
+/// progress.wait_for(out.last_position()).await?; // the write is in the read model now
+/// assert!(store.get("n", b"k").await?.is_some());
+/// let _ = stop.send(());
+/// task.await??;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ProjectionProgress(watch::Receiver<Position>);
+
+impl ProjectionProgress {
+    /// The runner's checkpoint as last committed (or loaded): every event at or below it is
+    /// applied. `Position::START` before the runner has loaded or committed one.
+    pub fn checkpoint(&self) -> Position {
+        *self.0.borrow()
+    }
+
+    /// Waits until the checkpoint is at or past `position` (every event up to `position` is
+    /// reflected in the projection). Waits for as long as it takes: wrap it in a timeout. Fails
+    /// with [`Error::Closed`] once the runner is dropped without reaching `position`.
+    pub async fn wait_for(&self, position: Position) -> Result<Position> {
+        let mut rx = self.0.clone();
+        let cp = rx
+            .wait_for(|cp| *cp >= position)
+            .await
+            .map_err(|_| Error::Closed)?;
+        Ok(*cp)
+    }
+}
+
 enum Target {
     ReadModels(Arc<dyn ReadModelStore>),
     Checkpoints(Arc<dyn CheckpointStore>),
@@ -250,6 +309,7 @@ pub struct ProjectionRunner<P: Projection> {
     /// `None`: not loaded yet (reloaded after a fencing error).
     checkpoint: Option<Option<Position>>,
     lag: LagHandle,
+    progress: watch::Sender<Position>,
 }
 
 impl<P: Projection> fmt::Debug for ProjectionRunner<P> {
@@ -293,6 +353,7 @@ impl<P: Projection> ProjectionRunner<P> {
             batch_size: 256,
             checkpoint: None,
             lag: LagHandle::default(),
+            progress: watch::Sender::new(Position::START),
         }
     }
 
@@ -323,6 +384,42 @@ impl<P: Projection> ProjectionRunner<P> {
         self.lag.clone()
     }
 
+    /// A handle that follows the checkpoint and can [wait for](ProjectionProgress::wait_for) a
+    /// position from another task while this runner [runs](ProjectionRunner::run).
+    pub fn progress(&self) -> ProjectionProgress {
+        ProjectionProgress(self.progress.subscribe())
+    }
+
+    /// Records `cp` as the checkpoint and tells the [`ProjectionProgress`] handles.
+    fn set_checkpoint(&mut self, cp: Option<Position>) {
+        self.checkpoint = Some(cp);
+        self.progress.send_replace(cp.unwrap_or_default());
+    }
+
+    /// Processes batches (in this task) until every event up to `position` is applied, waiting
+    /// on the store's head notifications when `position` is not readable yet; returns the
+    /// checkpoint. Waits for as long as it takes: wrap it in a timeout. Use
+    /// [`ProjectionRunner::progress`] instead while the runner [runs](ProjectionRunner::run)
+    /// in another task.
+    pub async fn wait_for(&mut self, position: Position) -> Result<Position, ProjectionError> {
+        let mut watch = self.store.watch_head();
+        loop {
+            if let Some(cp) = self.checkpoint().await?
+                && cp >= position
+            {
+                return Ok(cp);
+            }
+            watch.borrow_and_update();
+            let (_, at_head) = self.step().await?;
+            if at_head
+                && self.checkpoint().await?.unwrap_or_default() < position
+                && watch.changed().await.is_err()
+            {
+                return Err(self.err(Error::Closed));
+            }
+        }
+    }
+
     fn err(&self, source: Error) -> ProjectionError {
         ProjectionError::Store {
             projection: self.projection.name().to_owned(),
@@ -341,7 +438,7 @@ impl<P: Projection> ProjectionRunner<P> {
             Target::Checkpoints(s) => s.load_checkpoint(&name).await,
         }
         .map_err(|e| self.err(e))?;
-        self.checkpoint = Some(cp);
+        self.set_checkpoint(cp);
         Ok(cp)
     }
 
@@ -409,7 +506,7 @@ impl<P: Projection> ProjectionRunner<P> {
             self.checkpoint = None;
             return Err(self.err(e));
         }
-        self.checkpoint = Some(Some(new_cp));
+        self.set_checkpoint(Some(new_cp));
         self.measure(new_cp, last_at).await?;
         Ok((applied, at_head))
     }
@@ -509,7 +606,7 @@ impl<P: Projection> ProjectionRunner<P> {
                 position: Position::START,
                 source,
             })?;
-        self.checkpoint = Some(Some(Position::START));
+        self.set_checkpoint(Some(Position::START));
         self.lag.set(Lag::default());
         Ok(())
     }
