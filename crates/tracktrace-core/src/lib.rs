@@ -69,6 +69,8 @@
 //!   [`runtime_checks`] every backend runs through `runtime_tests!` (not semver-stable).
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 #[cfg(feature = "testing")]
 #[macro_use]
 mod check_macros;
