@@ -61,6 +61,7 @@ pub enum TraceCache {
     Local(Arc<LocalCache>),
     /// Redis (shared by every server process).
     #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
     Redis(RedisCache),
 }
 
@@ -174,6 +175,7 @@ impl LocalCache {
 /// Calls have a deadline and a breaker; the connection is made (and re-made) in the
 /// background (see the module docs).
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 #[derive(Clone)]
 pub struct RedisCache {
     inner: Arc<RedisInner>,
@@ -242,6 +244,7 @@ return bytes
 "#;
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 impl RedisCache {
     /// A cache on `url` (`redis://host:port`). `namespace` identifies the event store the
     /// views come from (several stores may share one Redis): it prefixes every key. Fails only

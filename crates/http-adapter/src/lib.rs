@@ -65,6 +65,8 @@
 //! - `redis`: Redis as the trace view cache.
 //! - `nats`: the partner-route admin API.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod auth;
 pub mod cache;
 pub mod client;

@@ -139,6 +139,8 @@
 //! read models, `stream_version`, `get_event`) use the sqlx pool ([`PgStore::pool`]), also
 //! without ping-before-use.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 #[macro_use]
 mod sql;
 mod bind;

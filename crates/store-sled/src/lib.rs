@@ -78,6 +78,8 @@
 //!
 //! The key layout is documented in [`layout`].
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod keys;
 mod options;
 mod read;

@@ -40,9 +40,12 @@
 //! assert_eq!(detect(&cfg, &series).iter().map(|a| a.index).collect::<Vec<_>>(), vec![25]);
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod anomaly;
 pub mod hll;
 #[cfg(feature = "influxdb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "influxdb")))]
 pub mod influx;
 pub mod kpi;
 pub mod line_protocol;

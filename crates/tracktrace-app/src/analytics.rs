@@ -136,6 +136,7 @@ pub struct AnalyticsConfig {
     pub max_rejection_buckets: usize,
     /// InfluxDB writer, if configured.
     #[cfg(feature = "influxdb")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "influxdb")))]
     pub influx: Option<tracktrace_analytics::influx::InfluxConfig>,
 }
 

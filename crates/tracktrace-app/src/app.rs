@@ -184,6 +184,7 @@ impl App {
 
     /// Propagation: partner routes, publisher and bus-consumer status (feature `nats`).
     #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
     pub fn propagation(&self) -> &crate::propagation::Propagation {
         &self.inner.propagation
     }
@@ -456,6 +457,7 @@ mod routes_admin {
 
     const ROUTES: Admins<'static> = Admins::System("partner routes");
 
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
     impl App {
         /// Adds a partner route from its JSON `body`; `(route, false)` if the same route
         /// existed. Checked in this order: a system admin → the body → the tenant.

@@ -55,6 +55,8 @@
 //! - `nats`: NATS JetStream propagation and bus ingestion.
 //! - `influxdb`: KPIs and anomalies written to InfluxDB 1.x.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod access;
 pub mod analytics;
 pub mod app;

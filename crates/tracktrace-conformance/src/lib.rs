@@ -27,6 +27,8 @@
 //! The suite is versioned on its own: a new check is a minor release of this crate even when
 //! it fails a backend that passed before.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 #[macro_use]
 mod check_macros;
 

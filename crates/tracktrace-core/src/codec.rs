@@ -122,6 +122,7 @@ impl Codec for PostcardCodec {
 /// bincode 2.0.1 (`application/x-bincode`), standard config with a 16 MiB decode limit so a
 /// corrupt length prefix cannot make it allocate unbounded memory. Feature `bincode`.
 #[cfg(feature = "bincode")]
+#[cfg_attr(docsrs, doc(cfg(feature = "bincode")))]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BincodeCodec;
 

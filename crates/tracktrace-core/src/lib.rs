@@ -67,6 +67,8 @@
 //! # Features
 //! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod aggregate;
 pub mod codec;
 pub mod command;

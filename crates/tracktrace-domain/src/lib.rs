@@ -28,6 +28,8 @@
 //! # Features
 //! - `openapi`: `utoipa::ToSchema` for the wire types (used by the server's OpenAPI document).
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};

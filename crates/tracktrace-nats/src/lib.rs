@@ -42,6 +42,8 @@
 //! # }
 //! ```
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod ingest;
 pub mod publisher;
 

@@ -5,6 +5,7 @@ pub mod capture;
 pub mod milestones;
 pub mod ops;
 #[cfg(feature = "nats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
 pub mod propagation;
 pub mod tenants;
 pub mod trace;
