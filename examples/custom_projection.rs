@@ -1,23 +1,41 @@
-//! A custom projection (flight manifests built from `BagLoaded` events) with a persisted
-//! checkpoint: catch-up, lag, live updates and a rebuild, on the embedded sled store, where the
-//! read model and the checkpoint commit atomically. Run it with:
+//! A custom typed projection (flight manifests built from `BagLoaded` events, decoded into a
+//! struct) with a persisted checkpoint: catch-up, lag, live updates read back with `wait_for`,
+//! and a rebuild, on the embedded sled store, where the read model and the checkpoint commit
+//! atomically. Run it with:
 //! `cargo run -p tracktrace-examples --example custom_projection`
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tracktrace_core::{
-    BoxError, Direction, EventFilter, EventStoreExt, ExpectedVersion, KeyRange, NewEvent, Position,
-    Projection, ProjectionRunner, ReadModelStore, ReadModelTx, RecordedEvent, StreamId, TenantId,
+    BoxError, Codec, Direction, DomainEvent, EventFilter, EventStoreExt, ExpectedVersion,
+    JsonCodec, KeyRange, Position, ProjectionRunner, ReadModelStore, ReadModelTx, RecordedEvent,
+    StreamId, TenantId, TypedProjection,
 };
+
+/// The event the projection reads: stored as JSON `{"flight": "IB3170"}`.
+#[derive(Debug, Serialize, Deserialize)]
+struct BagLoaded {
+    flight: String,
+}
+
+impl DomainEvent for BagLoaded {
+    fn event_type(&self) -> &'static str {
+        "BagLoaded"
+    }
+}
 
 /// Bags per flight: key `"{flight}/{bag}"` in namespace `manifest`, and a count per flight in
 /// namespace `manifest.count`.
 struct Manifest;
 
 #[async_trait]
-impl Projection for Manifest {
+impl TypedProjection for Manifest {
+    type Event = BagLoaded;
+    type Codec = JsonCodec;
+
     fn name(&self) -> &str {
         "manifest"
     }
@@ -33,9 +51,13 @@ impl Projection for Manifest {
         vec!["manifest".into(), "manifest.count".into()]
     }
 
-    async fn apply(&mut self, e: &RecordedEvent, tx: &mut ReadModelTx<'_>) -> Result<(), BoxError> {
-        let body: serde_json::Value = serde_json::from_slice(&e.payload)?;
-        let flight = body["flight"].as_str().ok_or("BagLoaded without flight")?;
+    async fn apply(
+        &mut self,
+        bag: &BagLoaded,
+        e: &RecordedEvent,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError> {
+        let flight = bag.flight.as_str();
         tx.put(
             "manifest",
             format!("{flight}/{}", e.stream),
@@ -58,7 +80,13 @@ async fn load_bag(
     flight: &str,
 ) -> Result<Position, BoxError> {
     let stream = StreamId::parse(format!("Bag-{bag:04}"))?;
-    let event = NewEvent::json("BagLoaded", &serde_json::json!({ "flight": flight }));
+    let event = JsonCodec::new_event(
+        "BagLoaded",
+        1,
+        &BagLoaded {
+            flight: flight.to_owned(),
+        },
+    )?;
     let out = store
         .append_to(tenant, &stream, ExpectedVersion::Any, vec![event])
         .await?;
@@ -84,7 +112,7 @@ pub(crate) async fn run() -> Result<Vec<String>, BoxError> {
     }
 
     let mut runner =
-        ProjectionRunner::new(store.clone(), store.clone(), Manifest).with_batch_size(64);
+        ProjectionRunner::typed(store.clone(), store.clone(), Manifest).with_batch_size(64);
     runner.step().await?;
     let lag = runner.lag_handle().get();
     println!(

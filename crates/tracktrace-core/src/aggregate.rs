@@ -13,7 +13,38 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::codec::Codec;
+use crate::error::{Error, Result};
+use crate::event::RecordedEvent;
 use crate::id::EventId;
+
+/// Decodes a stored event (already upcast) as the domain event `E` with codec `C`: a payload
+/// that does not decode, or whose schema version differs from `E`'s current one, is
+/// [`Error::Corruption`] naming the event (`what` says whose event it is, e.g. the aggregate
+/// type or the projection name).
+pub fn decode_domain_event<E: DomainEvent, C: Codec>(what: &str, e: &RecordedEvent) -> Result<E> {
+    let decoded: E = C::decode_event(e).map_err(|err| {
+        Error::corruption(
+            Some(e.position),
+            format!(
+                "{what} event {} (schema version {}) of {}: {err}",
+                e.event_type, e.schema_version, e.stream
+            ),
+        )
+    })?;
+    if decoded.schema_version() != e.schema_version {
+        return Err(Error::corruption(
+            Some(e.position),
+            format!(
+                "{} is stored with schema version {} but the current version is {} and no \
+                 upcaster bridges them",
+                e.event_type,
+                e.schema_version,
+                decoded.schema_version()
+            ),
+        ));
+    }
+    Ok(decoded)
+}
 
 /// An event type of a domain, stored through the aggregate's [`Aggregate::Codec`].
 ///

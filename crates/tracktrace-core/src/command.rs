@@ -52,7 +52,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
-use crate::aggregate::{Aggregate, Concurrency, DomainEvent, FieldError, Validator};
+use crate::aggregate::{
+    Aggregate, Concurrency, DomainEvent, FieldError, Validator, decode_domain_event,
+};
 use crate::codec::Codec;
 use crate::error::{Error, Result};
 use crate::event::{Metadata, NewEvent, RecordedEvent};
@@ -370,31 +372,7 @@ impl<A: Aggregate> Repository<A> {
     /// Decodes one stored event (after upcasting).
     pub fn decode_event(&self, event: RecordedEvent) -> Result<A::Event> {
         let e = self.inner.upcasters.upcast(event)?;
-        let decoded: A::Event = A::Codec::decode_event(&e).map_err(|err| {
-            Error::corruption(
-                Some(e.position),
-                format!(
-                    "{} event {} (schema version {}) of {}: {err}",
-                    A::TYPE,
-                    e.event_type,
-                    e.schema_version,
-                    e.stream
-                ),
-            )
-        })?;
-        if decoded.schema_version() != e.schema_version {
-            return Err(Error::corruption(
-                Some(e.position),
-                format!(
-                    "{} is stored with schema version {} but the current version is {} and no \
-                     upcaster bridges them",
-                    e.event_type,
-                    e.schema_version,
-                    decoded.schema_version()
-                ),
-            ));
-        }
-        Ok(decoded)
+        decode_domain_event::<A::Event, A::Codec>(A::TYPE, &e)
     }
 
     /// Applies the stored events after `loaded.version` to it.

@@ -85,7 +85,9 @@ pub mod saga;
 mod store;
 pub mod upcast;
 
-pub use aggregate::{Aggregate, Concurrency, DomainEvent, FieldError, Validator};
+pub use aggregate::{
+    Aggregate, Concurrency, DomainEvent, FieldError, Validator, decode_domain_event,
+};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use command::{
     CacheMiss, CommandBus, CommandError, CommandMeta, CommandOutcome, DEFAULT_CACHE_CAPACITY,
@@ -97,9 +99,10 @@ pub use event_ref::EventRef;
 pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Timestamp, Version};
 pub use lease::{Lease, Leases, LocalLeases};
 pub use memory::InMemoryStore;
-pub use paged::EventPages;
+pub use paged::{EventPages, PagedReads};
 pub use projection::{
     Lag, LagHandle, Projection, ProjectionError, ProjectionProgress, ProjectionRunner, ReadModelTx,
+    Typed, TypedProjection,
 };
 pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
 pub use saga::{

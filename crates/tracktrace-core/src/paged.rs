@@ -1,6 +1,6 @@
 //! Paged reads as a [`futures_core::Stream`]: a long stream or the log up to its head, one
-//! page in memory at a time ([`EventStoreExt::read_stream_pages`],
-//! [`EventStoreExt::read_all_pages`]).
+//! page in memory at a time ([`PagedReads::read_stream_pages`],
+//! [`PagedReads::read_all_pages`]), on every backend.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -15,8 +15,51 @@ use crate::event::RecordedEvent;
 use crate::id::{Position, Version};
 use crate::store::{AllPage, Direction, EventFilter, EventStore, ReadAll, ReadStream};
 
-#[cfg(doc)]
-use crate::store::EventStoreExt;
+/// Reads of any [`EventStore`] as streams of events, one page in memory at a time
+/// (implemented for every store).
+pub trait PagedReads: EventStore {
+    /// The events `req` selects (direction, start, limit) as a [`futures_core::Stream`], read
+    /// `page_size` events at a time: a stream of any length with one page in memory.
+    ///
+    /// ```
+    /// # use tracktrace_core::*;
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<()> {
+    /// use std::future::poll_fn;
+    /// use std::pin::pin;
+    /// use futures_core::Stream;
+    ///
+    /// let store = InMemoryStore::new();
+    /// let (tenant, stream) = (TenantId::from_static("acme"), StreamId::from_static("Bag-1"));
+    /// let events = (0..10).map(|i| NewEvent::json("Scanned", &serde_json::json!({ "i": i }))).collect();
+    /// store.append_to(&tenant, &stream, ExpectedVersion::NoStream, events).await?;
+    ///
+    /// let mut pages = pin!(store.read_stream_pages(ReadStream::forwards(tenant, stream), 4));
+    /// let mut versions = Vec::new();
+    /// while let Some(e) = poll_fn(|cx| pages.as_mut().poll_next(cx)).await {
+    ///     versions.push(e?.version.get());
+    /// }
+    /// assert_eq!(versions, (1..=10).collect::<Vec<_>>());
+    /// # Ok(()) }
+    /// ```
+    fn read_stream_pages(&self, req: ReadStream, page_size: usize) -> EventPages<'_, Self> {
+        EventPages::stream(self, req, page_size)
+    }
+
+    /// The events of the global log from `from` that match `filter`, up to the head as it is
+    /// when each page is read, as a [`futures_core::Stream`] read `page_size` events at a
+    /// time. (A [`Subscription`](crate::Subscription) goes on with live events after the head.)
+    fn read_all_pages(
+        &self,
+        from: Position,
+        filter: EventFilter,
+        page_size: usize,
+    ) -> EventPages<'_, Self> {
+        EventPages::all(self, from, filter, page_size)
+    }
+}
+
+impl<S: EventStore + ?Sized> PagedReads for S {}
 
 type PageFuture<'a> = Pin<Box<dyn Future<Output = Result<Page>> + Send + 'a>>;
 
@@ -45,7 +88,7 @@ enum Cursor {
 /// that does not start at or past where the previous one ended (a broken backend) is an
 /// [`Error::Backend`], not an endless stream.
 ///
-/// Built by [`EventStoreExt::read_stream_pages`] and [`EventStoreExt::read_all_pages`].
+/// Built by [`PagedReads::read_stream_pages`] and [`PagedReads::read_all_pages`].
 #[must_use = "streams do nothing unless polled"]
 pub struct EventPages<'a, S: ?Sized> {
     store: &'a S,

@@ -30,6 +30,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::aggregate::{DomainEvent, decode_domain_event};
+use crate::codec::Codec;
 use crate::error::{BoxError, Error, Result};
 use crate::event::RecordedEvent;
 use crate::id::{Position, Timestamp};
@@ -67,6 +69,126 @@ pub trait Projection: Send + 'static {
     /// [`ProjectionRunner::rebuild`] before replaying from position 0). Default: nothing.
     async fn reset(&mut self) -> Result<(), BoxError> {
         Ok(())
+    }
+}
+
+/// A projection over a typed event — a domain's event enum or an aggregate's
+/// [`Aggregate::Event`](crate::Aggregate::Event) — decoded with [`TypedProjection::Codec`]
+/// after upcasting. Run it with [`ProjectionRunner::typed`] (or wrap it in [`Typed`]).
+///
+/// Its [`filter`](TypedProjection::filter) must select only events of `Self::Event` (usually
+/// by stream prefix, e.g. `"Account-"`, or by event types): an event that does not decode
+/// stops the runner with [`Error::Corruption`] before its batch commits.
+///
+/// ```
+/// # use std::sync::Arc;
+/// use serde::{Deserialize, Serialize};
+/// use tracktrace_core::*;
+///
+/// #[derive(Debug, Serialize, Deserialize)]
+/// enum BagEvent { Loaded { flight: String }, Offloaded }
+/// impl DomainEvent for BagEvent {
+///     fn event_type(&self) -> &'static str {
+///         match self { BagEvent::Loaded { .. } => "Loaded", BagEvent::Offloaded => "Offloaded" }
+///     }
+/// }
+///
+/// /// Bags per flight.
+/// struct Manifest;
+/// #[async_trait::async_trait]
+/// impl TypedProjection for Manifest {
+///     type Event = BagEvent;
+///     type Codec = JsonCodec;
+///     fn name(&self) -> &str { "manifest" }
+///     fn filter(&self) -> EventFilter {
+///         let mut bags = EventFilter::default();
+///         bags.stream_prefix = Some("Bag-".into());
+///         bags
+///     }
+///     async fn apply(&mut self, event: &BagEvent, meta: &RecordedEvent, tx: &mut ReadModelTx<'_>)
+///         -> std::result::Result<(), BoxError> {
+///         if let BagEvent::Loaded { flight } = event {
+///             tx.put("manifest", format!("{flight}/{}", meta.stream), Vec::new());
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::result::Result<(), BoxError> {
+/// let store = Arc::new(InMemoryStore::new());
+/// let loaded = JsonCodec::new_event("Loaded", 1, &BagEvent::Loaded { flight: "IB3170".into() })?;
+/// store.append_to(&TenantId::from_static("acme"), &StreamId::from_static("Bag-1"),
+///                 ExpectedVersion::NoStream, vec![loaded]).await?;
+/// let mut runner = ProjectionRunner::typed(store.clone(), store.clone(), Manifest);
+/// runner.catch_up().await?;
+/// assert!(store.get("manifest", b"IB3170/Bag-1").await?.is_some());
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait TypedProjection: Send + 'static {
+    /// The events it reads.
+    type Event: DomainEvent;
+    /// How they are encoded.
+    type Codec: Codec;
+
+    /// Unique, stable name: also the checkpoint name.
+    fn name(&self) -> &str;
+
+    /// Which events it wants: only events of `Self::Event` (filtering happens in the store).
+    fn filter(&self) -> EventFilter {
+        EventFilter::default()
+    }
+
+    /// The read-model namespaces it owns: cleared by [`ProjectionRunner::rebuild`].
+    fn namespaces(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Applies one decoded event; `meta` is the stored event it came from (stream, version,
+    /// position, recorded-at, metadata).
+    async fn apply(
+        &mut self,
+        event: &Self::Event,
+        meta: &RecordedEvent,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError>;
+
+    /// Forgets derived state kept outside the read-model store (see [`Projection::reset`]).
+    async fn reset(&mut self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+/// A [`TypedProjection`] as a [`Projection`]: decodes every event before handing it over.
+#[derive(Debug, Clone, Default)]
+pub struct Typed<P>(pub P);
+
+#[async_trait]
+impl<P: TypedProjection> Projection for Typed<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn filter(&self) -> EventFilter {
+        self.0.filter()
+    }
+
+    fn namespaces(&self) -> Vec<String> {
+        self.0.namespaces()
+    }
+
+    async fn apply(
+        &mut self,
+        event: &RecordedEvent,
+        tx: &mut ReadModelTx<'_>,
+    ) -> Result<(), BoxError> {
+        let decoded = decode_domain_event::<P::Event, P::Codec>(self.0.name(), event)?;
+        self.0.apply(&decoded, event, tx).await
+    }
+
+    async fn reset(&mut self) -> Result<(), BoxError> {
+        self.0.reset().await
     }
 }
 
@@ -319,6 +441,18 @@ impl<P: Projection> fmt::Debug for ProjectionRunner<P> {
             .field("checkpoint", &self.checkpoint)
             .field("lag", &self.lag.get())
             .finish_non_exhaustive()
+    }
+}
+
+impl<T: TypedProjection> ProjectionRunner<Typed<T>> {
+    /// A runner for a [`TypedProjection`] whose read model lives in `read_models` (see
+    /// [`ProjectionRunner::new`]).
+    pub fn typed(
+        store: Arc<dyn EventStore>,
+        read_models: Arc<dyn ReadModelStore>,
+        projection: T,
+    ) -> Self {
+        Self::new(store, read_models, Typed(projection))
     }
 }
 

@@ -12,7 +12,6 @@ use crate::error::{Error, Result};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::event_ref::EventRef;
 use crate::id::{EventId, ExpectedVersion, Position, StreamId, TenantId, Timestamp, Version};
-use crate::paged::EventPages;
 
 /// An atomic append of one or more events to one stream ([`AppendRequest::new`], or
 /// [`EventStoreExt::append_to`]). Non-exhaustive: fields may be added, so other crates build
@@ -579,46 +578,6 @@ pub trait EventStoreExt: EventStore {
                 return Ok(out);
             }
         }
-    }
-
-    /// The events `req` selects (direction, start, limit) as a [`futures_core::Stream`], read
-    /// `page_size` events at a time: a stream of any length with one page in memory.
-    ///
-    /// ```
-    /// # use tracktrace_core::*;
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<()> {
-    /// use std::future::poll_fn;
-    /// use std::pin::pin;
-    /// use futures_core::Stream;
-    ///
-    /// let store = InMemoryStore::new();
-    /// let (tenant, stream) = (TenantId::from_static("acme"), StreamId::from_static("Bag-1"));
-    /// let events = (0..10).map(|i| NewEvent::json("Scanned", &serde_json::json!({ "i": i }))).collect();
-    /// store.append_to(&tenant, &stream, ExpectedVersion::NoStream, events).await?;
-    ///
-    /// let mut pages = pin!(store.read_stream_pages(ReadStream::forwards(tenant, stream), 4));
-    /// let mut versions = Vec::new();
-    /// while let Some(e) = poll_fn(|cx| pages.as_mut().poll_next(cx)).await {
-    ///     versions.push(e?.version.get());
-    /// }
-    /// assert_eq!(versions, (1..=10).collect::<Vec<_>>());
-    /// # Ok(()) }
-    /// ```
-    fn read_stream_pages(&self, req: ReadStream, page_size: usize) -> EventPages<'_, Self> {
-        EventPages::stream(self, req, page_size)
-    }
-
-    /// The events of the global log from `from` that match `filter`, up to the head as it is
-    /// when each page is read, as a [`futures_core::Stream`] read `page_size` events at a
-    /// time. (A [`Subscription`] goes on with live events after the head.)
-    fn read_all_pages(
-        &self,
-        from: Position,
-        filter: EventFilter,
-        page_size: usize,
-    ) -> EventPages<'_, Self> {
-        EventPages::all(self, from, filter, page_size)
     }
 }
 

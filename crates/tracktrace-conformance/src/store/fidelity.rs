@@ -1,7 +1,18 @@
 //! Checks that every read path returns exactly what was appended, with fields at their
 //! documented maxima and streams longer than any page size a backend might cap reads at.
 
-use super::*;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tracktrace_core::{
+    EventFilter, EventStore, EventStoreExt, ExpectedVersion, Metadata, NewEvent, PagedReads,
+    Position, ReadAll, ReadStream, RecordedEvent, StreamId, SubscribeOptions, Subscription,
+    TenantId, Version, limits,
+};
+
+use super::failure::{CheckFailure, CheckResult};
+use super::support::*;
 
 /// A string of exactly `len` bytes mixing cases, digits, punctuation and two-byte characters.
 fn text(len: usize, seed: usize) -> String {

@@ -1,7 +1,16 @@
 //! Checks with identifiers that collide in careless encodings: keys concatenated without a
 //! separator, filters matched by prefix or as SQL patterns, keys or versions truncated.
 
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracktrace_core::{
+    EventFilter, EventStore, EventStoreExt, ExpectedVersion, Position, ReadAll, ReadStream,
+    SubscribeOptions, Subscription, Version, limits,
+};
+
+use super::failure::{CheckFailure, CheckResult};
+use super::support::*;
 
 /// `(tenant, stream)` pairs whose concatenation is the same string (`ab`+`c-1` and `a`+`bc-1`),
 /// and stream ids that contain the separators backends like to use, are distinct streams:

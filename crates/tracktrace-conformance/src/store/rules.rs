@@ -1,7 +1,18 @@
 //! Deterministic checks of documented rules: batch visibility, duplicate reporting, limits,
 //! `position_at`, `watch_head`, `recorded_at`, and the read-model and snapshot contracts.
 
-use super::*;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tracktrace_core::{
+    Direction, Error, EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, KeyRange,
+    Metadata, NewEvent, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadModelWrite,
+    RecordedEvent, Snapshot, SnapshotStore, Timestamp, Version, limits,
+};
+
+use super::failure::{CheckFailure, CheckResult};
+use super::support::*;
 
 /// A batch becomes visible whole: readers polling `read_all`, `read_stream` and
 /// `stream_version` while 100-event batches are appended only ever see multiples of 100.
