@@ -39,9 +39,10 @@ impl TypedProjection for LastSeen {
     }
 
     fn filter(&self) -> EventFilter {
-        let mut f = EventFilter::default();
-        f.stream_prefix = Some("Bag-".into());
-        f
+        EventFilter {
+            stream_prefix: Some("Bag-".into()),
+            ..EventFilter::default()
+        }
     }
 
     async fn apply(
