@@ -110,6 +110,56 @@ impl CheckpointStore for PgStore {
     }
 }
 
+/// Moves checkpoint `name` to `position` inside `tx` if it is at `expected` (`None`: not
+/// stored yet); otherwise [`Error::CheckpointMoved`] and the caller rolls back. The
+/// compare-and-set fences off a second runner of the same projection: a concurrent one either
+/// waits for this transaction and then fails its own compare, or wins and makes this one fail.
+pub(crate) async fn fence(
+    tx: &mut PgConnection,
+    name: &str,
+    expected: Option<Position>,
+    position: Position,
+) -> Result<()> {
+    let e = |e| map_err("checkpoint fence", e);
+    let to = to_i64("position", position.get())?;
+    let moved = match expected {
+        None => sqlx::query(
+            "INSERT INTO checkpoints (name, position) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(to)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?
+        .rows_affected()
+            == 0,
+        Some(expected) => sqlx::query(
+            "UPDATE checkpoints SET position = $2 WHERE name = $1 AND position = $3",
+        )
+        .bind(name)
+        .bind(to)
+        .bind(to_i64("expected_checkpoint", expected.get())?)
+        .execute(&mut *tx)
+        .await
+        .map_err(e)?
+        .rows_affected()
+            == 0,
+    };
+    if !moved {
+        return Ok(());
+    }
+    let actual: Option<i64> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(e)?;
+    Err(Error::CheckpointMoved {
+        name: name.to_owned(),
+        expected,
+        actual: actual.map(checkpoint_from).transpose()?,
+    })
+}
+
 /// Applies consecutive puts as one upsert (last value per key wins within the run).
 async fn flush_puts(
     conn: &mut PgConnection,
@@ -198,48 +248,9 @@ impl ReadModelStore for PgStore {
 
     async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
         let e = |e| map_err("read-model commit", e);
-        let position = to_i64("position", batch.position.get())?;
         let mut conn = self.pool().acquire().await.map_err(e)?;
         let mut tx = conn.begin().await.map_err(e)?;
-        // The fence: a compare-and-set on the checkpoint row (a concurrent runner either waits
-        // for our commit and then fails its own CAS, or wins and makes ours fail).
-        let moved = match batch.expected_checkpoint {
-            None => sqlx::query(
-                "INSERT INTO checkpoints (name, position) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(&batch.checkpoint)
-            .bind(position)
-            .execute(&mut *tx)
-            .await
-            .map_err(e)?
-            .rows_affected()
-                == 0,
-            Some(expected) => sqlx::query(
-                "UPDATE checkpoints SET position = $2 WHERE name = $1 AND position = $3",
-            )
-            .bind(&batch.checkpoint)
-            .bind(position)
-            .bind(to_i64("expected_checkpoint", expected.get())?)
-            .execute(&mut *tx)
-            .await
-            .map_err(e)?
-            .rows_affected()
-                == 0,
-        };
-        if moved {
-            let actual: Option<i64> =
-                sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
-                    .bind(&batch.checkpoint)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(e)?;
-            tx.rollback().await.map_err(e)?;
-            return Err(Error::CheckpointMoved {
-                name: batch.checkpoint,
-                expected: batch.expected_checkpoint,
-                actual: actual.map(checkpoint_from).transpose()?,
-            });
-        }
+        fence(&mut tx, &batch.checkpoint, batch.expected_checkpoint, batch.position).await?;
         let mut puts = Vec::new();
         for w in batch.writes {
             match w {

@@ -37,6 +37,52 @@
 //! # }
 //! ```
 //!
+//! # SQL projections
+//! A [`SqlProjection`] keeps its read model in ordinary tables of the store's database and
+//! schema, written with its own SQL statements in the transaction that moves its checkpoint
+//! (the [`SqlProjectionRunner`]): exactly once across crashes and failures, fenced against a
+//! second runner, rebuildable, and queryable with any SQL the application likes.
+//!
+//! ```no_run
+//! use async_trait::async_trait;
+//! use sqlx::postgres::PgConnection;
+//! use tracktrace_core::{BoxError, RecordedEvent};
+//! use tracktrace_store_postgres::{PgStore, SqlProjection, SqlProjectionRunner};
+//!
+//! /// Events per stream, in table `stream_counts`.
+//! struct Counts;
+//!
+//! #[async_trait]
+//! impl SqlProjection for Counts {
+//!     fn name(&self) -> &str { "stream-counts" }
+//!     async fn setup(&mut self, conn: &mut PgConnection) -> Result<(), BoxError> {
+//!         sqlx::query("CREATE TABLE IF NOT EXISTS stream_counts (stream text PRIMARY KEY, n bigint NOT NULL)")
+//!             .execute(conn).await?;
+//!         Ok(())
+//!     }
+//!     async fn apply(&mut self, e: &RecordedEvent, conn: &mut PgConnection) -> Result<(), BoxError> {
+//!         sqlx::query("INSERT INTO stream_counts VALUES ($1, 1)
+//!                      ON CONFLICT (stream) DO UPDATE SET n = stream_counts.n + 1")
+//!             .bind(e.stream.as_str()).execute(conn).await?;
+//!         Ok(())
+//!     }
+//!     async fn reset(&mut self, conn: &mut PgConnection) -> Result<(), BoxError> {
+//!         sqlx::query("TRUNCATE stream_counts").execute(conn).await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PgStore::connect("postgres://postgres@127.0.0.1:5432/test").await?;
+//! let mut runner = SqlProjectionRunner::new(store.clone(), Counts);
+//! runner.catch_up().await?;
+//! let n: Option<i64> = sqlx::query_scalar("SELECT n FROM stream_counts WHERE stream = $1")
+//!     .bind("Bag-0001").fetch_optional(store.pool()).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Schema
 //! Everything lives in one PostgreSQL schema (default `tracktrace`, see
 //! [`PgStoreOptions::schema`]), so several stores (and parallel tests) share a database.
@@ -143,6 +189,7 @@
 
 #[macro_use]
 mod sql;
+mod sql_projection;
 mod bind;
 mod conns;
 mod error;
@@ -165,4 +212,5 @@ pub use handle::{
     PgStoreOptions, validate_schema,
 };
 pub use lease::Lease;
+pub use sql_projection::{SqlProjection, SqlProjectionRunner};
 pub use tracktrace_core;

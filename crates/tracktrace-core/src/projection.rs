@@ -396,6 +396,12 @@ impl ProjectionError {
 pub struct ProjectionProgress(watch::Receiver<Position>);
 
 impl ProjectionProgress {
+    /// A handle following `checkpoints`, for projection runners of other crates (e.g. a
+    /// backend's own runner) that publish their checkpoint on a watch channel.
+    pub fn new(checkpoints: watch::Receiver<Position>) -> Self {
+        Self(checkpoints)
+    }
+
     /// The runner's checkpoint as last committed (or loaded): every event at or below it is
     /// applied. `Position::START` before the runner has loaded or committed one.
     pub fn checkpoint(&self) -> Position {
