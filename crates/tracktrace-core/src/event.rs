@@ -46,6 +46,37 @@ pub struct Metadata {
     pub headers: BTreeMap<String, String>,
 }
 
+impl Metadata {
+    /// Empty metadata: no correlation or causation id, no headers (same as `Default`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the correlation id (builder style).
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id (builder style).
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Sets header `name` to `value`, replacing an earlier value (builder style).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replaces all headers (builder style).
+    pub fn with_headers(mut self, headers: BTreeMap<String, String>) -> Self {
+        self.headers = headers;
+        self
+    }
+}
+
 /// An event to append ([`NewEvent::new`] / [`NewEvent::json`] and the `with_*` methods).
 /// Non-exhaustive: fields may be added.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,8 +114,20 @@ impl NewEvent {
         content_type: impl Into<String>,
         payload: impl Into<Bytes>,
     ) -> Self {
+        Self::new_with_id(EventId::new(), event_type, content_type, payload)
+    }
+
+    /// An event with id `event_id`, schema version 1 and empty metadata. Unlike
+    /// [`NewEvent::new`] it draws no fresh id, which backends decoding stored events (with
+    /// [`RecordedEvent::from_new`]) would only throw away.
+    pub fn new_with_id(
+        event_id: EventId,
+        event_type: impl Into<String>,
+        content_type: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
         Self {
-            event_id: EventId::new(),
+            event_id,
             dedup_key: None,
             event_type: event_type.into(),
             schema_version: 1,
@@ -149,7 +192,9 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
-    /// Builds the recorded form of a new event (used by backends).
+    /// The recorded form of `e`, stored at `version` of `stream` and `position` of the global
+    /// log at `recorded_at` (used by backends, when appending and when decoding stored events;
+    /// see [`NewEvent::new_with_id`]). Every field of `e` is kept.
     pub fn from_new(
         tenant: TenantId,
         stream: StreamId,

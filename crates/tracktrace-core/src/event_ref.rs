@@ -16,3 +16,15 @@ pub struct EventRef {
     /// Its position in the global log.
     pub position: Position,
 }
+
+impl EventRef {
+    /// Event `event_id`, stored at `version` of `stream` and `position` of the global log.
+    pub fn new(event_id: EventId, stream: StreamId, version: Version, position: Position) -> Self {
+        Self {
+            event_id,
+            stream,
+            version,
+            position,
+        }
+    }
+}

@@ -80,6 +80,12 @@ pub struct AppendOutcome {
 }
 
 impl AppendOutcome {
+    /// The outcome of an append that stored (or, with `duplicate`, had already stored)
+    /// `events`, one reference per event of the request, in request order.
+    pub fn new(events: Vec<EventRef>, duplicate: bool) -> Self {
+        Self { events, duplicate }
+    }
+
     /// Version of the stream after the append (of the last original for duplicates).
     pub fn last_version(&self) -> Version {
         self.events.last().map(|r| r.version).unwrap_or_default()
@@ -197,6 +203,28 @@ impl EventFilter {
             ..Self::default()
         }
     }
+
+    /// Sets the tenant: `Some(t)` (or a plain `TenantId`) keeps only its events, `None` lets
+    /// every tenant's through (builder style).
+    pub fn with_tenant(mut self, tenant: impl Into<Option<TenantId>>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// Sets the event types to keep; none (an empty list) keeps every type (builder style).
+    pub fn with_event_types<T: Into<String>>(
+        mut self,
+        event_types: impl IntoIterator<Item = T>,
+    ) -> Self {
+        self.event_types = event_types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Keeps only streams whose id starts with `prefix` (builder style).
+    pub fn with_stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = Some(prefix.into());
+        self
+    }
 }
 
 /// A read of the global log ([`ReadAll::starting_at`], then [`ReadAll::filter`]).
@@ -247,6 +275,14 @@ pub struct AllPage {
     pub next: Position,
 }
 
+impl AllPage {
+    /// A page of `events` (matching, in strictly increasing position order) after which the
+    /// next read starts at `next`.
+    pub fn new(events: Vec<RecordedEvent>, next: Position) -> Self {
+        Self { events, next }
+    }
+}
+
 /// A stored snapshot of an aggregate's state at a stream version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
@@ -260,6 +296,26 @@ pub struct Snapshot {
     pub schema_version: u32,
     /// Encoded state.
     pub payload: Bytes,
+}
+
+impl Snapshot {
+    /// The state `payload` (encoded with schema `schema_version`) of `tenant`'s `stream`,
+    /// including every event up to `version`.
+    pub fn new(
+        tenant: TenantId,
+        stream: StreamId,
+        version: Version,
+        schema_version: u32,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            tenant,
+            stream,
+            version,
+            schema_version,
+            payload: payload.into(),
+        }
+    }
 }
 
 /// Persistent snapshots, one (the latest) per stream. Optional per aggregate type.
@@ -307,6 +363,30 @@ pub enum ReadModelWrite {
     },
 }
 
+impl ReadModelWrite {
+    /// Sets `key` in namespace `ns` to `value` ([`ReadModelWrite::Put`]).
+    pub fn put(ns: impl Into<String>, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self::Put {
+            ns: ns.into(),
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// Removes `key` from `ns` ([`ReadModelWrite::Delete`]).
+    pub fn delete(ns: impl Into<String>, key: impl Into<Vec<u8>>) -> Self {
+        Self::Delete {
+            ns: ns.into(),
+            key: key.into(),
+        }
+    }
+
+    /// Removes every key of `ns` ([`ReadModelWrite::Clear`]).
+    pub fn clear(ns: impl Into<String>) -> Self {
+        Self::Clear { ns: ns.into() }
+    }
+}
+
 /// Read-model writes that commit atomically together with a projection checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReadModelBatch {
@@ -320,6 +400,34 @@ pub struct ReadModelBatch {
     pub position: Position,
     /// The writes, applied in order.
     pub writes: Vec<ReadModelWrite>,
+}
+
+impl ReadModelBatch {
+    /// A batch without writes that moves checkpoint `checkpoint` from `expected_checkpoint`
+    /// (`None`: none stored yet) to `position`.
+    pub fn new(
+        checkpoint: impl Into<String>,
+        expected_checkpoint: Option<Position>,
+        position: Position,
+    ) -> Self {
+        Self {
+            checkpoint: checkpoint.into(),
+            expected_checkpoint,
+            position,
+            writes: Vec::new(),
+        }
+    }
+
+    /// Sets the writes, replacing any added before (builder style).
+    pub fn with_writes(mut self, writes: Vec<ReadModelWrite>) -> Self {
+        self.writes = writes;
+        self
+    }
+
+    /// Adds `write` after the others.
+    pub fn push(&mut self, write: ReadModelWrite) {
+        self.writes.push(write);
+    }
 }
 
 /// A bytewise key range `[start, end)` within one namespace.
@@ -642,6 +750,27 @@ impl Default for SubscribeOptions {
             filter: EventFilter::default(),
             batch_size: 512,
         }
+    }
+}
+
+impl SubscribeOptions {
+    /// Sets the first position to deliver, inclusive (builder style). To resume after a
+    /// checkpoint `p`, use `p.next()`.
+    pub fn with_from(mut self, from: Position) -> Self {
+        self.from = from;
+        self
+    }
+
+    /// Sets which events to deliver (builder style).
+    pub fn with_filter(mut self, filter: EventFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Sets how many events each read fetches (builder style; 0 counts as 1).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
     }
 }
 
