@@ -42,23 +42,25 @@ impl SnapshotStore for PgStore {
         let version: i64 = row.try_get(0).map_err(e)?;
         let schema_version: i32 = row.try_get(1).map_err(e)?;
         let payload: Vec<u8> = row.try_get(2).map_err(e)?;
-        Ok(Some(Snapshot {
-            tenant: tenant.clone(),
-            stream: stream.clone(),
-            version: Version::new(u64::try_from(version).map_err(|_| {
-                Error::corruption(
-                    None,
-                    format!("snapshot of {tenant}/{stream}: version {version}"),
-                )
-            })?),
-            schema_version: u32::try_from(schema_version).map_err(|_| {
-                Error::corruption(
-                    None,
-                    format!("snapshot of {tenant}/{stream}: schema version {schema_version}"),
-                )
-            })?,
-            payload: Bytes::from(payload),
-        }))
+        let version = u64::try_from(version).map_err(|_| {
+            Error::corruption(
+                None,
+                format!("snapshot of {tenant}/{stream}: version {version}"),
+            )
+        })?;
+        let schema_version = u32::try_from(schema_version).map_err(|_| {
+            Error::corruption(
+                None,
+                format!("snapshot of {tenant}/{stream}: schema version {schema_version}"),
+            )
+        })?;
+        Ok(Some(Snapshot::new(
+            tenant.clone(),
+            stream.clone(),
+            Version::new(version),
+            schema_version,
+            Bytes::from(payload),
+        )))
     }
 
     async fn save_snapshot(&self, s: Snapshot) -> Result<()> {

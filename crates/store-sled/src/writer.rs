@@ -608,10 +608,7 @@ impl Writer {
         g.versions.insert(prefix, actual + count);
         g.dirty = true;
         self.next_position += count;
-        Ok(AppendOutcome {
-            events: refs,
-            duplicate: false,
-        })
+        Ok(AppendOutcome::new(refs, false))
     }
 
     fn commit_read_model(
