@@ -16,6 +16,14 @@ use crate::error::map_err;
 use crate::handle::PgStore;
 use crate::rows::to_i64;
 
+/// The error for write `i` of a read-model batch, of a kind this backend does not know.
+fn unsupported_write(i: usize) -> Error {
+    Error::invalid(
+        format!("writes[{i}]"),
+        "is a kind of read-model write the PostgreSQL store does not support",
+    )
+}
+
 fn checkpoint_from(v: i64) -> Result<Position> {
     u64::try_from(v)
         .map(Position::new)
@@ -201,6 +209,18 @@ impl ReadModelStore for PgStore {
     async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
         let e = |e| map_err("read-model commit", e);
         let position = to_i64("position", batch.position.get())?;
+        // Kinds of writes added to tracktrace-core after this backend reject the whole batch
+        // before anything is written, never are they skipped.
+        if let Some(i) = batch.writes.iter().position(|w| {
+            !matches!(
+                w,
+                ReadModelWrite::Put { .. }
+                    | ReadModelWrite::Delete { .. }
+                    | ReadModelWrite::Clear { .. }
+            )
+        }) {
+            return Err(unsupported_write(i));
+        }
         let mut conn = self.pool().acquire().await.map_err(e)?;
         let mut tx = conn.begin().await.map_err(e)?;
         // The fence: a compare-and-set on the checkpoint row (a concurrent runner either waits
@@ -243,7 +263,7 @@ impl ReadModelStore for PgStore {
             });
         }
         let mut puts = Vec::new();
-        for w in batch.writes {
+        for (i, w) in batch.writes.into_iter().enumerate() {
             match w {
                 ReadModelWrite::Put { ns, key, value } => puts.push((ns, key, value)),
                 ReadModelWrite::Delete { ns, key } => {
@@ -263,6 +283,8 @@ impl ReadModelStore for PgStore {
                         .await
                         .map_err(e)?;
                 }
+                // Rejected above; the transaction rolls back if it ever gets here.
+                _ => return Err(unsupported_write(i)),
             }
         }
         flush_puts(&mut tx, &mut puts).await?;

@@ -650,6 +650,14 @@ impl Writer {
                         *v = None;
                     }
                 }
+                // A kind of write added to tracktrace-core after this backend: the whole batch
+                // is rejected (nothing is written yet), never the write skipped.
+                _ => {
+                    return Err(Error::invalid(
+                        format!("writes[{i}]"),
+                        "is a kind of read-model write the sled store does not support",
+                    ));
+                }
             }
         }
         let mut b = sled::Batch::default();

@@ -79,7 +79,19 @@ pub fn derived_event_id(command_id: Uuid, stream: &StreamId, index: usize) -> Ev
 }
 
 /// Per-command metadata copied onto every event it produces.
+///
+/// Non-exhaustive: fields may be added, so other crates build it with [`CommandMeta::new`]
+/// (or `Default`: no metadata) or [`CommandMeta::with_command_id`], then the `with_*` methods:
+///
+/// ```
+/// use tracktrace_core::CommandMeta;
+/// let meta = CommandMeta::with_command_id(uuid::Uuid::now_v7())
+///     .with_correlation_id("req-1")
+///     .with_header("source", "scanner-3");
+/// assert!(meta.command_id.is_some());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommandMeta {
     /// Idempotency key of the command: event ids are derived from it (unless the event
     /// supplies its own), so executing the same command twice stores its events once. A

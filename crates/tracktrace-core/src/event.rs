@@ -36,7 +36,30 @@ pub mod limits {
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// Cross-cutting metadata carried by every event.
+///
+/// Non-exhaustive: fields may be added, so other crates build it with [`Metadata::new`] (or
+/// `Default`) and the `with_*` methods:
+///
+/// ```
+/// use tracktrace_core::Metadata;
+/// let m = Metadata::new()
+///     .with_correlation_id("req-1")
+///     .with_causation_id("cmd-7")
+///     .with_header("source", "scanner-3");
+/// assert_eq!(m.correlation_id.as_deref(), Some("req-1"));
+/// assert_eq!(m.headers["source"], "scanner-3");
+/// ```
+///
+/// ```compile_fail
+/// use tracktrace_core::Metadata;
+/// let m = Metadata {
+///     correlation_id: None,
+///     causation_id: None,
+///     headers: Default::default(),
+/// };
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Metadata {
     /// Groups every event caused by one original request.
     pub correlation_id: Option<String>,
@@ -163,7 +186,28 @@ impl NewEvent {
 }
 
 /// A stored event as read back from a store.
+///
+/// Non-exhaustive: fields may be added, so other crates (backends, tests) build it with
+/// [`RecordedEvent::from_new`] from a [`NewEvent`], whose `with_*` methods set the event's own
+/// fields:
+///
+/// ```
+/// use tracktrace_core::{
+///     Metadata, NewEvent, Position, RecordedEvent, StreamId, TenantId, Timestamp, Version,
+/// };
+/// let e = RecordedEvent::from_new(
+///     TenantId::from_static("acme"),
+///     StreamId::from_static("Bag-1"),
+///     Version::new(1),
+///     Position::new(1),
+///     Timestamp::now(),
+///     NewEvent::json("CHECKED_IN", &serde_json::json!({}))
+///         .with_metadata(Metadata::new().with_correlation_id("req-1")),
+/// );
+/// assert_eq!(e.event_type, "CHECKED_IN");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecordedEvent {
     /// Owning tenant.
     pub tenant: TenantId,

@@ -4,8 +4,10 @@
 
 use crate::id::{EventId, Position, StreamId, Version};
 
-/// Where a stored event is.
+/// Where a stored event is ([`EventRef::new`], or `RecordedEvent::to_ref`). Non-exhaustive:
+/// fields may be added, so other crates (backends) build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct EventRef {
     /// The event.
     pub event_id: EventId,

@@ -68,8 +68,10 @@ impl AppendRequest {
     }
 }
 
-/// Result of a successful append.
+/// Result of a successful append ([`AppendOutcome::new`]). Non-exhaustive: fields may be
+/// added, so other crates (backends, wrapper stores) build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AppendOutcome {
     /// One reference per event of the request, in request order.
     pub events: Vec<EventRef>,
@@ -159,7 +161,21 @@ impl ReadStream {
 }
 
 /// Which events of the global log a reader wants. Empty fields match everything.
+///
+/// Non-exhaustive: fields may be added, so other crates build it from `Default` (everything)
+/// or [`EventFilter::tenant`] and the `with_*` methods:
+///
+/// ```
+/// use tracktrace_core::{EventFilter, TenantId};
+/// let f = EventFilter::default()
+///     .with_tenant(TenantId::from_static("acme"))
+///     .with_event_types(["LOADED", "SCANNED"])
+///     .with_stream_prefix("Bag-");
+/// assert_eq!(f.event_types, ["LOADED", "SCANNED"]);
+/// assert!(EventFilter::default().is_empty());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EventFilter {
     /// Only this tenant's events.
     pub tenant: Option<TenantId>,
@@ -263,8 +279,10 @@ impl ReadAll {
     }
 }
 
-/// One page of the global log.
+/// One page of the global log ([`AllPage::new`]). Non-exhaustive: fields may be added, so
+/// other crates (backends, wrapper stores) build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AllPage {
     /// Matching events in strictly increasing position order.
     pub events: Vec<RecordedEvent>,
@@ -283,8 +301,10 @@ impl AllPage {
     }
 }
 
-/// A stored snapshot of an aggregate's state at a stream version.
+/// A stored snapshot of an aggregate's state at a stream version ([`Snapshot::new`]).
+/// Non-exhaustive: fields may be added, so other crates build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// Tenant of the stream.
     pub tenant: TenantId,
@@ -337,8 +357,13 @@ pub trait CheckpointStore: Send + Sync {
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()>;
 }
 
-/// One write of a [`ReadModelBatch`].
+/// One write of a [`ReadModelBatch`] ([`ReadModelWrite::put`], [`ReadModelWrite::delete`],
+/// [`ReadModelWrite::clear`]).
+///
+/// Non-exhaustive: kinds of writes may be added. A backend that meets one it does not know
+/// must reject the whole batch (e.g. with [`Error::InvalidInput`]), never skip the write.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadModelWrite {
     /// Sets `key` in namespace `ns` to `value`.
     Put {
@@ -387,8 +412,20 @@ impl ReadModelWrite {
     }
 }
 
-/// Read-model writes that commit atomically together with a projection checkpoint.
+/// Read-model writes that commit atomically together with a projection checkpoint
+/// ([`ReadModelBatch::new`], then [`ReadModelBatch::with_writes`] or
+/// [`ReadModelBatch::push`]). Non-exhaustive: fields may be added, so other crates build it
+/// with the constructor:
+///
+/// ```
+/// use tracktrace_core::{Position, ReadModelBatch, ReadModelWrite};
+/// let mut batch = ReadModelBatch::new("timeline", None, Position::new(7))
+///     .with_writes(vec![ReadModelWrite::clear("timeline")]);
+/// batch.push(ReadModelWrite::put("timeline", "bag-1", "loaded"));
+/// assert_eq!(batch.writes.len(), 2);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReadModelBatch {
     /// Checkpoint name (the projection's name).
     pub checkpoint: String,
@@ -732,8 +769,20 @@ pub trait EventStoreExt: EventStore {
 
 impl<S: EventStore + ?Sized> EventStoreExt for S {}
 
-/// Where and what a [`Subscription`] reads.
+/// Where and what a [`Subscription`] reads. Non-exhaustive: fields may be added, so other
+/// crates start from `Default` (the whole log, 512 events per read) and use the `with_*`
+/// methods:
+///
+/// ```
+/// use tracktrace_core::{EventFilter, Position, SubscribeOptions};
+/// let opts = SubscribeOptions::default()
+///     .with_from(Position::new(42))
+///     .with_filter(EventFilter::default().with_stream_prefix("Bag-"))
+///     .with_batch_size(100);
+/// assert_eq!(opts.batch_size, 100);
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SubscribeOptions {
     /// First position to deliver (inclusive). To resume after a checkpoint `p`, use `p.next()`.
     pub from: Position,
