@@ -41,10 +41,7 @@ impl TypedProjection for Manifest {
     }
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            event_types: vec!["BagLoaded".into()],
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_event_types(["BagLoaded"])
     }
 
     fn namespaces(&self) -> Vec<String> {

@@ -38,10 +38,7 @@ impl Saga for BagTransfer {
     type Command = TransferCommand;
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            stream_prefix: Some("Bag-".into()),
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_stream_prefix("Bag-")
     }
 
     fn correlate(&self, e: &RecordedEvent) -> Option<String> {

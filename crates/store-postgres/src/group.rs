@@ -238,15 +238,15 @@ async fn run_group(store: &PgStore, group: Vec<Pending>) {
                     .inner
                     .hints
                     .set(p.req.tenant.as_str(), stream, version);
-                Reply::Done(AppendOutcome {
-                    events: vec![EventRef {
-                        event_id: p.req.events[0].event_id,
-                        stream: p.req.stream.clone(),
-                        version: Version::new(version),
-                        position: pos,
-                    }],
-                    duplicate: false,
-                })
+                Reply::Done(AppendOutcome::new(
+                    vec![EventRef::new(
+                        p.req.events[0].event_id,
+                        p.req.stream.clone(),
+                        Version::new(version),
+                        pos,
+                    )],
+                    false,
+                ))
             }
             None => Reply::Careful(p.req),
         };

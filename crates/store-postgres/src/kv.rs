@@ -16,6 +16,14 @@ use crate::error::map_err;
 use crate::handle::PgStore;
 use crate::rows::to_i64;
 
+/// The error for write `i` of a read-model batch, of a kind this backend does not know.
+fn unsupported_write(i: usize) -> Error {
+    Error::invalid(
+        format!("writes[{i}]"),
+        "is a kind of read-model write the PostgreSQL store does not support",
+    )
+}
+
 fn checkpoint_from(v: i64) -> Result<Position> {
     u64::try_from(v)
         .map(Position::new)
@@ -42,23 +50,25 @@ impl SnapshotStore for PgStore {
         let version: i64 = row.try_get(0).map_err(e)?;
         let schema_version: i32 = row.try_get(1).map_err(e)?;
         let payload: Vec<u8> = row.try_get(2).map_err(e)?;
-        Ok(Some(Snapshot {
-            tenant: tenant.clone(),
-            stream: stream.clone(),
-            version: Version::new(u64::try_from(version).map_err(|_| {
-                Error::corruption(
-                    None,
-                    format!("snapshot of {tenant}/{stream}: version {version}"),
-                )
-            })?),
-            schema_version: u32::try_from(schema_version).map_err(|_| {
-                Error::corruption(
-                    None,
-                    format!("snapshot of {tenant}/{stream}: schema version {schema_version}"),
-                )
-            })?,
-            payload: Bytes::from(payload),
-        }))
+        let version = u64::try_from(version).map_err(|_| {
+            Error::corruption(
+                None,
+                format!("snapshot of {tenant}/{stream}: version {version}"),
+            )
+        })?;
+        let schema_version = u32::try_from(schema_version).map_err(|_| {
+            Error::corruption(
+                None,
+                format!("snapshot of {tenant}/{stream}: schema version {schema_version}"),
+            )
+        })?;
+        Ok(Some(Snapshot::new(
+            tenant.clone(),
+            stream.clone(),
+            Version::new(version),
+            schema_version,
+            Bytes::from(payload),
+        )))
     }
 
     async fn save_snapshot(&self, s: Snapshot) -> Result<()> {
@@ -148,11 +158,12 @@ pub(crate) async fn fence(
     if !moved {
         return Ok(());
     }
-    let actual: Option<i64> = sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
-        .bind(name)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(e)?;
+    let actual: Option<i64> =
+        sqlx::query_scalar("SELECT position FROM checkpoints WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(e)?;
     Err(Error::CheckpointMoved {
         name: name.to_owned(),
         expected,
@@ -248,11 +259,29 @@ impl ReadModelStore for PgStore {
 
     async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
         let e = |e| map_err("read-model commit", e);
+        // Kinds of writes added to tracktrace-core after this backend reject the whole batch
+        // before anything is written, never are they skipped.
+        if let Some(i) = batch.writes.iter().position(|w| {
+            !matches!(
+                w,
+                ReadModelWrite::Put { .. }
+                    | ReadModelWrite::Delete { .. }
+                    | ReadModelWrite::Clear { .. }
+            )
+        }) {
+            return Err(unsupported_write(i));
+        }
         let mut conn = self.pool().acquire().await.map_err(e)?;
         let mut tx = conn.begin().await.map_err(e)?;
-        fence(&mut tx, &batch.checkpoint, batch.expected_checkpoint, batch.position).await?;
+        fence(
+            &mut tx,
+            &batch.checkpoint,
+            batch.expected_checkpoint,
+            batch.position,
+        )
+        .await?;
         let mut puts = Vec::new();
-        for w in batch.writes {
+        for (i, w) in batch.writes.into_iter().enumerate() {
             match w {
                 ReadModelWrite::Put { ns, key, value } => puts.push((ns, key, value)),
                 ReadModelWrite::Delete { ns, key } => {
@@ -272,6 +301,8 @@ impl ReadModelStore for PgStore {
                         .await
                         .map_err(e)?;
                 }
+                // Rejected above; the transaction rolls back if it ever gets here.
+                _ => return Err(unsupported_write(i)),
             }
         }
         flush_puts(&mut tx, &mut puts).await?;

@@ -189,7 +189,6 @@
 
 #[macro_use]
 mod sql;
-mod sql_projection;
 mod bind;
 mod conns;
 mod error;
@@ -202,6 +201,7 @@ mod kv;
 mod lease;
 mod migrate;
 mod rows;
+mod sql_projection;
 mod stats;
 mod store;
 mod tasks;

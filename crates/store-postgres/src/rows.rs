@@ -8,8 +8,8 @@ use sqlx::postgres::types::Oid;
 use sqlx::postgres::{PgRow, PgTypeInfo, PgValueFormat, PgValueRef, Postgres};
 
 use tracktrace_core::{
-    Error, EventId, Metadata, Position, RecordedEvent, Result, StreamId, TenantId, Timestamp,
-    Version,
+    Error, EventId, Metadata, NewEvent, Position, RecordedEvent, Result, StreamId, TenantId,
+    Timestamp, Version,
 };
 
 /// Columns of an event row, in the order [`decode_event`] expects, without tenant and stream.
@@ -92,24 +92,26 @@ pub(crate) fn decode_event(
         })?,
     };
     let recorded_at: PgMicros = col(row, at + 11, p)?;
-    Ok(RecordedEvent {
+    let mut metadata = Metadata::new().with_headers(headers);
+    metadata.correlation_id = correlation_id;
+    metadata.causation_id = causation_id;
+    let mut event = NewEvent::new_with_id(
+        event_id,
+        event_type,
+        content_type,
+        Bytes::copy_from_slice(payload),
+    )
+    .with_schema_version(schema_version)
+    .with_metadata(metadata);
+    event.dedup_key = dedup_key;
+    Ok(RecordedEvent::from_new(
         tenant,
         stream,
         version,
         position,
-        recorded_at: Timestamp::from_unix_micros(recorded_at.0),
-        event_id,
-        dedup_key,
-        event_type,
-        schema_version,
-        content_type,
-        payload: Bytes::copy_from_slice(payload),
-        metadata: Metadata {
-            correlation_id,
-            causation_id,
-            headers,
-        },
-    })
+        Timestamp::from_unix_micros(recorded_at.0),
+        event,
+    ))
 }
 
 /// Decodes a row of `tenant, stream, <EVENT_COLUMNS>`.

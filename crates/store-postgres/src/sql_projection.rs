@@ -46,8 +46,11 @@ pub trait SqlProjection: Send + 'static {
 
     /// Applies one event (already upcast) with the batch's transaction. An error rolls the
     /// whole batch back, checkpoint included.
-    async fn apply(&mut self, event: &RecordedEvent, conn: &mut PgConnection)
-    -> Result<(), BoxError>;
+    async fn apply(
+        &mut self,
+        event: &RecordedEvent,
+        conn: &mut PgConnection,
+    ) -> Result<(), BoxError>;
 
     /// Empties its tables for a rebuild, in the transaction that resets the checkpoint to 0.
     async fn reset(&mut self, conn: &mut PgConnection) -> Result<(), BoxError>;
@@ -151,7 +154,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
             return Ok(());
         }
         let e = |e| map_err("sql projection setup", e);
-        let mut conn = self.store.pool().acquire().await.map_err(|x| self.err(e(x)))?;
+        let mut conn = self
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(|x| self.err(e(x)))?;
         let mut tx = conn.begin().await.map_err(|x| self.err(e(x)))?;
         if let Err(source) = self.projection.setup(&mut tx).await {
             return Err(self.handler_err(Position::START, source));
@@ -181,7 +189,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         }
         let applied = page.events.len();
         let e = |e| map_err("sql projection commit", e);
-        let mut conn = self.store.pool().acquire().await.map_err(|x| self.err(e(x)))?;
+        let mut conn = self
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(|x| self.err(e(x)))?;
         let mut tx = conn.begin().await.map_err(|x| self.err(e(x)))?;
         if let Err(err) = fence(&mut tx, self.projection.name(), cp, new_cp).await {
             self.checkpoint = None;
@@ -262,7 +275,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         self.ensure_set_up().await?;
         let cp = self.checkpoint().await?;
         let e = |e| map_err("sql projection reset", e);
-        let mut conn = self.store.pool().acquire().await.map_err(|x| self.err(e(x)))?;
+        let mut conn = self
+            .store
+            .pool()
+            .acquire()
+            .await
+            .map_err(|x| self.err(e(x)))?;
         let mut tx = conn.begin().await.map_err(|x| self.err(e(x)))?;
         self.checkpoint = None;
         fence(&mut tx, self.projection.name(), cp, Position::START)

@@ -283,14 +283,12 @@ fn decode_dups(req: &AppendRequest, rows: &[PgRow]) -> Result<Vec<Option<EventRe
             .ok_or_else(|| {
                 Error::corruption(None, format!("duplicate lookup returned index {idx}"))
             })?;
-        *slot = Some(EventRef {
-            event_id: EventId::from_uuid(id)
-                .map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
-            stream: StreamId::parse(stream)
-                .map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
-            version: Version::new(u64::try_from(version).unwrap_or_default()),
-            position: pos,
-        });
+        *slot = Some(EventRef::new(
+            EventId::from_uuid(id).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            StreamId::parse(stream).map_err(|e| Error::corruption(Some(pos), e.to_string()))?,
+            Version::new(u64::try_from(version).unwrap_or_default()),
+            pos,
+        ));
     }
     Ok(out)
 }
@@ -352,11 +350,13 @@ impl PgStore {
                         .events
                         .iter()
                         .enumerate()
-                        .map(|(i, e)| EventRef {
-                            event_id: e.event_id,
-                            stream: req.stream.clone(),
-                            version: Version::new(v0 + i as u64),
-                            position: Position::new(p0.get() + i as u64),
+                        .map(|(i, e)| {
+                            EventRef::new(
+                                e.event_id,
+                                req.stream.clone(),
+                                Version::new(v0 + i as u64),
+                                Position::new(p0.get() + i as u64),
+                            )
                         })
                         .collect();
                     if let Some(last) = events.last() {
@@ -367,10 +367,7 @@ impl PgStore {
                             last.version.get(),
                         );
                     }
-                    return Ok(AppendOutcome {
-                        events,
-                        duplicate: false,
-                    });
+                    return Ok(AppendOutcome::new(events, false));
                 }
                 1 => {
                     let existing = decode_dups(&req, &rows)?;
@@ -503,10 +500,7 @@ impl EventStore for PgStore {
         }
         let from = req.from.max(Position::new(1));
         if req.limit == 0 || from >= h.horizon {
-            return Ok(AllPage {
-                events: Vec::new(),
-                next: req.from,
-            });
+            return Ok(AllPage::new(Vec::new(), req.from));
         }
         let mut sql = format!(
             "SELECT tenant, stream, {EVENT_COLUMNS} FROM events WHERE position >= $1 AND position < $2"
@@ -557,7 +551,7 @@ impl EventStore for PgStore {
                 .max(last.unwrap_or_default())
                 .min(h.horizon.max(req.from))
         };
-        Ok(AllPage { events, next })
+        Ok(AllPage::new(events, next))
     }
 
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {

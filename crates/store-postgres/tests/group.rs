@@ -328,13 +328,7 @@ async fn a_full_group_queue_refuses_appends_without_writing() {
     }
     assert!(refused > 0, "200 appenders never found a queue of 1 full");
     let all = store
-        .read_all_to_end(
-            Position::START,
-            EventFilter {
-                tenant: Some(tenant),
-                ..EventFilter::default()
-            },
-        )
+        .read_all_to_end(Position::START, EventFilter::default().with_tenant(tenant))
         .await
         .unwrap();
     assert_eq!(all.len(), stored, "every acknowledged append, nothing else");

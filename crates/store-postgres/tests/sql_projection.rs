@@ -28,10 +28,7 @@ impl SqlProjection for BagScans {
     }
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            event_types: vec!["Scanned".into()],
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_event_types(["Scanned"])
     }
 
     async fn setup(&mut self, conn: &mut PgConnection) -> Result<(), BoxError> {
@@ -113,10 +110,13 @@ async fn a_projection_builds_and_queries_its_own_table_exactly_once() {
         .await
         .unwrap();
 
-    let mut runner = SqlProjectionRunner::new(store.clone(), BagScans { poison: true })
-        .with_batch_size(7);
+    let mut runner =
+        SqlProjectionRunner::new(store.clone(), BagScans { poison: true }).with_batch_size(7);
     let cp = runner.catch_up().await.unwrap();
-    assert_eq!(cp, store.load_checkpoint("bag-scans").await.unwrap().unwrap());
+    assert_eq!(
+        cp,
+        store.load_checkpoint("bag-scans").await.unwrap().unwrap()
+    );
     assert_eq!(
         rows(&store).await,
         vec![
@@ -157,7 +157,11 @@ async fn a_projection_builds_and_queries_its_own_table_exactly_once() {
         matches!(fenced.store_error(), Some(Error::CheckpointMoved { .. })),
         "{fenced:?}"
     );
-    assert_eq!(rows(&store).await[0].2, 11, "the fenced batch wrote nothing");
+    assert_eq!(
+        rows(&store).await[0].2,
+        11,
+        "the fenced batch wrote nothing"
+    );
 
     // A rebuild empties the table and replays: the same counts.
     let before = rows(&store).await;
@@ -167,16 +171,17 @@ async fn a_projection_builds_and_queries_its_own_table_exactly_once() {
     // Live, with read-your-writes through the progress handle.
     let progress = fixed.progress();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        fixed.run(async { stopped.await.unwrap_or(()) }).await
-    });
+    let task = tokio::spawn(async move { fixed.run(async { stopped.await.unwrap_or(()) }).await });
     for i in 0..5 {
         let at = scan(&store, 2, &format!("ST{i}")).await;
         tokio::time::timeout(Duration::from_secs(10), progress.wait_for(at))
             .await
             .expect("wait_for timed out")
             .unwrap();
-        assert_eq!(rows(&store).await[2], ("Bag-2".into(), format!("ST{i}"), 11 + i));
+        assert_eq!(
+            rows(&store).await[2],
+            ("Bag-2".into(), format!("ST{i}"), 11 + i)
+        );
     }
     let _ = stop.send(());
     task.await.unwrap().unwrap();

@@ -274,12 +274,12 @@ impl Shared {
         }
         let version = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
         let schema_version = u32::from_be_bytes(v[8..12].try_into().unwrap_or_default());
-        Ok(Snapshot {
-            tenant: tenant.clone(),
-            stream: stream.clone(),
-            version: Version::new(version),
+        Ok(Snapshot::new(
+            tenant.clone(),
+            stream.clone(),
+            Version::new(version),
             schema_version,
-            payload: Bytes::copy_from_slice(&v[12..]),
-        })
+            Bytes::copy_from_slice(&v[12..]),
+        ))
     }
 }

@@ -583,7 +583,7 @@ impl EventStore for SledStore {
                     Ok(false)
                 })?;
         }
-        Ok(AllPage { events, next })
+        Ok(AllPage::new(events, next))
     }
 
     async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {

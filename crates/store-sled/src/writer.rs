@@ -608,10 +608,7 @@ impl Writer {
         g.versions.insert(prefix, actual + count);
         g.dirty = true;
         self.next_position += count;
-        Ok(AppendOutcome {
-            events: refs,
-            duplicate: false,
-        })
+        Ok(AppendOutcome::new(refs, false))
     }
 
     fn commit_read_model(
@@ -652,6 +649,14 @@ impl Writer {
                     {
                         *v = None;
                     }
+                }
+                // A kind of write added to tracktrace-core after this backend: the whole batch
+                // is rejected (nothing is written yet), never the write skipped.
+                _ => {
+                    return Err(Error::invalid(
+                        format!("writes[{i}]"),
+                        "is a kind of read-model write the sled store does not support",
+                    ));
                 }
             }
         }

@@ -134,25 +134,19 @@ async fn large_events_and_values_roundtrip_through_chunks() -> Result<(), Error>
             .append_to(&t, &s, ExpectedVersion::Any, vec![ev(0), e, ev(2)])
             .await?;
         store
-            .commit(ReadModelBatch {
-                checkpoint: "p".into(),
-                expected_checkpoint: None,
-                position: Position::new(3),
-                writes: vec![ReadModelWrite::Put {
-                    ns: "ns".into(),
-                    key: b"k".to_vec(),
-                    value: big.clone(),
-                }],
-            })
+            .commit(
+                ReadModelBatch::new("p", None, Position::new(3))
+                    .with_writes(vec![ReadModelWrite::put("ns", b"k".to_vec(), big.clone())]),
+            )
             .await?;
         store
-            .save_snapshot(Snapshot {
-                tenant: t.clone(),
-                stream: s.clone(),
-                version: Version::new(3),
-                schema_version: 2,
-                payload: Bytes::from(big.clone()),
-            })
+            .save_snapshot(Snapshot::new(
+                t.clone(),
+                s.clone(),
+                Version::new(3),
+                2,
+                Bytes::from(big.clone()),
+            ))
             .await?;
     }
     let store = SledStore::open_path(dir.path())?;
@@ -290,47 +284,38 @@ async fn a_corrupt_record_is_a_typed_error_with_its_position() -> Result<(), Err
 #[tokio::test]
 async fn read_models_commit_with_their_checkpoint_and_survive_reopen() -> Result<(), Error> {
     let dir = tempfile::tempdir().unwrap();
-    let put = |k: &str, v: &str| ReadModelWrite::Put {
-        ns: "timeline".into(),
-        key: k.as_bytes().to_vec(),
-        value: v.as_bytes().to_vec(),
+    let put = |k: &str, v: &str| {
+        ReadModelWrite::put("timeline", k.as_bytes().to_vec(), v.as_bytes().to_vec())
     };
     {
         let store = SledStore::open_path(dir.path())?;
         store
-            .commit(ReadModelBatch {
-                checkpoint: "tl".into(),
-                expected_checkpoint: None,
-                position: Position::new(5),
-                writes: vec![put("a", "1"), put("b", "2"), put("c", "3")],
-            })
+            .commit(
+                ReadModelBatch::new("tl", None, Position::new(5)).with_writes(vec![
+                    put("a", "1"),
+                    put("b", "2"),
+                    put("c", "3"),
+                ]),
+            )
             .await?;
         // Clear then put within one batch: only the later put survives.
         store
-            .commit(ReadModelBatch {
-                checkpoint: "tl".into(),
-                expected_checkpoint: Some(Position::new(5)),
-                position: Position::new(9),
-                writes: vec![
-                    put("d", "4"),
-                    ReadModelWrite::Clear {
-                        ns: "timeline".into(),
-                    },
-                    put("e", "5"),
-                    ReadModelWrite::Delete {
-                        ns: "timeline".into(),
-                        key: b"zz".to_vec(),
-                    },
-                ],
-            })
+            .commit(
+                ReadModelBatch::new("tl", Some(Position::new(5)), Position::new(9)).with_writes(
+                    vec![
+                        put("d", "4"),
+                        ReadModelWrite::clear("timeline"),
+                        put("e", "5"),
+                        ReadModelWrite::delete("timeline", b"zz".to_vec()),
+                    ],
+                ),
+            )
             .await?;
         let stale = store
-            .commit(ReadModelBatch {
-                checkpoint: "tl".into(),
-                expected_checkpoint: Some(Position::new(5)),
-                position: Position::new(10),
-                writes: vec![put("x", "x")],
-            })
+            .commit(
+                ReadModelBatch::new("tl", Some(Position::new(5)), Position::new(10))
+                    .with_writes(vec![put("x", "x")]),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -447,15 +432,12 @@ async fn temporary_stores_delete_their_directory_with_the_last_clone() -> Result
 async fn read_model_keys_and_namespaces_have_documented_limits() -> Result<(), Error> {
     use tracktrace_store_sled::{MAX_NAMESPACE_LEN, MAX_READ_MODEL_KEY_LEN};
     let store = SledStore::temporary(Durability::Flush)?;
-    let batch = |ns: String, key: Vec<u8>| ReadModelBatch {
-        checkpoint: "p".into(),
-        expected_checkpoint: None,
-        position: Position::new(1),
-        writes: vec![ReadModelWrite::Put {
+    let batch = |ns: String, key: Vec<u8>| {
+        ReadModelBatch::new("p", None, Position::new(1)).with_writes(vec![ReadModelWrite::put(
             ns,
             key,
-            value: b"v".to_vec(),
-        }],
+            b"v".to_vec(),
+        )])
     };
     let long_key = vec![b'k'; MAX_READ_MODEL_KEY_LEN + 1];
     let err = store

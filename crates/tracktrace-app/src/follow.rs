@@ -45,11 +45,9 @@ pub trait SystemView: Default + Send + Sync + 'static {
 
 /// The filter of `V`'s events.
 pub fn filter_of<V: SystemView>() -> EventFilter {
-    EventFilter {
-        tenant: Some(system_tenant()),
-        event_types: Vec::new(),
-        stream_prefix: Some(V::STREAM_PREFIX.into()),
-    }
+    EventFilter::default()
+        .with_tenant(system_tenant())
+        .with_stream_prefix(V::STREAM_PREFIX)
 }
 
 /// Reads `V`'s events from `from` to the log's head in pages, calling `sink` with each page's

@@ -810,10 +810,7 @@ impl Projection for BalanceProjection {
     }
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            stream_prefix: Some("Account-".into()),
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_stream_prefix("Account-")
     }
 
     fn namespaces(&self) -> Vec<String> {
@@ -1087,10 +1084,7 @@ impl Saga for OrderSaga {
     type Command = OrderCommand;
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            stream_prefix: Some("Order-".into()),
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_stream_prefix("Order-")
     }
 
     fn correlate(&self, event: &RecordedEvent) -> Option<String> {
@@ -1535,10 +1529,7 @@ impl Saga for ParcelSaga {
     type Command = ParcelCommand;
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            stream_prefix: Some("Parcel-".into()),
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_stream_prefix("Parcel-")
     }
 
     fn correlate(&self, event: &RecordedEvent) -> Option<String> {
@@ -2016,10 +2007,8 @@ pub async fn saga_recovery_reads_open_work(s: RuntimeStores) -> CheckResult {
     let history = ok(
         s.events
             .read_all(
-                ReadAll::starting_at(Position::START, 100_000).filter(EventFilter {
-                    stream_prefix: Some("saga.order-".into()),
-                    ..EventFilter::default()
-                }),
+                ReadAll::starting_at(Position::START, 100_000)
+                    .filter(EventFilter::default().with_stream_prefix("saga.order-")),
             )
             .await,
         "saga log",

@@ -528,10 +528,14 @@ pub async fn read_all_order_and_filters(store: Arc<dyn EventStore>) -> CheckResu
         "read_all from a position is inclusive"
     );
     // Filters.
-    let f = |tenant: Option<&str>, types: &[&str], prefix: Option<&str>| EventFilter {
-        tenant: tenant.map(t),
-        event_types: types.iter().map(|s| s.to_string()).collect(),
-        stream_prefix: prefix.map(str::to_string),
+    let f = |tenant: Option<&str>, types: &[&str], prefix: Option<&str>| {
+        let f = EventFilter::default()
+            .with_tenant(tenant.map(t))
+            .with_event_types(types.iter().copied());
+        match prefix {
+            Some(p) => f.with_stream_prefix(p),
+            None => f,
+        }
     };
     for filter in [
         f(Some("t1"), &[], None),
@@ -628,11 +632,12 @@ pub async fn metadata_roundtrip(store: Arc<dyn EventStore>) -> CheckResult {
     let e = NewEvent::new("BagLoaded", "application/x-postcard", vec![0u8, 255, 1, 2])
         .with_dedup_key("dk-1")
         .with_schema_version(3)
-        .with_metadata(Metadata {
-            correlation_id: Some("corr-1".into()),
-            causation_id: Some("cause-1".into()),
-            headers,
-        });
+        .with_metadata(
+            Metadata::new()
+                .with_correlation_id("corr-1")
+                .with_causation_id("cause-1")
+                .with_headers(headers),
+        );
     let before = Timestamp::now();
     must_append(
         &*store,
@@ -903,13 +908,7 @@ pub async fn concurrent_writers_with_subscriber(store: Arc<dyn EventStore>) -> C
     let total = WRITERS * APPENDS * 2;
     let sub_store = store.clone();
     let subscriber = tokio::spawn(async move {
-        let mut sub = Subscription::new(
-            sub_store,
-            SubscribeOptions {
-                batch_size: 7,
-                ..Default::default()
-            },
-        );
+        let mut sub = Subscription::new(sub_store, SubscribeOptions::default().with_batch_size(7));
         let mut seen = Vec::with_capacity(total);
         while seen.len() < total {
             let e = tokio::time::timeout(Duration::from_secs(10), sub.next())
@@ -1020,27 +1019,15 @@ pub async fn subscription_catch_up_then_live(store: Arc<dyn EventStore>) -> Chec
     let first = must_append(&*store, &tn, &st, ExpectedVersion::Any, evs("Old", 10)).await?;
     let mut sub = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            batch_size: 3,
-            ..Default::default()
-        },
+        SubscribeOptions::default().with_batch_size(3),
     );
     let mut from_mid = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            from: first.events[6].position,
-            ..Default::default()
-        },
+        SubscribeOptions::default().with_from(first.events[6].position),
     );
     let mut filtered = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            filter: EventFilter {
-                event_types: vec!["New".into()],
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        SubscribeOptions::default().with_filter(EventFilter::default().with_event_types(["New"])),
     );
     let mut got = Vec::new();
     for _ in 0..10 {
@@ -1120,10 +1107,8 @@ pub async fn subscription_catch_up_then_live(store: Arc<dyn EventStore>) -> Chec
 /// `ReadModelStore`: puts, deletes, clears, ordered scans, and the checkpoint moved atomically
 /// with the writes, fenced by the expected checkpoint.
 pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
-    let put = |ns: &str, k: &str, v: &str| ReadModelWrite::Put {
-        ns: ns.into(),
-        key: k.as_bytes().to_vec(),
-        value: v.as_bytes().to_vec(),
+    let put = |ns: &str, k: &str, v: &str| {
+        ReadModelWrite::put(ns, k.as_bytes().to_vec(), v.as_bytes().to_vec())
     };
     ensure_eq!(
         ok(store.load_checkpoint("p").await, "load")?,
@@ -1132,18 +1117,15 @@ pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
     );
     ok(
         store
-            .commit(ReadModelBatch {
-                checkpoint: "p".into(),
-                expected_checkpoint: None,
-                position: Position::new(5),
-                writes: vec![
+            .commit(
+                ReadModelBatch::new("p", None, Position::new(5)).with_writes(vec![
                     put("tl", "a/1", "x"),
                     put("tl", "a/2", "y"),
                     put("tl", "b/1", "z"),
                     put("other", "a/1", "o"),
                     put("tl", "a/3", "w"),
-                ],
-            })
+                ]),
+            )
             .await,
         "first commit",
     )?;
@@ -1217,12 +1199,10 @@ pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
     );
     // Fenced: a stale expected checkpoint writes nothing.
     let r = store
-        .commit(ReadModelBatch {
-            checkpoint: "p".into(),
-            expected_checkpoint: Some(Position::new(4)),
-            position: Position::new(9),
-            writes: vec![put("tl", "c/1", "bad")],
-        })
+        .commit(
+            ReadModelBatch::new("p", Some(Position::new(4)), Position::new(9))
+                .with_writes(vec![put("tl", "c/1", "bad")]),
+        )
         .await;
     ensure!(
         matches!(r, Err(Error::CheckpointMoved { .. })),
@@ -1241,20 +1221,16 @@ pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
     // Delete, overwrite, clear.
     ok(
         store
-            .commit(ReadModelBatch {
-                checkpoint: "p".into(),
-                expected_checkpoint: Some(Position::new(5)),
-                position: Position::new(8),
-                writes: vec![
-                    ReadModelWrite::Delete {
-                        ns: "tl".into(),
-                        key: b"a/1".to_vec(),
-                    },
-                    put("tl", "a/2", "y2"),
-                    ReadModelWrite::Clear { ns: "other".into() },
-                    put("other", "n", "1"),
-                ],
-            })
+            .commit(
+                ReadModelBatch::new("p", Some(Position::new(5)), Position::new(8)).with_writes(
+                    vec![
+                        ReadModelWrite::delete("tl", b"a/1".to_vec()),
+                        put("tl", "a/2", "y2"),
+                        ReadModelWrite::clear("other"),
+                        put("other", "n", "1"),
+                    ],
+                ),
+            )
             .await,
         "second commit",
     )?;
@@ -1297,12 +1273,8 @@ pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
 
 /// `SnapshotStore`: latest snapshot per stream; an older one never replaces a newer one.
 pub async fn snapshot_store(store: Arc<dyn SnapshotStore>) -> CheckResult {
-    let snap = |tn: &str, st: &str, v: u64, p: &'static [u8]| Snapshot {
-        tenant: t(tn),
-        stream: s(st),
-        version: Version::new(v),
-        schema_version: 1,
-        payload: Bytes::from_static(p),
+    let snap = |tn: &str, st: &str, v: u64, p: &'static [u8]| {
+        Snapshot::new(t(tn), s(st), Version::new(v), 1, Bytes::from_static(p))
     };
     ensure_eq!(
         ok(store.load_snapshot(&t("a"), &s("x")).await, "load")?,

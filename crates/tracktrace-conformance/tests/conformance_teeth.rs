@@ -229,10 +229,7 @@ impl Broken {
         pieces: Vec<Vec<NewEvent>>,
         pause: Duration,
     ) -> Result<AppendOutcome> {
-        let mut out = AppendOutcome {
-            events: Vec::new(),
-            duplicate: true,
-        };
+        let mut out = AppendOutcome::new(Vec::new(), true);
         for (i, events) in pieces.into_iter().enumerate() {
             let expected = if i == 0 {
                 req.expected
@@ -266,10 +263,7 @@ impl Broken {
             .get(&(req.tenant.clone(), key.clone()))
             .cloned();
         if let Some(r) = seen {
-            return Ok(AppendOutcome {
-                events: vec![r],
-                duplicate: true,
-            });
+            return Ok(AppendOutcome::new(vec![r], true));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
         let unique = format!("{key}{RACY_SUFFIX}{}", req.events[0].event_id);
@@ -304,13 +298,13 @@ impl Broken {
                     let next = e.position.next();
                     events.push(e);
                     if events.len() == req.limit {
-                        return Ok(AllPage { events, next });
+                        return Ok(AllPage::new(events, next));
                     }
                 }
             }
             from = page.next;
             if short {
-                return Ok(AllPage { events, next: from });
+                return Ok(AllPage::new(events, from));
             }
         }
     }

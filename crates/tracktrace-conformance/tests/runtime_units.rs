@@ -264,16 +264,11 @@ async fn the_breaker_guards_read_models() {
     let mem = Arc::new(InMemoryStore::new());
     let breaker = CircuitBreaker::new(mem.clone());
     breaker
-        .commit(ReadModelBatch {
-            checkpoint: "p".into(),
-            expected_checkpoint: None,
-            position: Position::new(7),
-            writes: vec![ReadModelWrite::Put {
-                ns: "ns".into(),
-                key: b"k".to_vec(),
-                value: b"v".to_vec(),
-            }],
-        })
+        .commit(
+            ReadModelBatch::new("p", None, Position::new(7)).with_writes(vec![
+                ReadModelWrite::put("ns", b"k".to_vec(), b"v".to_vec()),
+            ]),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -366,10 +361,7 @@ impl Projection for Counting {
         "counting"
     }
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            event_types: vec!["Wanted".into()],
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_event_types(["Wanted"])
     }
     async fn apply(
         &mut self,
@@ -507,11 +499,10 @@ async fn a_filtered_subscription_resumes_past_events_it_filtered_out() {
     let head = append(other).await;
     let mut sub = tracktrace_core::Subscription::new(
         store.clone(),
-        tracktrace_core::SubscribeOptions {
-            from: Position::START,
-            filter: EventFilter::tenant(tenant()),
-            batch_size: 1,
-        },
+        tracktrace_core::SubscribeOptions::default()
+            .with_from(Position::START)
+            .with_filter(EventFilter::tenant(tenant()))
+            .with_batch_size(1),
     );
     assert_eq!(sub.resume_position(), Position::START);
     let batch = sub.next_batch(10).await.unwrap();
@@ -612,14 +603,10 @@ async fn a_checkpoint_stored_without_an_index_is_recovered_from_the_whole_saga_l
     // of an order whose deadline is pending.
     let cp = store.load_checkpoint("saga.order").await.unwrap().unwrap();
     store
-        .commit(ReadModelBatch {
-            checkpoint: "saga.order".into(),
-            expected_checkpoint: Some(cp),
-            position: cp,
-            writes: vec![ReadModelWrite::Clear {
-                ns: "saga.order.open".into(),
-            }],
-        })
+        .commit(
+            ReadModelBatch::new("saga.order", Some(cp), cp)
+                .with_writes(vec![ReadModelWrite::clear("saga.order.open")]),
+        )
         .await
         .unwrap();
     let counting = Arc::new(CountingStore::new(&s));

@@ -81,7 +81,19 @@ pub fn derived_event_id(command_id: Uuid, stream: &StreamId, index: usize) -> Ev
 }
 
 /// Per-command metadata copied onto every event it produces.
+///
+/// Non-exhaustive: fields may be added, so other crates build it with [`CommandMeta::new`]
+/// (or `Default`: no metadata) or [`CommandMeta::with_command_id`], then the `with_*` methods:
+///
+/// ```
+/// use tracktrace_core::CommandMeta;
+/// let meta = CommandMeta::with_command_id(uuid::Uuid::now_v7())
+///     .with_correlation_id("req-1")
+///     .with_header("source", "scanner-3");
+/// assert!(meta.command_id.is_some());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommandMeta {
     /// Idempotency key of the command: event ids are derived from it (unless the event
     /// supplies its own), so executing the same command twice stores its events once. A
@@ -97,12 +109,43 @@ pub struct CommandMeta {
 }
 
 impl CommandMeta {
-    /// Metadata with an idempotency key.
+    /// No metadata: no idempotency key, correlation or causation id, no headers (same as
+    /// `Default`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Metadata with an idempotency key (a constructor; chain the `with_*` methods after it).
     pub fn with_command_id(command_id: Uuid) -> Self {
         Self {
             command_id: Some(command_id),
             ..Self::default()
         }
+    }
+
+    /// Sets the correlation id of every event (builder style).
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id of every event (builder style).
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Sets header `name` to `value` on every event, replacing an earlier value (builder
+    /// style).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replaces all extra headers (builder style).
+    pub fn with_headers(mut self, headers: BTreeMap<String, String>) -> Self {
+        self.headers = headers;
+        self
     }
 }
 

@@ -36,7 +36,30 @@ pub mod limits {
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
 /// Cross-cutting metadata carried by every event.
+///
+/// Non-exhaustive: fields may be added, so other crates build it with [`Metadata::new`] (or
+/// `Default`) and the `with_*` methods:
+///
+/// ```
+/// use tracktrace_core::Metadata;
+/// let m = Metadata::new()
+///     .with_correlation_id("req-1")
+///     .with_causation_id("cmd-7")
+///     .with_header("source", "scanner-3");
+/// assert_eq!(m.correlation_id.as_deref(), Some("req-1"));
+/// assert_eq!(m.headers["source"], "scanner-3");
+/// ```
+///
+/// ```compile_fail
+/// use tracktrace_core::Metadata;
+/// let m = Metadata {
+///     correlation_id: None,
+///     causation_id: None,
+///     headers: Default::default(),
+/// };
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Metadata {
     /// Groups every event caused by one original request.
     pub correlation_id: Option<String>,
@@ -44,6 +67,37 @@ pub struct Metadata {
     pub causation_id: Option<String>,
     /// Free-form headers.
     pub headers: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// Empty metadata: no correlation or causation id, no headers (same as `Default`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the correlation id (builder style).
+    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into());
+        self
+    }
+
+    /// Sets the causation id (builder style).
+    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
+        self.causation_id = Some(id.into());
+        self
+    }
+
+    /// Sets header `name` to `value`, replacing an earlier value (builder style).
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replaces all headers (builder style).
+    pub fn with_headers(mut self, headers: BTreeMap<String, String>) -> Self {
+        self.headers = headers;
+        self
+    }
 }
 
 /// An event to append ([`NewEvent::new`] / [`NewEvent::json`] and the `with_*` methods).
@@ -83,8 +137,20 @@ impl NewEvent {
         content_type: impl Into<String>,
         payload: impl Into<Bytes>,
     ) -> Self {
+        Self::new_with_id(EventId::new(), event_type, content_type, payload)
+    }
+
+    /// An event with id `event_id`, schema version 1 and empty metadata. Unlike
+    /// [`NewEvent::new`] it draws no fresh id, which backends decoding stored events (with
+    /// [`RecordedEvent::from_new`]) would only throw away.
+    pub fn new_with_id(
+        event_id: EventId,
+        event_type: impl Into<String>,
+        content_type: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Self {
         Self {
-            event_id: EventId::new(),
+            event_id,
             dedup_key: None,
             event_type: event_type.into(),
             schema_version: 1,
@@ -120,7 +186,28 @@ impl NewEvent {
 }
 
 /// A stored event as read back from a store.
+///
+/// Non-exhaustive: fields may be added, so other crates (backends, tests) build it with
+/// [`RecordedEvent::from_new`] from a [`NewEvent`], whose `with_*` methods set the event's own
+/// fields:
+///
+/// ```
+/// use tracktrace_core::{
+///     Metadata, NewEvent, Position, RecordedEvent, StreamId, TenantId, Timestamp, Version,
+/// };
+/// let e = RecordedEvent::from_new(
+///     TenantId::from_static("acme"),
+///     StreamId::from_static("Bag-1"),
+///     Version::new(1),
+///     Position::new(1),
+///     Timestamp::now(),
+///     NewEvent::json("CHECKED_IN", &serde_json::json!({}))
+///         .with_metadata(Metadata::new().with_correlation_id("req-1")),
+/// );
+/// assert_eq!(e.event_type, "CHECKED_IN");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecordedEvent {
     /// Owning tenant.
     pub tenant: TenantId,
@@ -149,7 +236,9 @@ pub struct RecordedEvent {
 }
 
 impl RecordedEvent {
-    /// Builds the recorded form of a new event (used by backends).
+    /// The recorded form of `e`, stored at `version` of `stream` and `position` of the global
+    /// log at `recorded_at` (used by backends, when appending and when decoding stored events;
+    /// see [`NewEvent::new_with_id`]). Every field of `e` is kept.
     pub fn from_new(
         tenant: TenantId,
         stream: StreamId,

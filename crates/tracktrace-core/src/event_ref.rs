@@ -4,8 +4,10 @@
 
 use crate::id::{EventId, Position, StreamId, Version};
 
-/// Where a stored event is.
+/// Where a stored event is ([`EventRef::new`], or `RecordedEvent::to_ref`). Non-exhaustive:
+/// fields may be added, so other crates (backends) build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct EventRef {
     /// The event.
     pub event_id: EventId,
@@ -15,4 +17,16 @@ pub struct EventRef {
     pub version: Version,
     /// Its position in the global log.
     pub position: Position,
+}
+
+impl EventRef {
+    /// Event `event_id`, stored at `version` of `stream` and `position` of the global log.
+    pub fn new(event_id: EventId, stream: StreamId, version: Version, position: Position) -> Self {
+        Self {
+            event_id,
+            stream,
+            version,
+            position,
+        }
+    }
 }

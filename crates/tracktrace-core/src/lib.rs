@@ -65,8 +65,15 @@
 //! - [`resilience`]: the [`Retrying`] and [`CircuitBreaker`] wrapper stores.
 //!
 //! # Features
-//! - `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs.
-
+// The codec exists only with the feature: link to it only then (docs build without it too).
+#![cfg_attr(
+    feature = "bincode",
+    doc = "- `bincode`: [`codec::BincodeCodec`] (bincode 2) beside the default JSON and postcard codecs."
+)]
+#![cfg_attr(
+    not(feature = "bincode"),
+    doc = "- `bincode`: `codec::BincodeCodec` (bincode 2) beside the default JSON and postcard codecs."
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod aggregate;

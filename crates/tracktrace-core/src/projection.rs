@@ -100,11 +100,7 @@ pub trait Projection: Send + 'static {
 ///     type Event = BagEvent;
 ///     type Codec = JsonCodec;
 ///     fn name(&self) -> &str { "manifest" }
-///     fn filter(&self) -> EventFilter {
-///         let mut bags = EventFilter::default();
-///         bags.stream_prefix = Some("Bag-".into());
-///         bags
-///     }
+///     fn filter(&self) -> EventFilter { EventFilter::default().with_stream_prefix("Bag-") }
 ///     async fn apply(&mut self, event: &BagEvent, meta: &RecordedEvent, tx: &mut ReadModelTx<'_>)
 ///         -> std::result::Result<(), BoxError> {
 ///         if let BagEvent::Loaded { flight } = event {

@@ -67,8 +67,10 @@ impl AppendRequest {
     }
 }
 
-/// Result of a successful append.
+/// Result of a successful append ([`AppendOutcome::new`]). Non-exhaustive: fields may be
+/// added, so other crates (backends, wrapper stores) build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AppendOutcome {
     /// One reference per event of the request, in request order.
     pub events: Vec<EventRef>,
@@ -79,6 +81,12 @@ pub struct AppendOutcome {
 }
 
 impl AppendOutcome {
+    /// The outcome of an append that stored (or, with `duplicate`, had already stored)
+    /// `events`, one reference per event of the request, in request order.
+    pub fn new(events: Vec<EventRef>, duplicate: bool) -> Self {
+        Self { events, duplicate }
+    }
+
     /// Version of the stream after the append (of the last original for duplicates).
     pub fn last_version(&self) -> Version {
         self.events.last().map(|r| r.version).unwrap_or_default()
@@ -152,7 +160,21 @@ impl ReadStream {
 }
 
 /// Which events of the global log a reader wants. Empty fields match everything.
+///
+/// Non-exhaustive: fields may be added, so other crates build it from `Default` (everything)
+/// or [`EventFilter::tenant`] and the `with_*` methods:
+///
+/// ```
+/// use tracktrace_core::{EventFilter, TenantId};
+/// let f = EventFilter::default()
+///     .with_tenant(TenantId::from_static("acme"))
+///     .with_event_types(["LOADED", "SCANNED"])
+///     .with_stream_prefix("Bag-");
+/// assert_eq!(f.event_types, ["LOADED", "SCANNED"]);
+/// assert!(EventFilter::default().is_empty());
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EventFilter {
     /// Only this tenant's events.
     pub tenant: Option<TenantId>,
@@ -196,6 +218,28 @@ impl EventFilter {
             ..Self::default()
         }
     }
+
+    /// Sets the tenant: `Some(t)` (or a plain `TenantId`) keeps only its events, `None` lets
+    /// every tenant's through (builder style).
+    pub fn with_tenant(mut self, tenant: impl Into<Option<TenantId>>) -> Self {
+        self.tenant = tenant.into();
+        self
+    }
+
+    /// Sets the event types to keep; none (an empty list) keeps every type (builder style).
+    pub fn with_event_types<T: Into<String>>(
+        mut self,
+        event_types: impl IntoIterator<Item = T>,
+    ) -> Self {
+        self.event_types = event_types.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Keeps only streams whose id starts with `prefix` (builder style).
+    pub fn with_stream_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.stream_prefix = Some(prefix.into());
+        self
+    }
 }
 
 /// A read of the global log ([`ReadAll::starting_at`], then [`ReadAll::filter`]).
@@ -234,8 +278,10 @@ impl ReadAll {
     }
 }
 
-/// One page of the global log.
+/// One page of the global log ([`AllPage::new`]). Non-exhaustive: fields may be added, so
+/// other crates (backends, wrapper stores) build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AllPage {
     /// Matching events in strictly increasing position order.
     pub events: Vec<RecordedEvent>,
@@ -246,8 +292,18 @@ pub struct AllPage {
     pub next: Position,
 }
 
-/// A stored snapshot of an aggregate's state at a stream version.
+impl AllPage {
+    /// A page of `events` (matching, in strictly increasing position order) after which the
+    /// next read starts at `next`.
+    pub fn new(events: Vec<RecordedEvent>, next: Position) -> Self {
+        Self { events, next }
+    }
+}
+
+/// A stored snapshot of an aggregate's state at a stream version ([`Snapshot::new`]).
+/// Non-exhaustive: fields may be added, so other crates build it with the constructor.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Snapshot {
     /// Tenant of the stream.
     pub tenant: TenantId,
@@ -259,6 +315,26 @@ pub struct Snapshot {
     pub schema_version: u32,
     /// Encoded state.
     pub payload: Bytes,
+}
+
+impl Snapshot {
+    /// The state `payload` (encoded with schema `schema_version`) of `tenant`'s `stream`,
+    /// including every event up to `version`.
+    pub fn new(
+        tenant: TenantId,
+        stream: StreamId,
+        version: Version,
+        schema_version: u32,
+        payload: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            tenant,
+            stream,
+            version,
+            schema_version,
+            payload: payload.into(),
+        }
+    }
 }
 
 /// Persistent snapshots, one (the latest) per stream. Optional per aggregate type.
@@ -280,8 +356,13 @@ pub trait CheckpointStore: Send + Sync {
     async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()>;
 }
 
-/// One write of a [`ReadModelBatch`].
+/// One write of a [`ReadModelBatch`] ([`ReadModelWrite::put`], [`ReadModelWrite::delete`],
+/// [`ReadModelWrite::clear`]).
+///
+/// Non-exhaustive: kinds of writes may be added. A backend that meets one it does not know
+/// must reject the whole batch (e.g. with [`Error::InvalidInput`]), never skip the write.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadModelWrite {
     /// Sets `key` in namespace `ns` to `value`.
     Put {
@@ -306,8 +387,44 @@ pub enum ReadModelWrite {
     },
 }
 
-/// Read-model writes that commit atomically together with a projection checkpoint.
+impl ReadModelWrite {
+    /// Sets `key` in namespace `ns` to `value` ([`ReadModelWrite::Put`]).
+    pub fn put(ns: impl Into<String>, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self::Put {
+            ns: ns.into(),
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// Removes `key` from `ns` ([`ReadModelWrite::Delete`]).
+    pub fn delete(ns: impl Into<String>, key: impl Into<Vec<u8>>) -> Self {
+        Self::Delete {
+            ns: ns.into(),
+            key: key.into(),
+        }
+    }
+
+    /// Removes every key of `ns` ([`ReadModelWrite::Clear`]).
+    pub fn clear(ns: impl Into<String>) -> Self {
+        Self::Clear { ns: ns.into() }
+    }
+}
+
+/// Read-model writes that commit atomically together with a projection checkpoint
+/// ([`ReadModelBatch::new`], then [`ReadModelBatch::with_writes`] or
+/// [`ReadModelBatch::push`]). Non-exhaustive: fields may be added, so other crates build it
+/// with the constructor:
+///
+/// ```
+/// use tracktrace_core::{Position, ReadModelBatch, ReadModelWrite};
+/// let mut batch = ReadModelBatch::new("timeline", None, Position::new(7))
+///     .with_writes(vec![ReadModelWrite::clear("timeline")]);
+/// batch.push(ReadModelWrite::put("timeline", "bag-1", "loaded"));
+/// assert_eq!(batch.writes.len(), 2);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReadModelBatch {
     /// Checkpoint name (the projection's name).
     pub checkpoint: String,
@@ -319,6 +436,34 @@ pub struct ReadModelBatch {
     pub position: Position,
     /// The writes, applied in order.
     pub writes: Vec<ReadModelWrite>,
+}
+
+impl ReadModelBatch {
+    /// A batch without writes that moves checkpoint `checkpoint` from `expected_checkpoint`
+    /// (`None`: none stored yet) to `position`.
+    pub fn new(
+        checkpoint: impl Into<String>,
+        expected_checkpoint: Option<Position>,
+        position: Position,
+    ) -> Self {
+        Self {
+            checkpoint: checkpoint.into(),
+            expected_checkpoint,
+            position,
+            writes: Vec::new(),
+        }
+    }
+
+    /// Sets the writes, replacing any added before (builder style).
+    pub fn with_writes(mut self, writes: Vec<ReadModelWrite>) -> Self {
+        self.writes = writes;
+        self
+    }
+
+    /// Adds `write` after the others.
+    pub fn push(&mut self, write: ReadModelWrite) {
+        self.writes.push(write);
+    }
 }
 
 /// A bytewise key range `[start, end)` within one namespace.
@@ -583,8 +728,20 @@ pub trait EventStoreExt: EventStore {
 
 impl<S: EventStore + ?Sized> EventStoreExt for S {}
 
-/// Where and what a [`Subscription`] reads.
+/// Where and what a [`Subscription`] reads. Non-exhaustive: fields may be added, so other
+/// crates start from `Default` (the whole log, 512 events per read) and use the `with_*`
+/// methods:
+///
+/// ```
+/// use tracktrace_core::{EventFilter, Position, SubscribeOptions};
+/// let opts = SubscribeOptions::default()
+///     .with_from(Position::new(42))
+///     .with_filter(EventFilter::default().with_stream_prefix("Bag-"))
+///     .with_batch_size(100);
+/// assert_eq!(opts.batch_size, 100);
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SubscribeOptions {
     /// First position to deliver (inclusive). To resume after a checkpoint `p`, use `p.next()`.
     pub from: Position,
@@ -601,6 +758,27 @@ impl Default for SubscribeOptions {
             filter: EventFilter::default(),
             batch_size: 512,
         }
+    }
+}
+
+impl SubscribeOptions {
+    /// Sets the first position to deliver, inclusive (builder style). To resume after a
+    /// checkpoint `p`, use `p.next()`.
+    pub fn with_from(mut self, from: Position) -> Self {
+        self.from = from;
+        self
+    }
+
+    /// Sets which events to deliver (builder style).
+    pub fn with_filter(mut self, filter: EventFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Sets how many events each read fetches (builder style; 0 counts as 1).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
     }
 }
 

@@ -42,10 +42,7 @@ async fn the_stream_catches_up_then_follows_live_commits() {
     }
     let mut sub = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            batch_size: 2,
-            ..SubscribeOptions::default()
-        },
+        SubscribeOptions::default().with_batch_size(2),
     );
     let mut positions = Vec::new();
     for _ in 0..5 {

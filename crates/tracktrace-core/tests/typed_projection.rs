@@ -39,10 +39,7 @@ impl TypedProjection for LastSeen {
     }
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            stream_prefix: Some("Bag-".into()),
-            ..EventFilter::default()
-        }
+        EventFilter::default().with_stream_prefix("Bag-")
     }
 
     async fn apply(

@@ -344,11 +344,10 @@ async fn run(
     measure_head(&*store, &shared).await;
     let mut sub = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            from,
-            filter: cfg.filter.clone(),
-            batch_size: cfg.batch_size.max(1),
-        },
+        SubscribeOptions::default()
+            .with_from(from)
+            .with_filter(cfg.filter.clone())
+            .with_batch_size(cfg.batch_size.max(1)),
     );
     loop {
         let batch = match sub.next_batch(cfg.batch_size.max(1)).await {

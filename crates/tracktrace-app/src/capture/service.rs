@@ -145,10 +145,7 @@ impl CaptureService {
         self.claim(&tenant, &cmd.event.entity_id, &cmd.event.entity_type)
             .await?;
         let id = cmd.event.aggregate_id();
-        let meta = CommandMeta {
-            correlation_id: Some(cmd.enrichment.correlation_id.clone()),
-            ..CommandMeta::default()
-        };
+        let meta = CommandMeta::new().with_correlation_id(cmd.enrichment.correlation_id.clone());
         let entity_id = cmd.event.entity_id.clone();
         let out = self
             .entities

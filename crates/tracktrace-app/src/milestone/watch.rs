@@ -216,15 +216,7 @@ impl Saga for MilestoneWatch {
     type Command = MilestoneCommand;
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            tenant: None,
-            event_types: vec![
-                OPERATIONAL_EVENT.into(),
-                RULE_SET.into(),
-                RULE_REMOVED.into(),
-            ],
-            stream_prefix: None,
-        }
+        EventFilter::default().with_event_types([OPERATIONAL_EVENT, RULE_SET, RULE_REMOVED])
     }
 
     fn correlate(&self, e: &RecordedEvent) -> Option<String> {

@@ -171,11 +171,10 @@ impl RouteMapper {
             Some(t) if self.entity_types.len() == 1 => format!("{ENTITY_STREAM_PREFIX}{t}-"),
             _ => ENTITY_STREAM_PREFIX.to_owned(),
         };
-        EventFilter {
-            tenant: tenant.cloned(),
-            event_types: vec![OPERATIONAL_EVENT.into()],
-            stream_prefix: Some(prefix),
-        }
+        EventFilter::default()
+            .with_tenant(tenant.cloned())
+            .with_event_types([OPERATIONAL_EVENT])
+            .with_stream_prefix(prefix)
     }
 }
 

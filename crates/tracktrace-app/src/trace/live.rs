@@ -112,11 +112,10 @@ impl std::fmt::Debug for LiveHub {
 const PAGE: usize = 256;
 
 fn operational(tenant: Option<TenantId>) -> EventFilter {
-    EventFilter {
-        tenant,
-        event_types: vec![OPERATIONAL_EVENT.into()],
-        stream_prefix: Some(ENTITY_STREAM_PREFIX.into()),
-    }
+    EventFilter::default()
+        .with_tenant(tenant)
+        .with_event_types([OPERATIONAL_EVENT])
+        .with_stream_prefix(ENTITY_STREAM_PREFIX)
 }
 
 impl LiveHub {
@@ -192,11 +191,10 @@ async fn read_live(store: Arc<dyn EventStore>, sender: broadcast::Sender<Arc<Liv
     loop {
         let mut sub = Subscription::new(
             store.clone(),
-            SubscribeOptions {
-                from,
-                filter: operational(None),
-                batch_size: PAGE,
-            },
+            SubscribeOptions::default()
+                .with_from(from)
+                .with_filter(operational(None))
+                .with_batch_size(PAGE),
         );
         loop {
             match sub.next().await {

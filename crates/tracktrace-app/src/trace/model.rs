@@ -194,11 +194,9 @@ impl Projection for TraceProjection {
     }
 
     fn filter(&self) -> EventFilter {
-        EventFilter {
-            tenant: None,
-            event_types: vec![OPERATIONAL_EVENT.into()],
-            stream_prefix: Some(ENTITY_STREAM_PREFIX.into()),
-        }
+        EventFilter::default()
+            .with_event_types([OPERATIONAL_EVENT])
+            .with_stream_prefix(ENTITY_STREAM_PREFIX)
     }
 
     fn namespaces(&self) -> Vec<String> {

@@ -60,11 +60,12 @@ fn extreme_events() -> Vec<NewEvent> {
     )
     .with_dedup_key(text(MAX_SHORT_STRING_LEN, 3))
     .with_schema_version(MAX_SCHEMA_VERSION)
-    .with_metadata(Metadata {
-        correlation_id: Some(text(MAX_SHORT_STRING_LEN, 4)),
-        causation_id: Some(text(MAX_SHORT_STRING_LEN, 5)),
-        headers,
-    });
+    .with_metadata(
+        Metadata::new()
+            .with_correlation_id(text(MAX_SHORT_STRING_LEN, 4))
+            .with_causation_id(text(MAX_SHORT_STRING_LEN, 5))
+            .with_headers(headers),
+    );
     let mut one_header = BTreeMap::new();
     one_header.insert("k".to_string(), "V".to_string());
     vec![
@@ -72,11 +73,11 @@ fn extreme_events() -> Vec<NewEvent> {
         NewEvent::new("Empty", "application/octet-stream", Bytes::new()),
         NewEvent::new("Zeros", "application/octet-stream", vec![0u8; 300])
             .with_schema_version(2)
-            .with_metadata(Metadata {
-                correlation_id: None,
-                causation_id: Some("c".into()),
-                headers: one_header,
-            }),
+            .with_metadata(
+                Metadata::new()
+                    .with_causation_id("c")
+                    .with_headers(one_header),
+            ),
         ev("Small", 7),
     ]
 }
@@ -194,19 +195,15 @@ pub async fn full_events_on_every_read_path(store: Arc<dyn EventStore>) -> Check
         ("read_all by tenant", EventFilter::tenant(tn.clone())),
         (
             "read_all by types",
-            EventFilter {
-                event_types: sent.iter().map(|e| e.event_type.clone()).collect(),
-                tenant: Some(tn.clone()),
-                ..Default::default()
-            },
+            EventFilter::default()
+                .with_tenant(tn.clone())
+                .with_event_types(sent.iter().map(|e| e.event_type.clone())),
         ),
         (
             "read_all by prefix",
-            EventFilter {
-                tenant: Some(tn.clone()),
-                stream_prefix: Some("Full-".into()),
-                ..Default::default()
-            },
+            EventFilter::default()
+                .with_tenant(tn.clone())
+                .with_stream_prefix("Full-"),
         ),
     ];
     for (what, filter) in filters {
@@ -216,11 +213,9 @@ pub async fn full_events_on_every_read_path(store: Arc<dyn EventStore>) -> Check
     }
     let mut sub = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            filter: EventFilter::tenant(tn.clone()),
-            batch_size: 2,
-            ..Default::default()
-        },
+        SubscribeOptions::default()
+            .with_filter(EventFilter::tenant(tn.clone()))
+            .with_batch_size(2),
     );
     let mut got = Vec::new();
     for _ in 0..n {
@@ -366,10 +361,7 @@ pub async fn paged_reads_match_full_reads(store: Arc<dyn EventStore>) -> CheckRe
     let filters = [
         EventFilter::default(),
         EventFilter::tenant(tn.clone()),
-        EventFilter {
-            event_types: vec!["N".into()],
-            ..Default::default()
-        },
+        EventFilter::default().with_event_types(["N"]),
     ];
     for filter in filters {
         let want = ids(&all_events_filtered(&*store, filter.clone()).await?);

@@ -67,11 +67,9 @@ pub async fn stream_keys_do_not_collide(store: Arc<dyn EventStore>) -> CheckResu
             Version::new(i as u64 + 1),
             "version of {tn}/{st}"
         );
-        let only = EventFilter {
-            tenant: Some(tn.clone()),
-            stream_prefix: Some(st.as_str().to_string()),
-            ..Default::default()
-        };
+        let only = EventFilter::default()
+            .with_tenant(tn.clone())
+            .with_stream_prefix(st.as_str());
         let filtered = page_all(&*store, only, 1000).await?;
         ensure!(
             filtered
@@ -118,10 +116,7 @@ pub async fn tenant_filter_is_exact(store: Arc<dyn EventStore>) -> CheckResult {
     }
     let mut sub = Subscription::new(
         store.clone(),
-        SubscribeOptions {
-            filter: EventFilter::tenant(t("acme")),
-            ..Default::default()
-        },
+        SubscribeOptions::default().with_filter(EventFilter::tenant(t("acme"))),
     );
     let e = next_within(&mut sub, "tenant-filtered subscription").await?;
     ensure_eq!(e.tenant.as_str(), "acme", "subscription tenant");
@@ -158,11 +153,9 @@ pub async fn stream_prefix_is_literal(store: Arc<dyn EventStore>) -> CheckResult
         ("ab1x", &[]),
     ];
     for (prefix, want) in cases {
-        let filter = EventFilter {
-            tenant: Some(tn.clone()),
-            stream_prefix: Some((*prefix).to_string()),
-            ..Default::default()
-        };
+        let filter = EventFilter::default()
+            .with_tenant(tn.clone())
+            .with_stream_prefix(*prefix);
         let got = page_all(&*store, filter, 5).await?;
         let mut got: Vec<&str> = got.iter().map(|e| e.stream.as_str()).collect();
         got.sort_unstable();

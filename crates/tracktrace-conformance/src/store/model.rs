@@ -329,6 +329,9 @@ impl Case {
                         headers.insert(format!("H{}", n % 4), format!("v{n}"));
                         headers.insert(format!("h{}", n % 4), "x".repeat((n % 7) * 50));
                     }
+                    let mut metadata = Metadata::new().with_headers(headers);
+                    metadata.correlation_id = (n % 2 == 1).then(|| format!("corr-{n}"));
+                    metadata.causation_id = (n % 5 == 1).then(|| format!("cause-{n}"));
                     let mut ne = NewEvent::new(
                         TYPES[ty],
                         if n.is_multiple_of(2) {
@@ -340,11 +343,7 @@ impl Case {
                     )
                     .with_id(id)
                     .with_schema_version(1 + (n % 3) as u32)
-                    .with_metadata(Metadata {
-                        correlation_id: (n % 2 == 1).then(|| format!("corr-{n}")),
-                        causation_id: (n % 5 == 1).then(|| format!("cause-{n}")),
-                        headers,
-                    });
+                    .with_metadata(metadata);
                     ne.dedup_key = dedup.clone();
                     new_events.push(ne);
                     spec.push((id, dedup, ty));
@@ -491,11 +490,12 @@ impl Case {
                             && prefix.is_none_or(|p| STREAMS[m.stream].starts_with(PREFIXES[p]))
                     })
                     .collect();
-                let filter = EventFilter {
-                    tenant: tn.map(tenant),
-                    event_types: type_set.iter().map(|&t| TYPES[t].to_string()).collect(),
-                    stream_prefix: prefix.map(|p| PREFIXES[p].to_string()),
-                };
+                let mut filter = EventFilter::default()
+                    .with_tenant(tn.map(tenant))
+                    .with_event_types(type_set.iter().map(|&t| TYPES[t]));
+                if let Some(p) = prefix {
+                    filter = filter.with_stream_prefix(PREFIXES[*p]);
+                }
                 // Two pages: the second starts at the first's `next`.
                 let mut from = from;
                 for (page_no, want) in matching

@@ -529,22 +529,15 @@ async fn concurrent_appends(
 // Read models and snapshots
 
 fn put(ns: &str, k: &str, v: &str) -> ReadModelWrite {
-    ReadModelWrite::Put {
-        ns: ns.into(),
-        key: k.as_bytes().to_vec(),
-        value: v.as_bytes().to_vec(),
-    }
+    ReadModelWrite::put(ns, k.as_bytes().to_vec(), v.as_bytes().to_vec())
 }
 
 /// A read-model commit expecting no checkpoint (`expected_checkpoint: None`) is fenced like
 /// any other: once a checkpoint is stored (by `commit` or `save_checkpoint`) it is
 /// `CheckpointMoved` and writes nothing.
 pub async fn read_model_commit_none_is_fenced(store: Arc<dyn ReadModelStore>) -> CheckResult {
-    let batch = |name: &str, pos: u64, v: &str| ReadModelBatch {
-        checkpoint: name.into(),
-        expected_checkpoint: None,
-        position: Position::new(pos),
-        writes: vec![put("fence", name, v)],
+    let batch = |name: &str, pos: u64, v: &str| {
+        ReadModelBatch::new(name, None, Position::new(pos)).with_writes(vec![put("fence", name, v)])
     };
     ok(store.commit(batch("p", 5, "first")).await, "first commit")?;
     let r = store.commit(batch("p", 9, "second")).await;
@@ -582,44 +575,38 @@ pub async fn read_model_commit_none_is_fenced(store: Arc<dyn ReadModelStore>) ->
 /// The writes of a read-model batch apply in order: a later put wins over an earlier delete
 /// and vice versa, and a clear removes only what was written before it.
 pub async fn read_model_writes_apply_in_order(store: Arc<dyn ReadModelStore>) -> CheckResult {
-    let del = |ns: &str, k: &str| ReadModelWrite::Delete {
-        ns: ns.into(),
-        key: k.as_bytes().to_vec(),
-    };
-    let clear = |ns: &str| ReadModelWrite::Clear { ns: ns.into() };
+    let del = |ns: &str, k: &str| ReadModelWrite::delete(ns, k.as_bytes().to_vec());
+    let clear = |ns: &str| ReadModelWrite::clear(ns);
     ok(
         store
-            .commit(ReadModelBatch {
-                checkpoint: "ord".into(),
-                expected_checkpoint: None,
-                position: Position::new(1),
-                writes: vec![put("o2", "old", "1"), put("o1", "gone", "1")],
-            })
+            .commit(
+                ReadModelBatch::new("ord", None, Position::new(1))
+                    .with_writes(vec![put("o2", "old", "1"), put("o1", "gone", "1")]),
+            )
             .await,
         "setup commit",
     )?;
     ok(
         store
-            .commit(ReadModelBatch {
-                checkpoint: "ord".into(),
-                expected_checkpoint: Some(Position::new(1)),
-                position: Position::new(2),
-                writes: vec![
-                    put("o1", "a", "1"),
-                    del("o1", "a"),
-                    put("o1", "a", "2"),
-                    put("o1", "b", "1"),
-                    put("o1", "b", "2"),
-                    del("o1", "b"),
-                    del("o1", "gone"),
-                    put("o1", "gone", "back"),
-                    put("o2", "before-clear", "x"),
-                    clear("o2"),
-                    put("o2", "after-clear", "y"),
-                    put("o1", "c", "1"),
-                    put("o1", "c", "3"),
-                ],
-            })
+            .commit(
+                ReadModelBatch::new("ord", Some(Position::new(1)), Position::new(2)).with_writes(
+                    vec![
+                        put("o1", "a", "1"),
+                        del("o1", "a"),
+                        put("o1", "a", "2"),
+                        put("o1", "b", "1"),
+                        put("o1", "b", "2"),
+                        del("o1", "b"),
+                        del("o1", "gone"),
+                        put("o1", "gone", "back"),
+                        put("o2", "before-clear", "x"),
+                        clear("o2"),
+                        put("o2", "after-clear", "y"),
+                        put("o1", "c", "1"),
+                        put("o1", "c", "3"),
+                    ],
+                ),
+            )
             .await,
         "ordered commit",
     )?;
@@ -662,12 +649,14 @@ pub async fn read_model_writes_apply_in_order(store: Arc<dyn ReadModelStore>) ->
 /// state); a lower version never does.
 pub async fn snapshot_same_version_replaces(store: Arc<dyn SnapshotStore>) -> CheckResult {
     let (tn, st) = (t("acme"), s("snap-same"));
-    let snap = |v: u64, schema: u32, payload: &'static [u8]| Snapshot {
-        tenant: tn.clone(),
-        stream: st.clone(),
-        version: Version::new(v),
-        schema_version: schema,
-        payload: Bytes::from_static(payload),
+    let snap = |v: u64, schema: u32, payload: &'static [u8]| {
+        Snapshot::new(
+            tn.clone(),
+            st.clone(),
+            Version::new(v),
+            schema,
+            Bytes::from_static(payload),
+        )
     };
     ok(store.save_snapshot(snap(5, 1, b"old")).await, "save v5")?;
     ok(

@@ -10,8 +10,10 @@ use crate::aggregate::Aggregate;
 use crate::command::{CommandBus, CommandMeta};
 use crate::id::TenantId;
 
-/// Why a dispatch failed.
+/// Why a dispatch failed. Non-exhaustive: kinds may be added, so a `match` on it in other
+/// crates needs a wildcard arm.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DispatchError {
     /// Permanent: recorded as [`SagaRecord::CommandFailed`](crate::saga::SagaRecord::CommandFailed)
     /// and handed to [`Saga::on_failure`](crate::saga::Saga::on_failure).
