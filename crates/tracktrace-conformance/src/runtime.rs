@@ -63,6 +63,15 @@ impl RuntimeStores {
             read_models: store,
         }
     }
+
+    /// Every capability from one backend handle (with whatever layers it carries).
+    pub fn from_backend(backend: Arc<dyn tracktrace_core::Backend>) -> Self {
+        Self {
+            events: backend.clone(),
+            snapshots: backend.clone(),
+            read_models: backend,
+        }
+    }
 }
 
 fn tenant() -> TenantId {

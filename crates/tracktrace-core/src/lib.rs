@@ -77,6 +77,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod aggregate;
+mod backend;
 pub mod codec;
 pub mod command;
 mod error;
@@ -95,6 +96,7 @@ pub mod upcast;
 pub use aggregate::{
     Aggregate, Concurrency, DomainEvent, FieldError, Validator, decode_domain_event,
 };
+pub use backend::{Backend, BackendExt, BreakerLayer, RetryLayer, StoreLayer};
 pub use codec::{Codec, CodecError, JsonCodec, PostcardCodec};
 pub use command::{
     CacheMiss, CommandBus, CommandError, CommandMeta, CommandOutcome, DEFAULT_CACHE_CAPACITY,

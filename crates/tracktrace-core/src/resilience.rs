@@ -30,7 +30,7 @@ use crate::event::RecordedEvent;
 use crate::id::{EventId, Position, StreamId, TenantId, Timestamp, Version};
 use crate::store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventStore, KeyRange,
-    ReadAll, ReadModelBatch, ReadModelStore, ReadStream, StoreStats,
+    ReadAll, ReadModelBatch, ReadModelStore, ReadStream, Snapshot, SnapshotStore, StoreStats,
 };
 
 /// Bounded exponential backoff with full jitter: before retry `n` (1-based) wait a uniformly
@@ -93,7 +93,7 @@ pub struct Retrying<S> {
     policy: RetryPolicy,
 }
 
-impl<S: EventStore> Retrying<S> {
+impl<S> Retrying<S> {
     /// Wraps `inner` with the default policy.
     pub fn new(inner: S) -> Self {
         Self::with_policy(inner, RetryPolicy::default())
@@ -167,6 +167,57 @@ impl<S: EventStore> EventStore for Retrying<S> {
     }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
+    }
+}
+
+// Read models, checkpoints and snapshots are retried like the log: a read-model commit is
+// fenced by its expected checkpoint (a retry of a commit that did land fails with
+// `CheckpointMoved` and the runner reloads), and saving a checkpoint or a snapshot is
+// idempotent.
+
+#[async_trait]
+impl<S: CheckpointStore> CheckpointStore for Retrying<S> {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
+        self.run(|| self.inner.load_checkpoint(name)).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
+        self.run(|| self.inner.save_checkpoint(name, position))
+            .await
+    }
+}
+
+#[async_trait]
+impl<S: ReadModelStore> ReadModelStore for Retrying<S> {
+    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<bytes::Bytes>> {
+        self.run(|| self.inner.get(ns, key)).await
+    }
+    async fn scan(
+        &self,
+        ns: &str,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<(bytes::Bytes, bytes::Bytes)>> {
+        self.run(|| self.inner.scan(ns, range.clone(), direction, limit))
+            .await
+    }
+    async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
+        self.run(|| self.inner.commit(batch.clone())).await
+    }
+}
+
+#[async_trait]
+impl<S: SnapshotStore> SnapshotStore for Retrying<S> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
+        self.run(|| self.inner.load_snapshot(tenant, stream)).await
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        self.run(|| self.inner.save_snapshot(snapshot.clone()))
+            .await
     }
 }
 
@@ -447,5 +498,20 @@ impl<S: ReadModelStore> ReadModelStore for CircuitBreaker<S> {
     }
     async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
         self.guard(|| self.inner.commit(batch)).await
+    }
+}
+
+#[async_trait]
+impl<S: SnapshotStore> SnapshotStore for CircuitBreaker<S> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
+        self.guard(|| self.inner.load_snapshot(tenant, stream))
+            .await
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        self.guard(|| self.inner.save_snapshot(snapshot)).await
     }
 }

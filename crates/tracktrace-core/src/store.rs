@@ -646,6 +646,20 @@ impl<S: EventStore + ?Sized> EventStore for Arc<S> {
 }
 
 #[async_trait]
+impl<S: SnapshotStore + ?Sized> SnapshotStore for Arc<S> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> Result<Option<Snapshot>> {
+        (**self).load_snapshot(tenant, stream).await
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
+        (**self).save_snapshot(snapshot).await
+    }
+}
+
+#[async_trait]
 impl<S: CheckpointStore + ?Sized> CheckpointStore for Arc<S> {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
         (**self).load_checkpoint(name).await

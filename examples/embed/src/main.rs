@@ -17,9 +17,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnection;
 use tracktrace_core::{
-    Aggregate, BoxError, BusDispatcher, CommandBus, Direction, DomainEvent, EventFilter,
-    EventStore, JsonCodec, KeyRange, ProjectionRunner, Reaction, ReadModelStore, ReadModelTx,
-    RecordedEvent, Repository, Saga, SagaRunner, TenantId, TypedProjection, decode_domain_event,
+    Aggregate, Backend, BackendExt, BoxError, BusDispatcher, CommandBus, Direction, DomainEvent,
+    EventFilter, EventStore, JsonCodec, KeyRange, ProjectionRunner, Reaction, ReadModelStore,
+    ReadModelTx, RecordedEvent, Repository, RetryLayer, Saga, SagaRunner, TenantId,
+    TypedProjection, decode_domain_event,
 };
 use tracktrace_store_postgres::{PgStore, PgStoreOptions, SqlProjection, SqlProjectionRunner};
 use tracktrace_store_sled::{SledOptions, SledStore};
@@ -280,11 +281,13 @@ fn next_flight(flight: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 
 /// Checks in, loads and offloads bags, lets the saga rebook, and returns the manifest as
-/// `"{flight}/{bag stream}"` entries of the key-value projection.
-async fn run(
-    events: Arc<dyn EventStore>,
-    read_models: Arc<dyn ReadModelStore>,
-) -> Result<Vec<String>, BoxError> {
+/// `"{flight}/{bag stream}"` entries of the key-value projection. `backend` is one handle for
+/// the log, the read models and the snapshots, whatever the store.
+async fn run(backend: Arc<dyn Backend>) -> Result<Vec<String>, BoxError> {
+    // Retries of transient failures for every capability at once.
+    let backend = backend.layer(&RetryLayer::default());
+    let events: Arc<dyn EventStore> = backend.clone();
+    let read_models: Arc<dyn ReadModelStore> = backend;
     let tenant = TenantId::parse("acme-air")?;
     let bus = CommandBus::new(Repository::<Bag>::new(events.clone()));
     for tag in ["0001", "0002", "0003"] {
@@ -352,7 +355,7 @@ async fn main() -> Result<(), BoxError> {
     {
         ["sled", dir] => {
             let store = Arc::new(SledStore::open(SledOptions::new(dir))?);
-            let manifest = run(store.clone(), store).await?;
+            let manifest = run(store).await?;
             println!("manifest: {manifest:?}");
             check(&manifest)?;
         }
@@ -362,8 +365,7 @@ async fn main() -> Result<(), BoxError> {
                 opts = opts.schema(*schema);
             }
             let store = PgStore::connect_with(opts).await?;
-            let shared = Arc::new(store.clone());
-            let manifest = run(shared.clone(), shared).await?;
+            let manifest = run(Arc::new(store.clone())).await?;
             println!("manifest: {manifest:?}");
             check(&manifest)?;
             // The same manifest as a SQL table, queried with SQL.
