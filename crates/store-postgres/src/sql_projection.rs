@@ -6,9 +6,9 @@ use std::fmt;
 use std::future::Future;
 
 use async_trait::async_trait;
-use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 use tokio::sync::watch;
+use tracktrace_core::projection::{self, ProjectionStep};
 use tracktrace_core::{
     BoxError, CheckpointStore, Error, EventFilter, EventStore, Position, ProjectionError,
     ProjectionProgress, ReadAll, RecordedEvent, Upcasters,
@@ -154,13 +154,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
             return Ok(());
         }
         let e = |e| map_err("sql projection setup", e);
-        let mut conn = self
+        let mut tx = self
             .store
             .pool()
-            .acquire()
+            .begin()
             .await
             .map_err(|x| self.err(e(x)))?;
-        let mut tx = conn.begin().await.map_err(|x| self.err(e(x)))?;
         if let Err(source) = self.projection.setup(&mut tx).await {
             return Err(self.handler_err(Position::START, source));
         }
@@ -189,13 +188,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         }
         let applied = page.events.len();
         let e = |e| map_err("sql projection commit", e);
-        let mut conn = self
+        let mut tx = self
             .store
             .pool()
-            .acquire()
+            .begin()
             .await
             .map_err(|x| self.err(e(x)))?;
-        let mut tx = conn.begin().await.map_err(|x| self.err(e(x)))?;
         if let Err(err) = fence(&mut tx, self.projection.name(), cp, new_cp).await {
             self.checkpoint = None;
             return Err(self.err(err));
@@ -217,34 +215,14 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
 
     /// Applies batches until the head is reached; returns the checkpoint.
     pub async fn catch_up(&mut self) -> Result<Position, ProjectionError> {
-        loop {
-            let (_, at_head) = self.step().await?;
-            if at_head {
-                return Ok(self.checkpoint().await?.unwrap_or_default());
-            }
-        }
+        projection::catch_up(self).await
     }
 
     /// Applies batches until every event up to `position` is applied, waiting on the store's
     /// head notifications while it is not readable yet; returns the checkpoint. Waits for as
     /// long as it takes: wrap it in a timeout.
     pub async fn wait_for(&mut self, position: Position) -> Result<Position, ProjectionError> {
-        let mut watch = self.store.watch_head();
-        loop {
-            if let Some(cp) = self.checkpoint().await?
-                && cp >= position
-            {
-                return Ok(cp);
-            }
-            watch.borrow_and_update();
-            let (_, at_head) = self.step().await?;
-            if at_head
-                && self.checkpoint().await?.unwrap_or_default() < position
-                && watch.changed().await.is_err()
-            {
-                return Err(self.err(Error::Closed));
-            }
-        }
+        projection::wait_for(self, position).await
     }
 
     /// Catches up, then follows new events (woken by the store's head notifications) until
@@ -253,20 +231,7 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         &mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProjectionError> {
-        let mut watch = self.store.watch_head();
-        tokio::pin!(shutdown);
-        loop {
-            watch.borrow_and_update();
-            self.catch_up().await?;
-            tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                changed = watch.changed() => {
-                    if changed.is_err() {
-                        return Err(self.err(Error::Closed));
-                    }
-                }
-            }
-        }
+        projection::follow(self, shutdown).await
     }
 
     /// Empties the projection's tables ([`SqlProjection::reset`]) and moves its checkpoint
@@ -275,13 +240,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         self.ensure_set_up().await?;
         let cp = self.checkpoint().await?;
         let e = |e| map_err("sql projection reset", e);
-        let mut conn = self
+        let mut tx = self
             .store
             .pool()
-            .acquire()
+            .begin()
             .await
             .map_err(|x| self.err(e(x)))?;
-        let mut tx = conn.begin().await.map_err(|x| self.err(e(x)))?;
         self.checkpoint = None;
         fence(&mut tx, self.projection.name(), cp, Position::START)
             .await
@@ -292,5 +256,24 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         tx.commit().await.map_err(|x| self.err(e(x)))?;
         self.set_checkpoint(Some(Position::START));
         self.catch_up().await
+    }
+}
+
+#[async_trait]
+impl<P: SqlProjection> ProjectionStep for SqlProjectionRunner<P> {
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.store.watch_head()
+    }
+
+    async fn checkpoint(&mut self) -> Result<Option<Position>, ProjectionError> {
+        SqlProjectionRunner::checkpoint(self).await
+    }
+
+    async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
+        SqlProjectionRunner::step(self).await
+    }
+
+    fn closed(&self) -> ProjectionError {
+        self.err(Error::Closed)
     }
 }

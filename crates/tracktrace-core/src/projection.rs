@@ -417,6 +417,103 @@ impl ProjectionProgress {
     }
 }
 
+/// One batch of a projection runner. The loops around it — [`catch_up`], [`wait_for`] and
+/// [`follow`] — are shared by [`ProjectionRunner`] and by runners of other crates (e.g. the
+/// PostgreSQL backend's SQL-table projections).
+#[async_trait]
+pub trait ProjectionStep: Send {
+    /// Head notifications of the log the runner reads.
+    fn watch_head(&self) -> watch::Receiver<Position>;
+
+    /// The stored checkpoint (`None`: never ran).
+    async fn checkpoint(&mut self) -> Result<Option<Position>, ProjectionError>;
+
+    /// Applies one batch; returns the number of events applied and whether the batch reached
+    /// the head (a short page).
+    async fn step(&mut self) -> Result<(usize, bool), ProjectionError>;
+
+    /// The error to stop with when the log's store is closed.
+    fn closed(&self) -> ProjectionError;
+}
+
+/// Steps `runner` until a batch reaches the head; returns the checkpoint.
+pub async fn catch_up<R: ProjectionStep + ?Sized>(
+    runner: &mut R,
+) -> Result<Position, ProjectionError> {
+    loop {
+        let (_, at_head) = runner.step().await?;
+        if at_head {
+            return Ok(runner.checkpoint().await?.unwrap_or_default());
+        }
+    }
+}
+
+/// Steps `runner` until every event up to `position` is applied, waiting on head notifications
+/// while `position` is not readable yet; returns the checkpoint. Waits for as long as it takes.
+pub async fn wait_for<R: ProjectionStep + ?Sized>(
+    runner: &mut R,
+    position: Position,
+) -> Result<Position, ProjectionError> {
+    let mut watch = runner.watch_head();
+    loop {
+        if let Some(cp) = runner.checkpoint().await?
+            && cp >= position
+        {
+            return Ok(cp);
+        }
+        watch.borrow_and_update();
+        let (_, at_head) = runner.step().await?;
+        if at_head
+            && runner.checkpoint().await?.unwrap_or_default() < position
+            && watch.changed().await.is_err()
+        {
+            return Err(runner.closed());
+        }
+    }
+}
+
+/// Catches `runner` up, then follows new events (woken by head notifications) until
+/// `shutdown` completes.
+pub async fn follow<R: ProjectionStep + ?Sized>(
+    runner: &mut R,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ProjectionError> {
+    let mut watch = runner.watch_head();
+    tokio::pin!(shutdown);
+    loop {
+        // Seen before reading: a commit after the read changes the watch again.
+        watch.borrow_and_update();
+        catch_up(runner).await?;
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            changed = watch.changed() => {
+                if changed.is_err() {
+                    return Err(runner.closed());
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<P: Projection> ProjectionStep for ProjectionRunner<P> {
+    fn watch_head(&self) -> watch::Receiver<Position> {
+        self.store.watch_head()
+    }
+
+    async fn checkpoint(&mut self) -> Result<Option<Position>, ProjectionError> {
+        ProjectionRunner::checkpoint(self).await
+    }
+
+    async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
+        ProjectionRunner::step(self).await
+    }
+
+    fn closed(&self) -> ProjectionError {
+        self.err(Error::Closed)
+    }
+}
+
 enum Target {
     ReadModels(Arc<dyn ReadModelStore>),
     Checkpoints(Arc<dyn CheckpointStore>),
@@ -538,22 +635,7 @@ impl<P: Projection> ProjectionRunner<P> {
     /// [`ProjectionRunner::progress`] instead while the runner [runs](ProjectionRunner::run)
     /// in another task.
     pub async fn wait_for(&mut self, position: Position) -> Result<Position, ProjectionError> {
-        let mut watch = self.store.watch_head();
-        loop {
-            if let Some(cp) = self.checkpoint().await?
-                && cp >= position
-            {
-                return Ok(cp);
-            }
-            watch.borrow_and_update();
-            let (_, at_head) = self.step().await?;
-            if at_head
-                && self.checkpoint().await?.unwrap_or_default() < position
-                && watch.changed().await.is_err()
-            {
-                return Err(self.err(Error::Closed));
-            }
-        }
+        wait_for(self, position).await
     }
 
     fn err(&self, source: Error) -> ProjectionError {
@@ -672,12 +754,7 @@ impl<P: Projection> ProjectionRunner<P> {
 
     /// Processes batches until the head is reached; returns the checkpoint.
     pub async fn catch_up(&mut self) -> Result<Position, ProjectionError> {
-        loop {
-            let (_, at_head) = self.step().await?;
-            if at_head {
-                return Ok(self.checkpoint().await?.unwrap_or_default());
-            }
-        }
+        catch_up(self).await
     }
 
     /// Catches up, then follows new events (woken by the store's head notifications) until
@@ -686,21 +763,7 @@ impl<P: Projection> ProjectionRunner<P> {
         &mut self,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<(), ProjectionError> {
-        let mut watch = self.store.watch_head();
-        tokio::pin!(shutdown);
-        loop {
-            // Seen before reading: a commit after the read changes the watch again.
-            watch.borrow_and_update();
-            self.catch_up().await?;
-            tokio::select! {
-                () = &mut shutdown => return Ok(()),
-                changed = watch.changed() => {
-                    if changed.is_err() {
-                        return Err(self.err(Error::Closed));
-                    }
-                }
-            }
-        }
+        follow(self, shutdown).await
     }
 
     /// Forgets everything and replays from position 0: clears the projection's
