@@ -94,6 +94,7 @@ impl Metadata {
     }
 
     /// Replaces all headers (builder style).
+    #[inline]
     pub fn with_headers(mut self, headers: BTreeMap<String, String>) -> Self {
         self.headers = headers;
         self
@@ -143,6 +144,7 @@ impl NewEvent {
     /// An event with id `event_id`, schema version 1 and empty metadata. Unlike
     /// [`NewEvent::new`] it draws no fresh id, which backends decoding stored events (with
     /// [`RecordedEvent::from_new`]) would only throw away.
+    #[inline]
     pub fn new_with_id(
         event_id: EventId,
         event_type: impl Into<String>,
@@ -173,12 +175,14 @@ impl NewEvent {
     }
 
     /// Sets the schema version (builder style).
+    #[inline]
     pub fn with_schema_version(mut self, v: u32) -> Self {
         self.schema_version = v;
         self
     }
 
     /// Sets the metadata (builder style).
+    #[inline]
     pub fn with_metadata(mut self, m: Metadata) -> Self {
         self.metadata = m;
         self
@@ -239,6 +243,7 @@ impl RecordedEvent {
     /// The recorded form of `e`, stored at `version` of `stream` and `position` of the global
     /// log at `recorded_at` (used by backends, when appending and when decoding stored events;
     /// see [`NewEvent::new_with_id`]). Every field of `e` is kept.
+    #[inline]
     pub fn from_new(
         tenant: TenantId,
         stream: StreamId,

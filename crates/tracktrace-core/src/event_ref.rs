@@ -21,6 +21,7 @@ pub struct EventRef {
 
 impl EventRef {
     /// Event `event_id`, stored at `version` of `stream` and `position` of the global log.
+    #[inline]
     pub fn new(event_id: EventId, stream: StreamId, version: Version, position: Position) -> Self {
         Self {
             event_id,
