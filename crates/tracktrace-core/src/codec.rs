@@ -215,6 +215,7 @@ pub mod envelope {
 
     /// The fields an [`crate::EventFilter`] looks at, borrowed from an encoded event.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    #[non_exhaustive]
     pub struct Head<'a> {
         /// Tenant id.
         pub tenant: &'a str,

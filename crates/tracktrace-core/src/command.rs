@@ -151,6 +151,7 @@ impl CommandMeta {
 
 /// A loaded aggregate and the stream version it reflects.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Loaded<A> {
     /// The state.
     pub state: A,
@@ -160,6 +161,7 @@ pub struct Loaded<A> {
 
 /// A successful command.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommandOutcome {
     /// The aggregate's stream.
     pub stream: StreamId,

@@ -288,6 +288,7 @@ impl<'a> ReadModelTx<'a> {
 
 /// How far a projection is behind the head of the log.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[non_exhaustive]
 pub struct Lag {
     /// The projection's checkpoint (everything up to here is applied).
     pub checkpoint: Position,

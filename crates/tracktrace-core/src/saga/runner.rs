@@ -29,6 +29,7 @@ type Key = (TenantId, String);
 
 /// What one [`SagaRunner::run_once`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SagaProgress {
     /// Trigger events newly handled.
     pub triggers: usize,
