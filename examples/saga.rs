@@ -8,8 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tracktrace_core::{
-    BoxError, CommandDispatcher, DispatchError, EventFilter, EventStoreExt, ExpectedVersion,
-    NewEvent, Reaction, RecordedEvent, Saga, SagaRecord, SagaRunner, StreamId, TenantId,
+    BoxError, CommandDispatcher, CommandFailure, DispatchError, EventFilter, EventStoreExt,
+    ExpectedVersion, FailureKind, NewEvent, Reaction, RecordedEvent, Saga, SagaRecord, SagaRunner,
+    StreamId, TenantId,
 };
 
 /// Commands the saga sends to other parts of the system.
@@ -36,6 +37,7 @@ impl Saga for BagTransfer {
     const NAME: &'static str = "bag-transfer";
     type State = TransferState;
     type Command = TransferCommand;
+    type Failure = CommandFailure;
 
     fn filter(&self) -> EventFilter {
         EventFilter::default().with_stream_prefix("Bag-")
@@ -87,16 +89,19 @@ impl Saga for BagTransfer {
         &self,
         state: &TransferState,
         c: &TransferCommand,
-        _error: &str,
+        failure: &CommandFailure,
     ) -> Reaction<Self> {
         match c {
-            TransferCommand::LoadOnConnection { bag } => Reaction::new()
-                .state(TransferState {
-                    stage: "compensated".into(),
-                    ..state.clone()
-                })
-                .compensate(TransferCommand::ReleaseConnection { bag: bag.clone() })
-                .complete(),
+            // The connection refused the bag (a domain rule, not an outage): release it.
+            TransferCommand::LoadOnConnection { bag } if failure.kind == FailureKind::Rejected => {
+                Reaction::new()
+                    .state(TransferState {
+                        stage: "compensated".into(),
+                        ..state.clone()
+                    })
+                    .compensate(TransferCommand::ReleaseConnection { bag: bag.clone() })
+                    .complete()
+            }
             _ => Reaction::new(),
         }
     }
@@ -122,9 +127,9 @@ impl CommandDispatcher<TransferCommand> for PrintingDispatcher {
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("{command:?}"));
         match command {
-            TransferCommand::LoadOnConnection { .. } => {
-                Err(DispatchError::Rejected("aircraft full".into()))
-            }
+            TransferCommand::LoadOnConnection { .. } => Err(DispatchError::Rejected(
+                CommandFailure::rejected("aircraft full").with_code("AircraftFull"),
+            )),
             _ => Ok(()),
         }
     }

@@ -107,11 +107,9 @@ async fn fixture_with(config: AppConfig) -> Fixture {
     });
     let guarded: Arc<dyn EventStore> = Arc::new(CircuitBreaker::with_config(
         switchable,
-        BreakerConfig {
-            failure_threshold: 2,
-            open_for: Duration::from_secs(30),
-            ..BreakerConfig::default()
-        },
+        BreakerConfig::default()
+            .with_failure_threshold(2)
+            .with_open_for(Duration::from_secs(30)),
     ));
     let keys = JwtKeys::from_secret(SECRET).unwrap();
     let (tx, rx) = watch::channel(Position::START);

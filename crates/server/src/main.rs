@@ -409,12 +409,12 @@ fn config(c: &Common, s: &Serve) -> ServerConfig {
             live_buffer: s.live_buffer.max(1),
             ..AppConfig::default()
         },
-        breaker: BreakerConfig {
-            failure_threshold: s.breaker_failures,
-            open_for: Duration::from_millis(s.breaker_open_ms),
-            call_timeout: (s.store_timeout_ms > 0)
-                .then(|| Duration::from_millis(s.store_timeout_ms)),
-        },
+        breaker: BreakerConfig::default()
+            .with_failure_threshold(s.breaker_failures)
+            .with_open_for(Duration::from_millis(s.breaker_open_ms))
+            .with_call_timeout(
+                (s.store_timeout_ms > 0).then(|| Duration::from_millis(s.store_timeout_ms)),
+            ),
         analytics: analytics_config(&s.analytics),
         propagation: s.nats.config(),
         milestone_max_instances: s.milestone_max_instances.max(1),

@@ -126,11 +126,9 @@ async fn fixture() -> Fixture {
             contended: contended.clone(),
         }),
         "memory",
-        BreakerConfig {
-            failure_threshold: 2,
-            open_for: Duration::from_secs(60),
-            ..BreakerConfig::default()
-        },
+        BreakerConfig::default()
+            .with_failure_threshold(2)
+            .with_open_for(Duration::from_secs(60)),
         &metrics,
     );
     let (tx, rx) = watch::channel(Position::START);

@@ -22,11 +22,11 @@ use uuid::Uuid;
 use crate::store::{CheckFailure, CheckResult};
 use tracktrace_core::{
     Aggregate, BreakerConfig, BreakerState, CacheMiss, CircuitBreaker, CommandBus,
-    CommandDispatcher, CommandError, CommandMeta, DispatchError, DomainEvent, Error, EventFilter,
-    EventId, EventStore, EventStoreExt, ExpectedVersion, FieldError, JsonCodec, NewEvent, Position,
-    Projection, ProjectionRunner, Reaction, ReadModelStore, ReadModelTx, RecordedEvent, Repository,
-    Result, Saga, SagaRecord, SagaRunner, SnapshotStore, StreamId, TenantId, Timestamp, Upcasters,
-    Version,
+    CommandDispatcher, CommandError, CommandFailure, CommandMeta, DispatchError, DomainEvent,
+    Error, EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion, FailureKind,
+    FieldError, JsonCodec, NewEvent, Position, Projection, ProjectionRunner, Reaction,
+    ReadModelStore, ReadModelTx, RecordedEvent, Repository, Result, Saga, SagaRecord, SagaRunner,
+    SnapshotStore, StreamId, TenantId, Timestamp, Upcasters, Version,
 };
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, KeyRange, ReadAll,
@@ -316,10 +316,7 @@ impl Aggregate for Readings {
 /// snapshots every 5) equal a full replay afterwards.
 pub async fn unchecked_concurrent_commands(s: RuntimeStores) -> CheckResult {
     let t = tenant();
-    let no_retry = RetryPolicy {
-        max_attempts: 1,
-        ..RetryPolicy::default()
-    };
+    let no_retry = RetryPolicy::none();
     let bus = || {
         CommandBus::new(
             Repository::<Readings>::new(s.events.clone())
@@ -608,11 +605,11 @@ pub async fn command_errors(s: RuntimeStores) -> CheckResult {
     let conflicting = CommandBus::new(Repository::<Account>::new(Arc::new(AlwaysConflict(
         s.events.clone(),
     ))))
-    .with_retry(RetryPolicy {
-        max_attempts: 3,
-        initial_backoff: Duration::from_micros(100),
-        max_backoff: Duration::from_millis(1),
-    });
+    .with_retry(
+        RetryPolicy::default()
+            .with_max_attempts(3)
+            .with_backoff(Duration::from_micros(100), Duration::from_millis(1)),
+    );
     match conflicting
         .execute(&t, "acc-3", AccountCommand::Deposit(1))
         .await
@@ -1091,6 +1088,7 @@ impl Saga for OrderSaga {
     const NAME: &'static str = "order";
     type State = OrderState;
     type Command = OrderCommand;
+    type Failure = CommandFailure;
 
     fn filter(&self) -> EventFilter {
         EventFilter::default().with_stream_prefix("Order-")
@@ -1151,20 +1149,29 @@ impl Saga for OrderSaga {
         &self,
         state: &OrderState,
         command: &OrderCommand,
-        _error: &str,
+        failure: &CommandFailure,
     ) -> Reaction<Self> {
         match command {
-            OrderCommand::Ship(order) => Reaction::new()
-                .state(OrderState {
-                    stage: "compensated".into(),
-                    ..state.clone()
-                })
-                .compensate(OrderCommand::Release(order.clone()))
-                .complete(),
+            // Only a refusal by the carrier is compensated (the failure is typed: kind and code).
+            OrderCommand::Ship(order)
+                if failure.kind == FailureKind::Rejected
+                    && failure.code.as_deref() == Some(CARRIER_REFUSED) =>
+            {
+                Reaction::new()
+                    .state(OrderState {
+                        stage: "compensated".into(),
+                        ..state.clone()
+                    })
+                    .compensate(OrderCommand::Release(order.clone()))
+                    .complete()
+            }
             _ => Reaction::new(),
         }
     }
 }
+
+/// The failure code [`RecordingDispatcher`] gives a refused `Ship`.
+pub const CARRIER_REFUSED: &str = "CarrierRefused";
 
 /// A dispatcher that logs every send, rejects the commands it is told to, fails transiently
 /// while `down`, and checks that each command was recorded in the saga stream *before* it was
@@ -1233,9 +1240,9 @@ impl CommandDispatcher<OrderCommand> for RecordingDispatcher {
             .unwrap_or_else(|p| p.into_inner())
             .push((dispatch_id, command.clone()));
         match command {
-            OrderCommand::Ship(_) if self.reject_ship => {
-                Err(DispatchError::Rejected("carrier refused the parcel".into()))
-            }
+            OrderCommand::Ship(_) if self.reject_ship => Err(DispatchError::Rejected(
+                CommandFailure::rejected("carrier refused the parcel").with_code(CARRIER_REFUSED),
+            )),
             _ => Ok(()),
         }
     }
@@ -1257,7 +1264,10 @@ async fn place(s: &RuntimeStores, order: &str, event_type: &str) -> Result<(), C
     Ok(())
 }
 
-fn count<St, C>(records: &[SagaRecord<St, C>], f: impl Fn(&SagaRecord<St, C>) -> bool) -> usize {
+fn count<St, C, F>(
+    records: &[SagaRecord<St, C, F>],
+    f: impl Fn(&SagaRecord<St, C, F>) -> bool,
+) -> usize {
     records.iter().filter(|r| f(r)).count()
 }
 
@@ -1377,7 +1387,9 @@ pub async fn saga_compensation(s: RuntimeStores) -> CheckResult {
                 compensation,
             } => format!("Scheduled({command:?}, compensation={compensation})"),
             SagaRecord::CommandSucceeded { .. } => "Succeeded".into(),
-            SagaRecord::CommandFailed { .. } => "Failed".into(),
+            SagaRecord::CommandFailed { error, failure, .. } => {
+                format!("Failed({error}; {failure:?})")
+            }
             SagaRecord::DeadlineScheduled { .. } => "DeadlineScheduled".into(),
             SagaRecord::DeadlineFired { .. } => "DeadlineFired".into(),
             SagaRecord::DeadlineCancelled { .. } => "DeadlineCancelled".into(),
@@ -1396,7 +1408,9 @@ pub async fn saga_compensation(s: RuntimeStores) -> CheckResult {
         "State(shipping)",
         "Scheduled(Ship(\"Order-o2\"), compensation=false)",
         "DeadlineCancelled",
-        "Failed",
+        "Failed(rejected (CarrierRefused): carrier refused the parcel; Some(CommandFailure { \
+         kind: Rejected, code: Some(\"CarrierRefused\"), message: \"carrier refused the parcel\", \
+         fields: [] }))",
         "State(compensated)",
         "Scheduled(Release(\"Order-o2\"), compensation=true)",
         "Completed",
@@ -1536,6 +1550,7 @@ impl Saga for ParcelSaga {
     const NAME: &'static str = "parcel";
     type State = ParcelState;
     type Command = ParcelCommand;
+    type Failure = CommandFailure;
 
     fn filter(&self) -> EventFilter {
         EventFilter::default().with_stream_prefix("Parcel-")
@@ -1581,7 +1596,7 @@ impl Saga for ParcelSaga {
         &self,
         _state: &ParcelState,
         _command: &ParcelCommand,
-        _error: &str,
+        _failure: &CommandFailure,
     ) -> Reaction<Self> {
         Reaction::new()
     }
@@ -1638,7 +1653,10 @@ impl CommandDispatcher<ParcelCommand> for ParcelDispatcher {
         };
         let Some(stored) = stored else {
             self.unrecorded.fetch_add(1, Ordering::SeqCst);
-            return Err(DispatchError::Rejected("no outbox record".into()));
+            return Err(DispatchError::Rejected(CommandFailure::new(
+                FailureKind::Other,
+                "no outbox record",
+            )));
         };
         self.sent.lock().unwrap_or_else(|p| p.into_inner()).push((
             dispatch_id,
@@ -2218,11 +2236,9 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
     let faulty = Arc::new(FaultyStore::new(s.events.clone()));
     let breaker = CircuitBreaker::with_config(
         faulty.clone(),
-        BreakerConfig {
-            failure_threshold: 3,
-            open_for: Duration::from_millis(400),
-            ..BreakerConfig::default()
-        },
+        BreakerConfig::default()
+            .with_failure_threshold(3)
+            .with_open_for(Duration::from_millis(400)),
     );
     ensure_eq!(breaker.state(), BreakerState::Closed, "starts closed");
     ok(breaker.stream_version(&t, &stream).await, "healthy call")?;
@@ -2298,11 +2314,9 @@ pub async fn circuit_breaker(s: RuntimeStores) -> CheckResult {
     // Retrying rides over two injected failures (append retried idempotently).
     let retrying = tracktrace_core::Retrying::with_policy(
         faulty.clone(),
-        RetryPolicy {
-            max_attempts: 5,
-            initial_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(5),
-        },
+        RetryPolicy::default()
+            .with_max_attempts(5)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(5)),
     );
     faulty.fail_next(2);
     let out = ok(

@@ -1174,10 +1174,7 @@ pub async fn read_model_store(store: Arc<dyn ReadModelStore>) -> CheckResult {
             store
                 .scan(
                     "tl",
-                    KeyRange {
-                        start: b"a/2".to_vec(),
-                        end: Some(b"b/1".to_vec())
-                    },
+                    KeyRange::new(b"a/2".to_vec(), Some(b"b/1".to_vec())),
                     Direction::Forwards,
                     10
                 )

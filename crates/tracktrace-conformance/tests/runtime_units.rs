@@ -93,11 +93,9 @@ async fn upcasters_chain_versions_and_report_failures() {
 
 #[test]
 fn backoff_stays_within_its_cap() {
-    let p = RetryPolicy {
-        max_attempts: 10,
-        initial_backoff: Duration::from_millis(2),
-        max_backoff: Duration::from_millis(20),
-    };
+    let p = RetryPolicy::default()
+        .with_max_attempts(10)
+        .with_backoff(Duration::from_millis(2), Duration::from_millis(20));
     for retry in 1..40 {
         let cap = Duration::from_millis(2 * (1u64 << (retry - 1).min(20))).min(p.max_backoff);
         for _ in 0..50 {
@@ -111,11 +109,9 @@ async fn a_cancelled_probe_does_not_wedge_the_breaker() {
     let faulty = Arc::new(FaultyStore::new(Arc::new(InMemoryStore::new())));
     let breaker = CircuitBreaker::with_config(
         faulty.clone(),
-        BreakerConfig {
-            failure_threshold: 1,
-            open_for: Duration::from_millis(300),
-            ..BreakerConfig::default()
-        },
+        BreakerConfig::default()
+            .with_failure_threshold(1)
+            .with_open_for(Duration::from_millis(300)),
     );
     faulty.set_down(true);
     assert!(breaker.head().await.is_err());
@@ -157,11 +153,10 @@ async fn a_call_deadline_bounds_a_hanging_store() {
     let faulty = Arc::new(FaultyStore::new(Arc::new(InMemoryStore::new())));
     let breaker = CircuitBreaker::with_config(
         faulty.clone(),
-        BreakerConfig {
-            failure_threshold: 2,
-            open_for: Duration::from_secs(60),
-            call_timeout: Some(Duration::from_millis(50)),
-        },
+        BreakerConfig::default()
+            .with_failure_threshold(2)
+            .with_open_for(Duration::from_secs(60))
+            .with_call_timeout(Some(Duration::from_millis(50))),
     );
     faulty.set_hang(true);
     for _ in 0..2 {
@@ -232,10 +227,7 @@ async fn overload_never_opens_the_breaker() {
     ));
     let breaker = CircuitBreaker::with_config(
         busy.clone(),
-        BreakerConfig {
-            failure_threshold: 1,
-            ..BreakerConfig::default()
-        },
+        BreakerConfig::default().with_failure_threshold(1),
     );
     let tenant = TenantId::parse("acme").unwrap();
     let stream = StreamId::parse("s-1").unwrap();

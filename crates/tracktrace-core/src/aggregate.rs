@@ -164,7 +164,9 @@ pub enum Concurrency {
 }
 
 /// One problem with one field of a command (what the HTTP layer turns into a 400 with a list).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Built with [`FieldError::new`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct FieldError {
     /// Dotted path of the field, e.g. `"location.airport"`.
     pub field: String,

@@ -115,8 +115,8 @@ pub use projection::{
 };
 pub use resilience::{BreakerConfig, BreakerState, CircuitBreaker, RetryPolicy, Retrying};
 pub use saga::{
-    BusDispatcher, CommandDispatcher, DispatchError, Reaction, Saga, SagaProgress, SagaRecord,
-    SagaRunner,
+    BusDispatcher, BusFailure, CommandDispatcher, CommandFailure, DispatchError, FailureKind,
+    FromBusFailure, Reaction, Saga, SagaProgress, SagaRecord, SagaRunner,
 };
 pub use store::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventFilter, EventStore,

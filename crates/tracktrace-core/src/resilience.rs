@@ -38,7 +38,11 @@ use crate::store::{
 ///
 /// Used for version conflicts by [`crate::command::CommandBus`] and for transient store
 /// errors by [`Retrying`].
+///
+/// Built from [`RetryPolicy::default`] or [`RetryPolicy::none`] with the `with_*` methods
+/// (non-exhaustive: options may be added).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts in total, the first included (1 = no retry).
     pub max_attempts: u32,
@@ -66,6 +70,19 @@ impl RetryPolicy {
             max_attempts: 1,
             ..Self::default()
         }
+    }
+
+    /// With `n` attempts in total, the first included (1 = no retry; 0 counts as 1).
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// With backoff caps starting at `initial` and doubling up to `max`.
+    pub fn with_backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.initial_backoff = initial;
+        self.max_backoff = max;
+        self
     }
 
     /// The (jittered) wait before retry number `retry` (1-based).
@@ -221,8 +238,10 @@ impl<S: SnapshotStore> SnapshotStore for Retrying<S> {
     }
 }
 
-/// When a [`CircuitBreaker`] opens and how it probes.
+/// When a [`CircuitBreaker`] opens and how it probes. Built from [`BreakerConfig::default`]
+/// with the `with_*` methods (non-exhaustive: options may be added).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BreakerConfig {
     /// Consecutive [`Error::Unavailable`] failures that open the breaker.
     pub failure_threshold: u32,
@@ -241,6 +260,26 @@ impl Default for BreakerConfig {
             open_for: Duration::from_secs(5),
             call_timeout: None,
         }
+    }
+}
+
+impl BreakerConfig {
+    /// Opens after `n` consecutive failures.
+    pub fn with_failure_threshold(mut self, n: u32) -> Self {
+        self.failure_threshold = n;
+        self
+    }
+
+    /// Stays open for `d` before letting a probe through.
+    pub fn with_open_for(mut self, d: Duration) -> Self {
+        self.open_for = d;
+        self
+    }
+
+    /// With a deadline on every call (`None`: none).
+    pub fn with_call_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.call_timeout = timeout;
+        self
     }
 }
 

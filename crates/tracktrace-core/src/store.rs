@@ -466,8 +466,10 @@ impl ReadModelBatch {
     }
 }
 
-/// A bytewise key range `[start, end)` within one namespace.
+/// A bytewise key range `[start, end)` within one namespace: [`KeyRange::default`] (every
+/// key), [`KeyRange::new`] or [`KeyRange::prefix`] (non-exhaustive).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct KeyRange {
     /// Inclusive lower bound.
     pub start: Vec<u8>,
@@ -476,6 +478,15 @@ pub struct KeyRange {
 }
 
 impl KeyRange {
+    /// The keys from `start` (inclusive) to `end` (exclusive; `None`: to the end of the
+    /// namespace).
+    pub fn new(start: impl Into<Vec<u8>>, end: Option<Vec<u8>>) -> Self {
+        Self {
+            start: start.into(),
+            end,
+        }
+    }
+
     /// Every key starting with `prefix`.
     pub fn prefix(prefix: &[u8]) -> Self {
         Self {

@@ -126,11 +126,11 @@ impl SnapshotStore for Flaky {
 }
 
 fn quick_retries() -> RetryLayer {
-    RetryLayer(RetryPolicy {
-        max_attempts: 5,
-        initial_backoff: Duration::from_millis(1),
-        max_backoff: Duration::from_millis(2),
-    })
+    RetryLayer(
+        RetryPolicy::default()
+            .with_max_attempts(5)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(2)),
+    )
 }
 
 #[tokio::test]
@@ -202,11 +202,11 @@ async fn one_retry_layer_covers_every_capability() {
 #[tokio::test]
 async fn one_breaker_layer_guards_every_capability() {
     let flaky = Arc::new(Flaky::default());
-    let backend = (flaky.clone() as Arc<dyn Backend>).layer(&BreakerLayer(BreakerConfig {
-        failure_threshold: 3,
-        open_for: Duration::from_secs(60),
-        call_timeout: None,
-    }));
+    let backend = (flaky.clone() as Arc<dyn Backend>).layer(&BreakerLayer(
+        BreakerConfig::default()
+            .with_failure_threshold(3)
+            .with_open_for(Duration::from_secs(60)),
+    ));
     let (tenant, stream) = (
         TenantId::from_static("acme"),
         StreamId::from_static("Bag-1"),

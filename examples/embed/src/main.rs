@@ -17,10 +17,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnection;
 use tracktrace_core::{
-    Aggregate, Backend, BackendExt, BoxError, BusDispatcher, CommandBus, Direction, DomainEvent,
-    EventFilter, EventStore, JsonCodec, KeyRange, ProjectionRunner, Reaction, ReadModelStore,
-    ReadModelTx, RecordedEvent, Repository, RetryLayer, Saga, SagaRunner, TenantId,
-    TypedProjection, decode_domain_event,
+    Aggregate, Backend, BackendExt, BoxError, BusDispatcher, BusFailure, CommandBus, CommandError,
+    Direction, DomainEvent, EventFilter, EventStore, FromBusFailure, JsonCodec, KeyRange,
+    ProjectionRunner, Reaction, ReadModelStore, ReadModelTx, RecordedEvent, Repository, RetryLayer,
+    Saga, SagaRunner, TenantId, TypedProjection, decode_domain_event,
 };
 use tracktrace_store_postgres::{PgStore, PgStoreOptions, SqlProjection, SqlProjectionRunner};
 use tracktrace_store_sled::{SledOptions, SledStore};
@@ -237,10 +237,42 @@ struct Rebook {
 
 struct Rebooking;
 
+/// Why a rebooking failed, typed: the saga branches on it (recorded in its stream as JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum RebookFailure {
+    /// The bag is already on a flight (the aggregate's `BagError::AlreadyLoaded`).
+    AlreadyOn(String),
+    /// Anything else, described.
+    Other(String),
+}
+
+impl fmt::Display for RebookFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RebookFailure::AlreadyOn(flight) => write!(f, "already on {flight}"),
+            RebookFailure::Other(why) => f.write_str(why),
+        }
+    }
+}
+
+/// How the bus dispatcher reports a refused `Load` to the saga: the aggregate's own error.
+impl FromBusFailure<BagError> for RebookFailure {
+    fn from_bus_failure(failure: BusFailure<'_, BagError>) -> Self {
+        match failure {
+            BusFailure::Command(CommandError::Rejected(BagError::AlreadyLoaded(flight))) => {
+                RebookFailure::AlreadyOn(flight.clone())
+            }
+            BusFailure::Command(e) => RebookFailure::Other(e.to_string()),
+            _ => RebookFailure::Other("no route".into()),
+        }
+    }
+}
+
 impl Saga for Rebooking {
     const NAME: &'static str = "rebooking";
     type State = ();
     type Command = Rebook;
+    type Failure = RebookFailure;
 
     fn filter(&self) -> EventFilter {
         bags().with_event_types(["Offloaded"])
@@ -267,8 +299,12 @@ impl Saga for Rebooking {
         Reaction::new()
     }
 
-    fn on_failure(&self, _: &(), command: &Rebook, error: &str) -> Reaction<Self> {
-        eprintln!("rebooking {} failed: {error}", command.bag);
+    fn on_failure(&self, _: &(), command: &Rebook, failure: &RebookFailure) -> Reaction<Self> {
+        match failure {
+            // Someone loaded it meanwhile: nothing to do.
+            RebookFailure::AlreadyOn(_) => {}
+            RebookFailure::Other(why) => eprintln!("rebooking {} failed: {why}", command.bag),
+        }
         Reaction::new()
     }
 }

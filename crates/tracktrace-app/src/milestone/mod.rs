@@ -71,7 +71,7 @@ pub mod run;
 pub mod service;
 pub mod watch;
 
-pub use dispatch::CaptureDispatcher;
+pub use dispatch::{CaptureDispatcher, failure_of};
 pub use rules::{MilestoneRule, OVERDUE, RECOVERED, RuleBook, RuleView};
 pub use service::{EntityWatches, Milestones, WatchView};
 pub use watch::{MilestoneCommand, MilestoneWatch, SOURCE, WatchState};

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracktrace_core::{
-    EventFilter, EventId, EventStore, Reaction, RecordedEvent, Saga, TenantId, Timestamp,
+    CommandFailure, EventFilter, EventId, EventStore, Reaction, RecordedEvent, Saga, TenantId,
+    Timestamp,
 };
 use tracktrace_domain::{
     ENTITY_STREAM_PREFIX, Location, OPERATIONAL_EVENT, OccurredAt, OperationalEvent, format_micros,
@@ -214,6 +215,7 @@ impl Saga for MilestoneWatch {
     const NAME: &'static str = "milestone-watch";
     type State = WatchState;
     type Command = MilestoneCommand;
+    type Failure = CommandFailure;
 
     fn filter(&self) -> EventFilter {
         EventFilter::default().with_event_types([OPERATIONAL_EVENT, RULE_SET, RULE_REMOVED])
@@ -362,9 +364,9 @@ impl Saga for MilestoneWatch {
         &self,
         state: &WatchState,
         command: &MilestoneCommand,
-        error: &str,
+        failure: &CommandFailure,
     ) -> Reaction<Self> {
-        tracing::error!(?command, %error, "milestone alarm could not be captured");
+        tracing::error!(?command, %failure, "milestone alarm could not be captured");
         match command {
             // No alarm was stored: nothing to recover later.
             MilestoneCommand::RaiseOverdue { watch, .. } => {

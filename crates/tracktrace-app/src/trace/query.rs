@@ -179,10 +179,7 @@ pub async fn read_timeline(
         let rows = rm
             .scan(
                 TIMELINE_NS,
-                KeyRange {
-                    start: start.clone(),
-                    end: end.clone(),
-                },
+                KeyRange::new(start.clone(), end.clone()),
                 Direction::Forwards,
                 chunk,
             )

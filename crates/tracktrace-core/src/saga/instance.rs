@@ -172,7 +172,7 @@ pub(super) struct OpenIds {
 
 impl OpenIds {
     /// Applies the record whose event id is `id`.
-    pub(super) fn apply<St, C>(&mut self, id: Uuid, r: &SagaRecord<St, C>) {
+    pub(super) fn apply<St, C, F>(&mut self, id: Uuid, r: &SagaRecord<St, C, F>) {
         let parse = |s: &str| Uuid::parse_str(s).unwrap_or_default();
         match r {
             SagaRecord::CommandScheduled { .. } => self.commands.push(id),

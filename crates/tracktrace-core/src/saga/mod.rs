@@ -21,7 +21,9 @@
 //!   them a second time; recovery also collects the triggers recorded after the checkpoint);
 //! - a command that fails permanently is recorded as [`SagaRecord::CommandFailed`] together
 //!   with the reaction of [`Saga::on_failure`], typically compensation commands
-//!   ([`Reaction::compensate`], recorded with `compensation: true`).
+//!   ([`Reaction::compensate`], recorded with `compensation: true`). The failure is typed
+//!   ([`Saga::Failure`]: [`CommandFailure`] with a [`FailureKind`] and an optional code, or
+//!   the saga's own type), so a saga branches on why a command failed, not on a message.
 //!
 //! Run one [`SagaRunner`] per saga type.
 //!
@@ -57,6 +59,9 @@ mod model;
 mod open_index;
 mod runner;
 
-pub use dispatch::{BusDispatcher, CommandDispatcher, DispatchError};
+pub use dispatch::{
+    BusDispatcher, BusFailure, CommandDispatcher, CommandFailure, DispatchError, FailureKind,
+    FromBusFailure,
+};
 pub use model::{Reaction, RecordOf, Saga, SagaRecord};
 pub use runner::{DEFAULT_MAX_INSTANCES, SagaProgress, SagaRunner};

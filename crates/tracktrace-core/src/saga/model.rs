@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::event::RecordedEvent;
+use crate::saga::dispatch::CommandFailure;
 use crate::store::EventFilter;
 
 /// A process manager. Its methods are pure decisions; the
@@ -20,6 +21,11 @@ pub trait Saga: Send + Sync + 'static {
     type State: Default + Clone + Serialize + DeserializeOwned + Send + Sync + fmt::Debug;
     /// The commands it dispatches.
     type Command: Clone + Serialize + DeserializeOwned + Send + Sync + fmt::Debug;
+    /// What a permanently failed command reports to [`Saga::on_failure`]: usually
+    /// [`CommandFailure`] (kind, code, message, field errors), or a type of the saga's own
+    /// (e.g. the target aggregate's error) that its dispatcher builds. Recorded in the saga's
+    /// stream with [`SagaRecord::CommandFailed`], so it must be serialisable.
+    type Failure: Clone + Serialize + DeserializeOwned + Send + Sync + fmt::Debug + fmt::Display;
 
     /// Which events may trigger it (default: all; filtering happens in the store).
     fn filter(&self) -> EventFilter {
@@ -41,12 +47,13 @@ pub trait Saga: Send + Sync + 'static {
         Reaction::new()
     }
 
-    /// Reaction to a dispatched command that failed permanently: usually compensation.
+    /// Reaction to a dispatched command that failed permanently: usually compensation, chosen
+    /// by what `failure` says (its kind or code, not its message).
     fn on_failure(
         &self,
         state: &Self::State,
         command: &Self::Command,
-        error: &str,
+        failure: &Self::Failure,
     ) -> Reaction<Self>;
 
     /// Whether an instance in `state` waits for nothing but a later trigger (default: never).
@@ -144,10 +151,11 @@ impl<S: Saga + ?Sized> Reaction<S> {
     }
 }
 
-/// One event of a saga's stream (stored as JSON, event type `"Saga" + variant name`).
+/// One event of a saga's stream (stored as JSON, event type `"Saga" + variant name`), of a saga
+/// whose state is `St`, commands `C` and failure type `F`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub enum SagaRecord<St, C> {
+pub enum SagaRecord<St, C, F = CommandFailure> {
     /// A trigger event was handled.
     Triggered {
         /// The trigger's event id.
@@ -178,8 +186,12 @@ pub enum SagaRecord<St, C> {
     CommandFailed {
         /// Its dispatch id.
         dispatch_id: String,
-        /// Why.
+        /// Why, for humans (the failure's `Display`).
         error: String,
+        /// Why, as the saga's failure value (absent from records written before sagas had a
+        /// failure type).
+        #[serde(default = "no_failure", skip_serializing_if = "Option::is_none")]
+        failure: Option<F>,
     },
     /// A deadline was scheduled; its id is this record's event id.
     DeadlineScheduled {
@@ -204,7 +216,7 @@ pub enum SagaRecord<St, C> {
     Completed,
 }
 
-impl<St, C> SagaRecord<St, C> {
+impl<St, C, F> SagaRecord<St, C, F> {
     pub(super) fn event_type(&self) -> &'static str {
         match self {
             SagaRecord::Triggered { .. } => "SagaTriggered",
@@ -220,8 +232,13 @@ impl<St, C> SagaRecord<St, C> {
     }
 }
 
+/// `failure` of a record that has none (without a `Default` bound on the failure type).
+fn no_failure<F>() -> Option<F> {
+    None
+}
+
 /// The record type of saga `S`.
-pub type RecordOf<S> = SagaRecord<<S as Saga>::State, <S as Saga>::Command>;
+pub type RecordOf<S> = SagaRecord<<S as Saga>::State, <S as Saga>::Command, <S as Saga>::Failure>;
 
 /// Decodes one record of saga `S`'s stream.
 pub(super) fn decode_record<S: Saga>(e: &RecordedEvent) -> Result<RecordOf<S>> {

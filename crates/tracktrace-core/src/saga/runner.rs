@@ -148,7 +148,7 @@ impl<S: Saga, D> fmt::Debug for SagaRunner<S, D> {
     }
 }
 
-impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
+impl<S: Saga, D: CommandDispatcher<S::Command, S::Failure>> SagaRunner<S, D> {
     /// A runner reading triggers from `store`, keeping its checkpoint (named
     /// `"saga.{NAME}"`) and its index of open work (namespace `"saga.{NAME}.open"`, committed
     /// with the checkpoint) in `checkpoints`.
@@ -466,8 +466,8 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
                 let Some(instance) = e.stream.as_str().strip_prefix(&prefix) else {
                     continue;
                 };
-                let r: SagaRecord<IgnoredAny, IgnoredAny> = serde_json::from_slice(&e.payload)
-                    .map_err(|err| {
+                let r: SagaRecord<IgnoredAny, IgnoredAny, IgnoredAny> =
+                    serde_json::from_slice(&e.payload).map_err(|err| {
                         Error::corruption(
                             Some(e.position),
                             format!("saga {} record {}: {err}", S::NAME, e.event_type),
@@ -778,12 +778,13 @@ impl<S: Saga, D: CommandDispatcher<S::Command>> SagaRunner<S, D> {
                             },
                             saga.on_success(&inst.state, &command),
                         ),
-                        Err(error) => (
+                        Err(failure) => (
                             SagaRecord::CommandFailed {
                                 dispatch_id: id.to_string(),
-                                error: error.clone(),
+                                error: failure.to_string(),
+                                failure: Some(failure.clone()),
                             },
-                            saga.on_failure(&inst.state, &command, error),
+                            saga.on_failure(&inst.state, &command, failure),
                         ),
                     })
             })
