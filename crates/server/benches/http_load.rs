@@ -220,7 +220,7 @@ async fn run() {
     // Where the capture time goes: the same load without HTTP (the capture service: runtime
     // command buses + store), and raw store appends (one event per append), with the server
     // (and its projection) still running as above.
-    let store = stores.events.clone();
+    let store = stores.store.clone();
     let service = tracktrace_app::capture::CaptureService::new(store.clone());
     let tenant = TenantId::parse("bench").unwrap();
     let start = Instant::now();

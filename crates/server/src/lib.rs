@@ -119,8 +119,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             .map_err(|e| StartError::Store(e.to_string()))?;
             let s = Arc::new(store);
             Ok(Stores {
-                events: s.clone(),
-                read_models: s.clone(),
+                store: s.clone(),
                 leases: s,
                 backend: "postgres",
             })
@@ -136,8 +135,7 @@ pub async fn open_stores(cfg: &ServerConfig) -> Result<Stores, StartError> {
             .map_err(|e| StartError::Store(e.to_string()))?;
             let s = Arc::new(store);
             Ok(Stores {
-                events: s.clone(),
-                read_models: s,
+                store: s,
                 leases: Arc::new(LocalLeases::new()),
                 backend: "sled",
             })
@@ -268,7 +266,7 @@ pub async fn start(
 
 /// Creates `tenant` in `stores` if it does not exist; `Ok(true)` if created.
 pub async fn ensure_tenant(stores: &Stores, tenant: &TenantId, by: &str) -> Result<bool, String> {
-    let reg = TenantRegistry::new(stores.events.clone());
+    let reg = TenantRegistry::new(stores.store.clone());
     reg.create(tenant, by)
         .await
         .map(|(_, created)| created)

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracktrace_core::{BreakerConfig, EventStore, Leases, Position, ReadModelStore};
+use tracktrace_core::{Backend, BreakerConfig, Leases, Position};
 
 use crate::analytics::{AnalyticsConfig, AnalyticsStatus};
 use crate::app::{App, AppConfig};
-use crate::metrics::{Metrics, Samples, guarded_read_models, guarded_store};
+use crate::metrics::{Metrics, Samples, guarded_backend};
 use crate::milestone::run::run as run_milestone_watch;
 use crate::propagation::config::PropagationConfig;
 use crate::trace::runner::{follow_checkpoint, run_with_metrics};
@@ -41,10 +41,10 @@ pub enum Role {
 /// An opened store: events, read models, and who leads background work on it.
 #[derive(Clone)]
 pub struct Stores {
-    /// Events (unwrapped: [`start`] puts the application's copy behind the breaker).
-    pub events: Arc<dyn EventStore>,
-    /// Read models and checkpoints.
-    pub read_models: Arc<dyn ReadModelStore>,
+    /// The backend: the log, read models and checkpoints, snapshots (unwrapped: [`start`]
+    /// puts the application's copy behind one breaker, [`guarded_backend`]; background work
+    /// uses it as is).
+    pub store: Arc<dyn Backend>,
     /// Leases of the store (which process runs the background work).
     pub leases: Arc<dyn Leases>,
     /// The `backend` label of the store's append latency (`sled`, `postgres`, `memory`).
@@ -127,15 +127,14 @@ pub async fn start(stores: &Stores, cfg: &RuntimeConfig) -> Result<(App, Backgro
         ));
     }
     let metrics = Metrics::new();
-    let guarded = guarded_store(stores.events.clone(), stores.backend, cfg.breaker, &metrics);
-    let read_models = guarded_read_models(stores.read_models.clone(), cfg.breaker, &metrics);
+    let guarded = guarded_backend(stores.store.clone(), stores.backend, cfg.breaker, &metrics);
     let (progress_tx, progress) = if cfg.role != Role::Api {
         let (tx, rx) = watch::channel(Position::START);
         (Some(tx), Some(rx))
     } else {
         (None, None)
     };
-    let app = App::with_metrics(guarded, read_models, progress, cfg.app.clone(), metrics);
+    let app = App::with_metrics(guarded.clone(), guarded, progress, cfg.app.clone(), metrics);
     let (leading_tx, leading) = watch::channel(false);
     app.set_leading(leading);
     let mut tasks = vec![tokio::spawn(app.tenants().clone().follow())];
@@ -163,8 +162,8 @@ pub async fn start(stores: &Stores, cfg: &RuntimeConfig) -> Result<(App, Backgro
                 &cfg.propagation,
                 app.propagation(),
                 crate::propagation::PropagationDeps {
-                    store: stores.events.clone(),
-                    checkpoints: stores.read_models.clone(),
+                    store: stores.store.clone(),
+                    checkpoints: stores.store.clone(),
                     capture: app.capture_pipeline().clone(),
                     metrics: app.metrics().clone(),
                 },
@@ -287,14 +286,14 @@ fn leader_work(
     Arc::new(move || {
         let mut tasks = vec![
             tokio::spawn(run_with_metrics(
-                stores.events.clone(),
-                stores.read_models.clone(),
+                stores.store.clone(),
+                stores.store.clone(),
                 progress.clone(),
                 app.metrics().clone(),
             )),
             tokio::spawn(run_milestone_watch(
-                stores.events.clone(),
-                stores.read_models.clone(),
+                stores.store.clone(),
+                stores.store.clone(),
                 app.capture_pipeline().service().clone(),
                 milestone_max_instances,
             )),
@@ -325,8 +324,8 @@ async fn supervise(
 ) {
     loop {
         let standby = tokio::spawn(follow_checkpoint(
-            stores.events.clone(),
-            stores.read_models.clone(),
+            stores.store.clone(),
+            stores.store.clone(),
             progress.clone(),
         ));
         let lease = stores

@@ -50,11 +50,14 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use tokio::sync::watch;
 use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, BoxError, BreakerConfig, BreakerState, CircuitBreaker,
-    EventFilter, EventId, EventStore, LagHandle, Position, Projection, ReadAll, ReadModelStore,
-    ReadModelTx, ReadStream, RecordedEvent, StoreStats, StreamId, TenantId, Timestamp, Version,
+    AllPage, AppendOutcome, AppendRequest, Backend, BoxError, BreakerConfig, BreakerState,
+    CheckpointStore, CircuitBreaker, Direction, EventFilter, EventId, EventStore, KeyRange,
+    LagHandle, Position, Projection, ReadAll, ReadModelBatch, ReadModelStore, ReadModelTx,
+    ReadStream, RecordedEvent, Snapshot, SnapshotStore, StoreStats, StreamId, TenantId, Timestamp,
+    Version,
 };
 
 use crate::error::AppError;
@@ -74,11 +77,9 @@ pub const FRESHNESS_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 ];
 
-/// The `component` label of the event store's circuit breaker.
+/// The `component` label of the store's circuit breaker (one breaker for the log, the read
+/// models and the snapshots: [`guarded_backend`]).
 pub const EVENT_STORE_COMPONENT: &str = "event_store";
-
-/// The `component` label of the read models' circuit breaker.
-pub const READ_MODELS_COMPONENT: &str = "read_models";
 
 const INGESTED: &str = "tracktrace_events_ingested_total";
 const COMMANDS: &str = "tracktrace_commands_total";
@@ -1028,7 +1029,7 @@ fn fmt_f64(v: f64) -> String {
 
 /// Wrapper store timing every append of the inner store
 /// (`tracktrace_append_duration_seconds{backend}`, failed appends included); other calls
-/// (`store_stats` included) pass through untouched.
+/// (`store_stats`, read models, checkpoints and snapshots included) pass through untouched.
 pub struct Metered<S> {
     inner: S,
     append: Arc<Histogram>,
@@ -1100,7 +1101,76 @@ impl<S: EventStore> EventStore for Metered<S> {
     }
 }
 
-/// The store the API uses: `CircuitBreaker(Metered(store))`, with the append latency exported
+#[async_trait]
+impl<S: CheckpointStore> CheckpointStore for Metered<S> {
+    async fn load_checkpoint(&self, name: &str) -> tracktrace_core::Result<Option<Position>> {
+        self.inner.load_checkpoint(name).await
+    }
+    async fn save_checkpoint(&self, name: &str, position: Position) -> tracktrace_core::Result<()> {
+        self.inner.save_checkpoint(name, position).await
+    }
+}
+
+#[async_trait]
+impl<S: ReadModelStore> ReadModelStore for Metered<S> {
+    async fn get(&self, ns: &str, key: &[u8]) -> tracktrace_core::Result<Option<Bytes>> {
+        self.inner.get(ns, key).await
+    }
+    async fn scan(
+        &self,
+        ns: &str,
+        range: KeyRange,
+        direction: Direction,
+        limit: usize,
+    ) -> tracktrace_core::Result<Vec<(Bytes, Bytes)>> {
+        self.inner.scan(ns, range, direction, limit).await
+    }
+    async fn commit(&self, batch: ReadModelBatch) -> tracktrace_core::Result<()> {
+        self.inner.commit(batch).await
+    }
+}
+
+#[async_trait]
+impl<S: SnapshotStore> SnapshotStore for Metered<S> {
+    async fn load_snapshot(
+        &self,
+        tenant: &TenantId,
+        stream: &StreamId,
+    ) -> tracktrace_core::Result<Option<Snapshot>> {
+        self.inner.load_snapshot(tenant, stream).await
+    }
+    async fn save_snapshot(&self, snapshot: Snapshot) -> tracktrace_core::Result<()> {
+        self.inner.save_snapshot(snapshot).await
+    }
+}
+
+/// What the API uses of the whole backend: `CircuitBreaker(Metered(backend))`, one breaker for
+/// the log, the read models and the snapshots (a failing database fails all of them, so one
+/// breaker opens for all and trace reads fail fast with a retry hint instead of waiting out
+/// the store's timeouts). Appends are timed under `backend`; the breaker's state is exported
+/// as `component="event_store"`. Calls rejected by an open breaker never reach the store and
+/// are not timed.
+pub fn guarded_backend(
+    store: Arc<dyn Backend>,
+    backend: &str,
+    breaker: BreakerConfig,
+    metrics: &Metrics,
+) -> Arc<dyn Backend> {
+    let guarded = Arc::new(CircuitBreaker::with_config(
+        Metered::new(store, metrics, backend),
+        breaker,
+    ));
+    let probe = Arc::downgrade(&guarded);
+    if let Err(e) = metrics.register_breaker(EVENT_STORE_COMPONENT, move || {
+        probe.upgrade().map(|b| b.state())
+    }) {
+        tracing::warn!(error = %e, "a second event store breaker is not exported");
+    }
+    guarded
+}
+
+/// The event store the API uses when it has nothing but an event store (tests, tools):
+/// `CircuitBreaker(Metered(store))`, with the append latency exported
 /// under `backend` and the breaker's state as `component="event_store"`. Appends rejected by
 /// an open breaker never reach the store and are not timed.
 pub fn guarded_store(
@@ -1118,24 +1188,6 @@ pub fn guarded_store(
         probe.upgrade().map(|b| b.state())
     }) {
         tracing::warn!(error = %e, "a second event store breaker is not exported");
-    }
-    guarded
-}
-
-/// The read models the API queries, behind their own breaker (`component="read_models"`):
-/// trace reads during a store outage fail fast with a retry hint instead of waiting out the
-/// store's timeouts.
-pub fn guarded_read_models(
-    read_models: Arc<dyn ReadModelStore>,
-    breaker: BreakerConfig,
-    metrics: &Metrics,
-) -> Arc<dyn ReadModelStore> {
-    let guarded = Arc::new(CircuitBreaker::with_config(read_models, breaker));
-    let probe = Arc::downgrade(&guarded);
-    if let Err(e) = metrics.register_breaker(READ_MODELS_COMPONENT, move || {
-        probe.upgrade().map(|b| b.state())
-    }) {
-        tracing::warn!(error = %e, "a second read-model breaker is not exported");
     }
     guarded
 }

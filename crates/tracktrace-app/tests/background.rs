@@ -16,8 +16,7 @@ use tracktrace_domain::{StoredEvent, entity_stream, format_micros};
 async fn started() -> (Arc<InMemoryStore>, App, background::Background) {
     let store = Arc::new(InMemoryStore::new());
     let stores = Stores {
-        events: store.clone(),
-        read_models: store.clone(),
+        store: store.clone(),
         leases: Arc::new(LocalLeases::new()),
         backend: "memory",
     };
