@@ -87,6 +87,7 @@ mod id;
 pub mod lease;
 mod memory;
 mod paged;
+pub mod partition;
 pub mod projection;
 pub mod resilience;
 pub mod saga;
@@ -109,6 +110,7 @@ pub use id::{EventId, ExpectedVersion, IdError, Position, StreamId, TenantId, Ti
 pub use lease::{Lease, Leases, LocalLeases};
 pub use memory::InMemoryStore;
 pub use paged::{EventPages, PagedReads};
+pub use partition::{Partition, Partitioning};
 pub use projection::{
     Lag, LagHandle, Projection, ProjectionError, ProjectionProgress, ProjectionRunner, ReadModelTx,
     Typed, TypedProjection,
