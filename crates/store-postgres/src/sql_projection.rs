@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracktrace_core::projection::{self, ProjectionStep};
 use tracktrace_core::{
     BoxError, CheckpointStore, Error, EventFilter, EventStore, Position, ProjectionError,
-    ProjectionProgress, ReadAll, RecordedEvent, Upcasters,
+    ProjectionProgress, RecordedEvent, Upcasters,
 };
 
 use crate::error::map_err;
@@ -173,20 +173,15 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
     pub async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
         self.ensure_set_up().await?;
         let cp = self.checkpoint().await?;
-        let from = cp.map_or(Position::START, Position::next);
-        let page = self
-            .store
-            .read_all(ReadAll::starting_at(from, self.batch_size).filter(self.projection.filter()))
-            .await
-            .map_err(|e| self.err(e))?;
-        let at_head = page.events.len() < self.batch_size;
-        // Everything below `page.next` has been considered and nothing can commit there later.
-        let new_cp = Position::new(page.next.get().saturating_sub(1));
-        if page.events.is_empty() && cp.is_some_and(|c| c >= new_cp) || page.next == Position::START
-        {
+        let batch =
+            projection::read_batch(&self.store, cp, self.projection.filter(), self.batch_size)
+                .await
+                .map_err(|e| self.err(e))?;
+        let (at_head, new_cp) = (batch.at_head, batch.checkpoint);
+        if batch.idle {
             return Ok((0, at_head));
         }
-        let applied = page.events.len();
+        let applied = batch.events.len();
         let e = |e| map_err("sql projection commit", e);
         let mut tx = self
             .store
@@ -198,7 +193,7 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
             self.checkpoint = None;
             return Err(self.err(err));
         }
-        for event in page.events {
+        for event in batch.events {
             let position = event.position;
             let event = self.upcasters.upcast(event).map_err(|e| self.err(e))?;
             if let Err(source) = self.projection.apply(&event, &mut tx).await {
