@@ -7,6 +7,7 @@ use std::future::Future;
 
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
+use sqlx::{Postgres, Transaction};
 use tokio::sync::watch;
 use tracktrace_core::projection::{self, ProjectionStep};
 use tracktrace_core::{
@@ -130,6 +131,25 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         }
     }
 
+    /// A failed SQL call of operation `what` (e.g. `"sql projection commit"`).
+    fn sql_err(&self, what: &str, source: sqlx::Error) -> ProjectionError {
+        self.err(map_err(what, source))
+    }
+
+    /// Opens a transaction on the store's pool (errors name operation `what`). Takes `&mut self`
+    /// because the runner is `Send` but not `Sync` (nor is the projection): a future holding
+    /// `&self` across the connect would not be `Send`.
+    async fn begin(
+        &mut self,
+        what: &str,
+    ) -> Result<Transaction<'static, Postgres>, ProjectionError> {
+        self.store
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| self.sql_err(what, e))
+    }
+
     fn set_checkpoint(&mut self, cp: Option<Position>) {
         self.checkpoint = Some(cp);
         self.progress.send_replace(cp.unwrap_or_default());
@@ -153,17 +173,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         if self.set_up {
             return Ok(());
         }
-        let e = |e| map_err("sql projection setup", e);
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(|x| self.err(e(x)))?;
+        let what = "sql projection setup";
+        let mut tx = self.begin(what).await?;
         if let Err(source) = self.projection.setup(&mut tx).await {
             return Err(self.handler_err(Position::START, source));
         }
-        tx.commit().await.map_err(|x| self.err(e(x)))?;
+        tx.commit().await.map_err(|e| self.sql_err(what, e))?;
         self.set_up = true;
         Ok(())
     }
@@ -182,13 +197,8 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
             return Ok((0, at_head));
         }
         let applied = batch.events.len();
-        let e = |e| map_err("sql projection commit", e);
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(|x| self.err(e(x)))?;
+        let what = "sql projection commit";
+        let mut tx = self.begin(what).await?;
         if let Err(err) = fence(&mut tx, self.projection.name(), cp, new_cp).await {
             self.checkpoint = None;
             return Err(self.err(err));
@@ -200,9 +210,9 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
                 return Err(self.handler_err(position, source));
             }
         }
-        if let Err(x) = tx.commit().await {
+        if let Err(e) = tx.commit().await {
             self.checkpoint = None;
-            return Err(self.err(e(x)));
+            return Err(self.sql_err(what, e));
         }
         self.set_checkpoint(Some(new_cp));
         Ok((applied, at_head))
@@ -234,13 +244,8 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
     pub async fn rebuild(&mut self) -> Result<Position, ProjectionError> {
         self.ensure_set_up().await?;
         let cp = self.checkpoint().await?;
-        let e = |e| map_err("sql projection reset", e);
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(|x| self.err(e(x)))?;
+        let what = "sql projection reset";
+        let mut tx = self.begin(what).await?;
         self.checkpoint = None;
         fence(&mut tx, self.projection.name(), cp, Position::START)
             .await
@@ -248,7 +253,7 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         if let Err(source) = self.projection.reset(&mut tx).await {
             return Err(self.handler_err(Position::START, source));
         }
-        tx.commit().await.map_err(|x| self.err(e(x)))?;
+        tx.commit().await.map_err(|e| self.sql_err(what, e))?;
         self.set_checkpoint(Some(Position::START));
         self.catch_up().await
     }
