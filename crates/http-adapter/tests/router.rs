@@ -13,10 +13,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tower::ServiceExt;
 use tracktrace_app::{App, AppConfig};
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, BreakerConfig, CircuitBreaker, Error, EventId,
-    EventStore, InMemoryStore, Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId,
-    Version,
+    BreakerConfig, CircuitBreaker, Error, EventStore, InMemoryStore, Position, TenantId,
 };
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
 use tracktrace_http::cache::{CacheConfig, TraceCache};
@@ -28,8 +27,15 @@ struct Switchable {
     down: Arc<AtomicBool>,
 }
 
-impl Switchable {
-    fn check(&self) -> tracktrace_core::Result<()> {
+#[async_trait]
+impl Intercept for Switchable {
+    type Inner = InMemoryStore;
+
+    fn inner(&self) -> &InMemoryStore {
+        &self.inner
+    }
+
+    async fn before(&self) -> tracktrace_core::Result<()> {
         if self.down.load(Ordering::SeqCst) {
             Err(Error::Unavailable {
                 reason: "test outage".into(),
@@ -39,52 +45,6 @@ impl Switchable {
         } else {
             Ok(())
         }
-    }
-}
-
-#[async_trait]
-impl EventStore for Switchable {
-    async fn append(&self, req: AppendRequest) -> tracktrace_core::Result<AppendOutcome> {
-        self.check()?;
-        self.inner.append(req).await
-    }
-    async fn read_stream(&self, req: ReadStream) -> tracktrace_core::Result<Vec<RecordedEvent>> {
-        self.check()?;
-        self.inner.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> tracktrace_core::Result<AllPage> {
-        self.check()?;
-        self.inner.read_all(req).await
-    }
-    async fn stream_version(
-        &self,
-        tenant: &TenantId,
-        stream: &StreamId,
-    ) -> tracktrace_core::Result<Version> {
-        self.check()?;
-        self.inner.stream_version(tenant, stream).await
-    }
-    async fn get_event(
-        &self,
-        tenant: &TenantId,
-        event_id: EventId,
-    ) -> tracktrace_core::Result<Option<RecordedEvent>> {
-        self.check()?;
-        self.inner.get_event(tenant, event_id).await
-    }
-    async fn head(&self) -> tracktrace_core::Result<Position> {
-        self.check()?;
-        self.inner.head().await
-    }
-    async fn position_at(
-        &self,
-        at: tracktrace_core::Timestamp,
-    ) -> tracktrace_core::Result<Position> {
-        self.check()?;
-        self.inner.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.inner.watch_head()
     }
 }
 
@@ -101,10 +61,10 @@ const SECRET: &[u8] = b"router-test-secret-0123456789abcdef";
 async fn fixture_with(config: AppConfig) -> Fixture {
     let mem = Arc::new(InMemoryStore::new());
     let down = Arc::new(AtomicBool::new(false));
-    let switchable: Arc<dyn EventStore> = Arc::new(Switchable {
+    let switchable: Arc<dyn EventStore> = Arc::new(Intercepted(Switchable {
         inner: mem.clone(),
         down: down.clone(),
-    });
+    }));
     let guarded: Arc<dyn EventStore> = Arc::new(CircuitBreaker::with_config(
         switchable,
         BreakerConfig::default()

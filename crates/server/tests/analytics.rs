@@ -17,14 +17,14 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use serde_json::{Value, json};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore};
 use tower::ServiceExt;
 use tracktrace_app::analytics::AnalyticsConfig;
 use tracktrace_app::{App, AppConfig};
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, EventFilter, EventId, EventStore, EventStoreExt,
-    ExpectedVersion, InMemoryStore, NewEvent, Position, ReadAll, ReadStream, RecordedEvent,
-    StreamId, TenantId, Timestamp, Version,
+    EventFilter, EventStore, EventStoreExt, ExpectedVersion, InMemoryStore, NewEvent, Position,
+    TenantId, Timestamp,
 };
 use tracktrace_domain::{Location, OPERATIONAL_EVENT, StoredEvent, entity_stream, format_micros};
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
@@ -778,42 +778,19 @@ struct HeldScan {
 }
 
 #[async_trait]
-impl EventStore for HeldScan {
-    async fn append(&self, req: AppendRequest) -> tracktrace_core::Result<AppendOutcome> {
-        self.inner.append(req).await
+impl Intercept for HeldScan {
+    type Inner = InMemoryStore;
+
+    fn inner(&self) -> &InMemoryStore {
+        &self.inner
     }
-    async fn read_stream(&self, req: ReadStream) -> tracktrace_core::Result<Vec<RecordedEvent>> {
-        self.inner.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> tracktrace_core::Result<AllPage> {
-        self.inner.read_all(req).await
-    }
-    async fn stream_version(
-        &self,
-        tenant: &TenantId,
-        stream: &StreamId,
-    ) -> tracktrace_core::Result<Version> {
-        self.inner.stream_version(tenant, stream).await
-    }
-    async fn get_event(
-        &self,
-        tenant: &TenantId,
-        id: EventId,
-    ) -> tracktrace_core::Result<Option<RecordedEvent>> {
-        self.inner.get_event(tenant, id).await
-    }
-    async fn head(&self) -> tracktrace_core::Result<Position> {
-        self.inner.head().await
-    }
+
     async fn position_at(&self, at: Timestamp) -> tracktrace_core::Result<Position> {
         if self.hold_next.swap(false, Ordering::SeqCst) {
             self.held.notify_one();
             let _released = self.release.acquire().await;
         }
         self.inner.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.inner.watch_head()
     }
 }
 
@@ -823,12 +800,12 @@ impl EventStore for HeldScan {
 #[tokio::test]
 async fn a_run_beyond_the_admitted_ones_is_refused_with_503() {
     let store = Arc::new(InMemoryStore::new());
-    let held = Arc::new(HeldScan {
+    let held = Arc::new(Intercepted(HeldScan {
         inner: store.clone(),
         hold_next: AtomicBool::new(false),
         held: Notify::new(),
         release: Semaphore::new(0),
-    });
+    }));
     let cfg = AnalyticsConfig {
         max_pending_runs: 1,
         lookback_windows: 1,

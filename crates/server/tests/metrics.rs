@@ -26,10 +26,10 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 use tracktrace_app::metrics::{BUILTIN_METRICS, Metrics, guarded_store};
 use tracktrace_app::{App, AppConfig, SYSTEM_TENANT};
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, BreakerConfig, Error, EventId, EventStore,
-    EventStoreExt, InMemoryStore, Position, ReadAll, ReadStream, RecordedEvent, StoreStats,
-    StreamId, TenantId, Version,
+    AppendOutcome, AppendRequest, BreakerConfig, Error, EventStore, EventStoreExt, InMemoryStore,
+    Position, TenantId, Version,
 };
 use tracktrace_http::auth::{Claims, JwtKeys, now_secs};
 use tracktrace_http::cache::{CacheConfig, TraceCache};
@@ -47,7 +47,13 @@ struct FailingAppends {
 }
 
 #[async_trait]
-impl EventStore for FailingAppends {
+impl Intercept for FailingAppends {
+    type Inner = InMemoryStore;
+
+    fn inner(&self) -> &InMemoryStore {
+        &self.inner
+    }
+
     async fn append(&self, req: AppendRequest) -> tracktrace_core::Result<AppendOutcome> {
         if self.down.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
@@ -65,41 +71,6 @@ impl EventStore for FailingAppends {
             });
         }
         self.inner.append(req).await
-    }
-    async fn read_stream(&self, req: ReadStream) -> tracktrace_core::Result<Vec<RecordedEvent>> {
-        self.inner.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> tracktrace_core::Result<AllPage> {
-        self.inner.read_all(req).await
-    }
-    async fn stream_version(
-        &self,
-        tenant: &TenantId,
-        stream: &StreamId,
-    ) -> tracktrace_core::Result<Version> {
-        self.inner.stream_version(tenant, stream).await
-    }
-    async fn get_event(
-        &self,
-        tenant: &TenantId,
-        event_id: EventId,
-    ) -> tracktrace_core::Result<Option<RecordedEvent>> {
-        self.inner.get_event(tenant, event_id).await
-    }
-    async fn head(&self) -> tracktrace_core::Result<Position> {
-        self.inner.head().await
-    }
-    async fn position_at(
-        &self,
-        at: tracktrace_core::Timestamp,
-    ) -> tracktrace_core::Result<Position> {
-        self.inner.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.inner.watch_head()
-    }
-    async fn store_stats(&self) -> tracktrace_core::Result<Option<StoreStats>> {
-        self.inner.store_stats().await
     }
 }
 
@@ -120,11 +91,11 @@ async fn fixture() -> Fixture {
     let contended = Arc::new(AtomicBool::new(false));
     let metrics = Metrics::new();
     let store = guarded_store(
-        Arc::new(FailingAppends {
+        Arc::new(Intercepted(FailingAppends {
             inner: mem.clone(),
             down: down.clone(),
             contended: contended.clone(),
-        }),
+        })),
         "memory",
         BreakerConfig::default()
             .with_failure_threshold(2)

@@ -7,11 +7,12 @@ use std::future::Future;
 
 use async_trait::async_trait;
 use sqlx::postgres::PgConnection;
+use sqlx::{Postgres, Transaction};
 use tokio::sync::watch;
 use tracktrace_core::projection::{self, ProjectionStep};
 use tracktrace_core::{
     BoxError, CheckpointStore, Error, EventFilter, EventStore, Position, ProjectionError,
-    ProjectionProgress, ReadAll, RecordedEvent, Upcasters,
+    ProjectionProgress, RecordedEvent, Upcasters,
 };
 
 use crate::error::map_err;
@@ -130,6 +131,25 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         }
     }
 
+    /// A failed SQL call of operation `what` (e.g. `"sql projection commit"`).
+    fn sql_err(&self, what: &str, source: sqlx::Error) -> ProjectionError {
+        self.err(map_err(what, source))
+    }
+
+    /// Opens a transaction on the store's pool (errors name operation `what`). Takes `&mut self`
+    /// because the runner is `Send` but not `Sync` (nor is the projection): a future holding
+    /// `&self` across the connect would not be `Send`.
+    async fn begin(
+        &mut self,
+        what: &str,
+    ) -> Result<Transaction<'static, Postgres>, ProjectionError> {
+        self.store
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| self.sql_err(what, e))
+    }
+
     fn set_checkpoint(&mut self, cp: Option<Position>) {
         self.checkpoint = Some(cp);
         self.progress.send_replace(cp.unwrap_or_default());
@@ -153,17 +173,12 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         if self.set_up {
             return Ok(());
         }
-        let e = |e| map_err("sql projection setup", e);
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(|x| self.err(e(x)))?;
+        let what = "sql projection setup";
+        let mut tx = self.begin(what).await?;
         if let Err(source) = self.projection.setup(&mut tx).await {
             return Err(self.handler_err(Position::START, source));
         }
-        tx.commit().await.map_err(|x| self.err(e(x)))?;
+        tx.commit().await.map_err(|e| self.sql_err(what, e))?;
         self.set_up = true;
         Ok(())
     }
@@ -173,41 +188,31 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
     pub async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
         self.ensure_set_up().await?;
         let cp = self.checkpoint().await?;
-        let from = cp.map_or(Position::START, Position::next);
-        let page = self
-            .store
-            .read_all(ReadAll::starting_at(from, self.batch_size).filter(self.projection.filter()))
-            .await
-            .map_err(|e| self.err(e))?;
-        let at_head = page.events.len() < self.batch_size;
-        // Everything below `page.next` has been considered and nothing can commit there later.
-        let new_cp = Position::new(page.next.get().saturating_sub(1));
-        if page.events.is_empty() && cp.is_some_and(|c| c >= new_cp) || page.next == Position::START
-        {
+        let batch =
+            projection::read_batch(&self.store, cp, self.projection.filter(), self.batch_size)
+                .await
+                .map_err(|e| self.err(e))?;
+        let (at_head, new_cp) = (batch.at_head, batch.checkpoint);
+        if batch.idle {
             return Ok((0, at_head));
         }
-        let applied = page.events.len();
-        let e = |e| map_err("sql projection commit", e);
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(|x| self.err(e(x)))?;
+        let applied = batch.events.len();
+        let what = "sql projection commit";
+        let mut tx = self.begin(what).await?;
         if let Err(err) = fence(&mut tx, self.projection.name(), cp, new_cp).await {
             self.checkpoint = None;
             return Err(self.err(err));
         }
-        for event in page.events {
+        for event in batch.events {
             let position = event.position;
             let event = self.upcasters.upcast(event).map_err(|e| self.err(e))?;
             if let Err(source) = self.projection.apply(&event, &mut tx).await {
                 return Err(self.handler_err(position, source));
             }
         }
-        if let Err(x) = tx.commit().await {
+        if let Err(e) = tx.commit().await {
             self.checkpoint = None;
-            return Err(self.err(e(x)));
+            return Err(self.sql_err(what, e));
         }
         self.set_checkpoint(Some(new_cp));
         Ok((applied, at_head))
@@ -239,13 +244,8 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
     pub async fn rebuild(&mut self) -> Result<Position, ProjectionError> {
         self.ensure_set_up().await?;
         let cp = self.checkpoint().await?;
-        let e = |e| map_err("sql projection reset", e);
-        let mut tx = self
-            .store
-            .pool()
-            .begin()
-            .await
-            .map_err(|x| self.err(e(x)))?;
+        let what = "sql projection reset";
+        let mut tx = self.begin(what).await?;
         self.checkpoint = None;
         fence(&mut tx, self.projection.name(), cp, Position::START)
             .await
@@ -253,7 +253,7 @@ impl<P: SqlProjection> SqlProjectionRunner<P> {
         if let Err(source) = self.projection.reset(&mut tx).await {
             return Err(self.handler_err(Position::START, source));
         }
-        tx.commit().await.map_err(|x| self.err(e(x)))?;
+        tx.commit().await.map_err(|e| self.sql_err(what, e))?;
         self.set_checkpoint(Some(Position::START));
         self.catch_up().await
     }

@@ -4,11 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use async_trait::async_trait;
-use tokio::sync::watch;
-use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, Error, EventId, EventStore, Position, ReadAll,
-    ReadStream, RecordedEvent, Result, StreamId, TenantId, Timestamp, Version,
-};
+use tracktrace_conformance::support::{Intercept, Intercepted};
+use tracktrace_core::{AppendOutcome, AppendRequest, Error, EventStore, Result};
 
 /// An [`EventStore`] wrapper whose next appends to streams starting with a prefix fail with a
 /// version conflict, as if other writers kept winning the race: what makes the command bus
@@ -21,12 +18,12 @@ pub(crate) struct ContendedStore {
 
 impl ContendedStore {
     /// Wraps `inner`; appends to streams starting with `prefix` can be made to conflict.
-    pub(crate) fn new(inner: Arc<dyn EventStore>, prefix: &str) -> Self {
-        Self {
+    pub(crate) fn new(inner: Arc<dyn EventStore>, prefix: &str) -> Intercepted<Self> {
+        Intercepted(Self {
             inner,
             prefix: prefix.to_owned(),
             conflicts: AtomicU32::new(0),
-        }
+        })
     }
 
     /// The next `n` appends to matching streams conflict.
@@ -42,7 +39,13 @@ impl ContendedStore {
 }
 
 #[async_trait]
-impl EventStore for ContendedStore {
+impl Intercept for ContendedStore {
+    type Inner = dyn EventStore;
+
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner
+    }
+
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
         if req.stream.as_str().starts_with(&self.prefix)
             && self
@@ -59,26 +62,5 @@ impl EventStore for ContendedStore {
             });
         }
         self.inner.append(req).await
-    }
-    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.inner.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
-        self.inner.read_all(req).await
-    }
-    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        self.inner.stream_version(tenant, stream).await
-    }
-    async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
-        self.inner.get_event(tenant, id).await
-    }
-    async fn head(&self) -> Result<Position> {
-        self.inner.head().await
-    }
-    async fn position_at(&self, at: Timestamp) -> Result<Position> {
-        self.inner.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.inner.watch_head()
     }
 }

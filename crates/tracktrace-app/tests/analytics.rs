@@ -7,13 +7,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::watch;
 use tracktrace_app::analytics::{Analytics, AnalyticsConfig, KpiBounds};
 use tracktrace_conformance::runtime::FaultyStore;
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, Error, EventFilter, EventId, EventStore, EventStoreExt,
-    InMemoryStore, NewEvent, Position, ReadAll, ReadStream, RecordedEvent, StreamId, TenantId,
-    Timestamp, Version,
+    AppendOutcome, AppendRequest, Error, EventFilter, EventStore, EventStoreExt, InMemoryStore,
+    NewEvent, Position, RecordedEvent, TenantId, Timestamp,
 };
 use tracktrace_domain::{Location, OPERATIONAL_EVENT, StoredEvent, entity_stream, format_micros};
 
@@ -283,7 +282,13 @@ struct LostAcks {
 }
 
 #[async_trait]
-impl EventStore for LostAcks {
+impl Intercept for LostAcks {
+    type Inner = InMemoryStore;
+
+    fn inner(&self) -> &InMemoryStore {
+        &self.inner
+    }
+
     async fn append(&self, req: AppendRequest) -> tracktrace_core::Result<AppendOutcome> {
         let rejected = req.stream.as_str().starts_with("analytics-rejected-");
         let out = self.inner.append(req).await?;
@@ -301,45 +306,16 @@ impl EventStore for LostAcks {
         }
         Ok(out)
     }
-    async fn read_stream(&self, req: ReadStream) -> tracktrace_core::Result<Vec<RecordedEvent>> {
-        self.inner.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> tracktrace_core::Result<AllPage> {
-        self.inner.read_all(req).await
-    }
-    async fn stream_version(
-        &self,
-        tenant: &TenantId,
-        stream: &StreamId,
-    ) -> tracktrace_core::Result<Version> {
-        self.inner.stream_version(tenant, stream).await
-    }
-    async fn get_event(
-        &self,
-        tenant: &TenantId,
-        id: EventId,
-    ) -> tracktrace_core::Result<Option<RecordedEvent>> {
-        self.inner.get_event(tenant, id).await
-    }
-    async fn head(&self) -> tracktrace_core::Result<Position> {
-        self.inner.head().await
-    }
-    async fn position_at(&self, at: Timestamp) -> tracktrace_core::Result<Position> {
-        self.inner.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.inner.watch_head()
-    }
 }
 
 /// A flush whose write was stored but not acknowledged is retried as the same event: the
 /// window counts each rejection once.
 #[tokio::test]
 async fn a_lost_acknowledgement_does_not_count_rejections_twice() {
-    let store = Arc::new(LostAcks {
+    let store = Arc::new(Intercepted(LostAcks {
         inner: Arc::new(InMemoryStore::new()),
         lose: AtomicU32::new(1),
-    });
+    }));
     let analytics = Analytics::new(store.clone());
     analytics
         .configure(hourly(AnalyticsConfig::default()))

@@ -18,7 +18,9 @@
 //! - [`store`]: event-store, read-model and snapshot checks and the model-based property test;
 //! - [`runtime`]: the command bus, snapshots, upcasting, projections, sagas and the circuit
 //!   breaker over a backend, with the test domain they use and a fault-injecting wrapper;
-//! - [`fuzz`]: the bodies of the cargo-fuzz targets in `fuzz/`.
+//! - [`fuzz`]: the bodies of the cargo-fuzz targets in `fuzz/`;
+//! - [`support`]: wrapper stores for tests that override only the calls they change
+//!   ([`support::Intercept`], forwarding every other call to an inner store).
 //!
 //! Every check is a plain `async fn` returning [`CheckResult`], so the suite can itself be
 //! tested against deliberately broken stores (this crate's `tests/conformance_teeth.rs` holds
@@ -35,5 +37,6 @@ mod check_macros;
 pub mod fuzz;
 pub mod runtime;
 pub mod store;
+pub mod support;
 
 pub use store::{CheckFailure, CheckResult, model_test, run};

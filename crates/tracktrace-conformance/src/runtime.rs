@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::store::{CheckFailure, CheckResult};
+use crate::support::{Intercept, Intercepted};
 use tracktrace_core::{
     Aggregate, BreakerConfig, BreakerState, CacheMiss, CircuitBreaker, CommandBus,
     CommandDispatcher, CommandError, CommandFailure, CommandMeta, DispatchError, DomainEvent,
@@ -602,8 +603,8 @@ pub async fn command_errors(s: RuntimeStores) -> CheckResult {
         "withdraw allowed by fresh state",
     )?;
     // Persistent contention ends as a typed conflict: a store that always conflicts.
-    let conflicting = CommandBus::new(Repository::<Account>::new(Arc::new(AlwaysConflict(
-        s.events.clone(),
+    let conflicting = CommandBus::new(Repository::<Account>::new(Arc::new(Intercepted(
+        AlwaysConflict(s.events.clone()),
     ))))
     .with_retry(
         RetryPolicy::default()
@@ -624,7 +625,13 @@ pub async fn command_errors(s: RuntimeStores) -> CheckResult {
 struct AlwaysConflict(Arc<dyn EventStore>);
 
 #[async_trait]
-impl EventStore for AlwaysConflict {
+impl Intercept for AlwaysConflict {
+    type Inner = dyn EventStore;
+
+    fn inner(&self) -> &dyn EventStore {
+        &*self.0
+    }
+
     async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
         let actual = self.0.stream_version(&req.tenant, &req.stream).await?;
         Err(Error::Conflict {
@@ -633,27 +640,6 @@ impl EventStore for AlwaysConflict {
             expected: req.expected,
             actual: actual.next(),
         })
-    }
-    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.0.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
-        self.0.read_all(req).await
-    }
-    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        self.0.stream_version(tenant, stream).await
-    }
-    async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
-        self.0.get_event(tenant, id).await
-    }
-    async fn head(&self) -> Result<Position> {
-        self.0.head().await
-    }
-    async fn position_at(&self, at: Timestamp) -> Result<Position> {
-        self.0.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.0.watch_head()
     }
 }
 
@@ -2122,7 +2108,7 @@ pub async fn saga_recovery_reads_open_work(s: RuntimeStores) -> CheckResult {
 // Resilience.
 
 /// An [`EventStore`] wrapper that injects [`Error::Unavailable`] failures and counts the calls
-/// that reach the inner store.
+/// that reach the inner store (an [`Intercept`]: [`FaultyStore::new`] returns it as a store).
 pub struct FaultyStore {
     inner: Arc<dyn EventStore>,
     down: AtomicBool,
@@ -2141,15 +2127,15 @@ impl std::fmt::Debug for FaultyStore {
 }
 
 impl FaultyStore {
-    /// Wraps `inner`, healthy.
-    pub fn new(inner: Arc<dyn EventStore>) -> Self {
-        Self {
+    /// Wraps `inner`, healthy: a store that derefs to this wrapper's switches and counters.
+    pub fn new(inner: Arc<dyn EventStore>) -> Intercepted<Self> {
+        Intercepted(Self {
             inner,
             down: AtomicBool::new(false),
             hang: AtomicBool::new(false),
             fail_next: AtomicU32::new(0),
             calls: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Every call fails while `down`.
@@ -2171,8 +2157,18 @@ impl FaultyStore {
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
     }
+}
 
-    async fn check(&self) -> Result<()> {
+#[async_trait]
+impl Intercept for FaultyStore {
+    type Inner = dyn EventStore;
+
+    fn inner(&self) -> &dyn EventStore {
+        &*self.inner
+    }
+
+    /// Counts the call, then hangs, fails or lets it through.
+    async fn before(&self) -> Result<()> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
@@ -2189,41 +2185,6 @@ impl FaultyStore {
             });
         }
         Ok(())
-    }
-}
-
-#[async_trait]
-impl EventStore for FaultyStore {
-    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
-        self.check().await?;
-        self.inner.append(req).await
-    }
-    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.check().await?;
-        self.inner.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
-        self.check().await?;
-        self.inner.read_all(req).await
-    }
-    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        self.check().await?;
-        self.inner.stream_version(tenant, stream).await
-    }
-    async fn get_event(&self, tenant: &TenantId, id: EventId) -> Result<Option<RecordedEvent>> {
-        self.check().await?;
-        self.inner.get_event(tenant, id).await
-    }
-    async fn head(&self) -> Result<Position> {
-        self.check().await?;
-        self.inner.head().await
-    }
-    async fn position_at(&self, at: Timestamp) -> Result<Position> {
-        self.check().await?;
-        self.inner.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.inner.watch_head()
     }
 }
 

@@ -6,14 +6,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use tokio::sync::watch;
 use tracktrace_conformance::store::{self as conformance, CheckResult};
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_core::{
     AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, Error, EventId, EventRef,
-    EventStore, ExpectedVersion, InMemoryStore, KeyRange, NewEvent, Position, ReadAll,
-    ReadModelBatch, ReadModelStore, ReadModelWrite, ReadStream, RecordedEvent, Result, Snapshot,
-    SnapshotStore, StoreStats, StreamId, TenantId, Timestamp, Version, limits,
+    EventStore, ExpectedVersion, InMemoryStore, NewEvent, Position, ReadAll, ReadModelBatch,
+    ReadModelStore, ReadModelWrite, ReadStream, RecordedEvent, Result, Snapshot, SnapshotStore,
+    StoreStats, StreamId, TenantId, Timestamp, Version, limits,
 };
 
 #[derive(Clone, Copy, Debug)]
@@ -311,7 +311,13 @@ impl Broken {
 }
 
 #[async_trait]
-impl EventStore for Broken {
+impl Intercept for Broken {
+    type Inner = InMemoryStore;
+
+    fn inner(&self) -> &InMemoryStore {
+        &self.inner
+    }
+
     async fn append(&self, mut req: AppendRequest) -> Result<AppendOutcome> {
         self.attempted
             .fetch_add(req.events.len() as u64, Ordering::SeqCst);
@@ -448,10 +454,6 @@ impl EventStore for Broken {
         Ok(e)
     }
 
-    async fn head(&self) -> Result<Position> {
-        self.inner.head().await
-    }
-
     async fn position_at(&self, at: Timestamp) -> Result<Position> {
         let p = self.inner.position_at(at).await?;
         Ok(match self.fault {
@@ -498,32 +500,7 @@ impl EventStore for Broken {
             _ => stats,
         })
     }
-}
 
-#[async_trait]
-impl CheckpointStore for Broken {
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
-        self.inner.load_checkpoint(name).await
-    }
-    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
-        self.inner.save_checkpoint(name, position).await
-    }
-}
-
-#[async_trait]
-impl ReadModelStore for Broken {
-    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>> {
-        self.inner.get(ns, key).await
-    }
-    async fn scan(
-        &self,
-        ns: &str,
-        range: KeyRange,
-        direction: Direction,
-        limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>> {
-        self.inner.scan(ns, range, direction, limit).await
-    }
     async fn commit(&self, mut batch: ReadModelBatch) -> Result<()> {
         match self.fault {
             Fault::ReadModelNoneUnfenced if batch.expected_checkpoint.is_none() => {
@@ -538,17 +515,7 @@ impl ReadModelStore for Broken {
         }
         self.inner.commit(batch).await
     }
-}
 
-#[async_trait]
-impl SnapshotStore for Broken {
-    async fn load_snapshot(
-        &self,
-        tenant: &TenantId,
-        stream: &StreamId,
-    ) -> Result<Option<Snapshot>> {
-        self.inner.load_snapshot(tenant, stream).await
-    }
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
         if matches!(self.fault, Fault::SnapshotSameVersionKept)
             && let Some(stored) = self
@@ -563,15 +530,18 @@ impl SnapshotStore for Broken {
     }
 }
 
-fn broken_store(fault: Fault) -> Arc<Broken> {
-    Arc::new(Broken {
+/// A [`Broken`] as a store.
+type BrokenStore = Intercepted<Broken>;
+
+fn broken_store(fault: Fault) -> Arc<BrokenStore> {
+    Arc::new(Intercepted(Broken {
         inner: InMemoryStore::new(),
         fault,
         attempted: AtomicU64::new(0),
         previous: Mutex::new(None),
         racy_keys: Mutex::new(HashMap::new()),
         watch: Mutex::new(None),
-    })
+    }))
 }
 
 fn broken(fault: Fault) -> Arc<dyn EventStore> {
@@ -582,7 +552,7 @@ fn broken(fault: Fault) -> Arc<dyn EventStore> {
 /// asserts it fails.
 macro_rules! must_fail {
     ($fault:expr, $check:ident) => {
-        must_fail($fault, stringify!($check), |s: Arc<Broken>| {
+        must_fail($fault, stringify!($check), |s: Arc<BrokenStore>| {
             conformance::$check(s as Arc<dyn EventStore>)
         })
     };
@@ -591,7 +561,7 @@ macro_rules! must_fail {
 /// `must_fail_rm!(fault, check)`: the same for a read-model check.
 macro_rules! must_fail_rm {
     ($fault:expr, $check:ident) => {
-        must_fail($fault, stringify!($check), |s: Arc<Broken>| {
+        must_fail($fault, stringify!($check), |s: Arc<BrokenStore>| {
             conformance::$check(s as Arc<dyn ReadModelStore>)
         })
     };
@@ -600,7 +570,7 @@ macro_rules! must_fail_rm {
 /// `must_fail_snap!(fault, check)`: the same for a snapshot check.
 macro_rules! must_fail_snap {
     ($fault:expr, $check:ident) => {
-        must_fail($fault, stringify!($check), |s: Arc<Broken>| {
+        must_fail($fault, stringify!($check), |s: Arc<BrokenStore>| {
             conformance::$check(s as Arc<dyn SnapshotStore>)
         })
     };
@@ -609,7 +579,7 @@ macro_rules! must_fail_snap {
 /// Runs `check` against a store with `fault` and asserts it fails.
 fn must_fail<S, F, Fut>(fault: Fault, name: &str, check: F)
 where
-    Arc<Broken>: Into<S>,
+    Arc<BrokenStore>: Into<S>,
     F: FnOnce(S) -> Fut,
     Fut: std::future::Future<Output = CheckResult>,
 {

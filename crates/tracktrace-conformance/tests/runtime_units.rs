@@ -12,14 +12,14 @@ use tracktrace_conformance::runtime::{
     BalanceProjection, CountingStore, FaultyStore, OrderSaga, ParcelCommand, ParcelDispatcher,
     ParcelSaga, RecordingDispatcher, RuntimeStores, dump, seed_accounts,
 };
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_core::upcast::Upcaster;
 use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, BoxError, BreakerConfig, BreakerState, CheckpointStore,
-    CircuitBreaker, Error, EventFilter, EventId, EventStore, EventStoreExt, ExpectedVersion,
-    InMemoryStore, NewEvent, Position, Projection, ProjectionError, ProjectionRunner, ReadAll,
-    ReadModelBatch, ReadModelStore, ReadModelTx, ReadModelWrite, ReadStream, RecordedEvent,
-    RetryPolicy, Retrying, SagaRecord, SagaRunner, StreamId, TenantId, Timestamp, Upcasters,
-    Version,
+    AppendOutcome, AppendRequest, BoxError, BreakerConfig, BreakerState, CheckpointStore,
+    CircuitBreaker, Error, EventFilter, EventStore, EventStoreExt, ExpectedVersion, InMemoryStore,
+    NewEvent, Position, Projection, ProjectionError, ProjectionRunner, ReadModelBatch,
+    ReadModelStore, ReadModelTx, ReadModelWrite, RecordedEvent, RetryPolicy, Retrying, SagaRecord,
+    SagaRunner, StreamId, TenantId, Upcasters,
 };
 
 fn tenant() -> TenantId {
@@ -185,7 +185,11 @@ async fn a_call_deadline_bounds_a_hanging_store() {
 async fn overload_never_opens_the_breaker() {
     struct Busy(Arc<InMemoryStore>, std::sync::atomic::AtomicU32);
     #[async_trait]
-    impl EventStore for Busy {
+    impl Intercept for Busy {
+        type Inner = InMemoryStore;
+        fn inner(&self) -> &InMemoryStore {
+            &self.0
+        }
         async fn append(&self, req: AppendRequest) -> Result<AppendOutcome, Error> {
             if self.1.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
                 return Err(Error::Overloaded {
@@ -195,36 +199,11 @@ async fn overload_never_opens_the_breaker() {
             }
             self.0.append(req).await
         }
-        async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>, Error> {
-            self.0.read_stream(req).await
-        }
-        async fn read_all(&self, req: ReadAll) -> Result<AllPage, Error> {
-            self.0.read_all(req).await
-        }
-        async fn stream_version(&self, t: &TenantId, s: &StreamId) -> Result<Version, Error> {
-            self.0.stream_version(t, s).await
-        }
-        async fn get_event(
-            &self,
-            t: &TenantId,
-            id: EventId,
-        ) -> Result<Option<RecordedEvent>, Error> {
-            self.0.get_event(t, id).await
-        }
-        async fn head(&self) -> Result<Position, Error> {
-            self.0.head().await
-        }
-        async fn position_at(&self, at: Timestamp) -> Result<Position, Error> {
-            self.0.position_at(at).await
-        }
-        fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
-            self.0.watch_head()
-        }
     }
-    let busy = Arc::new(Busy(
+    let busy = Arc::new(Intercepted(Busy(
         Arc::new(InMemoryStore::new()),
         std::sync::atomic::AtomicU32::new(10),
-    ));
+    )));
     let breaker = CircuitBreaker::with_config(
         busy.clone(),
         BreakerConfig::default().with_failure_threshold(1),

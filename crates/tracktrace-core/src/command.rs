@@ -124,28 +124,40 @@ impl CommandMeta {
     }
 
     /// Sets the correlation id of every event (builder style).
-    pub fn with_correlation_id(mut self, id: impl Into<String>) -> Self {
-        self.correlation_id = Some(id.into());
-        self
+    pub fn with_correlation_id(self, id: impl Into<String>) -> Self {
+        self.map_metadata(|m| m.with_correlation_id(id))
     }
 
     /// Sets the causation id of every event (builder style).
-    pub fn with_causation_id(mut self, id: impl Into<String>) -> Self {
-        self.causation_id = Some(id.into());
-        self
+    pub fn with_causation_id(self, id: impl Into<String>) -> Self {
+        self.map_metadata(|m| m.with_causation_id(id))
     }
 
     /// Sets header `name` to `value` on every event, replacing an earlier value (builder
     /// style).
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value.into());
-        self
+    pub fn with_header(self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.map_metadata(|m| m.with_header(name, value))
     }
 
     /// Replaces all extra headers (builder style).
-    pub fn with_headers(mut self, headers: BTreeMap<String, String>) -> Self {
-        self.headers = headers;
-        self
+    pub fn with_headers(self, headers: BTreeMap<String, String>) -> Self {
+        self.map_metadata(|m| m.with_headers(headers))
+    }
+
+    /// Applies `f` (one of [`Metadata`]'s builders, so both types build alike) to the event
+    /// metadata.
+    fn map_metadata(self, f: impl FnOnce(Metadata) -> Metadata) -> Self {
+        let metadata = f(Metadata {
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            headers: self.headers,
+        });
+        Self {
+            correlation_id: metadata.correlation_id,
+            causation_id: metadata.causation_id,
+            headers: metadata.headers,
+            ..self
+        }
     }
 }
 

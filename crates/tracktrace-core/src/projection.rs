@@ -496,6 +496,50 @@ pub async fn follow<R: ProjectionStep + ?Sized>(
     }
 }
 
+/// The next batch of a projection runner, as planned by [`read_batch`]: the events after its
+/// checkpoint and the checkpoint to commit with them.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Batch {
+    /// The events to apply, in position order (as stored: not upcast yet).
+    pub events: Vec<RecordedEvent>,
+    /// The checkpoint to commit with the batch: everything below the page's `next` has been
+    /// considered (events the filter skipped included) and nothing can commit there later.
+    pub checkpoint: Position,
+    /// Whether the page was short: the batch reaches the head of the log.
+    pub at_head: bool,
+    /// Whether there is nothing to commit: no event, and the checkpoint would not move (or the
+    /// log is still empty).
+    pub idle: bool,
+}
+
+/// Reads the next batch of a projection runner whose stored checkpoint is `checkpoint`
+/// (`None`: never ran): up to `batch_size` events of `filter` after it, and the checkpoint
+/// that commits them. Shared by [`ProjectionRunner`] and by runners of other crates (e.g. the
+/// PostgreSQL backend's SQL-table projections); the caller applies [`Batch::events`] and commits
+/// [`Batch::checkpoint`] unless the batch is [`idle`](Batch::idle).
+pub async fn read_batch<S: EventStore + ?Sized>(
+    store: &S,
+    checkpoint: Option<Position>,
+    filter: EventFilter,
+    batch_size: usize,
+) -> Result<Batch> {
+    let from = checkpoint.map_or(Position::START, Position::next);
+    let page = store
+        .read_all(ReadAll::starting_at(from, batch_size).filter(filter))
+        .await?;
+    let at_head = page.events.len() < batch_size;
+    let new_cp = Position::new(page.next.get().saturating_sub(1));
+    let idle = page.events.is_empty() && checkpoint.is_some_and(|c| c >= new_cp)
+        || page.next == Position::START;
+    Ok(Batch {
+        events: page.events,
+        checkpoint: new_cp,
+        at_head,
+        idle,
+    })
+}
+
 #[async_trait]
 impl<P: Projection> ProjectionStep for ProjectionRunner<P> {
     fn watch_head(&self) -> watch::Receiver<Position> {
@@ -665,27 +709,22 @@ impl<P: Projection> ProjectionRunner<P> {
     /// the head (a short page).
     pub async fn step(&mut self) -> Result<(usize, bool), ProjectionError> {
         let cp = self.checkpoint().await?;
-        let from = cp.map_or(Position::START, Position::next);
-        let page = self
-            .store
-            .read_all(ReadAll::starting_at(from, self.batch_size).filter(self.projection.filter()))
+        let batch = read_batch(&*self.store, cp, self.projection.filter(), self.batch_size)
             .await
             .map_err(|e| self.err(e))?;
-        let at_head = page.events.len() < self.batch_size;
-        // Everything below `page.next` has been considered and nothing can commit there later.
-        let new_cp = Position::new(page.next.get().saturating_sub(1));
-        let applied = page.events.len();
-        let last_at = page.events.last().map(|e| e.recorded_at);
-        if applied == 0 && cp.is_some_and(|c| c >= new_cp) || page.next == Position::START {
+        let (at_head, new_cp) = (batch.at_head, batch.checkpoint);
+        if batch.idle {
             self.measure(cp.unwrap_or_default(), None).await?;
             return Ok((0, at_head));
         }
+        let applied = batch.events.len();
+        let last_at = batch.events.last().map(|e| e.recorded_at);
         let read_models = match &self.target {
             Target::ReadModels(s) => Some(s.clone()),
             Target::Checkpoints(_) => None,
         };
         let mut tx = ReadModelTx::new(read_models.as_deref());
-        for e in page.events {
+        for e in batch.events {
             let position = e.position;
             let e = self.upcasters.upcast(e).map_err(|e| self.err(e))?;
             if let Err(source) = self.projection.apply(&e, &mut tx).await {

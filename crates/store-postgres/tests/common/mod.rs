@@ -6,14 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
-use bytes::Bytes;
-use tokio::sync::watch;
-use tracktrace_core::{
-    AllPage, AppendOutcome, AppendRequest, CheckpointStore, Direction, EventId, EventStore,
-    KeyRange, Position, ReadAll, ReadModelBatch, ReadModelStore, ReadStream, RecordedEvent, Result,
-    Snapshot, SnapshotStore, StoreStats, StreamId, TenantId, Version,
-};
+use tracktrace_conformance::support::{Intercept, Intercepted};
 use tracktrace_store_postgres::{PgStore, PgStoreOptions};
 
 /// Environment variable naming the test database.
@@ -88,7 +81,7 @@ pub async fn try_store_with(
     drop_stale_schemas(&url).await;
     let schema = fresh_schema();
     match PgStore::connect_with(opts(PgStoreOptions::new(&url).schema(&schema))).await {
-        Ok(store) => Some(TestStore { store }),
+        Ok(store) => Some(Intercepted(TestSchema { store })),
         Err(e) if e.is_retryable() && !in_ci() => {
             eprintln!(
                 "\n=== SKIPPING PostgreSQL test: database at {url} unreachable ({e}).\n\
@@ -113,12 +106,16 @@ pub async fn store() -> TestStore {
     }
 }
 
-/// A [`PgStore`] in its own schema, dropped with the store.
-pub struct TestStore {
+/// A [`PgStore`] in its own schema, dropped with the store ([`TestSchema`] as a store of every
+/// capability).
+pub type TestStore = Intercepted<TestSchema>;
+
+/// A [`PgStore`] in its own schema, dropped with this value.
+pub struct TestSchema {
     pub store: PgStore,
 }
 
-impl Drop for TestStore {
+impl Drop for TestSchema {
     fn drop(&mut self) {
         let url = url();
         let schema = self.store.schema().to_owned();
@@ -149,81 +146,11 @@ impl Drop for TestStore {
     }
 }
 
-#[async_trait]
-impl EventStore for TestStore {
-    async fn append(&self, req: AppendRequest) -> Result<AppendOutcome> {
-        self.store.append(req).await
-    }
-    async fn read_stream(&self, req: ReadStream) -> Result<Vec<RecordedEvent>> {
-        self.store.read_stream(req).await
-    }
-    async fn read_all(&self, req: ReadAll) -> Result<AllPage> {
-        self.store.read_all(req).await
-    }
-    async fn stream_version(&self, tenant: &TenantId, stream: &StreamId) -> Result<Version> {
-        self.store.stream_version(tenant, stream).await
-    }
-    async fn get_event(
-        &self,
-        tenant: &TenantId,
-        event_id: EventId,
-    ) -> Result<Option<RecordedEvent>> {
-        self.store.get_event(tenant, event_id).await
-    }
-    async fn head(&self) -> Result<Position> {
-        self.store.head().await
-    }
-    async fn position_at(&self, at: tracktrace_core::Timestamp) -> Result<Position> {
-        self.store.position_at(at).await
-    }
-    fn watch_head(&self) -> watch::Receiver<Position> {
-        self.store.watch_head()
-    }
-    async fn store_stats(&self) -> Result<Option<StoreStats>> {
-        self.store.store_stats().await
-    }
-}
+impl Intercept for TestSchema {
+    type Inner = PgStore;
 
-#[async_trait]
-impl SnapshotStore for TestStore {
-    async fn load_snapshot(
-        &self,
-        tenant: &TenantId,
-        stream: &StreamId,
-    ) -> Result<Option<Snapshot>> {
-        self.store.load_snapshot(tenant, stream).await
-    }
-    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<()> {
-        self.store.save_snapshot(snapshot).await
-    }
-}
-
-#[async_trait]
-impl CheckpointStore for TestStore {
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>> {
-        self.store.load_checkpoint(name).await
-    }
-    async fn save_checkpoint(&self, name: &str, position: Position) -> Result<()> {
-        self.store.save_checkpoint(name, position).await
-    }
-}
-
-#[async_trait]
-impl ReadModelStore for TestStore {
-    async fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>> {
-        self.store.get(ns, key).await
-    }
-    async fn scan(
-        &self,
-        ns: &str,
-        range: KeyRange,
-        direction: Direction,
-        limit: usize,
-    ) -> Result<Vec<(Bytes, Bytes)>> {
-        self.store.scan(ns, range, direction, limit).await
-    }
-    async fn commit(&self, batch: ReadModelBatch) -> Result<()> {
-        self.store.commit(batch).await
+    fn inner(&self) -> &PgStore {
+        &self.store
     }
 }
 
