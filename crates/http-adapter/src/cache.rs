@@ -285,10 +285,10 @@ impl RedisCache {
         client: &redis::Client,
     ) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_millis(500))
-            .set_response_timeout(Duration::from_secs(1))
+            .set_connection_timeout(Some(Duration::from_millis(500)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
             .set_number_of_retries(1)
-            .set_max_delay(1000);
+            .set_max_delay(Duration::from_secs(1));
         match tokio::time::timeout(
             Duration::from_secs(1),
             redis::aio::ConnectionManager::new_with_config(client.clone(), config),
@@ -297,7 +297,7 @@ impl RedisCache {
         {
             Ok(r) => r,
             Err(_) => Err(redis::RedisError::from((
-                redis::ErrorKind::IoError,
+                redis::ErrorKind::Io,
                 "connecting to redis timed out",
             ))),
         }

@@ -57,7 +57,7 @@ impl utoipa::Modify for ServerLimits {
                 .header(
                     "Retry-After",
                     HeaderBuilder::new()
-                        .schema(Object::with_type(Type::Integer))
+                        .schema(Some(Object::with_type(Type::Integer)))
                         .description(Some("seconds to wait before retrying"))
                         .build(),
                 )
@@ -91,9 +91,10 @@ impl utoipa::Modify for ServerLimits {
                         );
                         r.headers.entry("Retry-After".into()).or_insert_with(|| {
                             HeaderBuilder::new()
-                                .schema(Object::with_type(Type::Integer))
+                                .schema(Some(Object::with_type(Type::Integer)))
                                 .description(Some("seconds to wait before retrying"))
                                 .build()
+                                .into()
                         });
                     }
                     Some(_) => {}

@@ -57,7 +57,7 @@ pub struct SledOptions {
     /// [`DEFAULT_MIN_FREE_BYTES`]; 0: no reserve). Below it every write fails at once with
     /// `Error::StorageFull` (nothing written; reads keep working) and succeeds again once space
     /// is freed, so sled never meets a full disk (a failed sled write poisons the store until it
-    /// is reopened).
+    /// is reopened). Checked on Unix only (`statvfs`); elsewhere there is no reserve.
     pub min_free_bytes: u64,
 }
 

@@ -70,8 +70,8 @@ impl Drop for Inner {
         for _ in 0..2000 {
             match File::open(&db) {
                 Ok(f) => {
-                    if fs2::FileExt::try_lock_exclusive(&f).is_ok() {
-                        let _ = fs2::FileExt::unlock(&f);
+                    if f.try_lock().is_ok() {
+                        let _ = f.unlock();
                         break;
                     }
                 }
@@ -89,6 +89,20 @@ impl Inner {
             let _ = std::fs::remove_dir_all(&self.path);
         }
     }
+}
+
+/// Bytes of the file system holding `path` available to unprivileged users: `statvfs`'s
+/// `f_bavail` blocks of `f_frsize` bytes (what `df` shows as available).
+#[cfg(unix)]
+fn available_space(path: &Path) -> std::io::Result<u64> {
+    let s = rustix::fs::statvfs(path)?;
+    Ok(s.f_frsize.saturating_mul(s.f_bavail))
+}
+
+/// Not read outside Unix: `SledStore::check_space` does not call it there.
+#[cfg(not(unix))]
+fn available_space(_: &Path) -> std::io::Result<u64> {
+    Err(std::io::ErrorKind::Unsupported.into())
 }
 
 /// Counters of a store's write path since it was opened, e.g. to watch group commit at work:
@@ -382,10 +396,10 @@ impl SledStore {
     }
 
     /// `StorageFull` when the store's file system has less free space than the reserve
-    /// (looked at most every 100 ms; a failed look lets the write through).
+    /// (looked at most every 100 ms; a failed look lets the write through; Unix only).
     fn check_space(&self) -> Result<()> {
         let reserve = self.inner.reserve;
-        if reserve == 0 {
+        if reserve == 0 || cfg!(not(unix)) {
             return Ok(());
         }
         let mut space = self.inner.space.lock().unwrap_or_else(|p| p.into_inner());
@@ -394,7 +408,7 @@ impl SledStore {
             Some((at, free)) if now.duration_since(at) < std::time::Duration::from_millis(100) => {
                 free
             }
-            _ => match fs2::available_space(&self.inner.path) {
+            _ => match available_space(&self.inner.path) {
                 Ok(free) => {
                     *space = Some((now, free));
                     free
