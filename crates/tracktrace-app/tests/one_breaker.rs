@@ -78,7 +78,11 @@ async fn failing_appends_open_the_breaker_for_read_models_and_snapshots_too() {
     let err = api.load_snapshot(&tenant, &stream).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
     assert!(append().await.is_err());
-    assert_eq!(raw.reached.load(Ordering::SeqCst), reached, "nothing reached the store");
+    assert_eq!(
+        raw.reached.load(Ordering::SeqCst),
+        reached,
+        "nothing reached the store"
+    );
 
     // One breaker, exported once, open.
     let text = metrics.render();
