@@ -109,6 +109,26 @@ enum Command {
     Serve(Box<Serve>),
     /// Print a token signed with the server's secret, creating the tenant if needed.
     Token(Token),
+    /// Check the store's integrity: positions in order, every stream's versions contiguous,
+    /// every event found by its id and at its stream version, stream versions as the log says.
+    /// Prints each finding; exits non-zero when there is any.
+    Verify(Verify),
+}
+
+#[derive(Args, Debug)]
+struct Verify {
+    /// Skip the two index lookups per event (checks the log and the stream versions only).
+    #[arg(long)]
+    quick: bool,
+    /// Events read per page of the log.
+    #[arg(long, default_value_t = 1000)]
+    page_size: usize,
+    /// Findings printed at most (the rest are counted).
+    #[arg(long, default_value_t = 100)]
+    max_findings: usize,
+    /// Seconds between two progress lines on stderr.
+    #[arg(long, default_value_t = 2)]
+    progress_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -527,6 +547,50 @@ async fn token(common: &Common, serve: &Serve, t: &Token) -> Result<(), String> 
     Ok(())
 }
 
+async fn verify(common: &Common, serve: &Serve, v: &Verify) -> Result<(), String> {
+    use tracktrace_core::verify::{VerifyOptions, verify_store};
+    let cfg = config(common, serve);
+    let stores = server::open_stores(&cfg).await.map_err(|e| e.to_string())?;
+    let options = VerifyOptions::default()
+        .with_page_size(v.page_size)
+        .with_index_checks(!v.quick)
+        .with_max_findings(v.max_findings);
+    let started = std::time::Instant::now();
+    let every = Duration::from_secs(v.progress_secs);
+    let mut last = started;
+    let report = verify_store(stores.store.as_ref(), &options, |p| {
+        if last.elapsed() >= every {
+            last = std::time::Instant::now();
+            let rate = p.events as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            eprintln!(
+                "verify: {} events, position {} of {}, {rate:.0} events/s, {} findings",
+                p.events, p.position, p.head, p.findings
+            );
+        }
+    })
+    .await
+    .map_err(|e| format!("verify stopped: {e}"))?;
+    for f in &report.findings {
+        println!("{f}");
+    }
+    let found = report.findings.len() as u64 + report.more_findings;
+    println!(
+        "verified {} events in {} streams in {:.1} s ({}): {found} finding(s)",
+        report.events,
+        report.streams,
+        started.elapsed().as_secs_f64(),
+        if v.quick {
+            "log and versions"
+        } else {
+            "log, versions and indexes"
+        },
+    );
+    if found > 0 {
+        return Err(format!("the store has {found} finding(s)"));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -545,6 +609,7 @@ fn main() -> ExitCode {
             None => serve(&cli.common, &cli.serve).await,
             Some(Command::Serve(s)) => serve(&cli.common, s).await,
             Some(Command::Token(t)) => token(&cli.common, &cli.serve, t).await,
+            Some(Command::Verify(v)) => verify(&cli.common, &cli.serve, v).await,
         }
     });
     match r {

@@ -93,6 +93,7 @@ pub mod resilience;
 pub mod saga;
 mod store;
 pub mod upcast;
+pub mod verify;
 
 pub use aggregate::{
     Aggregate, Concurrency, DomainEvent, FieldError, Validator, decode_domain_event,
