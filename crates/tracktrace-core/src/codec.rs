@@ -121,6 +121,9 @@ impl Codec for PostcardCodec {
 
 /// bincode 2.0.1 (`application/x-bincode`), standard config with a 16 MiB decode limit so a
 /// corrupt length prefix cannot make it allocate unbounded memory. Feature `bincode`.
+///
+/// bincode is no longer maintained upstream (2.0.1 is its final release): this codec is kept
+/// for stores that already hold bincode payloads; new stores should use [`PostcardCodec`].
 #[cfg(feature = "bincode")]
 #[cfg_attr(docsrs, doc(cfg(feature = "bincode")))]
 #[derive(Debug, Clone, Copy, Default)]
