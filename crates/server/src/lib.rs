@@ -3,6 +3,8 @@
 //! the process's role, and serves it over HTTP (`tracktrace-http`) with graceful shutdown.
 //! The binary `tracktrace-server` is a thin clap front end over this library.
 
+pub mod transfer;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

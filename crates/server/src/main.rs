@@ -113,6 +113,41 @@ enum Command {
     /// every event found by its id and at its stream version, stream versions as the log says.
     /// Prints each finding; exits non-zero when there is any.
     Verify(Verify),
+    /// Write the store's events (all, or one tenant's) as NDJSON, one event per line in log
+    /// order. To a file, a rerun resumes after the file's last complete line.
+    Export(Export),
+    /// Append the events of an `export` file to the store, keeping ids, metadata and stream
+    /// versions; importing a file twice stores nothing new. Lines that cannot be imported go to
+    /// the reject file with their reason (exit 1 if there is any).
+    Import(Import),
+}
+
+#[derive(Args, Debug)]
+struct Export {
+    /// Only this tenant's events.
+    #[arg(long)]
+    tenant: Option<String>,
+    /// Output file (appended to and resumed); default: standard output.
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Events read per page of the log.
+    #[arg(long, default_value_t = 1000)]
+    page_size: usize,
+    /// Seconds between two progress lines on stderr.
+    #[arg(long, default_value_t = 2)]
+    progress_secs: u64,
+}
+
+#[derive(Args, Debug)]
+struct Import {
+    /// The NDJSON file to import (as written by `export`).
+    input: PathBuf,
+    /// Where refused lines go, with their line number and reason.
+    #[arg(long, default_value = "import-rejects.ndjson")]
+    rejects: PathBuf,
+    /// Seconds between two progress lines on stderr.
+    #[arg(long, default_value_t = 2)]
+    progress_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -556,12 +591,9 @@ async fn verify(common: &Common, serve: &Serve, v: &Verify) -> Result<(), String
         .with_index_checks(!v.quick)
         .with_max_findings(v.max_findings);
     let started = std::time::Instant::now();
-    let every = Duration::from_secs(v.progress_secs);
-    let mut last = started;
+    let mut every = Every::new(v.progress_secs);
     let report = verify_store(stores.store.as_ref(), &options, |p| {
-        if last.elapsed() >= every {
-            last = std::time::Instant::now();
-            let rate = p.events as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        if let Some(rate) = every.due(p.events) {
             eprintln!(
                 "verify: {} events, position {} of {}, {rate:.0} events/s, {} findings",
                 p.events, p.position, p.head, p.findings
@@ -591,6 +623,118 @@ async fn verify(common: &Common, serve: &Serve, v: &Verify) -> Result<(), String
     Ok(())
 }
 
+/// Paces progress lines: at most one per `secs` seconds (0: at every call).
+struct Every {
+    every: Duration,
+    last: Option<std::time::Instant>,
+    started: std::time::Instant,
+}
+
+impl Every {
+    fn new(secs: u64) -> Self {
+        Self {
+            every: Duration::from_secs(secs),
+            last: None,
+            started: std::time::Instant::now(),
+        }
+    }
+    /// Whether a progress line is due, and the events/s rate for `n` events so far.
+    fn due(&mut self, n: u64) -> Option<f64> {
+        let now = std::time::Instant::now();
+        if self.last.is_some_and(|l| now - l < self.every) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(n as f64 / self.started.elapsed().as_secs_f64().max(1e-3))
+    }
+}
+
+async fn export(common: &Common, serve: &Serve, x: &Export) -> Result<(), String> {
+    use tracktrace_server::transfer;
+    let cfg = config(common, serve);
+    let stores = server::open_stores(&cfg).await.map_err(|e| e.to_string())?;
+    let tenant = match &x.tenant {
+        Some(t) => Some(TenantId::parse(t.as_str()).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut every = Every::new(x.progress_secs);
+    let progress = |n: u64, at: tracktrace_core::Position, head: tracktrace_core::Position| {
+        if let Some(rate) = every.due(n) {
+            eprintln!("export: {n} events, position {at} of {head}, {rate:.0} events/s");
+        }
+    };
+    let done = match &x.output {
+        Some(path) => {
+            let from =
+                transfer::resume_point(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?;
+            let mut out = std::io::BufWriter::new(file);
+            transfer::export(
+                stores.store.as_ref(),
+                tenant.as_ref(),
+                from,
+                x.page_size,
+                &mut out,
+                progress,
+            )
+            .await?
+        }
+        None => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            transfer::export(
+                stores.store.as_ref(),
+                tenant.as_ref(),
+                tracktrace_core::Position::START,
+                x.page_size,
+                &mut out,
+                progress,
+            )
+            .await?
+        }
+    };
+    eprintln!(
+        "exported {} events (from position {})",
+        done.events, done.from
+    );
+    Ok(())
+}
+
+async fn import(common: &Common, serve: &Serve, x: &Import) -> Result<(), String> {
+    use tracktrace_server::transfer;
+    let cfg = config(common, serve);
+    let stores = server::open_stores(&cfg).await.map_err(|e| e.to_string())?;
+    let input = std::fs::File::open(&x.input).map_err(|e| format!("{}: {e}", x.input.display()))?;
+    let rejects =
+        std::fs::File::create(&x.rejects).map_err(|e| format!("{}: {e}", x.rejects.display()))?;
+    let mut rejects = std::io::BufWriter::new(rejects);
+    let mut every = Every::new(x.progress_secs);
+    let done = transfer::import(stores.store.as_ref(), input, &mut rejects, |d| {
+        if let Some(rate) = every.due(d.lines) {
+            eprintln!(
+                "import: {} lines, {} stored, {} already there, {} rejected, {rate:.0} lines/s",
+                d.lines, d.stored, d.duplicates, d.rejected
+            );
+        }
+    })
+    .await?;
+    println!(
+        "imported {} lines: {} stored, {} already there, {} rejected",
+        done.lines, done.stored, done.duplicates, done.rejected
+    );
+    if done.rejected > 0 {
+        return Err(format!(
+            "{} line(s) rejected: see {}",
+            done.rejected,
+            x.rejects.display()
+        ));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -610,6 +754,8 @@ fn main() -> ExitCode {
             Some(Command::Serve(s)) => serve(&cli.common, s).await,
             Some(Command::Token(t)) => token(&cli.common, &cli.serve, t).await,
             Some(Command::Verify(v)) => verify(&cli.common, &cli.serve, v).await,
+            Some(Command::Export(x)) => export(&cli.common, &cli.serve, x).await,
+            Some(Command::Import(x)) => import(&cli.common, &cli.serve, x).await,
         }
     });
     match r {
