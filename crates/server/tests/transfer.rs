@@ -109,14 +109,17 @@ async fn export_import_verify_round_trip_is_idempotent_and_resumes() {
     assert_eq!(note["metadata"]["headers"]["x-source"], "scanner 4");
 
     // Into an empty store; it verifies and holds the same events.
-    let out = ok(run(&[
-        "import",
-        file_s,
-        "--data-dir",
-        b_s,
-        "--rejects",
-        rejects_s,
-    ]));
+    let import_into_b = || {
+        ok(run(&[
+            "import",
+            file_s,
+            "--data-dir",
+            b_s,
+            "--rejects",
+            rejects_s,
+        ]))
+    };
+    let out = import_into_b();
     assert!(
         out.contains("imported 60 lines: 60 stored, 0 already there, 0 rejected"),
         "{out}"
@@ -137,14 +140,7 @@ async fn export_import_verify_round_trip_is_idempotent_and_resumes() {
     assert_eq!(portable(&file), portable(&again));
 
     // Twice: nothing new.
-    let out = ok(run(&[
-        "import",
-        file_s,
-        "--data-dir",
-        b_s,
-        "--rejects",
-        rejects_s,
-    ]));
+    let out = import_into_b();
     assert!(
         out.contains("60 lines: 0 stored, 60 already there, 0 rejected"),
         "{out}"
