@@ -120,6 +120,28 @@ enum Command {
     /// versions; importing a file twice stores nothing new. Lines that cannot be imported go to
     /// the reject file with their reason (exit 1 if there is any).
     Import(Import),
+    /// Copy an embedded (sled) store into the configured store (`--store postgres://…`),
+    /// resumable (a checkpoint in the target), then `verify` the target.
+    Migrate(Migrate),
+}
+
+#[derive(Args, Debug)]
+struct Migrate {
+    /// Data directory of the sled store to copy (its `events` directory is opened).
+    #[arg(long)]
+    from_data_dir: PathBuf,
+    /// Events read per page of the source.
+    #[arg(long, default_value_t = 1000)]
+    page_size: usize,
+    /// Streams appended at once within a page.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Skip the `verify` of the target afterwards.
+    #[arg(long)]
+    no_verify: bool,
+    /// Seconds between two progress lines on stderr.
+    #[arg(long, default_value_t = 2)]
+    progress_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -735,6 +757,54 @@ async fn import(common: &Common, serve: &Serve, x: &Import) -> Result<(), String
     Ok(())
 }
 
+async fn migrate(common: &Common, serve: &Serve, m: &Migrate) -> Result<(), String> {
+    use tracktrace_server::transfer;
+    let cfg = config(common, serve);
+    if cfg.store_url.is_none() {
+        return Err("migrate copies into the store given with --store (postgres://…)".into());
+    }
+    let source = tracktrace_store_sled::SledStore::open(tracktrace_store_sled::SledOptions::new(
+        m.from_data_dir.join("events"),
+    ))
+    .map_err(|e| format!("source {}: {e}", m.from_data_dir.display()))?;
+    let stores = server::open_stores(&cfg).await.map_err(|e| e.to_string())?;
+    let mut every = Every::new(m.progress_secs);
+    let done = transfer::migrate(
+        std::sync::Arc::new(source),
+        stores.store.clone(),
+        m.page_size,
+        m.concurrency,
+        |d, at, head| {
+            if let Some(rate) = every.due(d.events) {
+                eprintln!(
+                    "migrate: {} events ({} stored, {} already there), source position {at} of {head}, {rate:.0} events/s",
+                    d.events, d.stored, d.duplicates
+                );
+            }
+        },
+    )
+    .await?;
+    println!(
+        "migrated {} events from position {}: {} stored, {} already there",
+        done.events, done.from, done.stored, done.duplicates
+    );
+    drop(stores);
+    if m.no_verify {
+        return Ok(());
+    }
+    verify(
+        common,
+        serve,
+        &Verify {
+            quick: false,
+            page_size: m.page_size,
+            max_findings: 100,
+            progress_secs: m.progress_secs,
+        },
+    )
+    .await
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -756,6 +826,7 @@ fn main() -> ExitCode {
             Some(Command::Verify(v)) => verify(&cli.common, &cli.serve, v).await,
             Some(Command::Export(x)) => export(&cli.common, &cli.serve, x).await,
             Some(Command::Import(x)) => import(&cli.common, &cli.serve, x).await,
+            Some(Command::Migrate(m)) => migrate(&cli.common, &cli.serve, m).await,
         }
     });
     match r {

@@ -295,3 +295,181 @@ pub async fn import(
         .map_err(|e| format!("writing rejects: {e}"))?;
     Ok(done)
 }
+
+/// The checkpoint (in the target store) of [`migrate`]: the last source position copied.
+pub const MIGRATE_CHECKPOINT: &str = "tracktrace.migrate";
+
+/// What a [`migrate`] run did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Migrated {
+    /// Where this run started in the source (after the target's checkpoint).
+    pub from: Position,
+    /// Source events read by this run.
+    pub events: u64,
+    /// Events stored in the target.
+    pub stored: u64,
+    /// Events the target already held (same id): nothing written.
+    pub duplicates: u64,
+}
+
+/// `e` as an event to append elsewhere: same id, dedup key, type, schema version, content
+/// type, payload and metadata.
+pub fn to_new_event(e: &RecordedEvent) -> NewEvent {
+    let mut n = NewEvent::new_with_id(
+        e.event_id,
+        e.event_type.clone(),
+        e.content_type.clone(),
+        e.payload.clone(),
+    )
+    .with_schema_version(e.schema_version)
+    .with_metadata(e.metadata.clone());
+    if let Some(k) = &e.dedup_key {
+        n = n.with_dedup_key(k.clone());
+    }
+    n
+}
+
+fn expected_before(v: Version) -> ExpectedVersion {
+    match v.get() {
+        0 | 1 => ExpectedVersion::NoStream,
+        n => ExpectedVersion::Exact(Version::new(n - 1)),
+    }
+}
+
+/// Appends `run` (consecutive versions of one stream) to `target`; returns (stored,
+/// duplicates). A run the target holds in part (an earlier run cut elsewhere) is appended
+/// event by event.
+async fn copy_run(target: &dyn EventStore, run: &[RecordedEvent]) -> Result<(u64, u64), String> {
+    let first = &run[0];
+    let req = AppendRequest::new(
+        first.tenant.clone(),
+        first.stream.clone(),
+        expected_before(first.version),
+        run.iter().map(to_new_event).collect(),
+    );
+    match target.append(req).await {
+        Ok(out) if out.duplicate => Ok((0, run.len() as u64)),
+        Ok(_) => Ok((run.len() as u64, 0)),
+        Err(Error::Conflict { .. } | Error::Duplicate { .. }) if run.len() > 1 => {
+            let mut counts = (0, 0);
+            for e in run {
+                let (s, d) = Box::pin(copy_run(target, std::slice::from_ref(e))).await?;
+                counts = (counts.0 + s, counts.1 + d);
+            }
+            Ok(counts)
+        }
+        Err(e) => Err(format!(
+            "{}/{} version {} (source position {}): {e}",
+            first.tenant, first.stream, first.version, first.position
+        )),
+    }
+}
+
+/// Copies every event of `source` after the target's [`MIGRATE_CHECKPOINT`] (from the start
+/// on the first run) up to the source's head into `target`, page by page: within a page, the
+/// runs of consecutive versions of each stream are appended concurrently (at most
+/// `concurrency` at a time), each stream's in order, then the checkpoint moves to the page's
+/// last position. Ids, metadata, payloads and stream versions are kept; the target assigns
+/// positions and recorded times, and events of different streams within one page may be
+/// ordered differently in the target. Stopped at any point, a rerun resumes from the
+/// checkpoint (a page copied again is answered as duplicates).
+pub async fn migrate(
+    source: std::sync::Arc<dyn EventStore>,
+    target: std::sync::Arc<dyn tracktrace_core::Backend>,
+    page_size: usize,
+    concurrency: usize,
+    mut progress: impl FnMut(&Migrated, Position, Position),
+) -> Result<Migrated, String> {
+    let err = |e: Error| e.to_string();
+    let from = target
+        .load_checkpoint(MIGRATE_CHECKPOINT)
+        .await
+        .map_err(err)?
+        .map_or(Position::START, Position::next);
+    let head = source.head().await.map_err(err)?;
+    let mut done = Migrated {
+        from,
+        ..Migrated::default()
+    };
+    let mut at = from;
+    while at <= head {
+        let page = source
+            .read_all(ReadAll::starting_at(at, page_size.max(1)))
+            .await
+            .map_err(err)?;
+        let events: Vec<RecordedEvent> = page
+            .events
+            .into_iter()
+            .take_while(|e| e.position <= head)
+            .collect();
+        let Some(last) = events.last().map(|e| e.position) else {
+            break;
+        };
+        done.events += events.len() as u64;
+        // Runs of consecutive versions per stream, in log order within each stream.
+        let mut runs: Vec<Vec<RecordedEvent>> = Vec::new();
+        let mut open: std::collections::HashMap<(TenantId, StreamId), usize> =
+            std::collections::HashMap::new();
+        for e in events {
+            let key = (e.tenant.clone(), e.stream.clone());
+            match open.get(&key) {
+                Some(&i)
+                    if runs[i]
+                        .last()
+                        .is_some_and(|p| p.version.next() == e.version) =>
+                {
+                    runs[i].push(e);
+                }
+                _ => {
+                    open.insert(key, runs.len());
+                    runs.push(vec![e]);
+                }
+            }
+        }
+        // Runs of one stream must go in order: a stream's later run waits for its earlier one
+        // (rare: only a version gap in the source splits a stream's events in a page).
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut pending = runs.into_iter();
+        let mut busy: std::collections::HashSet<(TenantId, StreamId)> = Default::default();
+        let mut waiting: Vec<Vec<RecordedEvent>> = Vec::new();
+        loop {
+            while tasks.len() < concurrency.max(1) {
+                let next = match waiting
+                    .iter()
+                    .position(|r| !busy.contains(&(r[0].tenant.clone(), r[0].stream.clone())))
+                {
+                    Some(i) => waiting.remove(i),
+                    None => match pending.next() {
+                        Some(r) => r,
+                        None => break,
+                    },
+                };
+                let key = (next[0].tenant.clone(), next[0].stream.clone());
+                if !busy.insert(key.clone()) {
+                    waiting.push(next);
+                    continue;
+                }
+                let target = target.clone();
+                tasks.spawn(async move { (key, copy_run(target.as_ref(), &next).await) });
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            let (key, counts) = joined.map_err(|e| format!("copy task: {e}"))?;
+            let (stored, duplicates) = counts?;
+            busy.remove(&key);
+            done.stored += stored;
+            done.duplicates += duplicates;
+        }
+        target
+            .save_checkpoint(MIGRATE_CHECKPOINT, last)
+            .await
+            .map_err(err)?;
+        progress(&done, last, head);
+        if page.next <= at {
+            break;
+        }
+        at = page.next;
+    }
+    Ok(done)
+}
