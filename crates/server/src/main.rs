@@ -149,6 +149,12 @@ struct Export {
     /// Only this tenant's events.
     #[arg(long)]
     tenant: Option<String>,
+    /// Only events recorded at or after this time (RFC 3339, e.g. 2026-12-01T00:00:00Z).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only events recorded before this time (RFC 3339).
+    #[arg(long)]
+    until: Option<String>,
     /// Output file (appended to and resumed); default: standard output.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -675,9 +681,23 @@ async fn export(common: &Common, serve: &Serve, x: &Export) -> Result<(), String
     use tracktrace_server::transfer;
     let cfg = config(common, serve);
     let stores = server::open_stores(&cfg).await.map_err(|e| e.to_string())?;
-    let tenant = match &x.tenant {
-        Some(t) => Some(TenantId::parse(t.as_str()).map_err(|e| e.to_string())?),
-        None => None,
+    let instant =
+        |flag: &str, v: &Option<String>| -> Result<Option<tracktrace_core::Timestamp>, String> {
+            v.as_deref()
+                .map(|s| {
+                    tracktrace_domain::parse_instant(s)
+                        .map(tracktrace_core::Timestamp::from_unix_micros)
+                        .map_err(|e| format!("--{flag}: {e}"))
+                })
+                .transpose()
+        };
+    let scope = transfer::ExportScope {
+        tenant: match &x.tenant {
+            Some(t) => Some(TenantId::parse(t.as_str()).map_err(|e| e.to_string())?),
+            None => None,
+        },
+        since: instant("since", &x.since)?,
+        until: instant("until", &x.until)?,
     };
     let mut every = Every::new(x.progress_secs);
     let progress = |n: u64, at: tracktrace_core::Position, head: tracktrace_core::Position| {
@@ -697,7 +717,7 @@ async fn export(common: &Common, serve: &Serve, x: &Export) -> Result<(), String
             let mut out = std::io::BufWriter::new(file);
             transfer::export(
                 stores.store.as_ref(),
-                tenant.as_ref(),
+                &scope,
                 from,
                 x.page_size,
                 &mut out,
@@ -709,7 +729,7 @@ async fn export(common: &Common, serve: &Serve, x: &Export) -> Result<(), String
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             transfer::export(
                 stores.store.as_ref(),
-                tenant.as_ref(),
+                &scope,
                 tracktrace_core::Position::START,
                 x.page_size,
                 &mut out,

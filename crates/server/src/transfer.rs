@@ -7,7 +7,7 @@
 //! the bytes parse, else `payloadHex`.
 //!
 //! **Export** streams the log page by page (one page in memory), optionally one tenant's
-//! events only. Written to a file, it resumes: the last complete line's position is where a
+//! events only and only those recorded in a time range ([`ExportScope`]). Written to a file, it resumes: the last complete line's position is where a
 //! rerun continues (a torn last line, from a crash mid-write, is cut off first).
 //!
 //! **Import** appends each line's event with its id, its metadata and its stream version
@@ -26,7 +26,7 @@ use std::path::Path;
 use serde_json::{Map, Value, json};
 use tracktrace_core::{
     AppendRequest, CONTENT_TYPE_JSON, Error, EventId, EventStore, ExpectedVersion, Metadata,
-    NewEvent, Position, ReadAll, RecordedEvent, StreamId, TenantId, Version,
+    NewEvent, Position, ReadAll, RecordedEvent, StreamId, TenantId, Timestamp, Version,
 };
 
 /// One event as an NDJSON line (without the newline).
@@ -186,11 +186,29 @@ pub struct Exported {
     pub from: Position,
 }
 
-/// Writes the events from `from` (of `tenant` only, if given) up to the head read at the
-/// start to `out`, calling `progress(events, position, head)` after every page.
+/// Which events an [`export`] writes.
+#[derive(Clone, Debug, Default)]
+pub struct ExportScope {
+    /// Only this tenant's.
+    pub tenant: Option<TenantId>,
+    /// Only those recorded at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only those recorded before this time.
+    pub until: Option<Timestamp>,
+}
+
+/// How far past `until` an export reads before it stops: on PostgreSQL concurrent appends may
+/// interleave in position by up to the time an append takes (see
+/// [`EventStore::position_at`]).
+pub const UNTIL_SLACK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Writes the events of `scope` from `from` up to the head read at the start to `out`,
+/// calling `progress(events, position, head)` after every page. With `since`, the read starts
+/// at [`EventStore::position_at`]`(since)` (or `from`, if later); with `until`, it stops once
+/// events are recorded [`UNTIL_SLACK`] past it; both filter on the recorded time exactly.
 pub async fn export(
     store: &dyn EventStore,
-    tenant: Option<&TenantId>,
+    scope: &ExportScope,
     from: Position,
     page_size: usize,
     out: &mut impl Write,
@@ -198,9 +216,23 @@ pub async fn export(
 ) -> Result<Exported, String> {
     let head = store.head().await.map_err(|e| e.to_string())?;
     let mut filter = tracktrace_core::EventFilter::default();
-    if let Some(t) = tenant {
+    if let Some(t) = &scope.tenant {
         filter = filter.with_tenant(t.clone());
     }
+    let from = match scope.since {
+        Some(since) => from.max(store.position_at(since).await.map_err(|e| e.to_string())?),
+        None => from,
+    };
+    let stop_at = scope.until.map(|u| {
+        Timestamp::from_unix_micros(
+            u.unix_micros()
+                .saturating_add(i64::try_from(UNTIL_SLACK.as_micros()).unwrap_or(i64::MAX)),
+        )
+    });
+    let in_range = |e: &RecordedEvent| {
+        scope.since.is_none_or(|s| e.recorded_at >= s)
+            && scope.until.is_none_or(|u| e.recorded_at < u)
+    };
     let mut at = from;
     let mut done = Exported { events: 0, from };
     'read: while at <= head {
@@ -209,8 +241,11 @@ pub async fn export(
             .await
             .map_err(|e| e.to_string())?;
         for e in &page.events {
-            if e.position > head {
+            if e.position > head || stop_at.is_some_and(|s| e.recorded_at >= s) {
                 break 'read;
+            }
+            if !in_range(e) {
+                continue;
             }
             writeln!(out, "{}", event_line(e)).map_err(|e| format!("writing: {e}"))?;
             done.events += 1;

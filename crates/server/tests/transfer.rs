@@ -221,3 +221,51 @@ async fn lines_that_cannot_be_imported_go_to_the_reject_file() {
         text(&o.stdout)
     );
 }
+
+#[tokio::test]
+async fn export_by_recorded_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let split = {
+        let store = SledStore::open(SledOptions::new(dir.path().join("events"))).unwrap();
+        let tenant = TenantId::parse("acme").unwrap();
+        let stream = StreamId::parse("Entity-Bag-1").unwrap();
+        let append = |n: u32| {
+            store.append_to(
+                &tenant,
+                &stream,
+                ExpectedVersion::Any,
+                (0..n)
+                    .map(|i| NewEvent::json("SEEN", &serde_json::json!({ "i": i })))
+                    .collect(),
+            )
+        };
+        append(3).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let split = tracktrace_core::Timestamp::now();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        append(2).await.unwrap();
+        split
+    };
+    let at = tracktrace_domain::format_micros(split.unix_micros());
+    let d = dir.path().to_str().unwrap();
+    let since = ok(run(&["export", "--data-dir", d, "--since", &at]));
+    let until = ok(run(&["export", "--data-dir", d, "--until", &at]));
+    let versions = |out: &str| -> Vec<u64> {
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["version"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(versions(&since), vec![4, 5]);
+    assert_eq!(versions(&until), vec![1, 2, 3]);
+    let bad = run(&["export", "--data-dir", d, "--since", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("--since"),
+        "{}",
+        text(&bad.stderr)
+    );
+}
